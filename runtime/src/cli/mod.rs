@@ -1,0 +1,112 @@
+//! The `dolly` command line (specs/cli.md): parsing, dispatch, and how results and errors
+//! are printed.
+
+mod output;
+mod snapshot_cmd;
+mod worker;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use snapshot::{Error, ErrorKind, Store};
+
+/// Snapshot running Linux processes and bring them back.
+#[derive(Debug, Parser)]
+#[command(name = "dolly", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Durable tier: catalog and manifests.
+    #[arg(long, global = true, env = "DOLLY_ROOT", default_value = snapshot::store::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Memory tier: the page pool (tmpfs or a DAX mount).
+    #[arg(long, global = true, env = "DOLLY_POOL", default_value = snapshot::store::DEFAULT_POOL)]
+    pub pool: PathBuf,
+    /// Print results as JSON (errors too, as {"error": ...}).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture, list, inspect, restore and delete snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `dolly snapshot ...`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Freeze a process, capture it, and let it run on. Prints the snapshot id last.
+    Capture {
+        /// The process to capture.
+        #[arg(long)]
+        pid: i32,
+        /// A name for the snapshot (usable instead of the id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Allow a process that has a terminal open; a restore gives it the terminal the
+        /// restoring dolly runs on.
+        #[arg(long)]
+        shell_job: bool,
+    },
+    /// List snapshots with their status.
+    List,
+    /// Show one snapshot.
+    Info {
+        /// Snapshot id, id prefix or name.
+        id: String,
+    },
+    /// Start the process again from the snapshot, with its PID, detached from dolly.
+    Restore {
+        /// Snapshot id, id prefix or name.
+        id: String,
+        /// Give the process the terminal dolly runs on, keep it in the foreground, and wait
+        /// for it (dolly exits with its status).
+        #[arg(long)]
+        shell_job: bool,
+    },
+    /// Delete a snapshot (manifest and pages).
+    Delete {
+        /// Snapshot id, id prefix or name.
+        id: String,
+    },
+}
+
+/// Exit status for any failure or refusal (clap uses 2 for usage errors).
+pub const EXIT_FAILURE: i32 = 1;
+
+/// Runs the command line and returns the exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            output::error(&e, cli.json);
+            EXIT_FAILURE
+        }
+    }
+}
+
+fn open_store(cli: &Cli) -> Result<Store, Error> {
+    Store::open(&cli.root, &cli.pool).map_err(|e| {
+        let hint = if nix::unistd::geteuid().is_root() {
+            "check --root and --pool (or DOLLY_ROOT, DOLLY_POOL)".to_string()
+        } else {
+            format!(
+                "run as root, or point --root and --pool at directories you own (now {} and {})",
+                cli.root.display(),
+                cli.pool.display()
+            )
+        };
+        Error::new(ErrorKind::System, e.message()).with_remedy(hint)
+    })
+}
+
+fn run(cli: &Cli) -> Result<i32, Error> {
+    match &cli.command {
+        Command::Snapshot(cmd) => snapshot_cmd::run(cli, cmd, &open_store(cli)?),
+    }
+}

@@ -1,0 +1,102 @@
+//! `dolly snapshot capture|list|info|restore|delete`.
+
+use serde_json::json;
+use snapshot::{CaptureOptions, Checkpoints, Error, RestoreOptions, Store};
+
+use super::output::{self, human_bytes};
+use super::{worker, Cli, SnapshotCommand};
+
+/// Runs a snapshot subcommand; returns the exit status.
+pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error> {
+    match cmd {
+        SnapshotCommand::Capture {
+            pid,
+            name,
+            shell_job,
+        } => {
+            let opts = CaptureOptions {
+                pid: *pid,
+                name: name.clone(),
+                shell_job: *shell_job,
+            };
+            let r = worker::capture(store, &opts)?.record;
+            if cli.json {
+                output::print_json(&output::record_json(&r));
+            } else {
+                println!(
+                    "captured process {} ({}): {} in the pool, frozen {:.1} ms, status {}",
+                    r.pid,
+                    r.comm,
+                    human_bytes(r.bytes),
+                    r.frozen_ms.unwrap_or_default(),
+                    r.status
+                );
+                println!("{}", r.id);
+            }
+            Ok(0)
+        }
+        SnapshotCommand::List => {
+            let records = store.list()?;
+            if cli.json {
+                output::print_json(&records.iter().map(output::record_json).collect());
+            } else if records.is_empty() {
+                println!("no snapshots in {}", store.root().display());
+            } else {
+                println!("{}", output::records_table(&records));
+            }
+            Ok(0)
+        }
+        SnapshotCommand::Info { id } => {
+            let id = store.resolve(id)?;
+            let r = store.record(&id)?;
+            if cli.json {
+                output::print_json(&output::record_json(&r));
+            } else {
+                print!("{}", output::record_text(&r));
+            }
+            Ok(0)
+        }
+        SnapshotCommand::Restore { id, shell_job } => {
+            let id = store.resolve(id)?;
+            let opts = RestoreOptions {
+                shell_job: *shell_job,
+            };
+            let restored = snapshot::restore(store, &id, &opts, &Checkpoints::none())?;
+            let pid = restored.pid.as_raw();
+            if cli.json {
+                output::print_json(&json!({ "id": id, "pid": pid }));
+            } else {
+                println!("restored snapshot {id} as process {pid}");
+                println!("{pid}");
+            }
+            if *shell_job {
+                return Ok(wait_foreground(restored.pid));
+            }
+            Ok(0)
+        }
+        SnapshotCommand::Delete { id } => {
+            let id = store.resolve(id)?;
+            store.delete(&id)?;
+            if cli.json {
+                output::print_json(&json!({ "deleted": id }));
+            } else {
+                println!("deleted snapshot {id}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Waits for a foreground (shell-job) process and returns the status to exit with.
+fn wait_foreground(pid: nix::unistd::Pid) -> i32 {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return super::EXIT_FAILURE,
+        }
+    }
+}

@@ -1,0 +1,626 @@
+//! The snapshot image: one versioned JSON manifest per snapshot (this module's types) plus
+//! the page pool (see [`crate::pool`]). specs/image-format.md is the contract; the JSON
+//! schema there is generated from these types.
+
+mod bytes;
+
+pub use bytes::Bytes;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The `format` field of every manifest.
+pub const FORMAT: &str = "dolly-snapshot";
+
+/// The manifest version this build writes and the only one it reads.
+pub const VERSION: u32 = 1;
+
+/// A snapshot of a process tree: everything a restore needs except the page contents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always `"dolly-snapshot"`.
+    pub format: String,
+    /// Manifest version; readers refuse versions they do not know.
+    pub version: u32,
+    /// Snapshot id (16 lowercase hex digits).
+    pub id: String,
+    /// Optional name the user gave.
+    pub name: Option<String>,
+    /// When the capture began (RFC 3339, UTC).
+    pub created_at: String,
+    /// The machine the snapshot was taken on.
+    pub host: Host,
+    /// Whether the tree was captured with its terminal (`--shell-job`).
+    pub shell_job: bool,
+    /// PID of the tree's root process.
+    pub root_pid: i32,
+    /// Every process of the tree, parents before children.
+    pub processes: Vec<Process>,
+}
+
+/// What a restore needs to know of the kernel the snapshot came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    /// `uname -r`.
+    pub kernel: String,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// BLAKE3 of the vDSO image; a restore needs the same vDSO.
+    pub vdso_hash: String,
+}
+
+/// One process: its identity, resources and threads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    /// PID as dolly saw it when capturing.
+    pub pid: i32,
+    /// PID in each PID namespace the process was in, outermost first.
+    pub ns_pids: Vec<i32>,
+    /// Parent PID.
+    pub ppid: i32,
+    /// Process group id.
+    pub pgid: i32,
+    /// Session id.
+    pub sid: i32,
+    /// Command name (`comm`).
+    pub comm: String,
+    /// The process was stopped (job control) when captured.
+    pub stopped: bool,
+    /// Path of the executable (`/proc/PID/exe`).
+    pub exe: String,
+    /// Execution domain (`personality(2)`).
+    pub personality: u32,
+    /// File-mode creation mask.
+    pub umask: u32,
+    /// Working directory.
+    pub cwd: String,
+    /// Root directory (`chroot`).
+    pub root: String,
+    /// Resource limits that differ from "unlimited".
+    pub rlimits: Vec<Rlimit>,
+    /// User and group ids, groups and capabilities.
+    pub creds: Credentials,
+    /// Process-wide `prctl` settings.
+    pub flags: ProcessFlags,
+    /// The kernel's view of the address-space layout.
+    pub mm: MmLayout,
+    /// Every memory area, in address order.
+    pub areas: Vec<Area>,
+    /// Shared anonymous memory objects the areas map.
+    pub shmem: Vec<ShmemObject>,
+    /// Pool file (in the snapshot's pool directory) holding this process's pages.
+    pub pool: Option<PoolFile>,
+    /// Files the process has open or mapped.
+    pub files: Vec<File>,
+    /// Open file descriptions (what fds point at: file, flags, offset).
+    pub open_files: Vec<OpenFile>,
+    /// The fd table.
+    pub fds: Vec<Fd>,
+    /// Signal dispositions and process-wide pending signals.
+    pub signals: Signals,
+    /// Interval timers (`setitimer(2)`).
+    pub itimers: ITimers,
+    /// The threads; the first is the thread-group leader.
+    pub threads: Vec<Thread>,
+}
+
+/// A resource limit (`setrlimit(2)`); `None` is unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rlimit {
+    /// Resource number (`RLIMIT_*`).
+    pub resource: u32,
+    /// Soft limit.
+    pub soft: Option<u64>,
+    /// Hard limit.
+    pub hard: Option<u64>,
+}
+
+/// Credentials of a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// Real, effective, saved and filesystem user ids.
+    pub uid: [u32; 4],
+    /// Real, effective, saved and filesystem group ids.
+    pub gid: [u32; 4],
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Inheritable capabilities (bit n = capability n).
+    pub cap_inheritable: u64,
+    /// Permitted capabilities.
+    pub cap_permitted: u64,
+    /// Effective capabilities.
+    pub cap_effective: u64,
+    /// Capability bounding set.
+    pub cap_bounding: u64,
+    /// Ambient capabilities.
+    pub cap_ambient: u64,
+    /// `SECBIT_*` securebits.
+    pub securebits: u32,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    pub no_new_privs: bool,
+}
+
+/// Process-wide settings made with `prctl(2)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessFlags {
+    /// `PR_SET_DUMPABLE`.
+    pub dumpable: u32,
+    /// `PR_SET_TIMERSLACK`, in nanoseconds.
+    pub timerslack_ns: u64,
+    /// `PR_SET_THP_DISABLE`.
+    pub thp_disable: bool,
+    /// `PR_SET_CHILD_SUBREAPER`.
+    pub child_subreaper: bool,
+    /// `PR_SET_PDEATHSIG` (0: none).
+    pub pdeathsig: i32,
+}
+
+/// The address-space fields `PR_SET_MM_MAP` sets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MmLayout {
+    /// Start of program text.
+    pub start_code: u64,
+    /// End of program text.
+    pub end_code: u64,
+    /// Start of initialized data.
+    pub start_data: u64,
+    /// End of initialized data.
+    pub end_data: u64,
+    /// Start of the heap.
+    pub start_brk: u64,
+    /// Current program break.
+    pub brk: u64,
+    /// Bottom of the main stack at exec.
+    pub start_stack: u64,
+    /// Start of the argument strings.
+    pub arg_start: u64,
+    /// End of the argument strings.
+    pub arg_end: u64,
+    /// Start of the environment strings.
+    pub env_start: u64,
+    /// End of the environment strings.
+    pub env_end: u64,
+    /// The auxiliary vector, as (type, value) words ending with AT_NULL.
+    pub auxv: Vec<u64>,
+}
+
+/// One memory area (VMA).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Area {
+    /// First address (page aligned).
+    pub start: u64,
+    /// One past the last address (page aligned).
+    pub end: u64,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Executable.
+    pub exec: bool,
+    /// Shared rather than private.
+    pub shared: bool,
+    /// What backs the area.
+    pub kind: AreaKind,
+    /// `madvise`/`mlock` state to give back.
+    pub advice: Advice,
+    /// Pages of the area stored in the pool (private areas only).
+    pub pages: Option<Pages>,
+}
+
+impl Area {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether the area has no bytes (never, for a valid image).
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// What backs a memory area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AreaKind {
+    /// Private anonymous memory, optionally named (`PR_SET_VMA_ANON_NAME`).
+    Anonymous {
+        /// The area's name.
+        name: Option<String>,
+    },
+    /// The brk heap.
+    Heap,
+    /// The main thread's stack (grows down).
+    Stack,
+    /// Shared anonymous memory: a range of a [`ShmemObject`].
+    SharedAnonymous {
+        /// Index into [`Process::shmem`].
+        object: u32,
+        /// Byte offset into the object.
+        offset: u64,
+    },
+    /// A file mapping.
+    File {
+        /// Index into [`Process::files`].
+        file: u32,
+        /// Byte offset into the file.
+        offset: u64,
+    },
+    /// The vDSO code.
+    Vdso,
+    /// The vDSO data pages.
+    Vvar,
+    /// The vDSO clock pages.
+    VvarVclock,
+}
+
+/// `madvise`/`mlock` state of an area.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Advice {
+    /// `MADV_DONTFORK`.
+    pub dont_fork: bool,
+    /// `MADV_DONTDUMP`.
+    pub dont_dump: bool,
+    /// `MADV_WIPEONFORK`.
+    pub wipe_on_fork: bool,
+    /// `MADV_HUGEPAGE`.
+    pub huge_page: bool,
+    /// `MADV_NOHUGEPAGE`.
+    pub no_huge_page: bool,
+    /// `MADV_MERGEABLE`.
+    pub mergeable: bool,
+    /// `mlock`ed.
+    pub locked: bool,
+}
+
+/// Where an area's (or object's) pages are in the pool file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pages {
+    /// Slot of the pool file: page `n` of the area is at byte `(slot << 47) + n * 4096`.
+    pub slot: u32,
+    /// Runs of stored pages as `[first page, page count]`, page numbers counted from the
+    /// start of the area; pages outside every run were never touched (read as zeros, or
+    /// come from the mapped file for file areas).
+    pub runs: Vec<[u64; 2]>,
+}
+
+impl Pages {
+    /// Number of pages stored.
+    pub fn page_count(&self) -> u64 {
+        self.runs.iter().map(|r| r[1]).sum()
+    }
+}
+
+/// A shared anonymous memory object (`mmap(MAP_SHARED|MAP_ANONYMOUS)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShmemObject {
+    /// Inode number of the object when captured (identifies sharing).
+    pub inode: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Its pages (page numbers counted from the start of the object).
+    pub pages: Option<Pages>,
+}
+
+/// A pool file of the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    /// File name in the snapshot's pool directory.
+    pub name: String,
+    /// Its size (the end of its last slot).
+    pub size: u64,
+}
+
+/// A file (inode) the process has open or mapped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Path when captured (for a deleted file: the path it had).
+    pub path: String,
+    /// What kind of file.
+    pub kind: FileKind,
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub inode: u64,
+    /// Size in bytes when captured.
+    pub size: u64,
+    /// Modification time when captured (ns since the epoch).
+    pub mtime_ns: i128,
+    /// Permission bits.
+    pub mode: u32,
+    /// The file had been deleted; its content is in the pool directory.
+    pub deleted: bool,
+    /// Name, in the snapshot's pool directory, of the file's saved content (deleted files).
+    pub content: Option<String>,
+}
+
+/// Kinds of file dolly restores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum FileKind {
+    /// A regular file.
+    Regular,
+    /// A directory.
+    Directory,
+    /// A character device that is the same everywhere (`/dev/null`, `/dev/zero`, ...).
+    CharDevice {
+        /// Device number.
+        rdev: u64,
+    },
+    /// A terminal; restored as the terminal dolly runs on (`--shell-job`).
+    Terminal,
+}
+
+/// An open file description: what one or more fds point at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OpenFile {
+    /// Index into [`Process::files`].
+    pub file: u32,
+    /// `O_*` status flags and access mode (without `O_CLOEXEC`).
+    pub flags: u32,
+    /// File offset.
+    pub pos: u64,
+}
+
+/// One entry of the fd table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fd {
+    /// The fd number.
+    pub fd: i32,
+    /// Index into [`Process::open_files`].
+    pub open_file: u32,
+    /// `FD_CLOEXEC`.
+    pub cloexec: bool,
+}
+
+/// Signal state shared by the threads of a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Signals {
+    /// Every disposition that is not the default.
+    pub actions: Vec<SignalAction>,
+    /// Signals pending for the process as a whole, oldest first.
+    pub pending: Vec<QueuedSignal>,
+}
+
+/// A signal disposition in the kernel's terms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalAction {
+    /// Signal number.
+    pub signal: i32,
+    /// Handler address (0: default, 1: ignore).
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// Signal-return trampoline (`SA_RESTORER`).
+    pub restorer: u64,
+    /// Signals blocked during the handler (bit n-1 = signal n).
+    pub mask: u64,
+}
+
+/// A queued signal with its `siginfo_t`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueuedSignal {
+    /// Signal number.
+    pub signal: i32,
+    /// The raw 128-byte `siginfo_t`.
+    pub info: Bytes,
+}
+
+/// The three interval timers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ITimers {
+    /// `ITIMER_REAL`.
+    pub real: ITimer,
+    /// `ITIMER_VIRTUAL`.
+    #[serde(rename = "virtual")]
+    pub virtual_: ITimer,
+    /// `ITIMER_PROF`.
+    pub prof: ITimer,
+}
+
+/// One interval timer, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ITimer {
+    /// Period (0: one-shot).
+    pub interval_us: u64,
+    /// Time left until it fires (0: disarmed).
+    pub value_us: u64,
+}
+
+/// One thread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Thread {
+    /// Thread id as dolly saw it.
+    pub tid: i32,
+    /// Thread id in each PID namespace, outermost first.
+    pub ns_tids: Vec<i32>,
+    /// Thread name.
+    pub comm: String,
+    /// General-purpose registers.
+    pub regs: Registers,
+    /// The XSAVE area (x87, SSE, AVX, AVX-512 state) as the kernel's regset gives it.
+    pub xstate: Bytes,
+    /// Blocked signals.
+    pub sigmask: u64,
+    /// Signals pending for this thread, oldest first.
+    pub pending: Vec<QueuedSignal>,
+    /// Alternate signal stack.
+    pub altstack: AltStack,
+    /// rseq registration.
+    pub rseq: Option<Rseq>,
+    /// Robust futex list.
+    pub robust_list: Option<RobustList>,
+    /// `set_tid_address` (clear_child_tid).
+    pub clear_child_tid: u64,
+}
+
+/// The x86_64 general-purpose registers (`struct user_regs_struct`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct Registers {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    /// The syscall number if the thread was in a system call, else `u64::MAX`.
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+/// An alternate signal stack.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AltStack {
+    /// Base address.
+    pub sp: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// `SS_*` flags.
+    pub flags: i32,
+}
+
+/// An rseq registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rseq {
+    /// Address of `struct rseq`.
+    pub pointer: u64,
+    /// Registered size.
+    pub size: u32,
+    /// Abort signature.
+    pub signature: u32,
+    /// Flags.
+    pub flags: u32,
+}
+
+/// A robust futex list registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RobustList {
+    /// Address of the list head.
+    pub head: u64,
+    /// Size of the head.
+    pub len: u64,
+}
+
+impl Manifest {
+    /// Reads a manifest, refusing other formats and versions.
+    pub fn from_json(text: &[u8]) -> Result<Manifest> {
+        let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
+            Error::corrupt(
+                format!("the manifest is not valid JSON ({e})"),
+                "the snapshot is damaged; delete it and capture again",
+            )
+        })?;
+        let format = value.get("format").and_then(|v| v.as_str());
+        if format != Some(FORMAT) {
+            return Err(Error::corrupt(
+                format!("the manifest is not a dolly snapshot (format {format:?})"),
+                "the snapshot is damaged; delete it and capture again",
+            ));
+        }
+        let version = value.get("version").and_then(|v| v.as_u64());
+        if version != Some(VERSION as u64) {
+            return Err(Error::corrupt(
+                format!(
+                    "the manifest has version {}, this dolly reads version {VERSION}",
+                    version.map_or("(none)".to_string(), |v| v.to_string())
+                ),
+                "use the dolly that wrote the snapshot, or capture it again with this one",
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| {
+            Error::corrupt(
+                format!("the manifest does not match format version {VERSION} ({e})"),
+                "the snapshot is damaged; delete it and capture again",
+            )
+        })
+    }
+
+    /// Writes the manifest as pretty JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        out.push(b'\n');
+        out
+    }
+
+    /// The JSON schema of the manifest (published in specs/).
+    pub fn json_schema() -> serde_json::Value {
+        serde_json::to_value(schemars::schema_for!(Manifest)).expect("schema serializes")
+    }
+
+    /// The root process.
+    pub fn root(&self) -> &Process {
+        &self.processes[0]
+    }
+
+    /// Bytes of memory stored in the pool for the whole tree.
+    pub fn stored_bytes(&self) -> u64 {
+        self.processes
+            .iter()
+            .map(|p| {
+                let areas: u64 = p
+                    .areas
+                    .iter()
+                    .filter_map(|a| a.pages.as_ref())
+                    .map(Pages::page_count)
+                    .sum();
+                let shm: u64 = p
+                    .shmem
+                    .iter()
+                    .filter_map(|o| o.pages.as_ref())
+                    .map(Pages::page_count)
+                    .sum();
+                (areas + shm) * crate::sys::PAGE_SIZE
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! The page pool: one sparse file per process on the memory tier (tmpfs here, a DAX mount
+//! where there is one).
+//!
+//! Each memory area with stored pages owns a *slot*: `2^47` bytes of the file, the size of
+//! the whole x86_64 user address space. Page `n` of the area lives at byte
+//! `(slot << 47) + n * 4096`. A restore maps runs of stored pages with one
+//! `mmap(MAP_PRIVATE|MAP_FIXED)` each (copy-on-write; O(runs), not O(bytes)). The slot
+//! spacing means that if the program later grows such a mapping with `mremap`, the new
+//! pages come from the slot's unwritten (hole) part and read as zeros, as they would for
+//! anonymous memory, instead of exposing another area's pages or raising SIGBUS.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapMut, MmapOptions};
+use nix::unistd::Whence;
+
+use crate::error::{Context, Error, Result};
+use crate::image::Pages;
+use crate::sys::PAGE_SIZE;
+
+/// log2 of the slot size.
+pub const SLOT_SHIFT: u32 = 47;
+
+/// Slots per pool file: the file must stay below 2^63 bytes.
+pub const MAX_SLOTS: u32 = (1 << (63 - SLOT_SHIFT)) - 1;
+
+/// Byte offset of a slot in its pool file.
+pub fn slot_offset(slot: u32) -> u64 {
+    (slot as u64) << SLOT_SHIFT
+}
+
+/// Byte offset in the pool file of page `page` of a slot.
+pub fn page_offset(slot: u32, page: u64) -> u64 {
+    slot_offset(slot) + page * PAGE_SIZE
+}
+
+/// Writes one process's pool file during a capture.
+#[derive(Debug)]
+pub struct PoolWriter {
+    file: File,
+    path: PathBuf,
+    slots: u32,
+}
+
+impl PoolWriter {
+    /// Creates a new, empty pool file (it must not exist).
+    pub fn create(path: &Path) -> Result<PoolWriter> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("creating pool file {}", path.display()))?;
+        Ok(PoolWriter {
+            file,
+            path: path.to_path_buf(),
+            slots: 0,
+        })
+    }
+
+    /// Reserves the next slot and grows the file to hold it.
+    pub fn new_slot(&mut self) -> Result<u32> {
+        if self.slots >= MAX_SLOTS {
+            return Err(Error::refused(
+                format!("the process has more than {MAX_SLOTS} memory areas with data"),
+                "such processes are not supported",
+            ));
+        }
+        let slot = self.slots;
+        self.slots += 1;
+        if let Err(e) = self.file.set_len(self.size()) {
+            let remedy = if e.raw_os_error() == Some(libc::EFBIG) {
+                "put the pool on tmpfs or a DAX mount (--pool): its files hold sparse 128 TiB slots"
+            } else {
+                "check the pool directory (--pool) is writable and not full"
+            };
+            return Err(
+                Error::io(format!("growing pool file {}", self.path.display()), e)
+                    .with_remedy(remedy),
+            );
+        }
+        Ok(slot)
+    }
+
+    /// The file size: the end of the last slot.
+    pub fn size(&self) -> u64 {
+        slot_offset(self.slots)
+    }
+
+    /// Maps `len` bytes of the file at byte `offset` for writing.
+    pub fn map(&self, offset: u64, len: u64) -> Result<MmapMut> {
+        // SAFETY: the pool file is private to this capture until the manifest names it;
+        // nothing else truncates or writes it while the map lives.
+        unsafe {
+            MmapOptions::new()
+                .offset(offset)
+                .len(len as usize)
+                .map_mut(&self.file)
+        }
+        .with_context(|| format!("mapping pool file {}", self.path.display()))
+    }
+
+    /// The open pool file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// Checks that every stored run of `pages` is present (not a hole) in the pool file,
+/// so that a wiped or truncated pool is refused instead of restoring zeros.
+pub fn check_pages(file: &File, path: &Path, pages: &Pages) -> Result<()> {
+    for run in &pages.runs {
+        let start = page_offset(pages.slot, run[0]);
+        let end = start + run[1] * PAGE_SIZE;
+        let data = nix::unistd::lseek(file.as_fd(), start as i64, Whence::SeekData);
+        let hole = nix::unistd::lseek(file.as_fd(), start as i64, Whence::SeekHole);
+        match (data, hole) {
+            (Ok(d), Ok(h)) if d as u64 == start && h as u64 >= end => {}
+            _ => {
+                return Err(Error::corrupt(
+                    format!(
+                        "pool file {} is missing pages at bytes {start:#x}..{end:#x}",
+                        path.display()
+                    ),
+                    "the memory tier lost this snapshot's pages (wiped or truncated pool); capture it again",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_far_apart_and_holes_are_detected() {
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("p.pages");
+        let mut w = PoolWriter::create(&path).unwrap();
+        let a = w.new_slot().unwrap();
+        let b = w.new_slot().unwrap();
+        assert_eq!(slot_offset(b) - slot_offset(a), 1 << 47);
+        let mut m = w.map(page_offset(b, 3), 2 * PAGE_SIZE).unwrap();
+        m.fill(0xab);
+        m.flush().unwrap();
+        let ok = Pages {
+            slot: b,
+            runs: vec![[3, 2]],
+        };
+        check_pages(w.file(), &path, &ok).unwrap();
+        let missing = Pages {
+            slot: b,
+            runs: vec![[3, 3]],
+        };
+        assert!(check_pages(w.file(), &path, &missing).is_err());
+        let other_slot = Pages {
+            slot: a,
+            runs: vec![[3, 1]],
+        };
+        assert!(check_pages(w.file(), &path, &other_slot).is_err());
+    }
+
+    #[test]
+    fn refuses_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.pages");
+        std::fs::write(&path, b"x").unwrap();
+        assert!(PoolWriter::create(&path).is_err());
+    }
+}

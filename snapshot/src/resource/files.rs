@@ -1,0 +1,482 @@
+//! Files: the fd table, the open file descriptions behind it (flags, offsets, sharing),
+//! and the files (inodes) they and the memory mappings refer to. Regular files and
+//! directories are opened again by path; deleted files are carried in the snapshot and
+//! recreated (then unlinked again); `/dev/null`-like devices are reopened; terminals are
+//! replaced by dolly's own (`--shell-job`).
+
+use std::collections::HashMap;
+use std::fs::File as StdFile;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{major, minor};
+use nix::unistd::Pid;
+
+use crate::error::{Context, Error, Result};
+use crate::image::{AreaKind, Fd, File, FileKind, OpenFile, Process};
+use crate::proc::{MapsEntry, ProcDir};
+use crate::sys::process::same_file_description;
+
+/// Character devices that are the same on every machine and carry no state.
+const STATELESS_DEVICES: &[(u64, u64, &str)] = &[
+    (1, 3, "/dev/null"),
+    (1, 5, "/dev/zero"),
+    (1, 7, "/dev/full"),
+    (1, 8, "/dev/random"),
+    (1, 9, "/dev/urandom"),
+];
+
+/// Whether a character device number is a terminal (virtual consoles, /dev/tty,
+/// /dev/console, ptmx, pseudo-terminal slaves).
+fn is_terminal(rdev: u64) -> bool {
+    matches!(major(rdev), 4 | 5 | 136..=143)
+}
+
+fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+}
+
+/// The files of a process being captured, each once per inode.
+#[derive(Debug)]
+pub struct FileTable {
+    files: Vec<File>,
+    by_inode: HashMap<(u64, u64), u32>,
+    pool_dir: PathBuf,
+}
+
+impl FileTable {
+    /// An empty table whose deleted-file contents go to `pool_dir`.
+    pub fn new(pool_dir: &Path) -> FileTable {
+        FileTable {
+            files: Vec::new(),
+            by_inode: HashMap::new(),
+            pool_dir: pool_dir.to_path_buf(),
+        }
+    }
+
+    /// The files found.
+    pub fn into_files(self) -> Vec<File> {
+        self.files
+    }
+
+    fn add(&mut self, mut file: File, open: impl FnOnce() -> Result<StdFile>) -> Result<u32> {
+        if let Some(&id) = self.by_inode.get(&(file.dev, file.inode)) {
+            return Ok(id);
+        }
+        let id = self.files.len() as u32;
+        if file.deleted && file.kind == FileKind::Regular {
+            let name = format!("file-{id}.data");
+            let mut src = open()?;
+            let dst_path = self.pool_dir.join(&name);
+            let mut dst = StdFile::create(&dst_path)
+                .with_context(|| format!("creating {}", dst_path.display()))?;
+            std::io::copy(&mut src, &mut dst)
+                .with_context(|| format!("saving the content of deleted file {}", file.path))?;
+            file.content = Some(name);
+        }
+        self.files.push(file);
+        self.by_inode.insert(
+            (self.files[id as usize].dev, self.files[id as usize].inode),
+            id,
+        );
+        Ok(id)
+    }
+
+    /// Adds the file a memory area maps.
+    pub fn intern_mapping(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
+        let link = proc.path(&format!("map_files/{}", m.map_files_name()));
+        let meta = std::fs::metadata(&link)
+            .with_context(|| format!("reading the file mapped at {:#x} ({})", m.start, m.path))?;
+        if !m.deleted {
+            check_reachable(proc.pid(), &m.path, &meta)?;
+        }
+        let file = File {
+            path: m.path.clone(),
+            kind: FileKind::Regular,
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+            mode: meta.mode() & 0o7777,
+            deleted: m.deleted,
+            content: None,
+        };
+        self.add(file, || {
+            StdFile::open(&link).with_context(|| format!("opening deleted file {}", m.path))
+        })
+    }
+}
+
+/// Refuses a file whose path does not lead dolly to the same inode (another mount
+/// namespace or root): a restore could not open it again.
+fn check_reachable(pid: Pid, path: &str, meta: &std::fs::Metadata) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.dev() == meta.dev() && m.ino() == meta.ino() => Ok(()),
+        _ => Err(Error::refused(
+            format!("process {pid} uses {path}, which dolly cannot reach by that path (another mount namespace, or replaced)"),
+            "capture processes that share dolly's mount namespace",
+        )),
+    }
+}
+
+fn describe_fd(link: &str) -> &'static str {
+    if link.starts_with("pipe:") {
+        "a pipe"
+    } else if link.starts_with("socket:") {
+        "a socket"
+    } else if link.starts_with("anon_inode:") {
+        match link {
+            l if l.contains("eventfd") => "an eventfd",
+            l if l.contains("eventpoll") => "an epoll instance",
+            l if l.contains("signalfd") => "a signalfd",
+            l if l.contains("timerfd") => "a timerfd",
+            l if l.contains("inotify") => "an inotify instance",
+            l if l.contains("pidfd") => "a pidfd",
+            l if l.contains("userfaultfd") => "a userfaultfd",
+            l if l.contains("io_uring") => "an io_uring",
+            _ => "a kernel object (anon inode)",
+        }
+    } else if link.starts_with("/memfd:") {
+        "a memfd"
+    } else {
+        "a file of an unsupported kind"
+    }
+}
+
+/// Reads the fd table of a stopped process into `table`; refuses what cannot be restored.
+pub fn capture_fds(
+    proc: &ProcDir,
+    table: &mut FileTable,
+    shell_job: bool,
+) -> Result<(Vec<OpenFile>, Vec<Fd>)> {
+    let pid = proc.pid();
+    let mut open_files: Vec<OpenFile> = Vec::new();
+    let mut owners: Vec<i32> = Vec::new(); // an fd of each open file description
+    let mut fds = Vec::new();
+    for fd in proc.fds()? {
+        let name = format!("fd/{fd}");
+        let link = proc.read_link(&name)?;
+        let meta = std::fs::metadata(proc.path(&name))
+            .with_context(|| format!("reading fd {fd} of process {pid}"))?;
+        let info = proc.fdinfo(fd)?;
+        let refuse = |kind: &str, remedy: &str| {
+            Error::refused(
+                format!("process {pid} has fd {fd}, {kind} ({link}): not supported yet"),
+                remedy.to_string(),
+            )
+        };
+        let ftype = meta.mode() & libc::S_IFMT;
+        let deleted = link.ends_with(" (deleted)");
+        let path = link.trim_end_matches(" (deleted)").to_string();
+        let kind = match ftype {
+            libc::S_IFREG if !link.starts_with('/') || link.starts_with("/memfd:") => {
+                return Err(refuse(describe_fd(&link), "close it before capturing"))
+            }
+            libc::S_IFREG => FileKind::Regular,
+            libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFCHR if is_terminal(meta.rdev()) => {
+                if !shell_job {
+                    return Err(Error::refused(
+                        format!("process {pid} has a terminal open (fd {fd}: {link})"),
+                        "pass --shell-job to capture it with its terminal (a restore then gives it the terminal dolly runs on), or start it without a terminal (setsid, redirected stdin/stdout/stderr)",
+                    ));
+                }
+                FileKind::Terminal
+            }
+            libc::S_IFCHR => {
+                let rdev = meta.rdev();
+                if !STATELESS_DEVICES
+                    .iter()
+                    .any(|&(ma, mi, _)| major(rdev) == ma && minor(rdev) == mi)
+                {
+                    return Err(refuse("a character device", "close it before capturing"));
+                }
+                FileKind::CharDevice { rdev }
+            }
+            libc::S_IFIFO => {
+                let what = if link.starts_with("pipe:") {
+                    "a pipe"
+                } else {
+                    "a FIFO"
+                };
+                return Err(refuse(
+                    what,
+                    "pipes and FIFOs come with process-tree support; redirect it to a file",
+                ));
+            }
+            libc::S_IFSOCK => return Err(refuse("a socket", "close it before capturing")),
+            _ => return Err(refuse(describe_fd(&link), "close it before capturing")),
+        };
+        if !deleted && matches!(kind, FileKind::Regular | FileKind::Directory) {
+            check_reachable(pid, &path, &meta)?;
+        }
+        let file = File {
+            path,
+            kind,
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.len(),
+            mtime_ns: mtime_ns(&meta),
+            mode: meta.mode() & 0o7777,
+            deleted: deleted && ftype == libc::S_IFREG,
+            content: None,
+        };
+        let fd_path = proc.path(&name);
+        let file = table.add(file, || {
+            StdFile::open(&fd_path).with_context(|| format!("opening deleted file behind fd {fd}"))
+        })?;
+        let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
+        let flags = info.flags & !(libc::O_CLOEXEC as u32);
+        // Dup'ed fds share one open file description (offset, flags): find it.
+        let mut shared = None;
+        for (i, of) in open_files.iter().enumerate() {
+            if of.file == file
+                && same_file_description(pid, owners[i], pid, fd)
+                    .with_context(|| format!("comparing fds of process {pid}"))?
+            {
+                shared = Some(i as u32);
+                break;
+            }
+        }
+        let open_file = match shared {
+            Some(i) => i,
+            None => {
+                open_files.push(OpenFile {
+                    file,
+                    flags,
+                    pos: info.pos,
+                });
+                owners.push(fd);
+                (open_files.len() - 1) as u32
+            }
+        };
+        fds.push(Fd {
+            fd,
+            open_file,
+            cloexec,
+        });
+    }
+    Ok((open_files, fds))
+}
+
+/// Fds a restore has opened in dolly, to hand to the process being rebuilt.
+#[derive(Debug, Default)]
+pub struct PreparedFiles {
+    /// `(fd, number in the restored process, close-on-exec)`.
+    pub fds: Vec<(OwnedFd, i32, bool)>,
+    /// Fds for memory mappings, per `(file index, writable)`.
+    pub mappings: Vec<((u32, bool), OwnedFd)>,
+}
+
+/// Flags that only mean something at creation or for the fd, not the open file.
+const CREATION_FLAGS: i32 =
+    libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC;
+
+fn open_path(path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
+    let file = std::fs::OpenOptions::new()
+        .read(flags & libc::O_ACCMODE != libc::O_WRONLY)
+        .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
+        .custom_flags(flags & !(CREATION_FLAGS | libc::O_ACCMODE))
+        .open(path)?;
+    Ok(file.into())
+}
+
+fn own_terminal() -> Result<PathBuf> {
+    for fd in 0..3 {
+        // SAFETY: isatty only inspects the fd number.
+        if unsafe { libc::isatty(fd) } == 1 {
+            if let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+                return Ok(path);
+            }
+        }
+    }
+    Err(Error::refused(
+        "the snapshot holds a terminal, and dolly runs without one",
+        "run the restore from a terminal (with --shell-job)",
+    ))
+}
+
+/// Recreates a deleted file from its saved content, at its old path when that is free (so
+/// its fds read the same name), else beside it; returns the path, to unlink after opening.
+fn recreate_deleted(file: &File, pool_dir: &Path, index: u32) -> Result<PathBuf> {
+    let content = file.content.as_deref().ok_or_else(|| {
+        Error::corrupt(
+            format!("deleted file {} has no saved content", file.path),
+            "the snapshot is damaged; capture again",
+        )
+    })?;
+    let original = PathBuf::from(&file.path);
+    let dir = original
+        .parent()
+        .filter(|d| d.is_dir())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let candidates = [
+        original.clone(),
+        dir.join(format!(".dolly-deleted-{}-{index}", std::process::id())),
+    ];
+    let src = pool_dir.join(content);
+    for path in candidates {
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path);
+        let Ok(mut dst) = created else {
+            continue;
+        };
+        let mut input = StdFile::open(&src).map_err(|e| {
+            Error::corrupt(
+                format!(
+                    "saved content {} of deleted file {} is missing ({e})",
+                    src.display(),
+                    file.path
+                ),
+                "the memory tier lost this snapshot's data; capture it again",
+            )
+        })?;
+        let copied = std::io::copy(&mut input, &mut dst)
+            .and_then(|_| dst.set_permissions(std::fs::Permissions::from_mode(file.mode)));
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::io(
+                format!("recreating deleted file {}", file.path),
+                e,
+            ));
+        }
+        return Ok(path);
+    }
+    Err(Error::refused(
+        format!(
+            "cannot recreate deleted file {} (directory not writable?)",
+            file.path
+        ),
+        "make its directory writable, or free the path",
+    ))
+}
+
+/// Opens, in dolly, everything the restored process will have open or mapped: its fds (with
+/// flags and offsets, dup'ed fds sharing one description) and the files its areas map.
+/// Refuses files that changed since the capture where that would corrupt memory.
+pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
+    let mut out = PreparedFiles::default();
+    let mut recreated: Vec<PathBuf> = Vec::new();
+    let result = (|| -> Result<()> {
+        let mut paths: HashMap<u32, PathBuf> = HashMap::new();
+        let mut path_of = |index: u32| -> Result<PathBuf> {
+            if let Some(p) = paths.get(&index) {
+                return Ok(p.clone());
+            }
+            let file = &proc.files[index as usize];
+            let path = match file.kind {
+                FileKind::Terminal => own_terminal()?,
+                _ if file.deleted => {
+                    let p = recreate_deleted(file, pool_dir, index)?;
+                    recreated.push(p.clone());
+                    p
+                }
+                FileKind::CharDevice { rdev } => STATELESS_DEVICES
+                    .iter()
+                    .find(|&&(ma, mi, _)| major(rdev) == ma && minor(rdev) == mi)
+                    .map(|&(_, _, p)| PathBuf::from(p))
+                    .unwrap_or_else(|| PathBuf::from(&file.path)),
+                _ => PathBuf::from(&file.path),
+            };
+            paths.insert(index, path.clone());
+            Ok(path)
+        };
+        // Memory mappings: private file pages come from the file, so it must not have changed.
+        for area in &proc.areas {
+            let AreaKind::File { file: index, .. } = area.kind else {
+                continue;
+            };
+            let writable = super::memory::needs_writable_fd(area);
+            if out.mappings.iter().any(|(k, _)| *k == (index, writable)) {
+                continue;
+            }
+            let file = &proc.files[index as usize];
+            let path = path_of(index)?;
+            if !area.shared && !file.deleted {
+                let meta = std::fs::metadata(&path).map_err(|e| {
+                    Error::refused(
+                        format!("file {} that the process maps is gone ({e})", file.path),
+                        "put the file back, or capture again",
+                    )
+                })?;
+                if meta.len() != file.size || mtime_ns(&meta) != file.mtime_ns {
+                    return Err(Error::refused(
+                        format!("file {} changed since the snapshot (size or modification time differ)", file.path),
+                        "restore the original file (e.g. reinstall the same package version), or capture again",
+                    ));
+                }
+            }
+            let flags = if writable {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = open_path(&path, flags)
+                .with_context(|| format!("opening {} to map it", path.display()))?;
+            out.mappings.push(((index, writable), fd));
+        }
+        // Open file descriptions, each opened once and shared by its fds.
+        let mut descriptions: Vec<OwnedFd> = Vec::new();
+        for of in &proc.open_files {
+            let path = path_of(of.file)?;
+            let fd = open_path(&path, of.flags as i32).map_err(|e| {
+                Error::refused(
+                    format!("cannot open {} again ({e})", path.display()),
+                    "put the file back where it was, or capture again",
+                )
+            })?;
+            let kind = &proc.files[of.file as usize].kind;
+            if matches!(kind, FileKind::Regular | FileKind::Directory) && of.pos > 0 {
+                nix::unistd::lseek(&fd, of.pos as i64, nix::unistd::Whence::SeekSet)
+                    .with_context(|| format!("seeking {} to {}", path.display(), of.pos))?;
+            }
+            descriptions.push(fd);
+        }
+        for fd in &proc.fds {
+            let dup = descriptions[fd.open_file as usize]
+                .try_clone()
+                .context("duplicating an fd")?;
+            out.fds.push((dup, fd.fd, fd.cloexec));
+        }
+        Ok(())
+    })();
+    // Deleted files go away again once open, as they were.
+    for path in recreated {
+        let _ = std::fs::remove_file(path);
+    }
+    result.map(|_| out)
+}
+
+/// Raw numbers of prepared fds, for the forked stub.
+pub fn raw_fds(prepared: &PreparedFiles) -> Vec<(i32, i32, bool)> {
+    prepared
+        .fds
+        .iter()
+        .map(|(fd, target, cloexec)| (fd.as_raw_fd(), *target, *cloexec))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fd_kinds() {
+        assert_eq!(describe_fd("pipe:[123]"), "a pipe");
+        assert_eq!(describe_fd("anon_inode:[eventfd]"), "an eventfd");
+        assert_eq!(describe_fd("anon_inode:[timerfd]"), "a timerfd");
+        assert_eq!(describe_fd("socket:[9]"), "a socket");
+    }
+
+    #[test]
+    fn terminals_by_major() {
+        assert!(is_terminal(nix::sys::stat::makedev(136, 3)));
+        assert!(is_terminal(nix::sys::stat::makedev(5, 0)));
+        assert!(!is_terminal(nix::sys::stat::makedev(1, 3)));
+    }
+}

@@ -1,0 +1,692 @@
+//! Memory areas: which areas a process has, which of their pages are stored in the pool,
+//! and how a restore maps them back.
+//!
+//! Private anonymous memory and the dirty (copied-on-write) pages of private file mappings
+//! are stored; clean file pages are mapped again from their file; shared anonymous memory is
+//! stored once per object; the vDSO is moved, not stored. A restore maps stored runs from
+//! the pool `MAP_PRIVATE` (copy-on-write) and leaves never-touched pages anonymous.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use nix::unistd::Pid;
+
+use crate::error::{Context, Error, Result};
+use crate::image::{Advice, Area, AreaKind, Pages, Process, ShmemObject};
+use crate::pool::{self, PoolWriter};
+use crate::proc::{MapsEntry, ProcDir};
+use crate::resource::files::FileTable;
+use crate::sys::pagemap::{self, ScanFilter};
+use crate::sys::{PAGE_SIZE, TASK_SIZE};
+use crate::tracee::Remote;
+
+/// Suffix of pool file names; an area mapped from such a file belongs to a process that
+/// dolly restored, and its pages are captured like anonymous memory.
+pub const POOL_FILE_SUFFIX: &str = ".dolly-pages";
+
+/// Gaps shorter than this between stored runs of an anonymous area are mapped from the pool
+/// too (they read as zeros there), to keep the number of mappings down.
+const COALESCE_GAP_PAGES: u64 = 16;
+
+/// Where an area's pages come from, as found at capture.
+#[derive(Debug)]
+enum Source {
+    /// Anonymous pages in the process's page tables (private memory, or the copied-on-write
+    /// pages of a private file mapping).
+    Private,
+    /// A mapping of a dolly pool file: every page is the process's own, whether it is in the
+    /// page tables or still only in the pool file.
+    Pool { file: File, offset: u64 },
+    /// Nothing to store.
+    None,
+}
+
+/// The memory of a process as found at capture, before its pages are copied.
+#[derive(Debug)]
+pub struct MemoryPlan {
+    /// The areas (pages not yet assigned).
+    pub areas: Vec<Area>,
+    /// Shared anonymous objects.
+    pub shmem: Vec<ShmemObject>,
+    sources: Vec<Source>,
+    shmem_files: Vec<File>,
+}
+
+fn advice(m: &MapsEntry) -> Advice {
+    Advice {
+        dont_fork: m.flags.dont_fork,
+        dont_dump: m.flags.dont_dump,
+        wipe_on_fork: m.flags.wipe_on_fork,
+        huge_page: m.flags.huge_page,
+        no_huge_page: m.flags.no_huge_page,
+        mergeable: m.flags.mergeable,
+        locked: m.flags.locked,
+    }
+}
+
+fn unsupported(pid: Pid, m: &MapsEntry, what: &str, remedy: &str) -> Error {
+    Error::refused(
+        format!(
+            "process {pid} maps {what} at {:#x}-{:#x} ({}): not supported yet",
+            m.start,
+            m.end,
+            if m.path.is_empty() {
+                "anonymous"
+            } else {
+                &m.path
+            }
+        ),
+        remedy.to_string(),
+    )
+}
+
+/// Reads the areas of a stopped process and decides what to store of each.
+pub fn inspect(proc: &ProcDir, files: &mut FileTable) -> Result<MemoryPlan> {
+    let pid = proc.pid();
+    let maps = proc.maps()?;
+    let mut plan = MemoryPlan {
+        areas: Vec::new(),
+        shmem: Vec::new(),
+        sources: Vec::new(),
+        shmem_files: Vec::new(),
+    };
+    let mut shmem_by_inode: HashMap<u64, u32> = HashMap::new();
+    for m in &maps {
+        if m.path == "[vsyscall]" {
+            continue;
+        }
+        let vdso_part = matches!(m.path.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]");
+        if m.flags.device && !vdso_part {
+            return Err(unsupported(
+                pid,
+                m,
+                "device memory",
+                "capture a process without device mappings",
+            ));
+        }
+        let private_anon = !m.shared;
+        let (kind, source) = match m.path.as_str() {
+            "[vdso]" => (AreaKind::Vdso, Source::None),
+            "[vvar]" => (AreaKind::Vvar, Source::None),
+            "[vvar_vclock]" => (AreaKind::VvarVclock, Source::None),
+            "[heap]" => (AreaKind::Heap, Source::Private),
+            "[stack]" => (AreaKind::Stack, Source::Private),
+            "" if private_anon => (AreaKind::Anonymous { name: None }, Source::Private),
+            p if p.starts_with("[anon:") && private_anon => (
+                AreaKind::Anonymous {
+                    name: Some(p["[anon:".len()..p.len() - 1].to_string()),
+                },
+                Source::Private,
+            ),
+            p if m.shared && (p == "/dev/zero" && m.deleted || p.starts_with("[anon_shmem:")) => {
+                let object = match shmem_by_inode.get(&m.inode) {
+                    Some(&o) => o,
+                    None => {
+                        let file =
+                            File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
+                                .with_context(|| {
+                                    format!(
+                                        "opening shared memory of process {pid} at {:#x}",
+                                        m.start
+                                    )
+                                })?;
+                        let size = file.metadata().context("reading shared memory size")?.len();
+                        let o = plan.shmem.len() as u32;
+                        plan.shmem.push(ShmemObject {
+                            inode: m.inode,
+                            size,
+                            pages: None,
+                        });
+                        plan.shmem_files.push(file);
+                        shmem_by_inode.insert(m.inode, o);
+                        o
+                    }
+                };
+                (
+                    AreaKind::SharedAnonymous {
+                        object,
+                        offset: m.offset,
+                    },
+                    Source::None,
+                )
+            }
+            p if p.starts_with("/SYSV") => {
+                return Err(unsupported(
+                    pid,
+                    m,
+                    "System V shared memory",
+                    "detach the segment (shmdt) first",
+                ))
+            }
+            p if p.starts_with("/memfd:") => {
+                return Err(unsupported(
+                    pid,
+                    m,
+                    "a memfd",
+                    "capture a process without memfd mappings",
+                ))
+            }
+            p if p.starts_with('/') => {
+                if p.ends_with(POOL_FILE_SUFFIX) && !m.shared {
+                    let file = File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
+                        .with_context(|| {
+                            format!("opening pool mapping of process {pid} at {:#x}", m.start)
+                        })?;
+                    (
+                        AreaKind::Anonymous { name: None },
+                        Source::Pool {
+                            file,
+                            offset: m.offset,
+                        },
+                    )
+                } else {
+                    let file = files.intern_mapping(proc, m)?;
+                    (
+                        AreaKind::File {
+                            file,
+                            offset: m.offset,
+                        },
+                        if m.shared {
+                            Source::None
+                        } else {
+                            Source::Private
+                        },
+                    )
+                }
+            }
+            _ => {
+                return Err(unsupported(
+                    pid,
+                    m,
+                    "a special area",
+                    "capture a process without it",
+                ))
+            }
+        };
+        plan.areas.push(Area {
+            start: m.start,
+            end: m.end,
+            read: m.read,
+            write: m.write,
+            exec: m.exec,
+            shared: m.shared,
+            kind,
+            advice: advice(m),
+            pages: None,
+        });
+        plan.sources.push(source);
+    }
+    Ok(plan)
+}
+
+/// Merges sorted `[start, end)` byte ranges that touch or overlap.
+fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Data ranges (relative to `offset`) of `len` bytes of `file` starting at `offset`.
+fn file_data_ranges(file: &File, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::fd::AsFd;
+    let mut out = Vec::new();
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let Ok(data) = lseek(file.as_fd(), at as i64, Whence::SeekData) else {
+            break;
+        };
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        let hole = lseek(file.as_fd(), data as i64, Whence::SeekHole).map_or(end, |h| h as u64);
+        let hole = hole.min(end);
+        out.push((data - offset, hole - offset));
+        at = hole;
+    }
+    out
+}
+
+fn to_page_runs(ranges: &[(u64, u64)], base: u64) -> Vec<[u64; 2]> {
+    ranges
+        .iter()
+        .map(|&(s, e)| {
+            let first = (s - base) / PAGE_SIZE;
+            [first, (e - s).div_ceil(PAGE_SIZE)]
+        })
+        .collect()
+}
+
+/// What `dump` stored.
+#[derive(Debug, Default)]
+pub struct DumpStats {
+    /// Bytes written to the pool.
+    pub bytes: u64,
+    /// Size of the pool file (end of its last slot); 0 when nothing was stored.
+    pub pool_size: u64,
+}
+
+impl MemoryPlan {
+    /// The areas and shared objects, with their pages as `dump` stored them.
+    pub fn into_image(self) -> (Vec<Area>, Vec<ShmemObject>) {
+        (self.areas, self.shmem)
+    }
+}
+
+/// Copies the pages to store of every area into a new pool file, filling in each area's
+/// and object's `pages`. The process must be stopped.
+pub fn dump(pid: Pid, plan: &mut MemoryPlan, pool_path: &std::path::Path) -> Result<DumpStats> {
+    let proc = ProcDir::new(pid);
+    let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
+    let mem = File::open(proc.path("mem")).context("opening process memory")?;
+    let mut writer = PoolWriter::create(pool_path)?;
+    let mut stats = DumpStats::default();
+    // Pages that hold data of their own: in memory or swap, and not the shared zero page.
+    let own_pages = ScanFilter {
+        inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+        required: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+        any_of: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+    };
+    let any_page = ScanFilter {
+        inverted: pagemap::PAGE_IS_PFNZERO,
+        required: pagemap::PAGE_IS_PFNZERO,
+        any_of: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+    };
+    for (area, source) in plan.areas.iter_mut().zip(&plan.sources) {
+        let ranges = match source {
+            Source::None => continue,
+            Source::Private => pagemap::scan(&pagemap, area.start, area.end, own_pages)
+                .with_context(|| format!("scanning pages of {pid} at {:#x}", area.start))?,
+            Source::Pool { file, offset } => {
+                let mut r = pagemap::scan(&pagemap, area.start, area.end, any_page)
+                    .with_context(|| format!("scanning pages of {pid} at {:#x}", area.start))?;
+                r.extend(
+                    file_data_ranges(file, *offset, area.len())
+                        .into_iter()
+                        .map(|(s, e)| (area.start + s, area.start + e)),
+                );
+                merge(r)
+            }
+        };
+        if ranges.is_empty() {
+            continue;
+        }
+        let slot = writer.new_slot()?;
+        let runs = to_page_runs(&ranges, area.start);
+        copy_runs(pid, &mem, &writer, slot, area.start, &runs, &mut stats)?;
+        area.pages = Some(Pages { slot, runs });
+    }
+    for (object, file) in plan.shmem.iter_mut().zip(&plan.shmem_files) {
+        let ranges = file_data_ranges(file, 0, object.size);
+        if ranges.is_empty() {
+            continue;
+        }
+        let slot = writer.new_slot()?;
+        let runs = to_page_runs(&ranges, 0);
+        for run in &runs {
+            let len = run[1] * PAGE_SIZE;
+            let mut dst = writer.map(pool::page_offset(slot, run[0]), len)?;
+            file.read_exact_at(&mut dst, run[0] * PAGE_SIZE)
+                .context("reading shared memory")?;
+            stats.bytes += len;
+        }
+        object.pages = Some(Pages { slot, runs });
+    }
+    stats.pool_size = writer.size();
+    Ok(stats)
+}
+
+/// Copies runs of a process's memory into the pool: `process_vm_readv` where the memory is
+/// readable, `/proc/PID/mem` (which reads any protection) for the rest.
+fn copy_runs(
+    pid: Pid,
+    mem: &File,
+    writer: &PoolWriter,
+    slot: u32,
+    base: u64,
+    runs: &[[u64; 2]],
+    stats: &mut DumpStats,
+) -> Result<()> {
+    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+    use std::io::IoSliceMut;
+    for run in runs {
+        let len = run[1] * PAGE_SIZE;
+        let addr = base + run[0] * PAGE_SIZE;
+        let mut dst = writer.map(pool::page_offset(slot, run[0]), len)?;
+        let mut done = 0usize;
+        while (done as u64) < len {
+            let remote = [RemoteIoVec {
+                base: addr as usize + done,
+                len: len as usize - done,
+            }];
+            let mut local = [IoSliceMut::new(&mut dst[done..])];
+            match process_vm_readv(pid, &mut local, &remote) {
+                Ok(n) if n > 0 => done += n,
+                _ => break,
+            }
+        }
+        if (done as u64) < len {
+            mem.read_exact_at(&mut dst[done..], addr + done as u64)
+                .with_context(|| {
+                    format!(
+                        "reading memory of process {pid} at {:#x}",
+                        addr + done as u64
+                    )
+                })?;
+        }
+        stats.bytes += len;
+    }
+    Ok(())
+}
+
+/// Runs of pages to map from the pool for an area: its stored runs, with short gaps folded
+/// in for anonymous areas (file areas must take their gaps from the file).
+pub fn mapped_runs(area: &Area) -> Vec<[u64; 2]> {
+    let Some(pages) = &area.pages else {
+        return Vec::new();
+    };
+    let coalesce = !matches!(area.kind, AreaKind::File { .. });
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for run in &pages.runs {
+        match out.last_mut() {
+            Some(last) if coalesce && run[0] - (last[0] + last[1]) < COALESCE_GAP_PAGES => {
+                last[1] = run[0] + run[1] - last[0];
+            }
+            _ => out.push(*run),
+        }
+    }
+    out
+}
+
+/// File descriptors, inside the process being rebuilt, of what its areas map.
+#[derive(Debug, Default)]
+pub struct MapSources {
+    /// The process's pool file.
+    pub pool: Option<i32>,
+    /// Per file index: fd opened read-only, and read-write (for writable shared mappings).
+    pub files: HashMap<(u32, bool), i32>,
+    /// Per shared-memory object index.
+    pub shmem: HashMap<u32, i32>,
+}
+
+fn prot(area: &Area) -> u64 {
+    let mut p = 0;
+    if area.read {
+        p |= libc::PROT_READ;
+    }
+    if area.write {
+        p |= libc::PROT_WRITE;
+    }
+    if area.exec {
+        p |= libc::PROT_EXEC;
+    }
+    p as u64
+}
+
+/// Whether the mapping of a file area needs a writable fd.
+pub fn needs_writable_fd(area: &Area) -> bool {
+    area.shared && area.write
+}
+
+/// Maps every area but the vDSO ones into the process being rebuilt (whose old areas are
+/// gone), at their addresses, with their protections; fills the stack from the pool.
+pub fn map_areas(
+    remote: &mut Remote,
+    proc: &Process,
+    sources: &MapSources,
+    pool_file: Option<&File>,
+) -> Result<()> {
+    let mmap = libc::SYS_mmap;
+    for area in &proc.areas {
+        let what = || format!("mapping {:#x}-{:#x}", area.start, area.end);
+        let prot = prot(area);
+        let fixed = libc::MAP_FIXED as u64;
+        match &area.kind {
+            AreaKind::Vdso | AreaKind::Vvar | AreaKind::VvarVclock => continue,
+            AreaKind::Anonymous { .. } | AreaKind::Heap | AreaKind::Stack => {
+                let mut flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed;
+                if matches!(area.kind, AreaKind::Stack) {
+                    flags |= libc::MAP_GROWSDOWN as u64;
+                }
+                remote.call(
+                    &what(),
+                    mmap,
+                    &[area.start, area.len(), prot, flags, u64::MAX, 0],
+                )?;
+            }
+            AreaKind::File { file, offset } => {
+                let fd = sources
+                    .files
+                    .get(&(*file, needs_writable_fd(area)))
+                    .copied()
+                    .expect("an fd for every mapped file");
+                let share = if area.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                };
+                remote.call(
+                    &what(),
+                    mmap,
+                    &[
+                        area.start,
+                        area.len(),
+                        prot,
+                        share as u64 | fixed,
+                        fd as u64,
+                        *offset,
+                    ],
+                )?;
+            }
+            AreaKind::SharedAnonymous { object, offset } => {
+                let fd = sources.shmem[object];
+                remote.call(
+                    &what(),
+                    mmap,
+                    &[
+                        area.start,
+                        area.len(),
+                        prot,
+                        libc::MAP_SHARED as u64 | fixed,
+                        fd as u64,
+                        *offset,
+                    ],
+                )?;
+            }
+        }
+        let Some(pages) = &area.pages else {
+            continue;
+        };
+        if matches!(area.kind, AreaKind::Stack) {
+            // The main stack stays an anonymous grows-down mapping: copy its few pages in.
+            let pool_file = pool_file.expect("a pool file when pages are stored");
+            for run in &pages.runs {
+                let mut buf = vec![0u8; (run[1] * PAGE_SIZE) as usize];
+                pool_file
+                    .read_exact_at(&mut buf, pool::page_offset(pages.slot, run[0]))
+                    .context("reading stack pages from the pool")?;
+                remote.write_mem(area.start + run[0] * PAGE_SIZE, &buf)?;
+            }
+            continue;
+        }
+        let pool_fd = sources.pool.expect("a pool fd when pages are stored");
+        for run in mapped_runs(area) {
+            let addr = area.start + run[0] * PAGE_SIZE;
+            remote.call(
+                &format!("mapping pool pages at {addr:#x}"),
+                mmap,
+                &[
+                    addr,
+                    run[1] * PAGE_SIZE,
+                    prot,
+                    libc::MAP_PRIVATE as u64 | fixed,
+                    pool_fd as u64,
+                    pool::page_offset(pages.slot, run[0]),
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives back each area's `madvise`/`mlock` state and anonymous names. `scratch` is a page
+/// of the process that dolly may write.
+pub fn apply_advice(remote: &mut Remote, proc: &Process, scratch: u64) -> Result<()> {
+    for area in &proc.areas {
+        let a = area.advice;
+        let advise = [
+            (a.dont_fork, libc::MADV_DONTFORK),
+            (a.dont_dump, libc::MADV_DONTDUMP),
+            (a.wipe_on_fork, libc::MADV_WIPEONFORK),
+            (a.huge_page, libc::MADV_HUGEPAGE),
+            (a.no_huge_page, libc::MADV_NOHUGEPAGE),
+            (a.mergeable, libc::MADV_MERGEABLE),
+        ];
+        for (on, advice) in advise {
+            if on {
+                remote.call(
+                    &format!("madvise({advice}) at {:#x}", area.start),
+                    libc::SYS_madvise,
+                    &[area.start, area.len(), advice as u64],
+                )?;
+            }
+        }
+        if a.locked {
+            remote.call(
+                &format!("mlock at {:#x}", area.start),
+                libc::SYS_mlock,
+                &[area.start, area.len()],
+            )?;
+        }
+        if let AreaKind::Anonymous { name: Some(name) } = &area.kind {
+            let mut bytes = name.as_bytes().to_vec();
+            bytes.push(0);
+            remote.write_mem(scratch, &bytes)?;
+            remote.call(
+                &format!("naming the area at {:#x}", area.start),
+                libc::SYS_prctl,
+                &[
+                    libc::PR_SET_VMA as u64,
+                    libc::PR_SET_VMA_ANON_NAME as u64,
+                    area.start,
+                    area.len(),
+                    scratch,
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Finds `len` free bytes in the address layout `areas` (sorted), avoiding `avoid` too.
+pub fn free_range(areas: &[Area], avoid: &[(u64, u64)], len: u64) -> Option<u64> {
+    let mut taken: Vec<(u64, u64)> = areas.iter().map(|a| (a.start, a.end)).collect();
+    taken.extend_from_slice(avoid);
+    let taken = merge(taken);
+    // Leave a page of distance so the range never merges with a neighbour.
+    let mut candidate = 0x1000_0000u64;
+    for (s, e) in taken {
+        if candidate + len + PAGE_SIZE <= s {
+            return Some(candidate);
+        }
+        candidate = candidate.max(e + PAGE_SIZE);
+    }
+    (candidate + len <= TASK_SIZE).then_some(candidate)
+}
+
+/// Opens the pool file of a process for mapping (read-only).
+pub fn open_pool(dir: &std::path::Path, name: &str) -> Result<File> {
+    let path = dir.join(name);
+    File::open(&path).map_err(|e| {
+        Error::corrupt(
+            format!("pool file {} is missing ({e})", path.display()),
+            "the memory tier lost this snapshot's pages (wiped pool?); capture it again",
+        )
+    })
+}
+
+/// Checks every stored page of a process is in its pool file.
+pub fn check_pool(proc: &Process, pool_file: &File, path: &std::path::Path) -> Result<()> {
+    let len = pool_file
+        .metadata()
+        .context("reading pool file size")?
+        .len();
+    if let Some(pf) = &proc.pool {
+        if len < pf.size {
+            return Err(Error::corrupt(
+                format!(
+                    "pool file {} is truncated ({len} bytes, expected {})",
+                    path.display(),
+                    pf.size
+                ),
+                "the memory tier lost this snapshot's pages; capture it again",
+            ));
+        }
+    }
+    let all = proc
+        .areas
+        .iter()
+        .filter_map(|a| a.pages.as_ref())
+        .chain(proc.shmem.iter().filter_map(|o| o.pages.as_ref()));
+    for pages in all {
+        pool::check_pages(pool_file, path, pages)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anon(pages: Option<Pages>) -> Area {
+        Area {
+            start: 0x10000,
+            end: 0x10000 + 100 * PAGE_SIZE,
+            read: true,
+            write: true,
+            exec: false,
+            shared: false,
+            kind: AreaKind::Anonymous { name: None },
+            advice: Advice::default(),
+            pages,
+        }
+    }
+
+    #[test]
+    fn short_gaps_fold_into_one_mapping_for_anonymous_memory_only() {
+        let pages = Pages {
+            slot: 0,
+            runs: vec![[0, 2], [5, 1], [60, 3]],
+        };
+        let a = anon(Some(pages.clone()));
+        assert_eq!(mapped_runs(&a), vec![[0, 6], [60, 3]]);
+        let mut f = anon(Some(pages));
+        f.kind = AreaKind::File { file: 0, offset: 0 };
+        assert_eq!(mapped_runs(&f), vec![[0, 2], [5, 1], [60, 3]]);
+    }
+
+    #[test]
+    fn free_range_avoids_areas() {
+        let a = anon(None);
+        let got = free_range(&[a.clone()], &[(0x1000_0000, 0x1000_2000)], PAGE_SIZE).unwrap();
+        assert!(got >= 0x1000_2000 + PAGE_SIZE);
+        assert!(got + PAGE_SIZE <= a.start || got >= a.end);
+    }
+
+    #[test]
+    fn merge_joins_overlaps() {
+        assert_eq!(
+            merge(vec![(5, 8), (0, 2), (2, 3), (7, 9)]),
+            vec![(0, 3), (5, 9)]
+        );
+    }
+}

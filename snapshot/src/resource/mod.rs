@@ -1,0 +1,9 @@
+//! Process state, one module per kind of resource. Each holds the capture side and the
+//! restore side of its resource; `capture` and `restore` only orchestrate.
+
+pub mod creds;
+pub mod files;
+pub mod memory;
+pub mod process;
+pub mod signals;
+pub mod thread;

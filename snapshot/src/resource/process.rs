@@ -1,0 +1,268 @@
+//! Process-wide state that is neither memory, files, signals nor credentials: resource
+//! limits, interval timers, `prctl` flags and the kernel's address-space layout fields.
+
+use nix::unistd::Pid;
+
+use crate::error::{Context, Error, Result};
+use crate::image::{ITimer, ITimers, MmLayout, ProcessFlags, Rlimit};
+use crate::proc::Stat;
+use crate::sys::process::{get_rlimit, set_rlimit, Rlimit as SysRlimit};
+use crate::tracee::Remote;
+
+/// Number of `RLIMIT_*` resources.
+const RLIMIT_COUNT: u32 = 16;
+
+fn finite(v: u64) -> Option<u64> {
+    (v != libc::RLIM_INFINITY).then_some(v)
+}
+
+/// Reads every resource limit of a process.
+pub fn capture_rlimits(pid: Pid) -> Result<Vec<Rlimit>> {
+    (0..RLIMIT_COUNT)
+        .map(|resource| {
+            let l = get_rlimit(pid, resource)
+                .with_context(|| format!("reading resource limit {resource} of {pid}"))?;
+            Ok(Rlimit {
+                resource,
+                soft: finite(l.soft),
+                hard: finite(l.hard),
+            })
+        })
+        .collect()
+}
+
+/// Sets the resource limits of a process being rebuilt (from dolly, before its credentials
+/// change). A hard limit above dolly's own cannot be set without CAP_SYS_RESOURCE.
+pub fn restore_rlimits(pid: Pid, limits: &[Rlimit]) -> Result<()> {
+    for l in limits {
+        let want = SysRlimit {
+            soft: l.soft.unwrap_or(libc::RLIM_INFINITY),
+            hard: l.hard.unwrap_or(libc::RLIM_INFINITY),
+        };
+        set_rlimit(pid, l.resource, want).map_err(|e| {
+            let own = get_rlimit(Pid::from_raw(0), l.resource).map(|r| r.hard).unwrap_or(0);
+            Error::refused(
+                format!(
+                    "cannot give the process its resource limit {} (soft {:?}, hard {:?}; dolly's hard limit is {own}): {e}",
+                    l.resource, l.soft, l.hard
+                ),
+                "run dolly with hard limits at least as high as the process had (ulimit -H), or as a user with CAP_SYS_RESOURCE",
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn read_timeval_pair(raw: &[u8]) -> ITimer {
+    let w = |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap());
+    ITimer {
+        interval_us: w(0) * 1_000_000 + w(1),
+        value_us: w(2) * 1_000_000 + w(3),
+    }
+}
+
+fn timeval_pair(t: &ITimer) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let words = [
+        t.interval_us / 1_000_000,
+        t.interval_us % 1_000_000,
+        t.value_us / 1_000_000,
+        t.value_us % 1_000_000,
+    ];
+    for (i, w) in words.iter().enumerate() {
+        out[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+    }
+    out
+}
+
+/// Reads the three interval timers from inside a stopped process (`scratch`: 32 bytes).
+pub fn query_itimers(remote: &mut Remote, scratch: u64) -> Result<ITimers> {
+    let mut get = |which: i32| -> Result<ITimer> {
+        remote.call(
+            "reading an interval timer",
+            libc::SYS_getitimer,
+            &[which as u64, scratch],
+        )?;
+        let mut raw = [0u8; 32];
+        remote.read_mem(scratch, &mut raw)?;
+        Ok(read_timeval_pair(&raw))
+    };
+    Ok(ITimers {
+        real: get(libc::ITIMER_REAL)?,
+        virtual_: get(libc::ITIMER_VIRTUAL)?,
+        prof: get(libc::ITIMER_PROF)?,
+    })
+}
+
+/// Arms the interval timers inside a process being rebuilt (`scratch`: 32 bytes).
+pub fn restore_itimers(remote: &mut Remote, scratch: u64, t: &ITimers) -> Result<()> {
+    for (which, timer) in [
+        (libc::ITIMER_REAL, &t.real),
+        (libc::ITIMER_VIRTUAL, &t.virtual_),
+        (libc::ITIMER_PROF, &t.prof),
+    ] {
+        if timer.value_us == 0 && timer.interval_us == 0 {
+            continue;
+        }
+        remote.write_mem(scratch, &timeval_pair(timer))?;
+        remote.call(
+            "arming an interval timer",
+            libc::SYS_setitimer,
+            &[which as u64, scratch, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// Reads the `prctl` settings from inside a stopped process (`scratch`: 8 bytes).
+pub fn query_flags(remote: &mut Remote, scratch: u64) -> Result<(ProcessFlags, u32)> {
+    let prctl = libc::SYS_prctl;
+    let read_int = |remote: &mut Remote, option: i32, what: &str| -> Result<i32> {
+        remote.write_mem(scratch, &[0u8; 4])?;
+        remote.call(what, prctl, &[option as u64, scratch])?;
+        let mut raw = [0u8; 4];
+        remote.read_mem(scratch, &mut raw)?;
+        Ok(i32::from_ne_bytes(raw))
+    };
+    let pdeathsig = read_int(
+        remote,
+        libc::PR_GET_PDEATHSIG,
+        "reading the parent-death signal",
+    )?;
+    let subreaper = read_int(
+        remote,
+        libc::PR_GET_CHILD_SUBREAPER,
+        "reading the subreaper flag",
+    )?;
+    let dumpable = remote.call(
+        "reading the dumpable flag",
+        prctl,
+        &[libc::PR_GET_DUMPABLE as u64],
+    )?;
+    let thp = remote.call(
+        "reading the THP flag",
+        prctl,
+        &[libc::PR_GET_THP_DISABLE as u64],
+    )?;
+    let slack = remote.call(
+        "reading the timer slack",
+        prctl,
+        &[libc::PR_GET_TIMERSLACK as u64],
+    )?;
+    let securebits = remote.call(
+        "reading securebits",
+        prctl,
+        &[libc::PR_GET_SECUREBITS as u64],
+    )?;
+    Ok((
+        ProcessFlags {
+            dumpable: dumpable as u32,
+            timerslack_ns: slack,
+            thp_disable: thp != 0,
+            child_subreaper: subreaper != 0,
+            pdeathsig,
+        },
+        securebits as u32,
+    ))
+}
+
+/// Reads the current program break from inside a stopped process.
+pub fn query_brk(remote: &mut Remote) -> Result<u64> {
+    remote.call("reading the program break", libc::SYS_brk, &[0])
+}
+
+/// The layout fields of a process, from its stat line, program break and auxv.
+pub fn mm_layout(stat: &Stat, brk: u64, auxv: Vec<u64>) -> MmLayout {
+    MmLayout {
+        start_code: stat.start_code,
+        end_code: stat.end_code,
+        start_data: stat.start_data,
+        end_data: stat.end_data,
+        start_brk: stat.start_brk,
+        brk,
+        start_stack: stat.start_stack,
+        arg_start: stat.arg_start,
+        arg_end: stat.arg_end,
+        env_start: stat.env_start,
+        env_end: stat.env_end,
+        auxv,
+    }
+}
+
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP)` inside a process being rebuilt: sets the layout fields
+/// (so /proc/PID/cmdline, environ, auxv, brk and exe read as before). `scratch` must hold
+/// 104 bytes plus the auxv.
+pub fn set_mm_map(
+    remote: &mut Remote,
+    scratch: u64,
+    mm: &MmLayout,
+    exe_fd: Option<i32>,
+) -> Result<()> {
+    const PR_SET_MM: u64 = 35;
+    const PR_SET_MM_MAP: u64 = 14;
+    const MAP_SIZE: u64 = 104;
+    let auxv_addr = scratch + MAP_SIZE;
+    let mut buf = Vec::with_capacity(MAP_SIZE as usize + mm.auxv.len() * 8);
+    for w in [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        auxv_addr,
+    ] {
+        buf.extend_from_slice(&w.to_ne_bytes());
+    }
+    buf.extend_from_slice(&((mm.auxv.len() * 8) as u32).to_ne_bytes());
+    buf.extend_from_slice(&exe_fd.map_or(u32::MAX, |fd| fd as u32).to_ne_bytes());
+    for w in &mm.auxv {
+        buf.extend_from_slice(&w.to_ne_bytes());
+    }
+    remote.write_mem(scratch, &buf)?;
+    remote.call(
+        "setting the address-space layout (PR_SET_MM_MAP)",
+        libc::SYS_prctl,
+        &[PR_SET_MM, PR_SET_MM_MAP, scratch, MAP_SIZE],
+    )?;
+    Ok(())
+}
+
+/// Gives back `PR_SET_DUMPABLE` (after the credentials, which reset it).
+pub fn restore_dumpable(remote: &mut Remote, flags: &ProcessFlags) -> Result<()> {
+    if flags.dumpable <= 1 {
+        remote.call(
+            "setting the dumpable flag",
+            libc::SYS_prctl,
+            &[libc::PR_SET_DUMPABLE as u64, flags.dumpable as u64],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeval_pairs_round_trip() {
+        let t = ITimer {
+            interval_us: 2_500_000,
+            value_us: 17,
+        };
+        assert_eq!(read_timeval_pair(&timeval_pair(&t)), t);
+    }
+
+    #[test]
+    fn reads_own_limits() {
+        let limits = capture_rlimits(Pid::from_raw(0)).unwrap();
+        assert_eq!(limits.len(), RLIMIT_COUNT as usize);
+        let nofile = &limits[libc::RLIMIT_NOFILE as usize];
+        assert!(nofile.soft.is_some());
+    }
+}

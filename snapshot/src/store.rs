@@ -1,0 +1,607 @@
+//! The catalog of snapshots over two tiers, as the memory machine has them: manifests and
+//! statuses go to durable storage at once (`--root`, default `/var/lib/dolly`); pages go to
+//! the pool on the memory tier (`--pool`, default `/dev/shm/dolly`).
+//!
+//! ```text
+//! ROOT/snapshots/ID/manifest.json   the image (immutable once written)
+//! ROOT/snapshots/ID/record.json     status, timings, manifest checksum (replaced atomically)
+//! ROOT/snapshots/ID/lock            flock: exclusive while capturing or deleting, shared while restoring
+//! ROOT/locks/pid-PID                flock: held while a capture or restore works on PID
+//! POOL/ID/...                       the snapshot's pool files and saved file contents
+//! ```
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+use crate::image::Manifest;
+
+/// Default durable tier.
+pub const DEFAULT_ROOT: &str = "/var/lib/dolly";
+/// Default memory tier.
+pub const DEFAULT_POOL: &str = "/dev/shm/dolly";
+
+/// Where a snapshot is in its life (specs/statuses.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// The freeze and metadata capture are under way.
+    Capturing,
+    /// Restorable: all pages are in the pool, not yet durable (a crash loses it).
+    Created,
+    /// Pages are durable: survives a crash or reboot.
+    Persisted,
+    /// Metadata without all of its pages: never restorable.
+    Incomplete,
+    /// The capture failed; kept only to say why.
+    Failed,
+}
+
+impl Status {
+    /// Whether a snapshot in this status can be restored.
+    pub fn is_restorable(self) -> bool {
+        matches!(self, Status::Created | Status::Persisted)
+    }
+
+    /// The status's name as the CLI prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Capturing => "capturing",
+            Status::Created => "created",
+            Status::Persisted => "persisted",
+            Status::Incomplete => "incomplete",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the catalog knows of a snapshot (`record.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Snapshot id.
+    pub id: String,
+    /// Name given at capture.
+    pub name: Option<String>,
+    /// PID of the captured root process.
+    pub pid: i32,
+    /// Its command name.
+    pub comm: String,
+    /// Status.
+    pub status: Status,
+    /// Why it failed or is incomplete.
+    pub reason: Option<String>,
+    /// When the capture began (RFC 3339).
+    pub created_at: String,
+    /// How long the process was frozen, in milliseconds.
+    pub frozen_ms: Option<f64>,
+    /// How long the whole capture took, in milliseconds.
+    pub capture_ms: Option<f64>,
+    /// Bytes of memory stored in the pool.
+    pub bytes: u64,
+    /// Number of processes.
+    pub processes: u32,
+    /// BLAKE3 of manifest.json.
+    pub manifest_hash: Option<String>,
+}
+
+/// The catalog over a durable root and a memory-tier pool.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    pool: PathBuf,
+}
+
+fn make_dir(path: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))
+}
+
+/// Writes `data` to `path` atomically: a temporary file, fsync, rename, fsync of the dir.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("a file path has a parent");
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("writing {}", path.display()))
+}
+
+fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the kernel gives random bytes");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening lock {}", path.display()))
+}
+
+/// Takes a flock without waiting; `Ok(None)` if someone else holds it.
+fn try_flock(file: File, arg: FlockArg) -> Result<Option<Flock<File>>> {
+    match Flock::lock(file, arg) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(Error::sys("taking a lock", e)),
+    }
+}
+
+/// Exclusive hold on a PID while a capture or restore works on it.
+#[derive(Debug)]
+pub struct PidLock {
+    _lock: Flock<File>,
+}
+
+/// A shared hold on a snapshot that keeps it from being deleted during a restore.
+#[derive(Debug)]
+pub struct SnapshotLock {
+    _lock: Flock<File>,
+}
+
+impl Store {
+    /// Opens (creating if needed) a store over `root` (durable) and `pool` (memory tier).
+    pub fn open(root: impl Into<PathBuf>, pool: impl Into<PathBuf>) -> Result<Store> {
+        let store = Store {
+            root: root.into(),
+            pool: pool.into(),
+        };
+        make_dir(&store.root.join("snapshots"))?;
+        make_dir(&store.root.join("locks"))?;
+        make_dir(&store.pool)?;
+        Ok(store)
+    }
+
+    /// The durable root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The pool directory of the memory tier.
+    pub fn pool(&self) -> &Path {
+        &self.pool
+    }
+
+    /// Directory holding a snapshot's manifest and record.
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.root.join("snapshots").join(id)
+    }
+
+    /// Directory holding a snapshot's pages.
+    pub fn pool_dir(&self, id: &str) -> PathBuf {
+        self.pool.join(id)
+    }
+
+    /// Locks `pid` for a capture or restore; refuses if another dolly holds it.
+    pub fn lock_pid(&self, pid: i32) -> Result<PidLock> {
+        let file = open_lock_file(&self.root.join("locks").join(format!("pid-{pid}")))?;
+        match try_flock(file, FlockArg::LockExclusiveNonblock)? {
+            Some(lock) => Ok(PidLock { _lock: lock }),
+            None => Err(Error::busy(
+                format!("process {pid} is already being captured or restored by another dolly"),
+                "wait for the other capture or restore to finish, then try again",
+            )),
+        }
+    }
+
+    /// Starts a new snapshot in status `capturing`.
+    pub fn begin(&self, name: Option<&str>, pid: i32, comm: &str) -> Result<Draft> {
+        let id = new_id();
+        let dir = self.snapshot_dir(&id);
+        make_dir(&dir)?;
+        let lock = try_flock(
+            open_lock_file(&dir.join("lock"))?,
+            FlockArg::LockExclusiveNonblock,
+        )?
+        .expect("a new snapshot's lock is free");
+        make_dir(&self.pool_dir(&id))?;
+        let record = Record {
+            id: id.clone(),
+            name: name.map(str::to_string),
+            pid,
+            comm: comm.to_string(),
+            status: Status::Capturing,
+            reason: None,
+            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            frozen_ms: None,
+            capture_ms: None,
+            bytes: 0,
+            processes: 0,
+            manifest_hash: None,
+        };
+        let draft = Draft {
+            store: self.clone(),
+            record,
+            _lock: lock,
+            done: false,
+        };
+        draft.write_record()?;
+        Ok(draft)
+    }
+
+    fn ids(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("snapshots");
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every snapshot, with its current status, oldest first.
+    pub fn list(&self) -> Result<Vec<Record>> {
+        let mut out = Vec::new();
+        for id in self.ids()? {
+            if let Ok(record) = self.record(&id) {
+                out.push(record);
+            }
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Finds a snapshot by id, id prefix or name.
+    pub fn resolve(&self, key: &str) -> Result<String> {
+        let ids = self.ids()?;
+        if ids.iter().any(|id| id == key) {
+            return Ok(key.to_string());
+        }
+        let mut matches: Vec<String> = ids
+            .iter()
+            .filter(|id| key.len() >= 4 && id.starts_with(key))
+            .cloned()
+            .collect();
+        if matches.is_empty() {
+            matches = self
+                .list()?
+                .into_iter()
+                .filter(|r| r.name.as_deref() == Some(key))
+                .map(|r| r.id)
+                .collect();
+        }
+        match matches.len() {
+            1 => Ok(matches.remove(0)),
+            0 => Err(Error::not_found(
+                format!("no snapshot {key:?} in {}", self.root.display()),
+                "run `dolly snapshot list` to see the snapshots (and check --root)",
+            )),
+            _ => Err(Error::refused(
+                format!("{key:?} matches several snapshots: {}", matches.join(", ")),
+                "use the full snapshot id",
+            )),
+        }
+    }
+
+    /// A snapshot's record, with the status it has now: a capture whose dolly died shows as
+    /// `failed`, a snapshot whose pool files are gone shows as `incomplete`.
+    pub fn record(&self, id: &str) -> Result<Record> {
+        let dir = self.snapshot_dir(id);
+        let path = dir.join("record.json");
+        let text = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::not_found(
+                    format!("no snapshot {id:?} in {}", self.root.display()),
+                    "run `dolly snapshot list` to see the snapshots",
+                )
+            } else {
+                Error::io(format!("reading {}", path.display()), e)
+            }
+        })?;
+        let mut record: Record = serde_json::from_slice(&text).map_err(|e| {
+            Error::corrupt(
+                format!("the record of snapshot {id} is damaged ({e})"),
+                "delete the snapshot and capture again",
+            )
+        })?;
+        match record.status {
+            Status::Capturing => {
+                let free = try_flock(
+                    open_lock_file(&dir.join("lock"))?,
+                    FlockArg::LockSharedNonblock,
+                )?;
+                if free.is_some() {
+                    record.status = Status::Failed;
+                    record.reason = Some("the capture was interrupted (dolly was killed)".into());
+                }
+            }
+            Status::Created | Status::Persisted if !self.pool_dir(id).is_dir() => {
+                record.status = Status::Incomplete;
+                record.reason = Some(format!(
+                    "the pool directory {} is gone (memory tier wiped?)",
+                    self.pool_dir(id).display()
+                ));
+            }
+            _ => {}
+        }
+        Ok(record)
+    }
+
+    /// Opens a snapshot for restore: checks its status and manifest checksum, parses the
+    /// manifest, and holds it against deletion until the returned lock is dropped.
+    pub fn load(&self, id: &str) -> Result<(Manifest, SnapshotLock)> {
+        let record = self.record(id)?;
+        let dir = self.snapshot_dir(id);
+        let lock = try_flock(
+            open_lock_file(&dir.join("lock"))?,
+            FlockArg::LockSharedNonblock,
+        )?
+        .ok_or_else(|| {
+            Error::busy(
+                format!("snapshot {id} is being captured or deleted"),
+                "wait for that to finish",
+            )
+        })?;
+        if !record.status.is_restorable() {
+            let why = record
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            return Err(Error::refused(
+                format!("snapshot {id} is {}{why}", record.status),
+                "only created or persisted snapshots can be restored; capture again",
+            ));
+        }
+        let path = dir.join("manifest.json");
+        let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let hash = blake3::hash(&text).to_hex().to_string();
+        if record.manifest_hash.as_deref() != Some(hash.as_str()) {
+            return Err(Error::corrupt(
+                format!("the manifest of snapshot {id} does not match its checksum (damaged or truncated)"),
+                "delete the snapshot and capture again",
+            ));
+        }
+        let manifest = Manifest::from_json(&text)?;
+        Ok((manifest, SnapshotLock { _lock: lock }))
+    }
+
+    /// Deletes a snapshot (manifest, record and pages). Refuses while it is being captured
+    /// or restored.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let dir = self.snapshot_dir(id);
+        if !dir.join("record.json").exists() {
+            return Err(Error::not_found(
+                format!("no snapshot {id:?} in {}", self.root.display()),
+                "run `dolly snapshot list` to see the snapshots",
+            ));
+        }
+        let _lock = try_flock(
+            open_lock_file(&dir.join("lock"))?,
+            FlockArg::LockExclusiveNonblock,
+        )?
+        .ok_or_else(|| {
+            Error::busy(
+                format!("snapshot {id} is being captured or restored"),
+                "wait for that to finish, then delete it",
+            )
+        })?;
+        let pool = self.pool_dir(id);
+        if pool.exists() {
+            std::fs::remove_dir_all(&pool)
+                .with_context(|| format!("removing {}", pool.display()))?;
+        }
+        // Rename first so a half-removed snapshot never lists as anything.
+        let doomed = self.root.join("snapshots").join(format!(".deleting-{id}"));
+        std::fs::rename(&dir, &doomed).with_context(|| format!("removing {}", dir.display()))?;
+        std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))
+    }
+}
+
+/// A snapshot being captured. Dropping it without [`Draft::commit`] marks it failed and
+/// frees its pages.
+#[derive(Debug)]
+pub struct Draft {
+    store: Store,
+    record: Record,
+    _lock: Flock<File>,
+    done: bool,
+}
+
+impl Draft {
+    /// The new snapshot's id.
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// Directory for its pool files.
+    pub fn pool_dir(&self) -> PathBuf {
+        self.store.pool_dir(&self.record.id)
+    }
+
+    fn write_record(&self) -> Result<()> {
+        let path = self.store.snapshot_dir(&self.record.id).join("record.json");
+        let mut text = serde_json::to_vec_pretty(&self.record).expect("record serializes");
+        text.push(b'\n');
+        write_atomic(&path, &text)
+    }
+
+    /// Writes the manifest and makes the snapshot `created` (restorable).
+    pub fn commit(
+        mut self,
+        manifest: &Manifest,
+        frozen_ms: f64,
+        capture_ms: f64,
+    ) -> Result<Record> {
+        let text = manifest.to_json();
+        let dir = self.store.snapshot_dir(&self.record.id);
+        write_atomic(&dir.join("manifest.json"), &text)?;
+        self.record.manifest_hash = Some(blake3::hash(&text).to_hex().to_string());
+        self.record.status = Status::Created;
+        self.record.frozen_ms = Some(frozen_ms);
+        self.record.capture_ms = Some(capture_ms);
+        self.record.bytes = manifest.stored_bytes();
+        self.record.processes = manifest.processes.len() as u32;
+        self.write_record()?;
+        self.done = true;
+        Ok(self.record.clone())
+    }
+
+    /// When the capture began (RFC 3339).
+    pub fn created_at(&self) -> &str {
+        &self.record.created_at
+    }
+
+    /// Removes every trace of the snapshot: for refusals, which leave nothing behind.
+    pub fn discard(mut self) {
+        self.done = true;
+        let _ = std::fs::remove_dir_all(self.pool_dir());
+        let _ = std::fs::remove_dir_all(self.store.snapshot_dir(&self.record.id));
+    }
+
+    /// Marks the snapshot failed, saying why, and frees its pages.
+    pub fn fail(mut self, reason: &str) {
+        self.fail_in_place(reason);
+    }
+
+    fn fail_in_place(&mut self, reason: &str) {
+        self.done = true;
+        let _ = std::fs::remove_dir_all(self.pool_dir());
+        self.record.status = Status::Failed;
+        self.record.reason = Some(reason.to_string());
+        let _ = self.write_record();
+    }
+}
+
+impl Drop for Draft {
+    fn drop(&mut self) {
+        if !self.done {
+            self.fail_in_place("the capture was abandoned");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("root"), dir.path().join("pool")).unwrap();
+        (dir, store)
+    }
+
+    fn manifest(id: &str) -> Manifest {
+        Manifest {
+            format: crate::image::FORMAT.into(),
+            version: crate::image::VERSION,
+            id: id.into(),
+            name: None,
+            created_at: "2026-01-01T00:00:00Z".into(),
+            host: crate::image::Host {
+                kernel: "k".into(),
+                page_size: 4096,
+                vdso_hash: "h".into(),
+            },
+            shell_job: false,
+            root_pid: 1,
+            processes: vec![],
+        }
+    }
+
+    #[test]
+    fn commit_makes_it_restorable_and_checks_the_hash() {
+        let (_d, store) = store();
+        let draft = store.begin(Some("warm"), 7, "sleep").unwrap();
+        let id = draft.id().to_string();
+        assert_eq!(store.record(&id).unwrap().status, Status::Capturing);
+        draft.commit(&manifest(&id), 1.0, 2.0).unwrap();
+        assert_eq!(store.record(&id).unwrap().status, Status::Created);
+        assert_eq!(store.resolve("warm").unwrap(), id);
+        store.load(&id).unwrap();
+        let path = store.snapshot_dir(&id).join("manifest.json");
+        let mut text = std::fs::read(&path).unwrap();
+        text.truncate(text.len() / 2);
+        std::fs::write(&path, text).unwrap();
+        let err = store.load(&id).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn abandoned_capture_is_failed_and_wiped_pool_is_incomplete() {
+        let (_d, store) = store();
+        let draft = store.begin(None, 7, "sleep").unwrap();
+        let id = draft.id().to_string();
+        drop(draft);
+        let rec = store.record(&id).unwrap();
+        assert_eq!(rec.status, Status::Failed);
+        assert!(store.load(&id).is_err());
+
+        let draft = store.begin(None, 8, "sleep").unwrap();
+        let id = draft.id().to_string();
+        draft.commit(&manifest(&id), 1.0, 2.0).unwrap();
+        std::fs::remove_dir_all(store.pool_dir(&id)).unwrap();
+        assert_eq!(store.record(&id).unwrap().status, Status::Incomplete);
+        assert_eq!(
+            store.load(&id).unwrap_err().kind(),
+            crate::ErrorKind::Refused
+        );
+    }
+
+    #[test]
+    fn delete_refuses_while_restoring() {
+        let (_d, store) = store();
+        let draft = store.begin(None, 7, "sleep").unwrap();
+        let id = draft.id().to_string();
+        draft.commit(&manifest(&id), 1.0, 2.0).unwrap();
+        let (_m, lock) = store.load(&id).unwrap();
+        assert_eq!(
+            store.delete(&id).unwrap_err().kind(),
+            crate::ErrorKind::Busy
+        );
+        drop(lock);
+        store.delete(&id).unwrap();
+        assert!(store.list().unwrap().is_empty());
+        assert_eq!(
+            store.delete(&id).unwrap_err().kind(),
+            crate::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn pid_lock_is_exclusive() {
+        let (_d, store) = store();
+        let held = store.lock_pid(99).unwrap();
+        assert_eq!(
+            store.lock_pid(99).unwrap_err().kind(),
+            crate::ErrorKind::Busy
+        );
+        drop(held);
+        store.lock_pid(99).unwrap();
+    }
+}

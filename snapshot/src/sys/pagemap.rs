@@ -1,0 +1,106 @@
+//! `PAGEMAP_SCAN` (Linux 6.7): find the runs of pages of an address range that are in
+//! memory, written, file-backed, zero... in one ioctl instead of 8 bytes per page.
+
+use std::os::fd::AsRawFd;
+
+use nix::errno::Errno;
+
+/// The page is write-protected by userfaultfd in async mode and may be tracked.
+pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
+/// The page was written since userfaultfd write-protection was armed.
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// The page is in the page cache of a file (or shared anonymous memory).
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+/// The page is in memory.
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// The page is in swap.
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// The page is the shared zero page (read but never written).
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+/// The page is part of a huge page.
+pub const PAGE_IS_HUGE: u64 = 1 << 6;
+
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
+
+/// Which pages a scan selects, in the kernel's terms: a page matches when
+/// `(categories ^ inverted) & required == required` and, if `any_of` is not zero,
+/// `(categories ^ inverted) & any_of != 0`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScanFilter {
+    /// Categories whose meaning is inverted before testing.
+    pub inverted: u64,
+    /// Categories that must all be set (after inversion).
+    pub required: u64,
+    /// Categories of which at least one must be set (after inversion).
+    pub any_of: u64,
+}
+
+/// Returns the runs `[start, end)` of pages in `[start, end)` that match `filter`, read from
+/// an open `/proc/PID/pagemap`.
+pub fn scan(
+    pagemap: &impl AsRawFd,
+    start: u64,
+    end: u64,
+    filter: ScanFilter,
+) -> Result<Vec<(u64, u64)>, Errno> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut regions = vec![PageRegion::default(); 512];
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: at,
+            end,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_inverted: filter.inverted,
+            category_mask: filter.required,
+            category_anyof_mask: filter.any_of,
+            return_mask: filter.required | filter.any_of,
+            ..Default::default()
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `vec_len` regions that
+        // outlive the call; the kernel writes at most that many.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+        if n < 0 {
+            return Err(Errno::last());
+        }
+        for region in &regions[..n as usize] {
+            match runs.last_mut() {
+                Some(last) if last.1 == region.start => last.1 = region.end,
+                _ => runs.push((region.start, region.end)),
+            }
+        }
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Ok(runs)
+}

@@ -1,0 +1,234 @@
+//! Process-level system calls `nix` does not wrap (or wraps with allocation, which a
+//! freshly forked restore stub must avoid).
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+
+fn check(rc: libc::c_long) -> Result<libc::c_long, Errno> {
+    if rc == -1 {
+        Err(Errno::last())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A signal disposition in the kernel's own layout (`struct sigaction` of the syscall, not
+/// of glibc), as `rt_sigaction(2)` reads and writes it on x86_64.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelSigaction {
+    /// Handler address, or 0 (`SIG_DFL`) / 1 (`SIG_IGN`).
+    pub handler: u64,
+    /// `SA_*` flags.
+    pub flags: u64,
+    /// Address of the signal-return trampoline (`SA_RESTORER`).
+    pub restorer: u64,
+    /// Signals blocked while the handler runs.
+    pub mask: u64,
+}
+
+/// `kcmp(KCMP_FILE)`: whether fd `a` of `pid_a` and fd `b` of `pid_b` are the same open file
+/// description (so share offset and status flags).
+pub fn same_file_description(pid_a: Pid, a: i32, pid_b: Pid, b: i32) -> Result<bool, Errno> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers.
+    let rc = check(unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid_a.as_raw() as libc::c_long,
+            pid_b.as_raw() as libc::c_long,
+            KCMP_FILE,
+            a as libc::c_long,
+            b as libc::c_long,
+        )
+    })?;
+    Ok(rc == 0)
+}
+
+/// Reads the robust-futex list head and its size of thread `tid`.
+pub fn get_robust_list(tid: Pid) -> Result<(u64, u64), Errno> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: the kernel writes one pointer into `head` and one size into `len`.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw() as libc::c_long,
+            &mut head as *mut u64,
+            &mut len as *mut libc::size_t,
+        )
+    })?;
+    Ok((head, len as u64))
+}
+
+/// A resource limit; `u64::MAX` is RLIM_INFINITY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    /// Soft limit.
+    pub soft: u64,
+    /// Hard limit.
+    pub hard: u64,
+}
+
+/// Reads resource limit `resource` of process `pid` (0 = self).
+pub fn get_rlimit(pid: Pid, resource: u32) -> Result<Rlimit, Errno> {
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `old` is a valid rlimit64 the kernel fills; the new limit pointer is null.
+    let rc = unsafe {
+        libc::prlimit64(
+            pid.as_raw(),
+            resource as _,
+            std::ptr::null(),
+            &mut old as *mut libc::rlimit64,
+        )
+    };
+    check(rc as libc::c_long)?;
+    Ok(Rlimit {
+        soft: old.rlim_cur,
+        hard: old.rlim_max,
+    })
+}
+
+/// Sets resource limit `resource` of process `pid` (0 = self).
+pub fn set_rlimit(pid: Pid, resource: u32, limit: Rlimit) -> Result<(), Errno> {
+    let new = libc::rlimit64 {
+        rlim_cur: limit.soft,
+        rlim_max: limit.hard,
+    };
+    // SAFETY: `new` is a valid rlimit64 that the kernel only reads.
+    let rc = unsafe {
+        libc::prlimit64(
+            pid.as_raw(),
+            resource as _,
+            &new as *const libc::rlimit64,
+            std::ptr::null_mut(),
+        )
+    };
+    check(rc as libc::c_long).map(drop)
+}
+
+/// Sets the disposition of signal `signo` for the calling process (no allocation; usable in
+/// a forked child).
+pub fn set_sigaction(signo: i32, action: &KernelSigaction) -> Result<(), Errno> {
+    // SAFETY: `action` is a valid kernel sigaction; the old-action pointer is null.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            signo as libc::c_long,
+            action as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8 as libc::c_long,
+        )
+    })
+    .map(drop)
+}
+
+/// Blocks every signal of the calling process (no allocation; usable in a forked child).
+pub fn block_all_signals() -> Result<(), Errno> {
+    let all: u64 = !0;
+    // SAFETY: the kernel reads 8 bytes of mask; the old-mask pointer is null.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as libc::c_long,
+            &all as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8 as libc::c_long,
+        )
+    })
+    .map(drop)
+}
+
+/// An alternate signal stack (`sigaltstack(2)`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AltStack {
+    /// Base address.
+    pub sp: u64,
+    /// `SS_*` flags.
+    pub flags: i32,
+    /// Padding of the kernel's `stack_t`.
+    pub pad: i32,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Calls `prctl(2)` with integer arguments.
+pub fn prctl(option: i32, a2: u64, a3: u64, a4: u64, a5: u64) -> Result<i64, Errno> {
+    // SAFETY: the options dolly passes take integers or addresses it owns.
+    let rc = unsafe { libc::prctl(option, a2, a3, a4, a5) };
+    check(rc as libc::c_long)
+}
+
+/// Sets the execution domain of the calling process.
+pub fn set_personality(persona: u32) -> Result<(), Errno> {
+    // SAFETY: personality takes one integer.
+    let rc = unsafe { libc::personality(persona as libc::c_ulong) };
+    check(rc as libc::c_long).map(drop)
+}
+
+/// Closes every fd in `[first, last]` of the calling process.
+pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
+    // SAFETY: close_range takes integers.
+    let rc = unsafe { libc::close_range(first, last, 0) };
+    check(rc as libc::c_long).map(drop)
+}
+
+/// Duplicates `old` onto `new`, with `O_CLOEXEC` if `cloexec` (no allocation).
+pub fn dup3(old: i32, new: i32, cloexec: bool) -> Result<(), Errno> {
+    // SAFETY: dup3 takes integers; replacing `new` is the point.
+    let rc = unsafe { libc::dup3(old, new, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+    check(rc as libc::c_long).map(drop)
+}
+
+/// `dup2` onto a fixed number (no allocation).
+pub fn dup2(old: i32, new: i32) -> Result<(), Errno> {
+    // SAFETY: dup2 takes integers; replacing `new` is the point.
+    let rc = unsafe { libc::dup2(old, new) };
+    check(rc as libc::c_long).map(drop)
+}
+
+/// Ends the calling process at once, without unwinding or running exit handlers: the only
+/// safe way out of a forked child.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no Rust state.
+    unsafe { libc::_exit(code) }
+}
+
+/// Raises `SIGSTOP` on the calling process (no allocation).
+pub fn stop_self() {
+    // SAFETY: kill/getpid take integers.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGSTOP);
+    }
+}
+
+/// Writes all of `buf` to `fd` (no allocation; for a forked child's error report).
+pub fn write_all_raw(fd: i32, buf: &[u8]) {
+    // SAFETY: `buf` is valid for `len` bytes.
+    unsafe {
+        libc::write(fd, buf.as_ptr().cast(), buf.len());
+    }
+}
+
+/// The PID of the calling process's parent.
+pub fn parent_pid() -> Pid {
+    nix::unistd::getppid()
+}
+
+/// Whether process or thread `pid` exists (including zombies).
+pub fn pid_exists(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `pidfd_open(2)`: a file descriptor that refers to process `pid`.
+pub fn pidfd_open(pid: Pid) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers and returns a new fd we then own.
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })?;
+    // SAFETY: the kernel just gave us this fd.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -1,0 +1,450 @@
+//! A stopped, traced process: seize/interrupt/detach, registers, memory, and remote
+//! system calls (run a syscall inside the tracee by pointing its registers at a `syscall`
+//! instruction and single-stepping over it).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::error::{Context, Error, ErrorKind, Result};
+use crate::image::Registers;
+use crate::sys;
+
+/// The general-purpose registers as the kernel's ptrace interface has them.
+pub type RawRegs = libc::user_regs_struct;
+
+/// Converts kernel registers to their image form.
+pub fn regs_to_image(r: &RawRegs) -> Registers {
+    Registers {
+        r15: r.r15,
+        r14: r.r14,
+        r13: r.r13,
+        r12: r.r12,
+        rbp: r.rbp,
+        rbx: r.rbx,
+        r11: r.r11,
+        r10: r.r10,
+        r9: r.r9,
+        r8: r.r8,
+        rax: r.rax,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        orig_rax: r.orig_rax,
+        rip: r.rip,
+        cs: r.cs,
+        eflags: r.eflags,
+        rsp: r.rsp,
+        ss: r.ss,
+        fs_base: r.fs_base,
+        gs_base: r.gs_base,
+        ds: r.ds,
+        es: r.es,
+        fs: r.fs,
+        gs: r.gs,
+    }
+}
+
+/// Converts image registers to the kernel's form.
+pub fn regs_from_image(r: &Registers) -> RawRegs {
+    RawRegs {
+        r15: r.r15,
+        r14: r.r14,
+        r13: r.r13,
+        r12: r.r12,
+        rbp: r.rbp,
+        rbx: r.rbx,
+        r11: r.r11,
+        r10: r.r10,
+        r9: r.r9,
+        r8: r.r8,
+        rax: r.rax,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        orig_rax: r.orig_rax,
+        rip: r.rip,
+        cs: r.cs,
+        eflags: r.eflags,
+        rsp: r.rsp,
+        ss: r.ss,
+        fs_base: r.fs_base,
+        gs_base: r.gs_base,
+        ds: r.ds,
+        es: r.es,
+        fs: r.fs,
+        gs: r.gs,
+    }
+}
+
+/// A process (one thread) stopped under ptrace by this process.
+#[derive(Debug)]
+pub struct Tracee {
+    pid: Pid,
+    mem: File,
+    /// Stop signals that arrived while dolly held the tracee; sent again on detach.
+    deferred: Vec<Signal>,
+}
+
+/// How long a freeze may wait for a thread to reach a stop.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if Instant::now() >= deadline {
+                    return Err(Error::refused(
+                        format!("process {pid} did not stop within {FREEZE_TIMEOUT:?}"),
+                        "it is probably in uninterruptible sleep (state D, e.g. on I/O or a hung mount); try again when it is not",
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok(status) => return Ok(status),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
+        }
+    }
+}
+
+fn gone(pid: Pid, status: &WaitStatus) -> Error {
+    Error::new(
+        ErrorKind::System,
+        format!("process {pid} ended while dolly held it ({status:?})"),
+    )
+}
+
+impl Tracee {
+    /// Seizes a running thread and stops it (`PTRACE_SEIZE` + `PTRACE_INTERRUPT`). Signals
+    /// that arrive before the stop are delivered, so nothing is lost. Fails if another
+    /// tracer holds it.
+    pub fn seize(pid: Pid) -> Result<Tracee> {
+        ptrace::seize(pid, ptrace::Options::empty()).map_err(|e| match e {
+            Errno::ESRCH => Error::not_found(
+                format!("no process {pid}"),
+                "check the PID (it may have exited)",
+            ),
+            Errno::EPERM => Error::busy(
+                format!(
+                    "process {pid} cannot be traced: another tracer holds it, or it is protected"
+                ),
+                "stop the debugger, strace or other dolly that holds it, then try again",
+            ),
+            e => Error::sys(format!("seizing process {pid}"), e),
+        })?;
+        let tracee = Tracee::open(pid)?;
+        ptrace::interrupt(pid).with_context(|| format!("interrupting process {pid}"))?;
+        let deadline = Instant::now() + FREEZE_TIMEOUT;
+        loop {
+            match wait_stop(pid, deadline)? {
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => return Ok(tracee),
+                WaitStatus::Stopped(_, sig) => {
+                    // A signal arrived first: deliver it; the interrupt stop follows.
+                    ptrace::cont(pid, sig).with_context(|| format!("resuming process {pid}"))?;
+                }
+                WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => {
+                    ptrace::cont(pid, None).with_context(|| format!("resuming process {pid}"))?;
+                }
+                other => return Err(gone(pid, &other)),
+            }
+        }
+    }
+
+    /// Takes over a child that called `PTRACE_TRACEME` and stopped itself with `SIGSTOP`
+    /// (a restore stub). Returns `Ok(None)` with its wait status if it exited instead.
+    pub fn adopt_stopped_child(pid: Pid) -> Result<std::result::Result<Tracee, WaitStatus>> {
+        let status = loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                Err(Errno::EINTR) => continue,
+                other => break other.with_context(|| format!("waiting for process {pid}"))?,
+            }
+        };
+        match status {
+            WaitStatus::Stopped(_, Signal::SIGSTOP) => Ok(Ok(Tracee::open(pid)?)),
+            other => Ok(Err(other)),
+        }
+    }
+
+    fn open(pid: Pid) -> Result<Tracee> {
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .with_context(|| format!("opening /proc/{pid}/mem"))?;
+        Ok(Tracee {
+            pid,
+            mem,
+            deferred: Vec::new(),
+        })
+    }
+
+    /// The traced thread.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Its general-purpose registers.
+    pub fn regs(&self) -> Result<RawRegs> {
+        ptrace::getregs(self.pid).with_context(|| format!("reading registers of {}", self.pid))
+    }
+
+    /// Sets its general-purpose registers.
+    pub fn set_regs(&self, regs: &RawRegs) -> Result<()> {
+        ptrace::setregs(self.pid, *regs)
+            .with_context(|| format!("writing registers of {}", self.pid))
+    }
+
+    /// Its XSAVE area.
+    pub fn xstate(&self) -> Result<Vec<u8>> {
+        sys::ptrace::get_xstate(self.pid)
+            .with_context(|| format!("reading FPU/vector registers of {}", self.pid))
+    }
+
+    /// Sets its XSAVE area.
+    pub fn set_xstate(&self, xstate: &[u8]) -> Result<()> {
+        sys::ptrace::set_xstate(self.pid, xstate)
+            .with_context(|| format!("writing FPU/vector registers of {}", self.pid))
+    }
+
+    /// Its blocked-signal mask.
+    pub fn sigmask(&self) -> Result<u64> {
+        sys::ptrace::get_sigmask(self.pid)
+            .with_context(|| format!("reading signal mask of {}", self.pid))
+    }
+
+    /// Sets its blocked-signal mask.
+    pub fn set_sigmask(&self, mask: u64) -> Result<()> {
+        sys::ptrace::set_sigmask(self.pid, mask)
+            .with_context(|| format!("writing signal mask of {}", self.pid))
+    }
+
+    /// Reads its memory (any protection).
+    pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.mem
+            .read_exact_at(buf, addr)
+            .with_context(|| format!("reading memory of {} at {addr:#x}", self.pid))
+    }
+
+    /// Writes its memory (any protection; private mappings get a private copy).
+    pub fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_all_at(data, addr)
+            .with_context(|| format!("writing memory of {} at {addr:#x}", self.pid))
+    }
+
+    /// Sets ptrace options (e.g. `PTRACE_O_EXITKILL`).
+    pub fn set_options(&self, options: ptrace::Options) -> Result<()> {
+        ptrace::setoptions(self.pid, options)
+            .with_context(|| format!("setting ptrace options of {}", self.pid))
+    }
+
+    /// Lets the thread run on (from its stop), sending again any stop signal that arrived
+    /// while dolly held it.
+    pub fn detach(self) -> Result<()> {
+        ptrace::detach(self.pid, None).with_context(|| format!("detaching from {}", self.pid))?;
+        for sig in &self.deferred {
+            let _ = nix::sys::signal::kill(self.pid, *sig);
+        }
+        Ok(())
+    }
+
+    /// Starts running system calls inside the tracee through the `syscall` instruction at
+    /// `syscall_ip`. The caller saves and later restores the registers it needs.
+    pub fn remote(&mut self, syscall_ip: u64) -> Result<Remote<'_>> {
+        let base = self.regs()?;
+        Ok(Remote {
+            tracee: self,
+            ip: syscall_ip,
+            base,
+        })
+    }
+
+    fn step_until_trap(&mut self) -> Result<RawRegs> {
+        let pid = self.pid;
+        ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
+        loop {
+            let status = loop {
+                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                    Err(Errno::EINTR) => continue,
+                    other => break other.with_context(|| format!("waiting for {pid}"))?,
+                }
+            };
+            match status {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => return self.regs(),
+                WaitStatus::Stopped(_, sig) => {
+                    // Only unblockable signals get here (dolly blocks the rest): keep stop
+                    // signals for after the detach, then step again.
+                    if is_stop_signal(sig) {
+                        self.deferred.push(sig);
+                    }
+                    ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
+                }
+                WaitStatus::PtraceEvent(..) => {
+                    ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
+                }
+                other => return Err(gone(pid, &other)),
+            }
+        }
+    }
+}
+
+/// Runs system calls inside a stopped tracee.
+#[derive(Debug)]
+pub struct Remote<'a> {
+    tracee: &'a mut Tracee,
+    ip: u64,
+    base: RawRegs,
+}
+
+impl Remote<'_> {
+    /// Moves the `syscall` instruction used (e.g. after the vDSO moved).
+    pub fn set_syscall_ip(&mut self, ip: u64) {
+        self.ip = ip;
+    }
+
+    /// The tracee.
+    pub fn tracee(&self) -> &Tracee {
+        self.tracee
+    }
+
+    /// Runs syscall `nr` with up to six arguments; returns the raw result (a negative
+    /// errno on failure).
+    pub fn raw(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        let mut regs = self.base;
+        regs.rip = self.ip;
+        regs.rax = nr as u64;
+        // Not in a syscall: keeps the kernel from "restarting" anything on resume.
+        regs.orig_rax = u64::MAX;
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        regs.rdi = a[0];
+        regs.rsi = a[1];
+        regs.rdx = a[2];
+        regs.r10 = a[3];
+        regs.r8 = a[4];
+        regs.r9 = a[5];
+        // Clear the trap flag so the program's own single-stepping does not interfere.
+        regs.eflags &= !0x100;
+        self.tracee.set_regs(&regs)?;
+        let after = self.tracee.step_until_trap()?;
+        if after.rip != self.ip + 2 {
+            return Err(Error::new(
+                ErrorKind::System,
+                format!(
+                    "remote syscall {nr} in {} stopped at {:#x}, not after the syscall instruction at {:#x}",
+                    self.tracee.pid, after.rip, self.ip
+                ),
+            ));
+        }
+        Ok(after.rax as i64)
+    }
+
+    /// Runs syscall `nr`; a negative result becomes an error saying `what` failed.
+    pub fn call(&mut self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
+        let rc = self.raw(nr, args)?;
+        if (-4095..0).contains(&rc) {
+            return Err(Error::sys(
+                format!("{what} (inside process {})", self.tracee.pid),
+                Errno::from_raw(-rc as i32),
+            ));
+        }
+        Ok(rc as u64)
+    }
+
+    /// Reads the tracee's memory.
+    pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.tracee.read_mem(addr, buf)
+    }
+
+    /// Writes the tracee's memory.
+    pub fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.tracee.write_mem(addr, data)
+    }
+}
+
+/// Finds the offset of a `syscall` instruction in a vDSO image: the `mov $nr, %eax;
+/// syscall` of a vDSO function's fallback path (clock_gettime, gettimeofday, getres, time),
+/// so the two bytes are known to be an instruction and not the middle of one.
+pub fn find_syscall_in_vdso(vdso: &[u8]) -> Option<u64> {
+    let numbers = [
+        libc::SYS_clock_gettime,
+        libc::SYS_gettimeofday,
+        libc::SYS_clock_getres,
+        libc::SYS_time,
+    ];
+    for nr in numbers {
+        let mut pattern = vec![0xb8];
+        pattern.extend_from_slice(&(nr as u32).to_le_bytes());
+        pattern.extend_from_slice(&[0x0f, 0x05]);
+        if let Some(pos) = vdso
+            .windows(pattern.len())
+            .position(|w| w == pattern.as_slice())
+        {
+            return Some((pos + 5) as u64);
+        }
+    }
+    None
+}
+
+/// The vDSO of the calling process: its address and bytes.
+pub fn own_vdso() -> Result<(u64, Vec<u8>)> {
+    let maps = crate::proc::ProcDir::new(nix::unistd::getpid()).maps()?;
+    let vdso = maps.iter().find(|m| m.path == "[vdso]").ok_or_else(|| {
+        Error::refused(
+            "this process has no vDSO",
+            "dolly needs the vDSO (do not boot with vdso=0)",
+        )
+    })?;
+    let mut bytes = vec![0u8; vdso.len() as usize];
+    // SAFETY: the vDSO is mapped readable in this process for its whole length.
+    let src = unsafe { std::slice::from_raw_parts(vdso.start as *const u8, bytes.len()) };
+    bytes.copy_from_slice(src);
+    Ok((vdso.start, bytes))
+}
+
+/// The blocked-signal mask with every signal blocked (bits 0..63).
+pub const ALL_SIGNALS: u64 = !0;
+
+/// Whether `sig` stops a process (job control) rather than ending or interrupting it.
+pub fn is_stop_signal(sig: Signal) -> bool {
+    matches!(
+        sig,
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_syscall_in_own_vdso() {
+        let (_, bytes) = own_vdso().unwrap();
+        let off = find_syscall_in_vdso(&bytes).expect("a syscall instruction in the vDSO");
+        assert_eq!(&bytes[off as usize..off as usize + 2], &[0x0f, 0x05]);
+    }
+
+    #[test]
+    fn register_conversion_round_trips() {
+        // SAFETY: user_regs_struct is plain integers; all-zero is valid.
+        let mut raw: RawRegs = unsafe { std::mem::zeroed() };
+        raw.rip = 1;
+        raw.fs_base = 2;
+        raw.orig_rax = u64::MAX;
+        raw.gs = 3;
+        let back = regs_from_image(&regs_to_image(&raw));
+        assert_eq!(
+            (back.rip, back.fs_base, back.orig_rax, back.gs),
+            (1, 2, u64::MAX, 3)
+        );
+    }
+}
