@@ -170,6 +170,8 @@ pub struct State {
     pub guard: Region,
     pub readonly: Region,
     pub hidden: Region,
+    /// Boxed on purpose: many small allocations that land in the brk heap.
+    #[allow(clippy::vec_box)]
     pub heap: Vec<Box<[u64; 16]>>,
     pub file_private: Region,
     pub file_shared: Region,

@@ -104,7 +104,14 @@ pub fn restore_itimers(remote: &mut Remote, scratch: u64, t: &ITimers) -> Result
         if timer.value_us == 0 && timer.interval_us == 0 {
             continue;
         }
-        remote.write_mem(scratch, &timeval_pair(timer))?;
+        // A periodic timer that has fired reads as 0 until its signal is taken (the kernel
+        // re-arms it then); that signal is among the pending ones. Arm it for the next
+        // period, as the kernel would have: 0 would disarm it.
+        let mut timer = *timer;
+        if timer.value_us == 0 {
+            timer.value_us = timer.interval_us;
+        }
+        remote.write_mem(scratch, &timeval_pair(&timer))?;
         remote.call(
             "arming an interval timer",
             libc::SYS_setitimer,

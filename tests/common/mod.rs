@@ -1,0 +1,332 @@
+//! Helpers for the end-to-end tests: a private dolly store, the real `dolly` binary, the
+//! example workload, and processes that are killed and reaped whatever happens.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The `dolly` binary under test.
+pub fn dolly_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dolly"))
+}
+
+/// An example program, built by `cargo test` beside the binary.
+pub fn example_bin(name: &str) -> PathBuf {
+    dolly_bin().parent().unwrap().join("examples").join(name)
+}
+
+static SUBREAPER: Once = Once::new();
+
+/// Makes the test process a child subreaper, so a restored process (whose parent, dolly,
+/// exits) becomes our child: we can wait for it and read its exit status.
+pub fn become_subreaper() {
+    SUBREAPER.call_once(|| {
+        nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+    });
+}
+
+/// A private store (durable root on disk, pool on tmpfs) and the dolly binary.
+pub struct Dolly {
+    pub root: tempfile::TempDir,
+    pub pool: tempfile::TempDir,
+}
+
+impl Dolly {
+    pub fn new() -> Dolly {
+        become_subreaper();
+        Dolly {
+            root: tempfile::Builder::new()
+                .prefix("dolly-root-")
+                .tempdir()
+                .unwrap(),
+            pool: tempfile::Builder::new()
+                .prefix("dolly-pool-")
+                .tempdir_in("/dev/shm")
+                .unwrap(),
+        }
+    }
+
+    /// `dolly` with this store.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(dolly_bin());
+        c.env("DOLLY_ROOT", self.root.path())
+            .env("DOLLY_POOL", self.pool.path());
+        c.env_remove("DOLLY_PAUSE_AT");
+        c
+    }
+
+    /// Runs dolly with `args`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// Runs dolly, expecting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "dolly {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs dolly, expecting a refusal (exit 1, nothing on stdout); returns stderr.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "dolly {args:?} should have been refused:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("hint:"), "a refusal names the remedy: {err}");
+        err
+    }
+
+    /// Captures `pid`; returns the snapshot id (the last line of stdout).
+    pub fn capture(&self, pid: i32) -> String {
+        let out = self.ok(&["snapshot", "capture", "--pid", &pid.to_string()]);
+        out.lines().last().unwrap().to_string()
+    }
+
+    /// Restores `id`; returns the restored process (killed and reaped on drop).
+    pub fn restore(&self, id: &str) -> Restored {
+        let out = self.ok(&["snapshot", "restore", id]);
+        Restored(out.lines().last().unwrap().parse().unwrap())
+    }
+
+    /// `snapshot list --json`.
+    pub fn list(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(&self.ok(&["snapshot", "list", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// The directory of a snapshot in the durable tier.
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.root.path().join("snapshots").join(id)
+    }
+
+    /// The pool directory of a snapshot.
+    pub fn pool_dir(&self, id: &str) -> PathBuf {
+        self.pool.path().join(id)
+    }
+}
+
+/// A restored process: our child once dolly exits; killed and reaped on drop.
+pub struct Restored(pub i32);
+
+impl Restored {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.0)
+    }
+
+    /// Waits for it to exit; returns how it ended.
+    pub fn wait(&self, timeout: Duration) -> WaitStatus {
+        wait_child(self.pid(), timeout)
+            .unwrap_or_else(|| panic!("process {} did not exit in {timeout:?}", self.0))
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        let _ = waitpid(self.pid(), Some(WaitPidFlag::__WALL));
+    }
+}
+
+/// Waits up to `timeout` for child `pid` to end.
+pub fn wait_child(pid: Pid, timeout: Duration) -> Option<WaitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(s @ (WaitStatus::Exited(..) | WaitStatus::Signaled(..))) => return Some(s),
+            Ok(_) => {}
+            Err(e) => panic!("waitpid({pid}): {e}"),
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until `cond` holds, up to `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A line of /proc/PID/status, e.g. `State` or `TracerPid`.
+pub fn proc_status(pid: i32, key: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{key}:"))
+                .map(|v| v.trim().to_string())
+        })
+}
+
+/// Spawns a command in its own session with stdin from /dev/null, stdout/stderr to `out`
+/// and no other fd (nothing inherited from the test harness, which a capture would refuse).
+pub fn spawn_detached(cmd: &mut Command, out: &Path) -> Child {
+    let log = File::options().create(true).append(true).open(out).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // Nothing inherited beyond stdin/stdout/stderr.
+            libc::close_range(3, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+/// A spawned process, killed and reaped on drop.
+pub struct Spawned(pub Child);
+
+impl Spawned {
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    /// Kills it and waits until its PID is free again.
+    pub fn kill_and_reap(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let pid = self.pid();
+        wait_until("the PID to be free", Duration::from_secs(5), || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        });
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The example workload (examples/workload) in a directory of its own.
+pub struct Workload {
+    pub proc: Spawned,
+    pub dir: tempfile::TempDir,
+}
+
+impl Workload {
+    pub fn start(mem_mib: usize) -> Workload {
+        let dir = tempfile::Builder::new()
+            .prefix("dolly-wl-")
+            .tempdir()
+            .unwrap();
+        let mut cmd = Command::new(example_bin("workload"));
+        cmd.args([
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--mem-mib",
+            &mem_mib.to_string(),
+        ]);
+        let child = spawn_detached(&mut cmd, &dir.path().join("out"));
+        let w = Workload {
+            proc: Spawned(child),
+            dir,
+        };
+        w.wait_ticks(3);
+        w
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// `(tick, digest, pid)` of every tick logged so far, in order.
+    pub fn ticks(&self) -> Vec<(u64, String, i32)> {
+        std::fs::read_to_string(self.dir.path().join("log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let tick = f.next()?.strip_prefix("tick=")?.parse().ok()?;
+                let digest = f.next()?.strip_prefix("digest=")?.to_string();
+                let pid = f.next()?.strip_prefix("pid=")?.parse().ok()?;
+                Some((tick, digest, pid))
+            })
+            .collect()
+    }
+
+    pub fn last_tick(&self) -> u64 {
+        self.ticks().last().map_or(0, |t| t.0)
+    }
+
+    /// Waits until `n` more ticks are logged.
+    pub fn wait_ticks(&self, n: usize) {
+        let start = self.ticks().len();
+        wait_until("workload ticks", Duration::from_secs(20), || {
+            self.ticks().len() >= start + n
+        });
+        let out = std::fs::read_to_string(self.dir.path().join("out")).unwrap_or_default();
+        assert!(!out.contains("panicked"), "workload failed: {out}");
+    }
+
+    /// Asks the process at `pid` (the original or its restored copy) for its report.
+    pub fn report(&self, pid: i32) -> Value {
+        let path = self.dir.path().join("report.json");
+        std::fs::write(&path, b"").unwrap();
+        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+        let mut report = Value::Null;
+        wait_until(
+            "a workload report",
+            Duration::from_secs(20),
+            || match std::fs::read(&path)
+                .ok()
+                .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+            {
+                Some(v) => {
+                    report = v;
+                    true
+                }
+                None => false,
+            },
+        );
+        report
+    }
+}
+
+/// Asserts every check of a workload report passed, naming the ones that failed.
+pub fn assert_report_ok(report: &Value) {
+    let failures = report["failures"].as_array().unwrap();
+    assert!(failures.is_empty(), "workload checks failed: {failures:#?}");
+    let checks = report["checks"].as_object().unwrap();
+    assert!(
+        checks.len() >= 35,
+        "the report has all its checks: {}",
+        checks.len()
+    );
+}
