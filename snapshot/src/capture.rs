@@ -106,23 +106,11 @@ fn preflight(proc: &ProcDir) -> Result<(Status, char)> {
             format!("capture process {} instead", status.tgid),
         ));
     }
-    if stat.state == 'Z' {
+    const PF_KTHREAD: u32 = 0x0020_0000;
+    if stat.flags & PF_KTHREAD != 0 {
         return Err(Error::refused(
-            format!("process {pid} is a zombie (it has exited)"),
-            "there is nothing left to capture",
-        ));
-    }
-    if proc.read_link("exe").is_err() {
-        return Err(Error::refused(
-            format!("{pid} is a kernel thread or has no executable"),
+            format!("{pid} is a kernel thread"),
             "capture a user-space process",
-        ));
-    }
-    let me = nix::unistd::getpid();
-    if pid == me || pid == nix::unistd::getppid() {
-        return Err(Error::refused(
-            "dolly cannot capture itself or its caller",
-            "capture another process",
         ));
     }
     let uid = nix::unistd::geteuid();
@@ -133,6 +121,25 @@ fn preflight(proc: &ProcDir) -> Result<(Status, char)> {
                 status.uid[0]
             ),
             "run dolly as root, or as the user who owns the process",
+        ));
+    }
+    if stat.state == 'Z' {
+        return Err(Error::refused(
+            format!("process {pid} is a zombie (it has exited)"),
+            "there is nothing left to capture",
+        ));
+    }
+    if proc.read_link("exe").is_err() {
+        return Err(Error::refused(
+            format!("process {pid} has no executable dolly can read"),
+            "capture a user-space process (as root, or as its owner)",
+        ));
+    }
+    let me = nix::unistd::getpid();
+    if pid == me || pid == nix::unistd::getppid() {
+        return Err(Error::refused(
+            "dolly cannot capture itself or its caller",
+            "capture another process",
         ));
     }
     if status.tracer_pid != 0 {
@@ -363,7 +370,8 @@ fn capture_frozen(
         .and_then(|mut remote| query_hidden(&mut remote, checkpoints));
     let put_back = tracee
         .set_regs(&regs)
-        .and_then(|_| tracee.set_sigmask(sigmask));
+        .and_then(|_| tracee.set_sigmask(sigmask))
+        .and_then(|_| tracee.park());
     let hidden = hidden?;
     put_back?;
 

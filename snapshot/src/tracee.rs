@@ -92,6 +92,10 @@ pub struct Tracee {
     mem: File,
     /// Stop signals that arrived while dolly held the tracee; sent again on detach.
     deferred: Vec<Signal>,
+    /// Attached with PTRACE_SEIZE (so PTRACE_INTERRUPT works).
+    seized: bool,
+    /// Stopped in the SIGTRAP signal-delivery stop a single step leaves.
+    in_trap: bool,
 }
 
 /// How long a freeze may wait for a thread to reach a stop.
@@ -141,7 +145,8 @@ impl Tracee {
             ),
             e => Error::sys(format!("seizing process {pid}"), e),
         })?;
-        let tracee = Tracee::open(pid)?;
+        let mut tracee = Tracee::open(pid)?;
+        tracee.seized = true;
         ptrace::interrupt(pid).with_context(|| format!("interrupting process {pid}"))?;
         let deadline = Instant::now() + FREEZE_TIMEOUT;
         loop {
@@ -184,6 +189,8 @@ impl Tracee {
             pid,
             mem,
             deferred: Vec::new(),
+            seized: false,
+            in_trap: false,
         })
     }
 
@@ -257,6 +264,37 @@ impl Tracee {
         Ok(())
     }
 
+    /// Moves a seized tracee from the SIGTRAP stop that remote calls leave it in to a
+    /// `PTRACE_EVENT_STOP`. Should dolly die while the tracee waits there, the kernel lets it
+    /// run on; from the SIGTRAP stop it would deliver the SIGTRAP, which kills it.
+    pub fn park(&mut self) -> Result<()> {
+        if !self.seized || !self.in_trap {
+            return Ok(());
+        }
+        let pid = self.pid;
+        ptrace::interrupt(pid).with_context(|| format!("interrupting process {pid}"))?;
+        ptrace::cont(pid, None).with_context(|| format!("resuming process {pid}"))?;
+        let deadline = Instant::now() + FREEZE_TIMEOUT;
+        loop {
+            match wait_stop(pid, deadline)? {
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => {
+                    self.in_trap = false;
+                    return Ok(());
+                }
+                WaitStatus::Stopped(_, sig) => {
+                    if is_stop_signal(sig) {
+                        self.deferred.push(sig);
+                    }
+                    ptrace::cont(pid, None).with_context(|| format!("resuming process {pid}"))?;
+                }
+                WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => {
+                    ptrace::cont(pid, None).with_context(|| format!("resuming process {pid}"))?;
+                }
+                other => return Err(gone(pid, &other)),
+            }
+        }
+    }
+
     /// Starts running system calls inside the tracee through the `syscall` instruction at
     /// `syscall_ip`. The caller saves and later restores the registers it needs.
     pub fn remote(&mut self, syscall_ip: u64) -> Result<Remote<'_>> {
@@ -279,7 +317,10 @@ impl Tracee {
                 }
             };
             match status {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => return self.regs(),
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => {
+                    self.in_trap = true;
+                    return self.regs();
+                }
                 WaitStatus::Stopped(_, sig) => {
                     // Only unblockable signals get here (dolly blocks the rest): keep stop
                     // signals for after the detach, then step again.

@@ -169,6 +169,17 @@ pub fn wait_child(pid: Pid, timeout: Duration) -> Option<WaitStatus> {
     }
 }
 
+/// Waits until PID `pid` is free, reaping it if it became our (a subreaper's) zombie.
+pub fn reap_until_gone(pid: i32) {
+    wait_until("the PID to be free", Duration::from_secs(5), || {
+        let _ = waitpid(
+            Pid::from_raw(pid),
+            Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+        );
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
 /// Waits until `cond` holds, up to `timeout`.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -220,10 +231,7 @@ impl Spawned {
     pub fn kill_and_reap(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-        let pid = self.pid();
-        wait_until("the PID to be free", Duration::from_secs(5), || {
-            !Path::new(&format!("/proc/{pid}")).exists()
-        });
+        reap_until_gone(self.pid());
     }
 }
 
@@ -329,4 +337,46 @@ pub fn assert_report_ok(report: &Value) {
         "the report has all its checks: {}",
         checks.len()
     );
+}
+
+/// A dolly run paused at checkpoint `at` (DOLLY_PAUSE_AT); returns the running command and
+/// the PID of the process that paused (the CLI, or its capture worker).
+pub fn start_paused(dolly: &Dolly, args: &[&str], at: &str) -> (Child, i32) {
+    use std::io::{BufRead, BufReader};
+    let mut child = dolly
+        .cmd()
+        .args(args)
+        .env("DOLLY_PAUSE_AT", at)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "dolly {args:?} ended before pausing at {at}"
+        );
+        if let Some(rest) = line
+            .trim()
+            .strip_prefix(&format!("dolly: paused at {at} (pid "))
+        {
+            let pid = rest.trim_end_matches(')').parse().unwrap();
+            // Keep reading, so dolly can still report on stderr.
+            std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+            return (child, pid);
+        }
+    }
+}
+
+/// Snapshots of a store that a restore would accept.
+pub fn usable(dolly: &Dolly) -> Vec<Value> {
+    dolly
+        .list()
+        .into_iter()
+        .filter(|r| r["status"] == "created" || r["status"] == "persisted")
+        .collect()
 }

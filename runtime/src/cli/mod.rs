@@ -80,6 +80,10 @@ pub const EXIT_FAILURE: i32 = 1;
 
 /// Runs the command line and returns the exit status.
 pub fn main() -> i32 {
+    // Like any Unix filter: a closed stdout (`dolly snapshot list | head -1`) ends dolly
+    // quietly instead of with a panic.
+    // SAFETY: restores the default disposition; no handler code is involved.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => code,

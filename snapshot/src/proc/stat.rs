@@ -19,6 +19,8 @@ pub struct Stat {
     pub sid: i32,
     /// Controlling terminal device number (0: none).
     pub tty_nr: u32,
+    /// Kernel `PF_*` flags.
+    pub flags: u32,
     /// Number of threads.
     pub num_threads: u32,
     /// Start of the program text.
@@ -73,6 +75,7 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
         pgid: int(2)?,
         sid: int(3)?,
         tty_nr: num(4)? as u32,
+        flags: num(6)? as u32,
         num_threads: num(17)? as u32,
         start_code: num(23)?,
         end_code: num(24)?,

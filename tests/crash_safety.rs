@@ -1,0 +1,138 @@
+//! Killing dolly (kill -9) in the middle of a capture or restore leaves the target running,
+//! not stopped and not traced, no usable snapshot, and no half-restored process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+fn assert_runs_as_before(w: &Workload) {
+    wait_until("the tracer to let go", Duration::from_secs(5), || {
+        proc_status(w.pid(), "TracerPid").as_deref() == Some("0")
+    });
+    let state = proc_status(w.pid(), "State").unwrap();
+    assert!(
+        !state.starts_with('T') && !state.starts_with('t'),
+        "stopped: {state}"
+    );
+    w.wait_ticks(3);
+    assert_report_ok(&w.report(w.pid()));
+}
+
+/// Killed while its system calls run inside the target (its registers borrowed).
+#[test]
+fn kill_9_during_capture_leaves_the_target_as_before() {
+    for at in ["capture:frozen", "capture:injected", "capture:pages"] {
+        let dolly = Dolly::new();
+        let w = Workload::start(2);
+        let (mut cli, _) = start_paused(
+            &dolly,
+            &["snapshot", "capture", "--pid", &w.pid().to_string()],
+            at,
+        );
+        cli.kill().unwrap();
+        cli.wait().unwrap();
+        assert_runs_as_before(&w);
+        wait_until(
+            "the capture to be marked failed",
+            Duration::from_secs(5),
+            || dolly.list().iter().all(|r| r["status"] == "failed"),
+        );
+        assert!(usable(&dolly).is_empty(), "{at}: {:?}", dolly.list());
+        // The process can be captured again at once.
+        dolly.capture(w.pid());
+    }
+}
+
+/// The capture worker itself killed mid-copy: the kernel lets the target go, and the
+/// snapshot shows as failed (interrupted), never as usable.
+#[test]
+fn kill_9_of_the_capture_worker_leaves_a_failed_snapshot() {
+    let dolly = Dolly::new();
+    let w = Workload::start(2);
+    let (mut cli, worker) = start_paused(
+        &dolly,
+        &["snapshot", "capture", "--pid", &w.pid().to_string()],
+        "capture:pages",
+    );
+    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_runs_as_before(&w);
+    let list = dolly.list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["status"], "failed");
+    assert!(
+        list[0]["reason"].as_str().unwrap().contains("interrupted"),
+        "{list:?}"
+    );
+}
+
+/// Killed while rebuilding the process: nothing is left at the PID, and the snapshot
+/// restores fine afterwards.
+#[test]
+fn kill_9_during_restore_leaves_no_half_restored_process() {
+    let dolly = Dolly::new();
+    let mut w = Workload::start(2);
+    let pid = w.pid();
+    let id = dolly.capture(pid);
+    w.proc.kill_and_reap();
+    for at in ["restore:prepared", "restore:rebuilding", "restore:detach"] {
+        let (mut cli, _) = start_paused(&dolly, &["snapshot", "restore", &id], at);
+        cli.kill().unwrap();
+        cli.wait().unwrap();
+        if at != "restore:prepared" {
+            // The stub died with dolly; it was reparented to us (a subreaper): reap it.
+            let status =
+                wait_child(Pid::from_raw(pid), Duration::from_secs(5)).expect("the stub ended");
+            assert!(
+                matches!(status, WaitStatus::Signaled(_, Signal::SIGKILL, _)),
+                "{at}: {status:?}"
+            );
+        }
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{at}: something is left at PID {pid}"
+        );
+    }
+    let restored = dolly.restore(&id);
+    w.wait_ticks(2);
+    assert_report_ok(&w.report(restored.0));
+}
+
+/// Two captures of one process at the same moment: the second is refused while the first
+/// holds it, and the first completes.
+#[test]
+fn a_second_capture_of_the_same_process_is_refused() {
+    let dolly = Dolly::new();
+    let other_store = Dolly::new();
+    let w = Workload::start(1);
+    let (mut cli, _) = start_paused(
+        &dolly,
+        &["snapshot", "capture", "--pid", &w.pid().to_string()],
+        "capture:frozen",
+    );
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &w.pid().to_string()]);
+    assert!(err.contains("already being captured or restored"), "{err}");
+    // Another store cannot take it either (the first dolly traces it).
+    let err = other_store.refused(&["snapshot", "capture", "--pid", &w.pid().to_string()]);
+    assert!(
+        err.contains("already being captured or restored by dolly"),
+        "{err}"
+    );
+    // Deleting a snapshot that is being captured is refused too.
+    let capturing = dolly.list();
+    let id = capturing[0]["id"].as_str().unwrap();
+    assert_eq!(capturing[0]["status"], "capturing");
+    let err = dolly.refused(&["snapshot", "delete", id]);
+    assert!(err.contains("being captured or restored"), "{err}");
+    assert!(other_store.list().is_empty());
+    // The paused capture ends when its command is killed; the target runs on.
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    assert_runs_as_before(&w);
+}

@@ -1,0 +1,338 @@
+//! Every refusal names its cause and remedy, exits 1, leaves the target running exactly as
+//! before, and leaves no usable snapshot behind.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The target is still running, untraced, and no usable snapshot exists.
+fn assert_untouched(dolly: &Dolly, w: &Workload) {
+    assert_eq!(proc_status(w.pid(), "TracerPid").as_deref(), Some("0"));
+    w.wait_ticks(2);
+    assert_report_ok(&w.report(w.pid()));
+    assert!(usable(dolly).is_empty(), "{:?}", dolly.list());
+}
+
+#[test]
+fn refuses_a_pid_that_does_not_exist() {
+    let dolly = Dolly::new();
+    let err = dolly.refused(&["snapshot", "capture", "--pid", "999999"]);
+    assert!(err.contains("no process 999999"), "{err}");
+    assert!(dolly.list().is_empty());
+}
+
+#[test]
+fn refuses_kernel_threads_and_zombies() {
+    let dolly = Dolly::new();
+    let err = dolly.refused(&["snapshot", "capture", "--pid", "2"]);
+    assert!(err.contains("kernel thread"), "{err}");
+    // A zombie: a child its parent never reaps.
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(3)\nprint(pid, flush=True)\ntime.sleep(60)\n";
+    let out = dir.path().join("out");
+    let _parent = Spawned(spawn_detached(
+        Command::new("python3").args(["-c", script]),
+        &out,
+    ));
+    wait_until("the zombie", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let zombie: i32 = std::fs::read_to_string(&out)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the child to exit", Duration::from_secs(5), || {
+        proc_status(zombie, "State").is_some_and(|s| s.starts_with('Z'))
+    });
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &zombie.to_string()]);
+    assert!(err.contains("zombie"), "{err}");
+}
+
+#[test]
+fn refuses_a_traced_process_and_names_the_tracer() {
+    let dolly = Dolly::new();
+    let w = Workload::start(1);
+    let mut strace = Command::new("strace")
+        .args(["-p", &w.pid().to_string(), "-o", "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("strace is installed (.ci/run installs it)");
+    wait_until("strace to attach", Duration::from_secs(10), || {
+        proc_status(w.pid(), "TracerPid").is_some_and(|t| t != "0")
+    });
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &w.pid().to_string()]);
+    assert!(err.contains("traced by strace"), "{err}");
+    assert!(err.contains("detach"), "{err}");
+    kill(Pid::from_raw(strace.id() as i32), Signal::SIGTERM).unwrap();
+    strace.wait().unwrap();
+    assert_untouched(&dolly, &w);
+    dolly.capture(w.pid());
+}
+
+#[test]
+fn refuses_another_users_process_when_not_root() {
+    let dolly = Dolly::new();
+    for dir in [dolly.root.path(), dolly.pool.path()] {
+        nix::unistd::chown(dir, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    }
+    let w = Workload::start(1);
+    let out = dolly
+        .cmd()
+        .args(["snapshot", "capture", "--pid", &w.pid().to_string()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("belongs to user 0") && err.contains("run dolly as root"),
+        "{err}"
+    );
+    assert_untouched(&dolly, &w);
+}
+
+fn python_with(code: &str, out: &std::path::Path) -> Spawned {
+    let script = format!(
+        "import os, time, threading, socket\n{code}\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    );
+    let p = Spawned(spawn_detached(
+        Command::new("python3").args(["-c", &script]),
+        out,
+    ));
+    wait_until("python", Duration::from_secs(10), || {
+        std::fs::read_to_string(out).is_ok_and(|s| s.contains("ready"))
+    });
+    p
+}
+
+#[test]
+fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "r, w = os.pipe()\nos.dup2(r, 7)\nos.close(r)\nos.close(w)",
+            "fd 7, a pipe",
+        ),
+        (
+            "e = os.eventfd(0)\nos.dup2(e, 8)\nos.close(e)",
+            "fd 8, an eventfd",
+        ),
+        (
+            "s = socket.socket()\nos.dup2(s.fileno(), 9)\ns.close()",
+            "fd 9, a socket",
+        ),
+        (
+            "t = threading.Thread(target=time.sleep, args=(60,), daemon=True)\nt.start()",
+            "2 threads",
+        ),
+        (
+            "import subprocess\nc = subprocess.Popen(['sleep', '60'])",
+            "has a child process",
+        ),
+    ];
+    for (i, (code, expect)) in cases.iter().enumerate() {
+        let p = python_with(code, &dir.path().join(format!("out{i}")));
+        let err = dolly.refused(&["snapshot", "capture", "--pid", &p.pid().to_string()]);
+        assert!(err.contains(expect), "expected {expect:?} in: {err}");
+        assert!(err.contains("not supported yet"), "{err}");
+        assert_eq!(proc_status(p.pid(), "TracerPid").as_deref(), Some("0"));
+        assert!(proc_status(p.pid(), "State").unwrap().starts_with('S'));
+    }
+    assert!(
+        dolly.list().is_empty(),
+        "refusals leave no snapshot: {:?}",
+        dolly.list()
+    );
+}
+
+#[test]
+fn restore_refuses_while_the_original_holds_the_pid() {
+    let dolly = Dolly::new();
+    let w = Workload::start(1);
+    let id = dolly.capture(w.pid());
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(err.contains(&format!("PID {} is in use", w.pid())), "{err}");
+    assert!(err.contains("stop the original first"), "{err}");
+    assert_report_ok(&w.report(w.pid()));
+}
+
+#[test]
+fn restore_refuses_unknown_and_unrestorable_snapshots() {
+    let dolly = Dolly::new();
+    let err = dolly.refused(&["snapshot", "restore", "0123456789abcdef"]);
+    assert!(err.contains("no snapshot"), "{err}");
+    let err = dolly.refused(&["snapshot", "delete", "nosuchname"]);
+    assert!(err.contains("no snapshot"), "{err}");
+    let err = dolly.refused(&["snapshot", "info", "nosuchname"]);
+    assert!(err.contains("no snapshot"), "{err}");
+}
+
+fn captured_and_killed(dolly: &Dolly) -> (Workload, String) {
+    let mut w = Workload::start(2);
+    let id = dolly.capture(w.pid());
+    w.proc.kill_and_reap();
+    (w, id)
+}
+
+#[test]
+fn restore_refuses_a_damaged_manifest() {
+    let dolly = Dolly::new();
+    let (_w, id) = captured_and_killed(&dolly);
+    let manifest = dolly.snapshot_dir(&id).join("manifest.json");
+    let good = std::fs::read(&manifest).unwrap();
+
+    std::fs::write(&manifest, &good[..good.len() / 2]).unwrap();
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(err.contains("checksum"), "{err}");
+
+    // A manifest of another version (with a matching checksum, as a newer dolly would write).
+    let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    v["version"] = 99.into();
+    let text = serde_json::to_vec_pretty(&v).unwrap();
+    std::fs::write(&manifest, &text).unwrap();
+    let record_path = dolly.snapshot_dir(&id).join("record.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record["manifest_hash"] = blake3::hash(&text).to_hex().to_string().into();
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(err.contains("version 99"), "{err}");
+}
+
+#[test]
+fn restore_refuses_missing_or_truncated_pages() {
+    let dolly = Dolly::new();
+    let (w, id) = captured_and_killed(&dolly);
+    let pool = dolly.pool_dir(&id).join(format!("{}.dolly-pages", w.pid()));
+    let file = std::fs::OpenOptions::new().write(true).open(&pool).unwrap();
+    let size = file.metadata().unwrap().len();
+    file.set_len(size / 2).unwrap();
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(err.contains("truncated"), "{err}");
+    // Pages gone but the size kept: a hole where the data was.
+    file.set_len(0).unwrap();
+    file.set_len(size).unwrap();
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(err.contains("missing pages"), "{err}");
+    std::fs::remove_file(&pool).unwrap();
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(err.contains("missing"), "{err}");
+    // The whole pool directory wiped (as a reboot would): the snapshot is incomplete.
+    std::fs::remove_dir_all(dolly.pool_dir(&id)).unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(&dolly.ok(&["snapshot", "info", &id, "--json"])).unwrap();
+    assert_eq!(record["status"], "incomplete");
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(err.contains("incomplete"), "{err}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", w.pid())).exists(),
+        "no process was started"
+    );
+}
+
+#[test]
+fn terminal_needs_shell_job_and_a_restore_takes_dollys_terminal() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    // A python counting on a terminal (script gives it a pty).
+    let counter = "import time\nfor i in range(1, 100000):\n    print(i, flush=True)\n    time.sleep(0.02)\n    if i == 400: break\n";
+    let first_tty = dir.path().join("tty1");
+    let mut original = Spawned(spawn_detached(
+        Command::new("script").args([
+            "-qfec",
+            &format!("python3 -c '{counter}'"),
+            first_tty.to_str().unwrap(),
+        ]),
+        &dir.path().join("script1"),
+    ));
+    let py = || {
+        std::fs::read_to_string(format!("/proc/{}/task/{0}/children", original.pid()))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+            })
+    };
+    wait_until("python on a terminal", Duration::from_secs(10), || {
+        py().is_some() && std::fs::read_to_string(&first_tty).is_ok_and(|s| s.lines().count() > 20)
+    });
+    let pid = py().unwrap();
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &pid.to_string()]);
+    assert!(
+        err.contains("has a terminal open") && err.contains("--shell-job"),
+        "{err}"
+    );
+    assert!(dolly.list().is_empty());
+
+    let out = dolly.ok(&[
+        "snapshot",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+        "--shell-job",
+    ]);
+    let id = out.lines().last().unwrap().to_string();
+    let at_capture: u64 = std::fs::read_to_string(&first_tty)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .last()
+        .unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    original.kill_and_reap();
+    reap_until_gone(pid);
+
+    let err = dolly.refused(&["snapshot", "restore", &id]);
+    assert!(
+        err.contains("holds a terminal") && err.contains("--shell-job"),
+        "{err}"
+    );
+
+    // Restored from another terminal, in the foreground: it prints there and ends.
+    let second_tty = dir.path().join("tty2");
+    let restore = format!(
+        "{} --root {} --pool {} snapshot restore --shell-job {id}",
+        dolly_bin().display(),
+        dolly.root.path().display(),
+        dolly.pool.path().display()
+    );
+    let mut second = Spawned(spawn_detached(
+        Command::new("script").args(["-qfec", &restore, second_tty.to_str().unwrap()]),
+        &dir.path().join("script2"),
+    ));
+    let status = second.0.wait().unwrap();
+    // What the restored python printed (dolly itself printed the PID first).
+    let printed: Vec<u64> = std::fs::read_to_string(&second_tty)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let printed: Vec<u64> = printed.into_iter().filter(|&v| v != pid as u64).collect();
+    assert!(
+        status.success(),
+        "the restored job ended well: {status}; printed {printed:?}"
+    );
+    assert!(
+        printed
+            .first()
+            .is_some_and(|&f| f > 20 && f <= at_capture + 1),
+        "{printed:?} (captured at {at_capture})"
+    );
+    assert_eq!(
+        printed.last(),
+        Some(&400),
+        "it ran to its end on the new terminal"
+    );
+}
