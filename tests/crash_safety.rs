@@ -54,7 +54,7 @@ fn kill_9_during_capture_leaves_the_target_as_before() {
 fn kill_9_of_the_capture_worker_leaves_a_failed_snapshot() {
     let dolly = Dolly::new();
     let w = Workload::start(2);
-    let (mut cli, worker) = start_paused(
+    let (cli, worker) = start_paused(
         &dolly,
         &["snapshot", "capture", "--pid", &w.pid().to_string()],
         "capture:pages",

@@ -288,7 +288,7 @@ fn terminal_needs_shell_job_and_a_restore_takes_dollys_terminal() {
         .unwrap()
         .lines()
         .filter_map(|l| l.trim().parse().ok())
-        .last()
+        .next_back()
         .unwrap();
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     original.kill_and_reap();

@@ -341,6 +341,7 @@ pub fn assert_report_ok(report: &Value) {
 
 /// A dolly run paused at checkpoint `at` (DOLLY_PAUSE_AT); returns the running command and
 /// the PID of the process that paused (the CLI, or its capture worker).
+#[allow(clippy::zombie_processes)] // the caller kills and waits for it
 pub fn start_paused(dolly: &Dolly, args: &[&str], at: &str) -> (Child, i32) {
     use std::io::{BufRead, BufReader};
     let mut child = dolly
