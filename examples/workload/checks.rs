@@ -209,27 +209,32 @@ fn fd_checks(c: &mut Checks) {
 
 fn signal_checks(c: &mut Checks, st: &State) {
     let usr2 = sigaction_of(libc::SIGUSR2);
-    let usr2_ok = usr2.sa_sigaction == usr2_handler()
-        && usr2.sa_flags & (libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART)
-            == (libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART)
-        && sigset_has(&usr2.sa_mask, libc::SIGHUP)
-        && !sigset_has(&usr2.sa_mask, libc::SIGINT);
+    let want = libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART;
     let usr1 = sigaction_of(libc::SIGUSR1);
-    let pipe = sigaction_of(libc::SIGPIPE);
-    let term = sigaction_of(libc::SIGTERM);
-    c.check(
-        "signal_dispositions",
-        usr2_ok
-            && usr1.sa_sigaction == usr1_handler()
-            && pipe.sa_sigaction == libc::SIG_IGN
-            && term.sa_sigaction == libc::SIG_DFL,
-        || {
-            format!(
-                "usr2 {:#x}/{:#x} usr1 {:#x} pipe {}",
-                usr2.sa_sigaction, usr2.sa_flags, usr1.sa_sigaction, pipe.sa_sigaction
-            )
-        },
-    );
+    let parts = [
+        ("usr2 handler", usr2.sa_sigaction == st.expect.usr2_handler),
+        ("usr2 flags", usr2.sa_flags & want == want),
+        (
+            "usr2 mask",
+            sigset_has(&usr2.sa_mask, libc::SIGHUP) && !sigset_has(&usr2.sa_mask, libc::SIGINT),
+        ),
+        ("usr1 handler", usr1.sa_sigaction == st.expect.usr1_handler),
+        (
+            "pipe ignored",
+            sigaction_of(libc::SIGPIPE).sa_sigaction == libc::SIG_IGN,
+        ),
+        (
+            "term default",
+            sigaction_of(libc::SIGTERM).sa_sigaction == libc::SIG_DFL,
+        ),
+    ];
+    c.check("signal_dispositions", parts.iter().all(|p| p.1), || {
+        let wrong: Vec<&str> = parts.iter().filter(|p| !p.1).map(|p| p.0).collect();
+        format!(
+            "wrong: {wrong:?} (usr2 {:#x} flags {:#x}, usr1 {:#x})",
+            usr2.sa_sigaction, usr2.sa_flags, usr1.sa_sigaction
+        )
+    });
     // SAFETY: plain signal-mask queries on this process.
     let (mask, pending) = unsafe {
         let mut mask: libc::sigset_t = std::mem::zeroed();

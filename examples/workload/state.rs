@@ -159,6 +159,8 @@ pub struct Expected {
     pub altstack: (usize, usize),
     pub stack_addr: usize,
     pub heap_brk_start: usize,
+    pub usr1_handler: usize,
+    pub usr2_handler: usize,
 }
 
 /// Everything the workload holds.
@@ -227,14 +229,13 @@ extern "C" fn on_usr2(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     USR2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
-/// The SIGUSR2 handler's address (the checks compare dispositions against it).
-pub fn usr2_handler() -> usize {
-    on_usr2 as *const () as usize
-}
-
-/// The SIGUSR1 handler's address.
-pub fn usr1_handler() -> usize {
-    on_usr1 as *const () as usize
+/// The handler address the kernel holds for `sig` (Rust does not promise one address per
+/// function, so the checks compare against what setup read back, not `fn as usize`).
+pub fn handler_of(sig: i32) -> usize {
+    // SAFETY: reads the disposition into a zeroed struct.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+    old.sa_sigaction
 }
 
 /// fs base (the TLS pointer).
@@ -528,6 +529,8 @@ impl State {
             altstack: (altstack.as_ptr() as usize, altstack.len()),
             stack_addr: stack_block.as_ptr() as usize,
             heap_brk_start,
+            usr1_handler: handler_of(libc::SIGUSR1),
+            usr2_handler: handler_of(libc::SIGUSR2),
         };
         State {
             dir,
