@@ -300,3 +300,152 @@ fn list_and_info_describe_the_snapshot() {
     let info_text = dolly.ok(&["snapshot", "info", &id[..8]]);
     assert!(info_text.contains("status      created"), "{info_text}");
 }
+
+/// A process that is not root keeps its user and group ids, groups and capabilities.
+#[test]
+fn unprivileged_process_keeps_its_credentials() {
+    use std::os::unix::process::CommandExt;
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    nix::unistd::chown(dir.path(), Some(nix::unistd::Uid::from_raw(1234)), None).unwrap();
+    let out = dir.path().join("out");
+    let script = "import time\nn = 0\nwhile True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.02)\n";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let groups = [5, 6, 7];
+            if libc::setgroups(3, groups.as_ptr()) != 0
+                || libc::setresgid(4321, 4321, 4321) != 0
+                || libc::setresuid(1234, 1234, 1234) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut py = Spawned(spawn_detached(&mut cmd, &out));
+    wait_until("python output", Duration::from_secs(10), || {
+        numbers(&out).len() >= 5
+    });
+    let identity = |pid: i32| -> Vec<String> {
+        [
+            "Uid",
+            "Gid",
+            "Groups",
+            "CapInh",
+            "CapPrm",
+            "CapEff",
+            "CapBnd",
+            "CapAmb",
+            "NoNewPrivs",
+            "Umask",
+        ]
+        .iter()
+        .map(|k| format!("{k}: {}", proc_status(pid, k).unwrap()))
+        .collect()
+    };
+    let before = identity(py.pid());
+    assert!(before[0].starts_with("Uid: 1234"), "{before:?}");
+    let id = dolly.capture(py.pid());
+    let pid = py.pid();
+    py.kill_and_reap();
+    let restored = dolly.restore(&id);
+    assert_eq!(identity(pid), before);
+    let seen = numbers(&out).len();
+    wait_until("restored python output", Duration::from_secs(10), || {
+        numbers(&out).len() > seen + 5
+    });
+    drop(restored);
+}
+
+/// Blocking calls the freeze interrupted restart in the restored process, with no EINTR
+/// or kernel-internal error leaking to it: pause() waits on until a signal comes.
+#[test]
+fn interrupted_pause_restarts_after_restore() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = "import ctypes, signal, os\n\
+                  libc = ctypes.CDLL(None, use_errno=True)\n\
+                  signal.signal(signal.SIGUSR1, lambda *a: None)\n\
+                  print('pausing', flush=True)\n\
+                  rc = libc.pause()\n\
+                  print('woke', rc, ctypes.get_errno(), flush=True)\n";
+    let mut py = Spawned(spawn_detached(
+        Command::new("python3").args(["-c", script]),
+        &out,
+    ));
+    wait_until("python to pause", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("pausing")
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let id = dolly.capture(py.pid());
+    let pid = py.pid();
+    py.kill_and_reap();
+    let restored = dolly.restore(&id);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        !text.contains("woke"),
+        "pause() returned by itself after the restore: {text}"
+    );
+    assert!(proc_status(pid, "State").unwrap().starts_with('S'));
+    nix::sys::signal::kill(restored.pid(), nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let status = restored.wait(Duration::from_secs(10));
+    assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains(&format!("woke -1 {}", libc::EINTR)), "{text}");
+}
+
+/// A process in a chroot comes back in the same root.
+#[test]
+fn chrooted_process_keeps_its_root() {
+    let dolly = Dolly::new();
+    let jail = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("/"),
+        jail.path(),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(jail.path());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = "import time, os\nn = 0\nwhile True:\n    n += 1\n    print(n, flush=True)\n    time.sleep(0.02)\n";
+    let mut py = Spawned(spawn_detached(
+        Command::new("chroot")
+            .arg(jail.path())
+            .args(["python3", "-c", script]),
+        &out,
+    ));
+    wait_until("python output", Duration::from_secs(10), || {
+        numbers(&out).len() >= 5
+    });
+    let root = std::fs::read_link(format!("/proc/{}/root", py.pid())).unwrap();
+    assert_eq!(root, jail.path());
+    let id = dolly.capture(py.pid());
+    let pid = py.pid();
+    py.kill_and_reap();
+    let restored = dolly.restore(&id);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        jail.path()
+    );
+    let seen = numbers(&out).len();
+    wait_until("restored python output", Duration::from_secs(10), || {
+        numbers(&out).len() > seen + 5
+    });
+    drop(restored);
+}

@@ -131,6 +131,26 @@ fn memory_checks(c: &mut Checks, st: &State, stack_block: &[u64]) {
         "the guard area is not ---p".into()
     });
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    // The vDSO is where the auxiliary vector (and so libc) says, and where it was; its
+    // clock works.
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+    let mapped = smaps
+        .lines()
+        .any(|l| l.starts_with(&format!("{vdso:x}-")) && l.ends_with("[vdso]"));
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    let clock_ok = t0.elapsed() >= std::time::Duration::from_millis(2);
+    c.check(
+        "vdso_in_place",
+        mapped && vdso == st.expect.vdso && clock_ok,
+        || {
+            format!(
+                "auxv vdso {vdso:#x} (was {:#x}) mapped there: {mapped}, clock {clock_ok}",
+                st.expect.vdso
+            )
+        },
+    );
     let dontfork = smaps
         .split(&format!("{:x}-", st.dontfork.addr()))
         .nth(1)
@@ -365,6 +385,22 @@ fn identity_checks(c: &mut Checks, st: &State) {
     c.check("rlimits", nofile == 1000 && core == (0, 0), || {
         format!("nofile {nofile} core {core:?}")
     });
+    // SAFETY: getpriority takes integers.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    let oom: i32 = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    c.check(
+        "scheduling",
+        nice == NICE && cpus.len() == 1 && oom == OOM_SCORE_ADJ,
+        || format!("nice {nice}, cpus {cpus:?}, oom_score_adj {oom}"),
+    );
     let slack = nix::sys::prctl::get_timerslack().unwrap_or(0) as u64;
     c.check("timer_slack", slack == TIMER_SLACK, || slack.to_string());
     let groups: Vec<u32> = nix::unistd::getgroups()

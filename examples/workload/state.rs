@@ -46,6 +46,16 @@ pub const TIMER_SLACK: u64 = 123_456;
 pub const NAME: &str = "dolly-workload";
 pub const GROUPS: [u32; 3] = [4, 24, 1000];
 pub const TLS_MAGIC: u64 = 0x7715_0000_0000_7715;
+pub const NICE: i32 = 5;
+pub const OOM_SCORE_ADJ: i32 = 321;
+
+/// The first CPU this process may run on.
+pub fn first_cpu() -> usize {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .find(|&c| set.is_set(c).unwrap_or(false))
+        .unwrap()
+}
 
 thread_local! {
     /// A thread-local value (reached through the fs base).
@@ -161,6 +171,7 @@ pub struct Expected {
     pub heap_brk_start: usize,
     pub usr1_handler: usize,
     pub usr2_handler: usize,
+    pub vdso: usize,
 }
 
 /// Everything the workload holds.
@@ -305,6 +316,14 @@ impl State {
         )
         .unwrap();
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0).unwrap();
+        // Scheduling: a nice value, one CPU, a raised OOM score.
+        // SAFETY: setpriority takes integers.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, NICE) };
+        let cpu = first_cpu();
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+        std::fs::write("/proc/self/oom_score_adj", OOM_SCORE_ADJ.to_string()).unwrap();
 
         // Memory: a large private area, half touched, one lone page past a hole.
         let len = mem_mib << 20;
@@ -531,6 +550,8 @@ impl State {
             heap_brk_start,
             usr1_handler: handler_of(libc::SIGUSR1),
             usr2_handler: handler_of(libc::SIGUSR2),
+            // SAFETY: getauxval only reads the auxiliary vector.
+            vdso: unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize,
         };
         State {
             dir,

@@ -327,6 +327,7 @@ fn capture_frozen(
             "capture a process whose working directory exists",
         ));
     }
+    let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
     let mut shell = Process {
         pid: pid.as_raw(),
         ns_pids: status.ns_pid.clone(),
@@ -343,9 +344,11 @@ fn capture_frozen(
         umask: status.umask,
         cwd,
         root: proc.read_link("root")?,
-        rlimits: process::capture_rlimits(pid)?,
+        rlimits: process::capture_rlimits(proc)?,
         creds: creds::capture(&status, 0),
         flags: Default::default(),
+        sched,
+        oom_score_adj,
         mm: process::mm_layout(&stat, 0, proc.auxv()?),
         areas: memory.areas.clone(),
         shmem: Vec::new(),

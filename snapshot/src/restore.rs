@@ -89,8 +89,12 @@ struct StubPlan<'a> {
     timerslack: u64,
     thp_disable: bool,
     subreaper: bool,
+    sched_policy: i32,
+    sched_priority: i32,
+    nice: i32,
+    affinity: &'a [u64],
     actions: &'a [(i32, KernelSigaction)],
-    altstack: Option<AltStack>,
+    altstack: AltStack,
     /// `(fd in dolly, fd in the restored process, close-on-exec)`.
     moves: &'a [(i32, i32, bool)],
     /// Fds the rebuild needs inside the stub; they end at `high + moves.len() + i`.
@@ -160,33 +164,41 @@ fn stub_main(plan: &StubPlan) -> ! {
         "setting the timer slack",
         sysproc::prctl(libc::PR_SET_TIMERSLACK, plan.timerslack, 0, 0, 0).map(drop),
     );
-    if plan.thp_disable {
-        step(
-            "disabling THP",
-            sysproc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0).map(drop),
-        );
-    }
-    if plan.subreaper {
-        step(
-            "becoming a subreaper",
-            sysproc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0).map(drop),
-        );
-    }
+    // Set both ways: the stub starts with dolly's settings, not the defaults.
+    step(
+        "setting THP disable",
+        sysproc::prctl(libc::PR_SET_THP_DISABLE, plan.thp_disable as u64, 0, 0, 0).map(drop),
+    );
+    step(
+        "setting the subreaper flag",
+        sysproc::prctl(libc::PR_SET_CHILD_SUBREAPER, plan.subreaper as u64, 0, 0, 0).map(drop),
+    );
+    step(
+        "setting the scheduling policy",
+        sysproc::set_scheduler(plan.sched_policy, plan.sched_priority),
+    );
+    step("setting the nice value", sysproc::set_nice(plan.nice));
+    step(
+        "setting the CPU affinity",
+        sysproc::set_affinity(plan.affinity),
+    );
     for (signo, action) in plan.actions {
         step(
             "setting a signal action",
             sysproc::set_sigaction(*signo, action),
         );
     }
-    if let Some(alt) = plan.altstack {
-        // SAFETY: the kernel only reads `alt` (addresses are not dereferenced here).
-        step(
-            "sigaltstack",
-            check_rc(unsafe {
-                libc::syscall(libc::SYS_sigaltstack, &alt as *const AltStack, 0usize) as libc::c_int
-            }),
-        );
-    }
+    // SAFETY: the kernel only reads `altstack` (its addresses are not dereferenced here).
+    step(
+        "sigaltstack",
+        check_rc(unsafe {
+            libc::syscall(
+                libc::SYS_sigaltstack,
+                &plan.altstack as *const AltStack,
+                0usize,
+            ) as libc::c_int
+        }),
+    );
     // The fd table: park everything needed above `high`, close the rest, then put each fd
     // at its number. The report pipe is the last helper.
     let sources = plan
@@ -457,6 +469,7 @@ fn spawn(
         .transpose()?;
     let comm = cstring(&proc.comm, "the process name")?;
     let actions = signals::full_table(&proc.signals.actions);
+    let affinity = process::usable_affinity(&proc.sched.affinity);
     let thread = &proc.threads[0];
     let alt = thread.altstack;
     let plan = StubPlan {
@@ -471,13 +484,18 @@ fn spawn(
         timerslack: proc.flags.timerslack_ns,
         thp_disable: proc.flags.thp_disable,
         subreaper: proc.flags.child_subreaper,
+        sched_policy: proc.sched.policy,
+        sched_priority: proc.sched.priority,
+        nice: proc.sched.nice,
+        affinity: &affinity,
         actions: &actions,
-        altstack: (alt.sp != 0 || alt.flags != libc::SS_DISABLE).then_some(AltStack {
+        // Always set: "none" too, or the stub keeps dolly's own (Rust's runtime has one).
+        altstack: AltStack {
             sp: alt.sp,
             flags: alt.flags,
             pad: 0,
             size: alt.size,
-        }),
+        },
         moves: &moves,
         helpers: &helpers,
         high,
@@ -610,6 +628,7 @@ fn rebuild(
             &[high as u64, u32::MAX as u64, 0],
         )?;
         process::restore_rlimits(child, &proc.rlimits)?;
+        process::restore_oom_score_adj(child, proc.oom_score_adj)?;
         thread::restore_registrations(&mut remote, thread)?;
         let own_pid = remote.call("getpid", libc::SYS_getpid, &[])? as i32;
         signals::queue(&mut remote, scratch, own_pid, None, &proc.signals.pending)?;

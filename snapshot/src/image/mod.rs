@@ -87,6 +87,10 @@ pub struct Process {
     pub creds: Credentials,
     /// Process-wide `prctl` settings.
     pub flags: ProcessFlags,
+    /// Scheduling: policy, priority, nice value, CPU affinity.
+    pub sched: Scheduling,
+    /// `/proc/PID/oom_score_adj`.
+    pub oom_score_adj: i32,
     /// The kernel's view of the address-space layout.
     pub mm: MmLayout,
     /// Every memory area, in address order.
@@ -161,6 +165,20 @@ pub struct ProcessFlags {
     pub child_subreaper: bool,
     /// `PR_SET_PDEATHSIG` (0: none).
     pub pdeathsig: i32,
+}
+
+/// How the scheduler treats a process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Scheduling {
+    /// `SCHED_*` policy (with `SCHED_RESET_ON_FORK` if set).
+    pub policy: i32,
+    /// Static priority (real-time policies).
+    pub priority: i32,
+    /// Nice value.
+    pub nice: i32,
+    /// CPUs it may run on (bit n = CPU n), in 64-bit words.
+    pub affinity: Vec<u64>,
 }
 
 /// The address-space fields `PR_SET_MM_MAP` sets.

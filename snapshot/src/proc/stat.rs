@@ -21,6 +21,8 @@ pub struct Stat {
     pub tty_nr: u32,
     /// Kernel `PF_*` flags.
     pub flags: u32,
+    /// Nice value (-20..19).
+    pub nice: i32,
     /// Number of threads.
     pub num_threads: u32,
     /// Start of the program text.
@@ -76,6 +78,7 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
         sid: int(3)?,
         tty_nr: num(4)? as u32,
         flags: num(6)? as u32,
+        nice: int(16)?,
         num_threads: num(17)? as u32,
         start_code: num(23)?,
         end_code: num(24)?,

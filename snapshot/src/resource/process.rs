@@ -3,8 +3,8 @@
 
 use nix::unistd::Pid;
 
-use crate::error::{Context, Error, Result};
-use crate::image::{ITimer, ITimers, MmLayout, ProcessFlags, Rlimit};
+use crate::error::{Error, Result};
+use crate::image::{ITimer, ITimers, MmLayout, ProcessFlags, Rlimit, Scheduling};
 use crate::proc::Stat;
 use crate::sys::process::{get_rlimit, set_rlimit, Rlimit as SysRlimit};
 use crate::tracee::Remote;
@@ -12,23 +12,52 @@ use crate::tracee::Remote;
 /// Number of `RLIMIT_*` resources.
 const RLIMIT_COUNT: u32 = 16;
 
-fn finite(v: u64) -> Option<u64> {
-    (v != libc::RLIM_INFINITY).then_some(v)
-}
-
-/// Reads every resource limit of a process.
-pub fn capture_rlimits(pid: Pid) -> Result<Vec<Rlimit>> {
-    (0..RLIMIT_COUNT)
-        .map(|resource| {
-            let l = get_rlimit(pid, resource)
-                .with_context(|| format!("reading resource limit {resource} of {pid}"))?;
+/// Parses `/proc/PID/limits`: one line per `RLIMIT_*`, in resource order, with the soft and
+/// hard limits in fixed-width columns. (`prlimit` would need CAP_SYS_RESOURCE to read
+/// another user's process.)
+pub fn parse_limits(text: &str) -> Result<Vec<Rlimit>> {
+    let bad = |line: &str| {
+        Error::new(
+            crate::ErrorKind::System,
+            format!("unexpected /proc limits line {line:?}"),
+        )
+    };
+    let value = |s: &str, line: &str| -> Result<Option<u64>> {
+        match s.trim() {
+            "unlimited" => Ok(None),
+            v => v.parse().map(Some).map_err(|_| bad(line)),
+        }
+    };
+    text.lines()
+        .skip(1)
+        .take(RLIMIT_COUNT as usize)
+        .enumerate()
+        .map(|(resource, line)| {
+            let soft = line.get(26..47).ok_or_else(|| bad(line))?;
+            let hard = line.get(47..68).unwrap_or(&line[47.min(line.len())..]);
             Ok(Rlimit {
-                resource,
-                soft: finite(l.soft),
-                hard: finite(l.hard),
+                resource: resource as u32,
+                soft: value(soft, line)?,
+                hard: value(hard, line)?,
             })
         })
         .collect()
+}
+
+/// Reads every resource limit of a process.
+pub fn capture_rlimits(proc: &crate::proc::ProcDir) -> Result<Vec<Rlimit>> {
+    let limits = parse_limits(&proc.read("limits")?)?;
+    if limits.len() != RLIMIT_COUNT as usize {
+        return Err(Error::new(
+            crate::ErrorKind::System,
+            format!(
+                "/proc/{}/limits lists {} limits, expected {RLIMIT_COUNT}",
+                proc.pid(),
+                limits.len()
+            ),
+        ));
+    }
+    Ok(limits)
 }
 
 /// Sets the resource limits of a process being rebuilt (from dolly, before its credentials
@@ -173,6 +202,59 @@ pub fn query_flags(remote: &mut Remote, scratch: u64) -> Result<(ProcessFlags, u
     ))
 }
 
+/// Reads how the scheduler treats a process, and its OOM score adjustment.
+pub fn capture_sched(proc: &crate::proc::ProcDir, stat: &Stat) -> Result<(Scheduling, i32)> {
+    let pid = proc.pid();
+    let (policy, priority) = crate::sys::process::get_scheduler(pid)
+        .map_err(|e| Error::sys(format!("reading the scheduling policy of {pid}"), e))?;
+    let affinity = crate::sys::process::get_affinity(pid)
+        .map_err(|e| Error::sys(format!("reading the CPU affinity of {pid}"), e))?;
+    let oom = proc.read("oom_score_adj")?.trim().parse().unwrap_or(0);
+    Ok((
+        Scheduling {
+            policy,
+            priority,
+            nice: stat.nice,
+            affinity,
+        },
+        oom,
+    ))
+}
+
+/// The affinity to give a restored process: the captured CPUs that exist here, or all of
+/// them if none does.
+pub fn usable_affinity(wanted: &[u64]) -> Vec<u64> {
+    let here = crate::sys::process::get_affinity(Pid::from_raw(0)).unwrap_or_default();
+    let both: Vec<u64> = here
+        .iter()
+        .enumerate()
+        .map(|(i, w)| w & wanted.get(i).copied().unwrap_or(0))
+        .collect();
+    if both.iter().all(|&w| w == 0) {
+        here
+    } else {
+        both
+    }
+}
+
+/// Gives a process being rebuilt its OOM score adjustment (from dolly).
+pub fn restore_oom_score_adj(pid: Pid, value: i32) -> Result<()> {
+    let path = format!("/proc/{pid}/oom_score_adj");
+    let current: i32 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if current == value {
+        return Ok(());
+    }
+    std::fs::write(&path, value.to_string()).map_err(|e| {
+        Error::refused(
+            format!("cannot set the process's oom_score_adj to {value} (dolly's is {current}): {e}"),
+            "lowering oom_score_adj needs CAP_SYS_RESOURCE: run dolly with it, or with an oom_score_adj at most the process's",
+        )
+    })
+}
+
 /// Reads the current program break from inside a stopped process.
 pub fn query_brk(remote: &mut Remote) -> Result<u64> {
     remote.call("reading the program break", libc::SYS_brk, &[0])
@@ -265,11 +347,23 @@ mod tests {
         assert_eq!(read_timeval_pair(&timeval_pair(&t)), t);
     }
 
+    fn finite(v: u64) -> Option<u64> {
+        (v != libc::RLIM_INFINITY).then_some(v)
+    }
+
     #[test]
-    fn reads_own_limits() {
-        let limits = capture_rlimits(Pid::from_raw(0)).unwrap();
+    fn reads_own_limits_as_prlimit_does() {
+        let me = crate::proc::ProcDir::new(nix::unistd::getpid());
+        let limits = capture_rlimits(&me).unwrap();
         assert_eq!(limits.len(), RLIMIT_COUNT as usize);
-        let nofile = &limits[libc::RLIMIT_NOFILE as usize];
-        assert!(nofile.soft.is_some());
+        for l in &limits {
+            let want = get_rlimit(Pid::from_raw(0), l.resource).unwrap();
+            assert_eq!(
+                (l.soft, l.hard),
+                (finite(want.soft), finite(want.hard)),
+                "resource {}",
+                l.resource
+            );
+        }
     }
 }

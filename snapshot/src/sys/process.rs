@@ -232,3 +232,59 @@ pub fn pidfd_open(pid: Pid) -> Result<std::os::fd::OwnedFd, Errno> {
     // SAFETY: the kernel just gave us this fd.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
+
+/// Scheduling policy (with `SCHED_RESET_ON_FORK`) and static priority of process `pid`.
+pub fn get_scheduler(pid: Pid) -> Result<(i32, i32), Errno> {
+    // SAFETY: sched_getscheduler takes an integer.
+    let policy = unsafe { libc::sched_getscheduler(pid.as_raw()) };
+    check(policy as libc::c_long)?;
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the kernel writes one sched_param.
+    check(unsafe { libc::sched_getparam(pid.as_raw(), &mut param) } as libc::c_long)?;
+    Ok((policy, param.sched_priority))
+}
+
+/// Sets the calling process's scheduling policy and static priority (no allocation).
+pub fn set_scheduler(policy: i32, priority: i32) -> Result<(), Errno> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: the kernel reads one sched_param.
+    check(unsafe { libc::sched_setscheduler(0, policy, &param) } as libc::c_long).map(drop)
+}
+
+/// Sets the calling process's nice value (no allocation).
+pub fn set_nice(nice: i32) -> Result<(), Errno> {
+    // SAFETY: setpriority takes integers.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } as libc::c_long).map(drop)
+}
+
+/// CPU affinity mask of process `pid`, in 64-bit words.
+pub fn get_affinity(pid: Pid) -> Result<Vec<u64>, Errno> {
+    let mut mask = vec![0u64; 16];
+    // SAFETY: the kernel writes at most the given number of bytes into `mask`.
+    let n = check(unsafe {
+        libc::syscall(
+            libc::SYS_sched_getaffinity,
+            pid.as_raw(),
+            mask.len() * 8,
+            mask.as_mut_ptr(),
+        )
+    })?;
+    mask.truncate((n as usize).div_ceil(8));
+    Ok(mask)
+}
+
+/// Sets the calling process's CPU affinity (no allocation).
+pub fn set_affinity(mask: &[u64]) -> Result<(), Errno> {
+    // SAFETY: the kernel reads `len` bytes of `mask`.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_sched_setaffinity,
+            0,
+            mask.len() * 8,
+            mask.as_ptr(),
+        )
+    })
+    .map(drop)
+}
