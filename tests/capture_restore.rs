@@ -449,3 +449,37 @@ fn chrooted_process_keeps_its_root() {
     });
     drop(restored);
 }
+
+/// A read(2) on a pipe that the freeze interrupted goes on waiting after the restore,
+/// and returns the byte a signal handler (SA_RESTART) writes into the pipe.
+#[test]
+fn interrupted_read_on_a_pipe_restarts_after_restore() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut blocker = Spawned(spawn_detached(
+        Command::new(example_bin("blocker")).arg("read-pipe"),
+        &out,
+    ));
+    wait_until("the read to block", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("blocking")
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let id = dolly.capture(blocker.pid());
+    let pid = blocker.pid();
+    blocker.kill_and_reap();
+    let restored = dolly.restore(&id);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !std::fs::read_to_string(&out).unwrap().contains("read"),
+        "the read returned by itself"
+    );
+    nix::sys::signal::kill(restored.pid(), nix::sys::signal::Signal::SIGUSR1).unwrap();
+    let status = restored.wait(Duration::from_secs(10));
+    assert!(matches!(status, WaitStatus::Exited(_, 0)), "{status:?}");
+    assert_eq!(restored.0, pid);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("read 1 0 x"), "{text}");
+}

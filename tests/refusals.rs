@@ -121,10 +121,6 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
-            "r, w = os.pipe()\nos.dup2(r, 7)\nos.close(r)\nos.close(w)",
-            "fd 7, a pipe",
-        ),
-        (
             "e = os.eventfd(0)\nos.dup2(e, 8)\nos.close(e)",
             "fd 8, an eventfd",
         ),
@@ -335,4 +331,42 @@ fn terminal_needs_shell_job_and_a_restore_takes_dollys_terminal() {
         Some(&400),
         "it ran to its end on the new terminal"
     );
+}
+
+/// A pipe whose other end another process holds cannot be restored with this process alone.
+#[test]
+fn refuses_a_pipe_shared_with_another_process() {
+    let dolly = Dolly::new();
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        "import time\nprint('ready', flush=True)\ntime.sleep(60)",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    // SAFETY: setsid and close_range are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::close_range(3, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    let mut child = Spawned(cmd.spawn().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let me = std::process::id();
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &child.pid().to_string()]);
+    assert!(
+        err.contains("fd 1, a pipe") && err.contains(&format!("process {me}")),
+        "{err}"
+    );
+    assert!(err.contains("holds too"), "{err}");
+    assert_eq!(proc_status(child.pid(), "TracerPid").as_deref(), Some("0"));
+    assert!(dolly.list().is_empty());
 }

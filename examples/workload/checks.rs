@@ -227,6 +227,46 @@ fn fd_checks(c: &mut Checks) {
     );
 }
 
+fn pipe_checks(c: &mut Checks) {
+    let mut buffered: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(FD_PIPE_READ, libc::FIONREAD, &mut buffered) };
+    let capacity = fcntl(borrow(FD_PIPE_WRITE), FcntlArg::F_GETPIPE_SZ).unwrap_or(0);
+    let read_flags = fcntl(borrow(FD_PIPE_READ), FcntlArg::F_GETFL).map(OFlag::from_bits_truncate);
+    let write_flags =
+        fcntl(borrow(FD_PIPE_WRITE), FcntlArg::F_GETFL).map(OFlag::from_bits_truncate);
+    let flags_ok = read_flags.is_ok_and(|f| f.contains(OFlag::O_NONBLOCK))
+        && write_flags.is_ok_and(|f| !f.contains(OFlag::O_NONBLOCK));
+    let mut in_fifo: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(FD_FIFO, libc::FIONREAD, &mut in_fifo) };
+    let fifo_path = std::fs::read_link(format!("/proc/self/fd/{FD_FIFO}")).unwrap_or_default();
+    c.check(
+        "fifo_buffered_data",
+        in_fifo as usize == FIFO_DATA.len() && fifo_path.ends_with("fifo"),
+        || format!("{in_fifo} bytes in {}", fifo_path.display()),
+    );
+    // Read the bytes, check them, and put them back.
+    let mut data = vec![0u8; PIPE_DATA.len()];
+    let read = nix::unistd::read(borrow(FD_PIPE_READ), &mut data).unwrap_or(0);
+    if read > 0 {
+        nix::unistd::write(borrow(FD_PIPE_WRITE), &data[..read]).unwrap();
+    }
+    c.check(
+        "pipe_buffered_data",
+        buffered as usize == PIPE_DATA.len()
+            && data == PIPE_DATA
+            && capacity == PIPE_CAPACITY
+            && flags_ok,
+        || {
+            format!(
+                "{buffered} bytes buffered ({:?}), capacity {capacity}, flags ok {flags_ok}",
+                String::from_utf8_lossy(&data)
+            )
+        },
+    );
+}
+
 fn signal_checks(c: &mut Checks, st: &State) {
     let usr2 = sigaction_of(libc::SIGUSR2);
     let want = libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART;
@@ -432,6 +472,7 @@ pub fn report(st: &State, stack_block: &[u64], tick: u64) -> Value {
     };
     memory_checks(&mut c, st, stack_block);
     fd_checks(&mut c);
+    pipe_checks(&mut c);
     signal_checks(&mut c, st);
     identity_checks(&mut c, st);
     json!({

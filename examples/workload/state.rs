@@ -32,6 +32,14 @@ pub const FD_NULL: RawFd = 14;
 pub const FD_ZERO: RawFd = 15;
 pub const FD_URANDOM: RawFd = 16;
 pub const FD_DELETED: RawFd = 17;
+pub const FD_PIPE_READ: RawFd = 18;
+pub const FD_PIPE_WRITE: RawFd = 19;
+pub const FD_FIFO: RawFd = 20;
+pub const FIFO_DATA: &[u8] = b"waiting in the fifo";
+
+/// Bytes left buffered in the workload's own pipe, and its capacity.
+pub const PIPE_DATA: &[u8] = b"buffered in the pipe";
+pub const PIPE_CAPACITY: i32 = 1 << 20;
 
 /// Offsets the checks expect.
 pub const DATA_RO_OFFSET: i64 = 12345;
@@ -478,6 +486,30 @@ impl State {
         );
         std::fs::remove_file(&deleted_path).unwrap();
         lseek(borrow(FD_DELETED), DELETED_OFFSET, Whence::SeekSet).unwrap();
+        // A pipe of its own, non-blocking on the read side, with bytes left in it.
+        let (pr, pw) = nix::unistd::pipe2(OFlag::O_NONBLOCK).unwrap();
+        place_fd(pr, FD_PIPE_READ);
+        place_fd(pw, FD_PIPE_WRITE);
+        nix::fcntl::fcntl(
+            borrow(FD_PIPE_WRITE),
+            nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()),
+        )
+        .unwrap();
+        nix::fcntl::fcntl(
+            borrow(FD_PIPE_WRITE),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_CAPACITY),
+        )
+        .unwrap();
+        nix::unistd::write(borrow(FD_PIPE_WRITE), PIPE_DATA).unwrap();
+        // A FIFO, open both ways, with bytes in it.
+        let fifo = dir.join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, Mode::from_bits_truncate(0o600)).unwrap();
+        place_fd(
+            open(&fifo, OFlag::O_RDWR | OFlag::O_NONBLOCK, Mode::empty()).unwrap(),
+            FD_FIFO,
+        );
+        nix::unistd::write(borrow(FD_FIFO), FIFO_DATA).unwrap();
 
         // Signals: handlers, an ignored signal, a blocked and pending queued signal, an
         // alternate stack, interval timers.

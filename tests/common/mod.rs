@@ -333,7 +333,7 @@ pub fn assert_report_ok(report: &Value) {
     assert!(failures.is_empty(), "workload checks failed: {failures:#?}");
     let checks = report["checks"].as_object().unwrap();
     assert!(
-        checks.len() >= 42,
+        checks.len() >= 44,
         "the report has all its checks: {}",
         checks.len()
     );

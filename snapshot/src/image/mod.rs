@@ -363,7 +363,8 @@ pub struct File {
     pub mode: u32,
     /// The file had been deleted; its content is in the pool directory.
     pub deleted: bool,
-    /// Name, in the snapshot's pool directory, of the file's saved content (deleted files).
+    /// Name, in the snapshot's pool directory, of the file's saved content: a deleted file's
+    /// data, or the bytes buffered in a pipe.
     pub content: Option<String>,
 }
 
@@ -382,6 +383,18 @@ pub enum FileKind {
     },
     /// A terminal; restored as the terminal dolly runs on (`--shell-job`).
     Terminal,
+    /// An anonymous pipe (`pipe(2)`), every end of it held inside the snapshot; its
+    /// buffered data is in `content`.
+    Pipe {
+        /// Buffer capacity (`F_GETPIPE_SZ`).
+        capacity: u64,
+    },
+    /// A named pipe (FIFO) at `path`, every open end of it held inside the snapshot; its
+    /// buffered data is in `content`.
+    Fifo {
+        /// Buffer capacity (`F_GETPIPE_SZ`).
+        capacity: u64,
+    },
 }
 
 /// An open file description: what one or more fds point at.

@@ -60,19 +60,31 @@ impl FileTable {
         self.files
     }
 
+    /// Adds a file once per inode. `open` opens it (through /proc) when its content must be
+    /// saved: a deleted file's data, or the bytes buffered in a pipe.
     fn add(&mut self, mut file: File, open: impl FnOnce() -> Result<StdFile>) -> Result<u32> {
         if let Some(&id) = self.by_inode.get(&(file.dev, file.inode)) {
             return Ok(id);
         }
         let id = self.files.len() as u32;
-        if file.deleted && file.kind == FileKind::Regular {
+        let pipe = matches!(file.kind, FileKind::Pipe { .. } | FileKind::Fifo { .. });
+        if file.deleted && file.kind == FileKind::Regular || pipe {
             let name = format!("file-{id}.data");
-            let mut src = open()?;
             let dst_path = self.pool_dir.join(&name);
             let mut dst = StdFile::create(&dst_path)
                 .with_context(|| format!("creating {}", dst_path.display()))?;
-            std::io::copy(&mut src, &mut dst)
-                .with_context(|| format!("saving the content of deleted file {}", file.path))?;
+            if pipe {
+                let (data, capacity) = pipe_content(&open()?)
+                    .with_context(|| format!("reading the data buffered in {}", file.path))?;
+                std::io::Write::write_all(&mut dst, &data).context("saving pipe data")?;
+                file.kind = match file.kind {
+                    FileKind::Pipe { .. } => FileKind::Pipe { capacity },
+                    _ => FileKind::Fifo { capacity },
+                };
+            } else {
+                std::io::copy(&mut open()?, &mut dst)
+                    .with_context(|| format!("saving the content of deleted file {}", file.path))?;
+            }
             file.content = Some(name);
         }
         self.files.push(file);
@@ -118,6 +130,62 @@ fn check_reachable(pid: Pid, path: &str, meta: &std::fs::Metadata) -> Result<()>
             "capture processes that share dolly's mount namespace",
         )),
     }
+}
+
+/// The bytes buffered in a pipe, read without taking them (`tee` into a private pipe), and
+/// its capacity. `pipe` is a read-only open of it.
+fn pipe_content(pipe: &StdFile) -> Result<(Vec<u8>, u64)> {
+    use nix::fcntl::{fcntl, tee, FcntlArg, OFlag, SpliceFFlags};
+    let capacity = fcntl(pipe, FcntlArg::F_GETPIPE_SZ).context("reading the pipe's capacity")?;
+    let (copy_r, copy_w) =
+        nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).context("creating a pipe")?;
+    fcntl(&copy_w, FcntlArg::F_SETPIPE_SZ(capacity)).context("sizing a pipe")?;
+    let n = match tee(
+        pipe,
+        &copy_w,
+        capacity as usize,
+        SpliceFFlags::SPLICE_F_NONBLOCK,
+    ) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(e) => return Err(Error::sys("copying pipe data (tee)", e)),
+    };
+    let mut data = vec![0u8; n];
+    std::io::Read::read_exact(&mut StdFile::from(copy_r), &mut data)
+        .context("reading pipe data")?;
+    Ok((data, capacity as u64))
+}
+
+/// Refuses a pipe or FIFO that another process also holds: restoring this process alone
+/// would cut it off from the other end.
+fn check_pipe_private(pid: Pid, fd: i32, link: &str) -> Result<()> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Ok(());
+    };
+    for p in procs.filter_map(|e| e.ok()) {
+        let Some(other) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if other == pid.as_raw() {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for f in fds.filter_map(|e| e.ok()) {
+            if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == link) {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                return Err(Error::refused(
+                    format!(
+                        "process {pid} has fd {fd}, a pipe ({link}) that process {other} ({}) holds too: pipes between processes are not supported yet",
+                        comm.trim()
+                    ),
+                    "capture a process whose pipes are its own, or redirect the pipe to a file",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn describe_fd(link: &str) -> &'static str {
@@ -195,15 +263,12 @@ pub fn capture_fds(
                 FileKind::CharDevice { rdev }
             }
             libc::S_IFIFO => {
-                let what = if link.starts_with("pipe:") {
-                    "a pipe"
+                check_pipe_private(pid, fd, &link)?;
+                if link.starts_with("pipe:") {
+                    FileKind::Pipe { capacity: 0 }
                 } else {
-                    "a FIFO"
-                };
-                return Err(refuse(
-                    what,
-                    "pipes and FIFOs come with process-tree support; redirect it to a file",
-                ));
+                    FileKind::Fifo { capacity: 0 }
+                }
             }
             libc::S_IFSOCK => return Err(refuse("a socket", "close it before capturing")),
             _ => return Err(refuse(describe_fd(&link), "close it before capturing")),
@@ -224,7 +289,11 @@ pub fn capture_fds(
         };
         let fd_path = proc.path(&name);
         let file = table.add(file, || {
-            StdFile::open(&fd_path).with_context(|| format!("opening deleted file behind fd {fd}"))
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fd_path)
+                .with_context(|| format!("opening what fd {fd} of process {pid} points at"))
         })?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
@@ -420,18 +489,29 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
                 .with_context(|| format!("opening {} to map it", path.display()))?;
             out.mappings.push(((index, writable), fd));
         }
-        // Open file descriptions, each opened once and shared by its fds.
+        // Open file descriptions, each opened once and shared by its fds. Pipes and FIFOs
+        // are made anew and refilled first; their descriptions are opened through
+        // /proc/self/fd, which gives a new description of the same pipe.
+        let mut pipes: HashMap<u32, Vec<OwnedFd>> = HashMap::new();
         let mut descriptions: Vec<OwnedFd> = Vec::new();
         for of in &proc.open_files {
-            let path = path_of(of.file)?;
+            let file = &proc.files[of.file as usize];
+            let path = match file.kind {
+                FileKind::Pipe { .. } | FileKind::Fifo { .. } => {
+                    if !pipes.contains_key(&of.file) {
+                        pipes.insert(of.file, make_pipe(file, pool_dir)?);
+                    }
+                    PathBuf::from(format!("/proc/self/fd/{}", pipes[&of.file][0].as_raw_fd()))
+                }
+                _ => path_of(of.file)?,
+            };
             let fd = open_path(&path, of.flags as i32).map_err(|e| {
                 Error::refused(
-                    format!("cannot open {} again ({e})", path.display()),
+                    format!("cannot open {} again ({e})", file.path),
                     "put the file back where it was, or capture again",
                 )
             })?;
-            let kind = &proc.files[of.file as usize].kind;
-            if matches!(kind, FileKind::Regular | FileKind::Directory) && of.pos > 0 {
+            if matches!(file.kind, FileKind::Regular | FileKind::Directory) && of.pos > 0 {
                 nix::unistd::lseek(&fd, of.pos as i64, nix::unistd::Whence::SeekSet)
                     .with_context(|| format!("seeking {} to {}", path.display(), of.pos))?;
             }
@@ -450,6 +530,60 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
         let _ = std::fs::remove_file(path);
     }
     result.map(|_| out)
+}
+
+/// Makes a pipe (or opens a FIFO) in dolly with its capacity and buffered bytes; returns
+/// the fds that keep it open while its descriptions are opened (the first one is the
+/// handle to open them through).
+fn make_pipe(file: &File, pool_dir: &Path) -> Result<Vec<OwnedFd>> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let (handles, writer): (Vec<OwnedFd>, usize) = match file.kind {
+        FileKind::Fifo { .. } => {
+            let fd =
+                open_path(Path::new(&file.path), libc::O_RDWR | libc::O_NONBLOCK).map_err(|e| {
+                    Error::refused(
+                        format!("cannot open FIFO {} again ({e})", file.path),
+                        "recreate the FIFO at its path (mkfifo), or capture again",
+                    )
+                })?;
+            (vec![fd], 0)
+        }
+        _ => {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+                .context("creating a pipe")?;
+            (vec![r, w], 1)
+        }
+    };
+    if let FileKind::Pipe { capacity } | FileKind::Fifo { capacity } = file.kind {
+        if capacity > 0 {
+            fcntl(&handles[writer], FcntlArg::F_SETPIPE_SZ(capacity as i32)).with_context(
+                || format!("giving {} its capacity of {capacity} bytes", file.path),
+            )?;
+        }
+    }
+    if let Some(content) = &file.content {
+        let data = std::fs::read(pool_dir.join(content)).map_err(|e| {
+            Error::corrupt(
+                format!("the saved data of {} is missing ({e})", file.path),
+                "the memory tier lost this snapshot's data; capture it again",
+            )
+        })?;
+        if !data.is_empty() {
+            let n = nix::unistd::write(&handles[writer], &data)
+                .with_context(|| format!("refilling {}", file.path))?;
+            if n != data.len() {
+                return Err(Error::new(
+                    crate::ErrorKind::System,
+                    format!(
+                        "refilling {}: only {n} of {} bytes fit",
+                        file.path,
+                        data.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(handles)
 }
 
 /// Raw numbers of prepared fds, for the forked stub.
