@@ -498,8 +498,8 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
             let file = &proc.files[of.file as usize];
             let path = match file.kind {
                 FileKind::Pipe { .. } | FileKind::Fifo { .. } => {
-                    if !pipes.contains_key(&of.file) {
-                        pipes.insert(of.file, make_pipe(file, pool_dir)?);
+                    if let std::collections::hash_map::Entry::Vacant(e) = pipes.entry(of.file) {
+                        e.insert(make_pipe(file, pool_dir)?);
                     }
                     PathBuf::from(format!("/proc/self/fd/{}", pipes[&of.file][0].as_raw_fd()))
                 }
