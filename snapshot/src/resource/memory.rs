@@ -614,33 +614,17 @@ pub fn open_pool(dir: &std::path::Path, name: &str) -> Result<File> {
     })
 }
 
-/// Checks every stored page of a process is in its pool file.
+/// Checks the pool file of a process holds every page its manifest stored.
 pub fn check_pool(proc: &Process, pool_file: &File, path: &std::path::Path) -> Result<()> {
-    let len = pool_file
-        .metadata()
-        .context("reading pool file size")?
-        .len();
-    if let Some(pf) = &proc.pool {
-        if len < pf.size {
-            return Err(Error::corrupt(
-                format!(
-                    "pool file {} is truncated ({len} bytes, expected {})",
-                    path.display(),
-                    pf.size
-                ),
-                "the memory tier lost this snapshot's pages; capture it again",
-            ));
-        }
-    }
-    let all = proc
+    let pages: u64 = proc
         .areas
         .iter()
         .filter_map(|a| a.pages.as_ref())
-        .chain(proc.shmem.iter().filter_map(|o| o.pages.as_ref()));
-    for pages in all {
-        pool::check_pages(pool_file, path, pages)?;
-    }
-    Ok(())
+        .chain(proc.shmem.iter().filter_map(|o| o.pages.as_ref()))
+        .map(Pages::page_count)
+        .sum();
+    let size = proc.pool.as_ref().map_or(0, |pf| pf.size);
+    pool::check_file(pool_file, path, size, pages)
 }
 
 #[cfg(test)]
