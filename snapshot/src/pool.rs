@@ -123,11 +123,16 @@ pub fn check_file(file: &File, path: &Path, size: u64, pages: u64) -> Result<()>
         )
     };
     if meta.len() < size {
-        return Err(lost(format!("is truncated ({} bytes, expected {size})", meta.len())));
+        return Err(lost(format!(
+            "is truncated ({} bytes, expected {size})",
+            meta.len()
+        )));
     }
     let held = meta.blocks() * 512 / PAGE_SIZE;
     if held < pages {
-        return Err(lost(format!("is missing pages: it holds {held}, the snapshot stored {pages}")));
+        return Err(lost(format!(
+            "is missing pages: it holds {held}, the snapshot stored {pages}"
+        )));
     }
     Ok(())
 }
@@ -148,8 +153,14 @@ mod tests {
         m.fill(0xab);
         m.flush().unwrap();
         check_file(w.file(), &path, w.size(), 2).unwrap();
-        assert!(check_file(w.file(), &path, w.size(), 3).is_err(), "a page missing");
-        assert!(check_file(w.file(), &path, w.size() + 1, 2).is_err(), "truncated");
+        assert!(
+            check_file(w.file(), &path, w.size(), 3).is_err(),
+            "a page missing"
+        );
+        assert!(
+            check_file(w.file(), &path, w.size() + 1, 2).is_err(),
+            "truncated"
+        );
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub struct RestoreOptions {
     /// Give terminal fds the terminal dolly runs on, and keep the process in dolly's session
     /// and process group (so it can be a foreground job dolly waits for).
     pub shell_job: bool,
+    /// The caller is PID 1 of a new PID namespace (a clone): the snapshot's PIDs are free
+    /// there whatever runs on the host, so the host-wide PID lock is not taken.
+    pub in_new_pid_namespace: bool,
 }
 
 /// A restored process.
@@ -343,7 +346,11 @@ pub fn restore(
     let (manifest, _snapshot_lock) = store.load(id)?;
     check_compatible(&manifest, opts)?;
     let proc = manifest.root();
-    let _pid_lock = store.lock_pid(proc.pid)?;
+    let _pid_lock = if opts.in_new_pid_namespace {
+        None
+    } else {
+        Some(store.lock_pid(proc.pid)?)
+    };
     check_pid_free(proc.pid)?;
     let pool_dir = store.pool_dir(&manifest.id);
     let pool_file = match &proc.pool {

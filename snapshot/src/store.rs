@@ -134,7 +134,8 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     write().with_context(|| format!("writing {}", path.display()))
 }
 
-fn new_id() -> String {
+/// A new random id (16 lowercase hex digits), for snapshots and clones.
+pub fn new_id() -> String {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).expect("the kernel gives random bytes");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -149,6 +150,11 @@ fn open_lock_file(path: &Path) -> Result<File> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("opening lock {}", path.display()))
+}
+
+/// The current time, RFC 3339 in UTC, to the second.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 /// Takes a flock without waiting; `Ok(None)` if someone else holds it.
@@ -235,7 +241,7 @@ impl Store {
             comm: comm.to_string(),
             status: Status::Capturing,
             reason: None,
-            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            created_at: now_rfc3339(),
             frozen_ms: None,
             capture_ms: None,
             bytes: 0,

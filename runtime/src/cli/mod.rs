@@ -1,18 +1,24 @@
 //! The `dolly` command line (specs/cli.md): parsing, dispatch, and how results and errors
 //! are printed.
 
+mod clone_cmd;
 mod output;
 mod snapshot_cmd;
 mod worker;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use snapshot::{Error, ErrorKind, Store};
 
 /// Snapshot running Linux processes and bring them back.
 #[derive(Debug, Parser)]
-#[command(name = "dolly", version, about, max_term_width = 100)]
+#[command(
+    name = "dolly",
+    version,
+    about = "Snapshot running Linux processes and bring them back: in place, or cloned.",
+    max_term_width = 100
+)]
 pub struct Cli {
     /// Durable tier: catalog and manifests.
     #[arg(long, global = true, env = "DOLLY_ROOT", default_value = snapshot::store::DEFAULT_ROOT)]
@@ -34,6 +40,73 @@ pub enum Command {
     /// Capture, list, inspect, restore and delete snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Start copies of a process (or snapshot) in fresh namespaces beside the original;
+    /// list and kill them.
+    Clone(CloneArgs),
+}
+
+/// `dolly clone ...`: start clones, or `list` / `kill` them.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct CloneArgs {
+    /// `list` or `kill`; without one, starts clones.
+    #[command(subcommand)]
+    pub command: Option<CloneCommand>,
+    /// What to start, and how.
+    #[command(flatten)]
+    pub start: CloneStart,
+}
+
+/// `dolly clone list|kill`.
+#[derive(Debug, Subcommand)]
+pub enum CloneCommand {
+    /// List clones and whether they still run.
+    List,
+    /// End clones (their whole namespaces) and remove what they left.
+    Kill {
+        /// Clone id (or unique prefix).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Every clone of this store.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Where clones come from and what they get.
+#[derive(Debug, Args)]
+pub struct CloneStart {
+    /// Capture this running process (it runs on) and clone it.
+    #[arg(
+        long,
+        conflicts_with = "snapshot",
+        required_unless_present = "snapshot"
+    )]
+    pub pid: Option<i32>,
+    /// Clone this snapshot (id, id prefix or name).
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// How many clones to start.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub count: u32,
+    /// The clones' network: the host's, or their own with only loopback.
+    #[arg(long, value_enum, default_value_t = NetArg::Host)]
+    pub net: NetArg,
+    /// Hostname inside the clones.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// A directory each clone sees through a private copy-on-write overlay (repeatable).
+    #[arg(long = "overlay", value_name = "DIR")]
+    pub overlays: Vec<PathBuf>,
+}
+
+/// `--net` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetArg {
+    /// Share the host's network.
+    Host,
+    /// A network namespace with only `lo`, up.
+    None,
 }
 
 /// `dolly snapshot ...`
@@ -112,5 +185,6 @@ fn open_store(cli: &Cli) -> Result<Store, Error> {
 fn run(cli: &Cli) -> Result<i32, Error> {
     match &cli.command {
         Command::Snapshot(cmd) => snapshot_cmd::run(cli, cmd, &open_store(cli)?),
+        Command::Clone(args) => clone_cmd::run(cli, args, &open_store(cli)?),
     }
 }

@@ -60,6 +60,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             let id = store.resolve(id)?;
             let opts = RestoreOptions {
                 shell_job: *shell_job,
+                ..Default::default()
             };
             let restored = snapshot::restore(store, &id, &opts, &Checkpoints::none())?;
             let pid = restored.pid.as_raw();
