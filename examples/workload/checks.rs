@@ -477,6 +477,7 @@ pub fn report(st: &State, stack_block: &[u64], tick: u64) -> Value {
     identity_checks(&mut c, st);
     json!({
         "pid": std::process::id(),
+        "proc_self": std::fs::read_link("/proc/self").map(|p| p.display().to_string()).unwrap_or_default(),
         "tick": tick,
         "alarms": ALARMS.load(Ordering::SeqCst),
         "usr2": USR2.load(Ordering::SeqCst),

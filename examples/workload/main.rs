@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Every tick it changes its memory in a way that depends only on its memory, and appends
-//! `tick=N digest=D pid=P` to DIR/log (an `O_APPEND` fd it holds): the digest hashes all
+//! `tick=N digest=D pid=P ns=pid:[INODE]` to DIR/log (an `O_APPEND` fd it holds): the digest hashes all
 //! of its private state, so a restored copy that writes the same digests for the same ticks
 //! as the original provably continued from the captured state. On SIGUSR1 it writes
 //! DIR/report.json: one named check per piece of state (memory patterns, fds and offsets,
@@ -58,8 +58,12 @@ fn main() {
         tick += 1;
         st.mutate(tick, &mut stack_block);
         let digest = st.digest(tick, &stack_block);
+        // The PID namespace tells an original's lines from a clone's (same PID, same memory).
+        let ns = std::fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         st.log_line(&format!(
-            "tick={tick} digest={digest} pid={}",
+            "tick={tick} digest={digest} pid={} ns={ns}",
             std::process::id()
         ));
         std::thread::sleep(Duration::from_millis(tick_ms / 2));

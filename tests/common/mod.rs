@@ -130,6 +130,13 @@ impl Dolly {
     }
 }
 
+impl Drop for Dolly {
+    /// Ends the store's clones whatever happened in the test, so none runs on.
+    fn drop(&mut self) {
+        let _ = self.cmd().args(["clone", "kill", "--all"]).output();
+    }
+}
+
 /// A restored process: our child once dolly exits; killed and reaped on drop.
 pub struct Restored(pub i32);
 

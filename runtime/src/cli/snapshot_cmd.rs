@@ -64,14 +64,15 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             };
             let restored = snapshot::restore(store, &id, &opts, &Checkpoints::none())?;
             let pid = restored.pid.as_raw();
+            if *shell_job {
+                // The terminal is the job's now: dolly writes nothing more on it.
+                return Ok(wait_foreground(restored.pid));
+            }
             if cli.json {
                 output::print_json(&json!({ "id": id, "pid": pid }));
             } else {
                 println!("restored snapshot {id} as process {pid}");
                 println!("{pid}");
-            }
-            if *shell_job {
-                return Ok(wait_foreground(restored.pid));
             }
             Ok(0)
         }
