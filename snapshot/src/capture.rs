@@ -72,10 +72,33 @@ fn check_capturable(proc: &ProcDir, status: &Status) -> Result<()> {
             "capture a process without children (or wait for them to exit and be reaped)",
         ));
     }
-    if status.seccomp == 2 {
+    if status.seccomp != 0 {
+        let mode = if status.seccomp == 1 {
+            "strict mode"
+        } else {
+            "a filter"
+        };
         return Err(Error::refused(
-            format!("process {pid} runs under a seccomp filter: not supported yet"),
-            "capture a process without seccomp filters",
+            format!("process {pid} runs under seccomp ({mode}): not supported yet"),
+            "capture a process without seccomp",
+        ));
+    }
+    // A restore puts the process in dolly's namespaces: it must be in them already.
+    for ns in ["pid", "mnt", "net", "ipc", "uts", "user", "cgroup", "time"] {
+        let theirs = std::fs::read_link(proc.path(&format!("ns/{ns}"))).ok();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
+        if theirs.is_some() && theirs != ours {
+            return Err(Error::refused(
+                format!("process {pid} is in another {ns} namespace than dolly: not supported yet"),
+                "run dolly in the process's namespaces (e.g. with nsenter), or capture a process in dolly's",
+            ));
+        }
+    }
+    let (policy, _) = crate::sys::process::get_scheduler(pid).unwrap_or((0, 0));
+    if policy & !libc::SCHED_RESET_ON_FORK == 6 {
+        return Err(Error::refused(
+            format!("process {pid} runs under SCHED_DEADLINE: not supported yet"),
+            "capture it under another scheduling policy",
         ));
     }
     let timers = proc.read("timers").unwrap_or_default();
@@ -312,7 +335,8 @@ fn capture_frozen(
     let stat = proc.stat()?;
     let status = proc.status()?;
     check_capturable(proc, &status)?;
-    let regs = tracee.regs()?;
+    let mut regs = tracee.regs()?;
+    thread::abort_rseq_section(tracee, &mut regs)?;
     let xstate = tracee.xstate()?;
     let sigmask = tracee.sigmask()?;
 
@@ -392,6 +416,7 @@ fn capture_frozen(
     shell.files = table.into_files();
     shell.creds = creds::capture(&status, hidden.securebits);
     shell.flags = hidden.flags;
+    shell.flags.coredump_filter = process::capture_coredump_filter(proc)?;
     shell.mm.brk = hidden.brk;
     shell.signals.actions = hidden.actions;
     shell.itimers = hidden.itimers;

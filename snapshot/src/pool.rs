@@ -88,8 +88,27 @@ impl PoolWriter {
         slot_offset(self.slots)
     }
 
-    /// Maps `len` bytes of the file at byte `offset` for writing.
+    /// Allocates `len` bytes of the file at byte `offset` and maps them for writing. (A
+    /// full pool is an error here, not a SIGBUS while copying.)
     pub fn map(&self, offset: u64, len: u64) -> Result<MmapMut> {
+        nix::fcntl::fallocate(
+            &self.file,
+            nix::fcntl::FallocateFlags::empty(),
+            offset as i64,
+            len as i64,
+        )
+        .map_err(|e| {
+            Error::sys(
+                format!(
+                    "allocating {len} bytes in pool file {}",
+                    self.path.display()
+                ),
+                e,
+            )
+            .with_remedy(
+                "the memory tier is full: free space in the pool (--pool) or delete snapshots",
+            )
+        })?;
         // SAFETY: the pool file is private to this capture until the manifest names it;
         // nothing else truncates or writes it while the map lives.
         unsafe {

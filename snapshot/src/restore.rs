@@ -96,6 +96,7 @@ struct StubPlan<'a> {
     sched_priority: i32,
     nice: i32,
     affinity: &'a [u64],
+    io_priority: u32,
     actions: &'a [(i32, KernelSigaction)],
     altstack: AltStack,
     /// `(fd in dolly, fd in the restored process, close-on-exec)`.
@@ -116,14 +117,6 @@ fn stub_fail(fd: i32, step: &str, err: Errno) -> ! {
     sysproc::exit_now(1)
 }
 
-fn check_rc(rc: libc::c_int) -> std::result::Result<(), Errno> {
-    if rc == -1 {
-        Err(Errno::last())
-    } else {
-        Ok(())
-    }
-}
-
 /// The stub's own work, in the forked child. Never returns: it stops itself for dolly to
 /// take over, or reports what failed and exits.
 fn stub_main(plan: &StubPlan) -> ! {
@@ -142,22 +135,16 @@ fn stub_main(plan: &StubPlan) -> ! {
         sysproc::exit_now(1);
     }
     step("blocking signals", sysproc::block_all_signals());
-    // SAFETY (this block and the ones below): plain system calls on integers and on
-    // NUL-terminated strings prepared before the fork.
     match plan.session {
         Session::Inherit => {}
-        Session::NewGroup => step("setpgid", check_rc(unsafe { libc::setpgid(0, 0) })),
-        Session::Detached => step(
-            "setsid",
-            check_rc(if unsafe { libc::setsid() } < 0 { -1 } else { 0 }),
-        ),
+        Session::NewGroup => step("setpgid", sysproc::new_process_group()),
+        Session::Detached => step("setsid", sysproc::new_session()),
     }
-    step("chdir", check_rc(unsafe { libc::chdir(plan.cwd.as_ptr()) }));
+    step("chdir", sysproc::chdir(plan.cwd));
     if let Some(root) = plan.root {
-        step("chroot", check_rc(unsafe { libc::chroot(root.as_ptr()) }));
+        step("chroot", sysproc::chroot(root));
     }
-    // SAFETY: umask cannot fail.
-    unsafe { libc::umask(plan.umask) };
+    sysproc::set_umask(plan.umask);
     step("personality", sysproc::set_personality(plan.personality));
     step(
         "setting the name",
@@ -185,23 +172,17 @@ fn stub_main(plan: &StubPlan) -> ! {
         "setting the CPU affinity",
         sysproc::set_affinity(plan.affinity),
     );
+    step(
+        "setting the I/O priority",
+        sysproc::set_io_priority(plan.io_priority),
+    );
     for (signo, action) in plan.actions {
         step(
             "setting a signal action",
             sysproc::set_sigaction(*signo, action),
         );
     }
-    // SAFETY: the kernel only reads `altstack` (its addresses are not dereferenced here).
-    step(
-        "sigaltstack",
-        check_rc(unsafe {
-            libc::syscall(
-                libc::SYS_sigaltstack,
-                &plan.altstack as *const AltStack,
-                0usize,
-            ) as libc::c_int
-        }),
-    );
+    step("sigaltstack", sysproc::set_altstack(&plan.altstack));
     // The fd table: park everything needed above `high`, close the rest, then put each fd
     // at its number. The report pipe is the last helper.
     let sources = plan
@@ -247,27 +228,8 @@ fn stub_main(plan: &StubPlan) -> ! {
 /// Creates a shared anonymous memory object in dolly with the stored content and returns an
 /// fd to it (its `/proc/self/map_files` entry), for the restored process to map.
 fn make_shmem(object: &ShmemObject, pool_file: Option<&File>) -> Result<OwnedFd> {
-    use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
     let len = page_ceil(object.size.max(1));
-    let nz = std::num::NonZeroUsize::new(len as usize).expect("non-zero length");
-    // SAFETY: a fresh anonymous mapping that nothing else refers to; unmapped below.
-    let addr = unsafe {
-        mmap_anonymous(
-            None,
-            nz,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-        )
-    }
-    .context("creating shared memory")?;
-    let start = addr.as_ptr() as u64;
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/proc/self/map_files/{start:x}-{:x}", start + len));
-    // SAFETY: unmapping the mapping made above; the object lives on through the fd.
-    let _ = unsafe { munmap(addr, len as usize) };
-    let file = opened.context("opening shared memory through /proc/self/map_files")?;
+    let file = sysproc::new_shared_anonymous(len).context("creating shared memory")?;
     if let (Some(pages), Some(pool_file)) = (&object.pages, pool_file) {
         let mut buf = vec![0u8; 1 << 20];
         for run in &pages.runs {
@@ -346,6 +308,7 @@ pub fn restore(
     let (manifest, _snapshot_lock) = store.load(id)?;
     check_compatible(&manifest, opts)?;
     let proc = manifest.root();
+    creds::check_restorable(&proc.creds, &ProcDir::new(nix::unistd::getpid()).status()?)?;
     let _pid_lock = if opts.in_new_pid_namespace {
         None
     } else {
@@ -376,7 +339,7 @@ pub fn restore(
         &prepared,
         &shmem,
         pool_file.as_ref(),
-        exe.as_ref(),
+        &exe,
         checkpoints,
     )
 }
@@ -414,15 +377,18 @@ fn check_compatible(manifest: &Manifest, opts: &RestoreOptions) -> Result<()> {
 
 /// An fd of the executable for `PR_SET_MM_MAP`: the mapping fd when the process maps it
 /// (which also covers a deleted executable), else the path opened again.
-fn exe_fd(proc: &Process, prepared: &PreparedFiles) -> Result<Option<OwnedFd>> {
+fn exe_fd(proc: &Process, prepared: &PreparedFiles) -> Result<OwnedFd> {
     for ((index, writable), fd) in &prepared.mappings {
         if !writable && proc.files[*index as usize].path == proc.exe {
-            return Ok(Some(
-                fd.try_clone().context("duplicating the executable fd")?,
-            ));
+            return fd.try_clone().context("duplicating the executable fd");
         }
     }
-    Ok(File::open(&proc.exe).ok().map(OwnedFd::from))
+    files::open_path(std::path::Path::new(&proc.exe), libc::O_RDONLY).map_err(|e| {
+        Error::refused(
+            format!("cannot open the process's executable {} ({e})", proc.exe),
+            "put the executable back where it was, or capture again",
+        )
+    })
 }
 
 fn cstring(s: &str, what: &str) -> Result<CString> {
@@ -440,7 +406,7 @@ fn spawn(
     prepared: &PreparedFiles,
     shmem: &[OwnedFd],
     pool_file: Option<&File>,
-    exe: Option<&OwnedFd>,
+    exe: &OwnedFd,
     checkpoints: &Checkpoints,
 ) -> Result<Restored> {
     let moves = files::raw_fds(prepared);
@@ -464,10 +430,8 @@ fn spawn(
         sources.shmem.insert(i as u32, parked(helpers.len()));
         helpers.push(fd.as_raw_fd());
     }
-    let exe_num = exe.map(|fd| {
-        helpers.push(fd.as_raw_fd());
-        parked(helpers.len() - 1)
-    });
+    helpers.push(exe.as_raw_fd());
+    let exe_num = parked(helpers.len() - 1);
     helpers.push(report_write.as_raw_fd());
 
     let cwd = cstring(&proc.cwd, "the working directory")?;
@@ -495,6 +459,7 @@ fn spawn(
         sched_priority: proc.sched.priority,
         nice: proc.sched.nice,
         affinity: &affinity,
+        io_priority: proc.sched.io_priority,
         actions: &actions,
         // Always set: "none" too, or the stub keeps dolly's own (Rust's runtime has one).
         altstack: AltStack {
@@ -507,7 +472,9 @@ fn spawn(
         helpers: &helpers,
         high,
     };
-    let set_tid = [*proc.ns_pids.last().unwrap_or(&proc.pid)];
+    // The PID in dolly's own namespace (a clone's init is PID 1 of a new one, where the
+    // snapshot's PID is free).
+    let set_tid = [proc.pid];
     let child = match fork_at(&set_tid, 0) {
         Ok(Forked::Child) => stub_main(&plan),
         Ok(Forked::Parent(pid)) => pid,
@@ -549,8 +516,15 @@ fn spawn(
     match rebuilt {
         Ok(()) => Ok(Restored { pid: child }),
         Err(e) => {
-            let _ = kill(child, Signal::SIGKILL);
-            let _ = waitpid(child, Some(nix::sys::wait::WaitPidFlag::__WALL));
+            // Unless it was already reaped (then its PID may belong to someone else now),
+            // the stub is still our child: end it.
+            use nix::sys::wait::WaitPidFlag;
+            if waitpid(child, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL))
+                != Err(Errno::ECHILD)
+            {
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, Some(WaitPidFlag::__WALL));
+            }
             Err(e)
         }
     }
@@ -563,7 +537,7 @@ fn rebuild(
     proc: &Process,
     sources: &MapSources,
     pool_file: Option<&File>,
-    exe_num: Option<i32>,
+    exe_num: i32,
     high: i32,
     report: OwnedFd,
     checkpoints: &Checkpoints,
@@ -627,8 +601,8 @@ fn rebuild(
             ],
         )?;
         memory::map_areas(&mut remote, proc, sources, pool_file)?;
-        memory::apply_advice(&mut remote, proc, scratch)?;
-        process::set_mm_map(&mut remote, scratch, &proc.mm, exe_num)?;
+        memory::apply_flags(&mut remote, proc, scratch)?;
+        process::set_mm_map(&mut remote, scratch, &proc.mm, Some(exe_num))?;
         remote.call(
             "closing dolly's fds",
             libc::SYS_close_range,
@@ -636,6 +610,7 @@ fn rebuild(
         )?;
         process::restore_rlimits(child, &proc.rlimits)?;
         process::restore_oom_score_adj(child, proc.oom_score_adj)?;
+        process::restore_coredump_filter(child, proc.flags.coredump_filter)?;
         thread::restore_registrations(&mut remote, thread)?;
         let own_pid = remote.call("getpid", libc::SYS_getpid, &[])? as i32;
         signals::queue(&mut remote, scratch, own_pid, None, &proc.signals.pending)?;
@@ -647,8 +622,8 @@ fn rebuild(
             &thread.pending,
         )?;
         process::restore_itimers(&mut remote, scratch, &proc.itimers)?;
-        let own_bounding = ProcDir::new(child).status()?.cap_bounding;
-        creds::restore(&mut remote, scratch, &proc.creds, own_bounding)?;
+        let own = ProcDir::new(child).status()?;
+        creds::restore(&mut remote, scratch, &proc.creds, &own)?;
         process::restore_dumpable(&mut remote, &proc.flags)?;
         // The stub died with dolly; the restored process outlives it (its parent-death
         // signal belongs to a parent it no longer has).

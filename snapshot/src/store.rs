@@ -344,6 +344,8 @@ impl Store {
                 if free.is_some() {
                     record.status = Status::Failed;
                     record.reason = Some("the capture was interrupted (dolly was killed)".into());
+                    // Nobody captures it any more: its pages are garbage.
+                    let _ = std::fs::remove_dir_all(self.pool_dir(id));
                 }
             }
             Status::Created | Status::Persisted if !self.pool_dir(id).is_dir() => {
@@ -523,21 +525,7 @@ mod tests {
     }
 
     fn manifest(id: &str) -> Manifest {
-        Manifest {
-            format: crate::image::FORMAT.into(),
-            version: crate::image::VERSION,
-            id: id.into(),
-            name: None,
-            created_at: "2026-01-01T00:00:00Z".into(),
-            host: crate::image::Host {
-                kernel: "k".into(),
-                page_size: 4096,
-                vdso_hash: "h".into(),
-            },
-            shell_job: false,
-            root_pid: 1,
-            processes: vec![],
-        }
+        crate::image::tests::valid_manifest(id)
     }
 
     #[test]

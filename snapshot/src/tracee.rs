@@ -96,6 +96,34 @@ pub struct Tracee {
     seized: bool,
     /// Stopped in the SIGTRAP signal-delivery stop a single step leaves.
     in_trap: bool,
+    /// What dropping the tracee without `detach` does.
+    on_drop: OnDrop,
+}
+
+/// What happens to a tracee dolly lets go of without [`Tracee::detach`] (an error path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnDrop {
+    /// A process being captured runs on (its registers are dolly's to put back first).
+    Detach,
+    /// A half-built restore stub dies.
+    Kill,
+    /// Already let go.
+    Nothing,
+}
+
+impl Drop for Tracee {
+    fn drop(&mut self) {
+        match self.on_drop {
+            OnDrop::Detach => {
+                let _ = ptrace::detach(self.pid, None);
+            }
+            OnDrop::Kill => {
+                // Still our traced child: its PID cannot have been reused.
+                let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
+            }
+            OnDrop::Nothing => {}
+        }
+    }
 }
 
 /// How long a freeze may wait for a thread to reach a stop.
@@ -145,7 +173,7 @@ impl Tracee {
             ),
             e => Error::sys(format!("seizing process {pid}"), e),
         })?;
-        let mut tracee = Tracee::open(pid)?;
+        let mut tracee = Tracee::open(pid, OnDrop::Detach)?;
         tracee.seized = true;
         ptrace::interrupt(pid).with_context(|| format!("interrupting process {pid}"))?;
         let deadline = Instant::now() + FREEZE_TIMEOUT;
@@ -174,12 +202,12 @@ impl Tracee {
             }
         };
         match status {
-            WaitStatus::Stopped(_, Signal::SIGSTOP) => Ok(Ok(Tracee::open(pid)?)),
+            WaitStatus::Stopped(_, Signal::SIGSTOP) => Ok(Ok(Tracee::open(pid, OnDrop::Kill)?)),
             other => Ok(Err(other)),
         }
     }
 
-    fn open(pid: Pid) -> Result<Tracee> {
+    fn open(pid: Pid, on_drop: OnDrop) -> Result<Tracee> {
         let mem = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -191,6 +219,7 @@ impl Tracee {
             deferred: Vec::new(),
             seized: false,
             in_trap: false,
+            on_drop,
         })
     }
 
@@ -256,8 +285,9 @@ impl Tracee {
 
     /// Lets the thread run on (from its stop), sending again any stop signal that arrived
     /// while dolly held it.
-    pub fn detach(self) -> Result<()> {
+    pub fn detach(mut self) -> Result<()> {
         ptrace::detach(self.pid, None).with_context(|| format!("detaching from {}", self.pid))?;
+        self.on_drop = OnDrop::Nothing;
         for sig in &self.deferred {
             let _ = nix::sys::signal::kill(self.pid, *sig);
         }

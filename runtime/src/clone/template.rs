@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! use runtime::clone::{CloneOptions, Template};
-//! # fn main() -> snapshot::Result<()> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = snapshot::Store::open("/var/lib/dolly", "/dev/shm/dolly")?;
 //! let template = Template::capture(&store, 4242)?;       // the warmed-up process
 //! let opts = CloneOptions { overlays: vec!["/srv/work".into()], ..Default::default() };

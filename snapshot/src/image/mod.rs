@@ -165,6 +165,8 @@ pub struct ProcessFlags {
     pub child_subreaper: bool,
     /// `PR_SET_PDEATHSIG` (0: none).
     pub pdeathsig: i32,
+    /// `/proc/PID/coredump_filter`.
+    pub coredump_filter: u32,
 }
 
 /// How the scheduler treats a process.
@@ -179,6 +181,8 @@ pub struct Scheduling {
     pub nice: i32,
     /// CPUs it may run on (bit n = CPU n), in 64-bit words.
     pub affinity: Vec<u64>,
+    /// I/O priority (`ioprio_get(2)`: class << 13 | data).
+    pub io_priority: u32,
 }
 
 /// The address-space fields `PR_SET_MM_MAP` sets.
@@ -229,8 +233,8 @@ pub struct Area {
     pub shared: bool,
     /// What backs the area.
     pub kind: AreaKind,
-    /// `madvise`/`mlock` state to give back.
-    pub advice: Advice,
+    /// Kernel flags to give back (`madvise`, `mlock`, grows-down).
+    pub flags: AreaFlags,
     /// Pages of the area stored in the pool (private areas only).
     pub pages: Option<Pages>,
 }
@@ -282,10 +286,14 @@ pub enum AreaKind {
     VvarVclock,
 }
 
-/// `madvise`/`mlock` state of an area.
+/// The kernel's flags of an area that a restore gives back (`VmFlags` in smaps).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Advice {
+pub struct AreaFlags {
+    /// Grows down (`MAP_GROWSDOWN`), like a stack.
+    pub grows_down: bool,
+    /// May be made writable: for a shared file mapping, the file was open for writing.
+    pub may_write: bool,
     /// `MADV_DONTFORK`.
     pub dont_fork: bool,
     /// `MADV_DONTDUMP`.
@@ -361,6 +369,10 @@ pub struct File {
     pub mtime_ns: i128,
     /// Permission bits.
     pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
     /// The file had been deleted; its content is in the pool directory.
     pub deleted: bool,
     /// Name, in the snapshot's pool directory, of the file's saved content: a deleted file's
@@ -605,12 +617,105 @@ impl Manifest {
                 "use the dolly that wrote the snapshot, or capture it again with this one",
             ));
         }
-        serde_json::from_value(value).map_err(|e| {
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| {
             Error::corrupt(
                 format!("the manifest does not match format version {VERSION} ({e})"),
                 "the snapshot is damaged; delete it and capture again",
             )
-        })
+        })?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks what the schema cannot: every cross-reference points at an entry, and every
+    /// name of a file in the pool directory is a plain file name.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| {
+            Error::corrupt(
+                format!("the manifest is inconsistent: {what}"),
+                "the snapshot is damaged; delete it and capture again",
+            )
+        };
+        let plain =
+            |name: &str| !name.is_empty() && !name.contains('/') && name != "." && name != "..";
+        if self.processes.is_empty() {
+            return Err(bad("it has no process".into()));
+        }
+        for p in &self.processes {
+            if p.threads.is_empty() {
+                return Err(bad(format!("process {} has no thread", p.pid)));
+            }
+            for a in &p.areas {
+                if a.start >= a.end
+                    || a.start % crate::sys::PAGE_SIZE != 0
+                    || a.end % crate::sys::PAGE_SIZE != 0
+                {
+                    return Err(bad(format!(
+                        "area {:#x}-{:#x} is not a page range",
+                        a.start, a.end
+                    )));
+                }
+                match a.kind {
+                    AreaKind::File { file, .. } if file as usize >= p.files.len() => {
+                        return Err(bad(format!(
+                            "area {:#x} maps file #{file}, which does not exist",
+                            a.start
+                        )))
+                    }
+                    AreaKind::SharedAnonymous { object, .. }
+                        if object as usize >= p.shmem.len() =>
+                    {
+                        return Err(bad(format!(
+                            "area {:#x} maps object #{object}, which does not exist",
+                            a.start
+                        )))
+                    }
+                    _ => {}
+                }
+                if let Some(pages) = &a.pages {
+                    if pages
+                        .runs
+                        .iter()
+                        .any(|r| r[1] == 0 || (r[0] + r[1]) * crate::sys::PAGE_SIZE > a.len())
+                    {
+                        return Err(bad(format!("area {:#x} has pages outside it", a.start)));
+                    }
+                }
+            }
+            if p.areas.iter().any(|a| a.pages.is_some()) && p.pool.is_none() {
+                return Err(bad(format!(
+                    "process {} stores pages but has no pool file",
+                    p.pid
+                )));
+            }
+            if p.pool.as_ref().is_some_and(|pf| !plain(&pf.name)) {
+                return Err(bad("a pool file name is not a plain name".into()));
+            }
+            if p.files
+                .iter()
+                .filter_map(|f| f.content.as_deref())
+                .any(|c| !plain(c))
+            {
+                return Err(bad("a saved-content name is not a plain name".into()));
+            }
+            if p.open_files
+                .iter()
+                .any(|o| o.file as usize >= p.files.len())
+            {
+                return Err(bad(
+                    "an open file points at a file that does not exist".into()
+                ));
+            }
+            if p.fds
+                .iter()
+                .any(|f| f.open_file as usize >= p.open_files.len() || f.fd < 0)
+            {
+                return Err(bad(
+                    "an fd points at an open file that does not exist".into()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the manifest as pretty JSON.
@@ -654,4 +759,4 @@ impl Manifest {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -139,6 +139,8 @@ pub struct FdInfo {
     pub flags: u32,
     /// Mount the file was opened on.
     pub mnt_id: u64,
+    /// A file lock (flock, POSIX or OFD) is held through this fd's file.
+    pub locked: bool,
 }
 
 /// Parses `/proc/PID/fdinfo/FD`.
@@ -159,6 +161,7 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
             "pos" => info.pos = value.parse().map_err(|_| bad())?,
             "flags" => info.flags = u32::from_str_radix(value, 8).map_err(|_| bad())?,
             "mnt_id" => info.mnt_id = value.parse().map_err(|_| bad())?,
+            "lock" => info.locked = true,
             _ => {}
         }
     }
@@ -172,6 +175,9 @@ mod tests {
     #[test]
     fn fdinfo_reads_octal_flags() {
         let info = parse_fdinfo("pos:\t42\nflags:\t02102001\nmnt_id:\t25\nino:\t7\n").unwrap();
+        assert!(!info.locked);
+        let locked = parse_fdinfo("pos:\t0\nflags:\t02\nmnt_id:\t25\nino:\t7\nlock:\t1: FLOCK  ADVISORY  WRITE 77 fe:00:7 0 EOF\n").unwrap();
+        assert!(locked.locked);
         assert_eq!(info.pos, 42);
         assert_eq!(info.flags, 0o2102001);
         assert_eq!(info.mnt_id, 25);

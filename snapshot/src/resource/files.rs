@@ -27,6 +27,14 @@ const STATELESS_DEVICES: &[(u64, u64, &str)] = &[
     (1, 9, "/dev/urandom"),
 ];
 
+/// The path of a stateless character device, by device number.
+fn stateless_device(rdev: u64) -> Option<&'static str> {
+    STATELESS_DEVICES
+        .iter()
+        .find(|&&(ma, mi, _)| major(rdev) == ma && minor(rdev) == mi)
+        .map(|&(_, _, p)| p)
+}
+
 /// Whether a character device number is a terminal (virtual consoles, /dev/tty,
 /// /dev/console, ptmx, pseudo-terminal slaves).
 fn is_terminal(rdev: u64) -> bool {
@@ -111,6 +119,8 @@ impl FileTable {
             size: meta.len(),
             mtime_ns: mtime_ns(&meta),
             mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
             deleted: m.deleted,
             content: None,
         };
@@ -228,6 +238,18 @@ pub fn capture_fds(
         let meta = std::fs::metadata(proc.path(&name))
             .with_context(|| format!("reading fd {fd} of process {pid}"))?;
         let info = proc.fdinfo(fd)?;
+        if info.locked {
+            return Err(Error::refused(
+                format!("process {pid} holds a file lock on fd {fd} ({link}): not supported yet"),
+                "release the lock (flock/fcntl) before capturing",
+            ));
+        }
+        if info.flags & libc::O_ASYNC as u32 != 0 {
+            return Err(Error::refused(
+                format!("process {pid} has fd {fd} ({link}) in O_ASYNC mode: not supported yet"),
+                "clear O_ASYNC before capturing",
+            ));
+        }
         let refuse = |kind: &str, remedy: &str| {
             Error::refused(
                 format!("process {pid} has fd {fd}, {kind} ({link}): not supported yet"),
@@ -254,10 +276,7 @@ pub fn capture_fds(
             }
             libc::S_IFCHR => {
                 let rdev = meta.rdev();
-                if !STATELESS_DEVICES
-                    .iter()
-                    .any(|&(ma, mi, _)| major(rdev) == ma && minor(rdev) == mi)
-                {
+                if stateless_device(rdev).is_none() {
                     return Err(refuse("a character device", "close it before capturing"));
                 }
                 FileKind::CharDevice { rdev }
@@ -284,6 +303,8 @@ pub fn capture_fds(
             size: meta.len(),
             mtime_ns: mtime_ns(&meta),
             mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
             deleted: deleted && ftype == libc::S_IFREG,
             content: None,
         };
@@ -342,19 +363,56 @@ pub struct PreparedFiles {
 const CREATION_FLAGS: i32 =
     libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC;
 
-fn open_path(path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
-    let file = std::fs::OpenOptions::new()
-        .read(flags & libc::O_ACCMODE != libc::O_WRONLY)
-        .write(flags & libc::O_ACCMODE != libc::O_RDONLY)
-        .custom_flags(flags & !(CREATION_FLAGS | libc::O_ACCMODE))
-        .open(path)?;
-    Ok(file.into())
+/// Opens a captured path again: no symlink may have appeared in it, never a controlling
+/// terminal, close-on-exec in dolly.
+pub fn open_path(path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    let flags = OFlag::from_bits_truncate((flags & !CREATION_FLAGS) | libc::O_CLOEXEC);
+    // Captured paths are resolved paths (they come from /proc links): a symlink in one now
+    // means the path was changed under the snapshot. /proc/self/fd is a magic link on purpose.
+    let resolve = if path.starts_with("/proc/self/fd") {
+        ResolveFlag::empty()
+    } else {
+        ResolveFlag::RESOLVE_NO_SYMLINKS
+    };
+    let how = OpenHow::new().flags(flags).resolve(resolve);
+    openat2(nix::fcntl::AT_FDCWD, path, how).map_err(std::io::Error::from)
+}
+
+/// Refuses an fd whose file is not of the captured kind (a path replaced by something else).
+fn check_kind(fd: &OwnedFd, file: &File, path: &Path) -> Result<()> {
+    let st = nix::sys::stat::fstat(fd).with_context(|| format!("inspecting {}", path.display()))?;
+    let ftype = st.st_mode & libc::S_IFMT;
+    let ok = match file.kind {
+        FileKind::Regular => ftype == libc::S_IFREG,
+        FileKind::Directory => ftype == libc::S_IFDIR,
+        FileKind::CharDevice { rdev } => ftype == libc::S_IFCHR && st.st_rdev == rdev,
+        FileKind::Terminal => ftype == libc::S_IFCHR,
+        FileKind::Pipe { .. } | FileKind::Fifo { .. } => ftype == libc::S_IFIFO,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::refused(
+            format!(
+                "{} is no longer what the process had open ({:?})",
+                path.display(),
+                file.kind
+            ),
+            "put the original file back, or capture again",
+        ))
+    }
 }
 
 fn own_terminal() -> Result<PathBuf> {
-    for fd in 0..3 {
-        // SAFETY: isatty only inspects the fd number.
-        if unsafe { libc::isatty(fd) } == 1 {
+    use std::io::IsTerminal;
+    let ttys = [
+        (0, std::io::stdin().is_terminal()),
+        (1, std::io::stdout().is_terminal()),
+        (2, std::io::stderr().is_terminal()),
+    ];
+    for (fd, tty) in ttys {
+        if tty {
             if let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
                 return Ok(path);
             }
@@ -406,7 +464,9 @@ fn recreate_deleted(file: &File, pool_dir: &Path, index: u32) -> Result<PathBuf>
             )
         })?;
         let copied = std::io::copy(&mut input, &mut dst)
-            .and_then(|_| dst.set_permissions(std::fs::Permissions::from_mode(file.mode)));
+            .and_then(|_| std::os::unix::fs::fchown(&dst, Some(file.uid), Some(file.gid)))
+            // Never setuid/setgid: dolly (root) writes this file, not its owner.
+            .and_then(|_| dst.set_permissions(std::fs::Permissions::from_mode(file.mode & 0o777)));
         if let Err(e) = copied {
             let _ = std::fs::remove_file(&path);
             return Err(Error::io(
@@ -445,11 +505,9 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
                     recreated.push(p.clone());
                     p
                 }
-                FileKind::CharDevice { rdev } => STATELESS_DEVICES
-                    .iter()
-                    .find(|&&(ma, mi, _)| major(rdev) == ma && minor(rdev) == mi)
-                    .map(|&(_, _, p)| PathBuf::from(p))
-                    .unwrap_or_else(|| PathBuf::from(&file.path)),
+                FileKind::CharDevice { rdev } => {
+                    PathBuf::from(stateless_device(rdev).unwrap_or(&file.path))
+                }
                 _ => PathBuf::from(&file.path),
             };
             paths.insert(index, path.clone());
@@ -466,27 +524,29 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
             }
             let file = &proc.files[index as usize];
             let path = path_of(index)?;
+            let flags = if writable {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = open_path(&path, flags).map_err(|e| {
+                Error::refused(
+                    format!("cannot open {} that the process maps ({e})", file.path),
+                    "put the file back where it was, or capture again",
+                )
+            })?;
+            check_kind(&fd, file, &path)?;
             if !area.shared && !file.deleted {
-                let meta = std::fs::metadata(&path).map_err(|e| {
-                    Error::refused(
-                        format!("file {} that the process maps is gone ({e})", file.path),
-                        "put the file back, or capture again",
-                    )
-                })?;
-                if meta.len() != file.size || mtime_ns(&meta) != file.mtime_ns {
+                let st = nix::sys::stat::fstat(&fd)
+                    .with_context(|| format!("inspecting {}", file.path))?;
+                let mtime = st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128;
+                if st.st_size as u64 != file.size || mtime != file.mtime_ns {
                     return Err(Error::refused(
                         format!("file {} changed since the snapshot (size or modification time differ)", file.path),
                         "restore the original file (e.g. reinstall the same package version), or capture again",
                     ));
                 }
             }
-            let flags = if writable {
-                libc::O_RDWR
-            } else {
-                libc::O_RDONLY
-            };
-            let fd = open_path(&path, flags)
-                .with_context(|| format!("opening {} to map it", path.display()))?;
             out.mappings.push(((index, writable), fd));
         }
         // Open file descriptions, each opened once and shared by its fds. Pipes and FIFOs
@@ -511,6 +571,7 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
                     "put the file back where it was, or capture again",
                 )
             })?;
+            check_kind(&fd, file, &path)?;
             if matches!(file.kind, FileKind::Regular | FileKind::Directory) && of.pos > 0 {
                 nix::unistd::lseek(&fd, of.pos as i64, nix::unistd::Whence::SeekSet)
                     .with_context(|| format!("seeking {} to {}", path.display(), of.pos))?;

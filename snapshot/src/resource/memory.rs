@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use nix::unistd::Pid;
 
 use crate::error::{Context, Error, Result};
-use crate::image::{Advice, Area, AreaKind, Pages, Process, ShmemObject};
+use crate::image::{Area, AreaFlags, AreaKind, Pages, Process, ShmemObject};
 use crate::pool::{self, PoolWriter};
 use crate::proc::{MapsEntry, ProcDir};
 use crate::resource::files::FileTable;
@@ -53,8 +53,10 @@ pub struct MemoryPlan {
     shmem_files: Vec<File>,
 }
 
-fn advice(m: &MapsEntry) -> Advice {
-    Advice {
+fn area_flags(m: &MapsEntry) -> AreaFlags {
+    AreaFlags {
+        grows_down: m.flags.grows_down,
+        may_write: m.flags.may_write,
         dont_fork: m.flags.dont_fork,
         dont_dump: m.flags.dont_dump,
         wipe_on_fork: m.flags.wipe_on_fork,
@@ -212,7 +214,7 @@ pub fn inspect(proc: &ProcDir, files: &mut FileTable) -> Result<MemoryPlan> {
             exec: m.exec,
             shared: m.shared,
             kind,
-            advice: advice(m),
+            flags: area_flags(m),
             pages: None,
         });
         plan.sources.push(source);
@@ -269,8 +271,6 @@ fn to_page_runs(ranges: &[(u64, u64)], base: u64) -> Vec<[u64; 2]> {
 /// What `dump` stored.
 #[derive(Debug, Default)]
 pub struct DumpStats {
-    /// Bytes written to the pool.
-    pub bytes: u64,
     /// Size of the pool file (end of its last slot); 0 when nothing was stored.
     pub pool_size: u64,
 }
@@ -322,7 +322,7 @@ pub fn dump(pid: Pid, plan: &mut MemoryPlan, pool_path: &std::path::Path) -> Res
         }
         let slot = writer.new_slot()?;
         let runs = to_page_runs(&ranges, area.start);
-        copy_runs(pid, &mem, &writer, slot, area.start, &runs, &mut stats)?;
+        copy_runs(pid, &mem, &writer, slot, area.start, &runs)?;
         area.pages = Some(Pages { slot, runs });
     }
     for (object, file) in plan.shmem.iter_mut().zip(&plan.shmem_files) {
@@ -337,7 +337,6 @@ pub fn dump(pid: Pid, plan: &mut MemoryPlan, pool_path: &std::path::Path) -> Res
             let mut dst = writer.map(pool::page_offset(slot, run[0]), len)?;
             file.read_exact_at(&mut dst, run[0] * PAGE_SIZE)
                 .context("reading shared memory")?;
-            stats.bytes += len;
         }
         object.pages = Some(Pages { slot, runs });
     }
@@ -354,7 +353,6 @@ fn copy_runs(
     slot: u32,
     base: u64,
     runs: &[[u64; 2]],
-    stats: &mut DumpStats,
 ) -> Result<()> {
     use nix::sys::uio::{process_vm_readv, RemoteIoVec};
     use std::io::IoSliceMut;
@@ -383,7 +381,6 @@ fn copy_runs(
                     )
                 })?;
         }
-        stats.bytes += len;
     }
     Ok(())
 }
@@ -434,11 +431,23 @@ fn prot(area: &Area) -> u64 {
 
 /// Whether the mapping of a file area needs a writable fd.
 pub fn needs_writable_fd(area: &Area) -> bool {
-    area.shared && area.write
+    area.shared && (area.write || area.flags.may_write)
+}
+
+/// Whether an area's stored pages must be copied into anonymous memory rather than mapped
+/// from the pool: a grows-down area (the stack: a file mapping cannot grow down), and areas
+/// whose kernel flags only anonymous memory may carry (`MADV_WIPEONFORK`, a name).
+pub fn stays_anonymous(area: &Area) -> bool {
+    matches!(
+        area.kind,
+        AreaKind::Stack | AreaKind::Anonymous { name: Some(_) }
+    ) || area.flags.grows_down
+        || area.flags.wipe_on_fork
 }
 
 /// Maps every area but the vDSO ones into the process being rebuilt (whose old areas are
-/// gone), at their addresses, with their protections; fills the stack from the pool.
+/// gone), at their addresses, with their protections; stored pages are mapped from the
+/// pool, or copied in where the area must stay anonymous.
 pub fn map_areas(
     remote: &mut Remote,
     proc: &Process,
@@ -454,7 +463,7 @@ pub fn map_areas(
             AreaKind::Vdso | AreaKind::Vvar | AreaKind::VvarVclock => continue,
             AreaKind::Anonymous { .. } | AreaKind::Heap | AreaKind::Stack => {
                 let mut flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64 | fixed;
-                if matches!(area.kind, AreaKind::Stack) {
+                if area.flags.grows_down || matches!(area.kind, AreaKind::Stack) {
                     flags |= libc::MAP_GROWSDOWN as u64;
                 }
                 remote.call(
@@ -506,14 +515,14 @@ pub fn map_areas(
         let Some(pages) = &area.pages else {
             continue;
         };
-        if matches!(area.kind, AreaKind::Stack) {
-            // The main stack stays an anonymous grows-down mapping: copy its few pages in.
+        if stays_anonymous(area) {
+            // Copied in, not mapped: this area must remain anonymous memory.
             let pool_file = pool_file.expect("a pool file when pages are stored");
             for run in &pages.runs {
                 let mut buf = vec![0u8; (run[1] * PAGE_SIZE) as usize];
                 pool_file
                     .read_exact_at(&mut buf, pool::page_offset(pages.slot, run[0]))
-                    .context("reading stack pages from the pool")?;
+                    .context("reading pages from the pool")?;
                 remote.write_mem(area.start + run[0] * PAGE_SIZE, &buf)?;
             }
             continue;
@@ -540,9 +549,9 @@ pub fn map_areas(
 
 /// Gives back each area's `madvise`/`mlock` state and anonymous names. `scratch` is a page
 /// of the process that dolly may write.
-pub fn apply_advice(remote: &mut Remote, proc: &Process, scratch: u64) -> Result<()> {
+pub fn apply_flags(remote: &mut Remote, proc: &Process, scratch: u64) -> Result<()> {
     for area in &proc.areas {
-        let a = area.advice;
+        let a = area.flags;
         let advise = [
             (a.dont_fork, libc::MADV_DONTFORK),
             (a.dont_dump, libc::MADV_DONTDUMP),
@@ -640,7 +649,7 @@ mod tests {
             exec: false,
             shared: false,
             kind: AreaKind::Anonymous { name: None },
-            advice: Advice::default(),
+            flags: AreaFlags::default(),
             pages,
         }
     }

@@ -197,6 +197,7 @@ pub fn query_flags(remote: &mut Remote, scratch: u64) -> Result<(ProcessFlags, u
             thp_disable: thp != 0,
             child_subreaper: subreaper != 0,
             pdeathsig,
+            coredump_filter: 0,
         },
         securebits as u32,
     ))
@@ -209,6 +210,8 @@ pub fn capture_sched(proc: &crate::proc::ProcDir, stat: &Stat) -> Result<(Schedu
         .map_err(|e| Error::sys(format!("reading the scheduling policy of {pid}"), e))?;
     let affinity = crate::sys::process::get_affinity(pid)
         .map_err(|e| Error::sys(format!("reading the CPU affinity of {pid}"), e))?;
+    let io_priority = crate::sys::process::get_io_priority(pid)
+        .map_err(|e| Error::sys(format!("reading the I/O priority of {pid}"), e))?;
     let oom = proc.read("oom_score_adj")?.trim().parse().unwrap_or(0);
     Ok((
         Scheduling {
@@ -216,6 +219,7 @@ pub fn capture_sched(proc: &crate::proc::ProcDir, stat: &Stat) -> Result<(Schedu
             priority,
             nice: stat.nice,
             affinity,
+            io_priority,
         },
         oom,
     ))
@@ -235,6 +239,26 @@ pub fn usable_affinity(wanted: &[u64]) -> Vec<u64> {
     } else {
         both
     }
+}
+
+/// Reads which memory a core dump of the process includes.
+pub fn capture_coredump_filter(proc: &crate::proc::ProcDir) -> Result<u32> {
+    let text = proc.read("coredump_filter")?;
+    u32::from_str_radix(text.trim(), 16).map_err(|_| {
+        Error::new(
+            crate::ErrorKind::System,
+            format!("bad coredump_filter {text:?}"),
+        )
+    })
+}
+
+/// Gives a process being rebuilt its core dump filter (from dolly).
+pub fn restore_coredump_filter(pid: Pid, value: u32) -> Result<()> {
+    std::fs::write(
+        format!("/proc/{pid}/coredump_filter"),
+        format!("{value:#x}"),
+    )
+    .map_err(|e| Error::io(format!("setting the core dump filter of {pid}"), e))
 }
 
 /// Gives a process being rebuilt its OOM score adjustment (from dolly).

@@ -13,6 +13,39 @@ const ERESTART_RESTARTBLOCK: i64 = 516;
 /// `RSEQ_FLAG_UNREGISTER`.
 pub const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
+/// If a thread was stopped inside an rseq critical section, moves it to the section's abort
+/// handler and clears `rseq_cs`, as the kernel does on preemption. Done on the live thread
+/// too, before dolly runs system calls in it: their returns would make the kernel clear
+/// `rseq_cs` without an abort, and the section would run on as if never interrupted.
+pub fn abort_rseq_section(tracee: &Tracee, regs: &mut RawRegs) -> Result<()> {
+    let Some(rseq) = rseq_config(tracee.pid())
+        .with_context(|| format!("reading the rseq registration of {}", tracee.pid()))?
+    else {
+        return Ok(());
+    };
+    let word = |tracee: &Tracee, addr: u64| -> Result<u64> {
+        let mut b = [0u8; 8];
+        tracee.read_mem(addr, &mut b)?;
+        Ok(u64::from_ne_bytes(b))
+    };
+    // struct rseq: cpu_id_start u32, cpu_id u32, rseq_cs u64 ...
+    let cs = word(tracee, rseq.pointer + 8)?;
+    if cs == 0 {
+        return Ok(());
+    }
+    // struct rseq_cs: version u32, flags u32, start_ip u64, post_commit_offset u64, abort_ip u64.
+    let (start, len, abort) = (
+        word(tracee, cs + 8)?,
+        word(tracee, cs + 16)?,
+        word(tracee, cs + 24)?,
+    );
+    if regs.rip >= start && regs.rip < start.saturating_add(len) {
+        regs.rip = abort;
+        tracee.set_regs(regs)?;
+    }
+    tracee.write_mem(rseq.pointer + 8, &0u64.to_ne_bytes())
+}
+
 /// Reads, from inside a stopped thread, its alternate signal stack (`scratch`: 24 bytes).
 pub fn query_altstack(remote: &mut Remote, scratch: u64) -> Result<AltStack> {
     remote.call(

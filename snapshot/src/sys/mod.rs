@@ -8,6 +8,15 @@ pub mod pagemap;
 pub mod process;
 pub mod ptrace;
 
+/// Turns a raw syscall return (-1 and errno on failure) into a `Result`.
+pub(crate) fn check(rc: libc::c_long) -> Result<libc::c_long, nix::errno::Errno> {
+    if rc == -1 {
+        Err(nix::errno::Errno::last())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// The size of a page on x86_64 Linux; dolly supports no other.
 pub const PAGE_SIZE: u64 = 4096;
 

@@ -4,13 +4,7 @@
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
-fn check(rc: libc::c_long) -> Result<libc::c_long, Errno> {
-    if rc == -1 {
-        Err(Errno::last())
-    } else {
-        Ok(rc)
-    }
-}
+use super::check;
 
 /// A signal disposition in the kernel's own layout (`struct sigaction` of the syscall, not
 /// of glibc), as `rt_sigaction(2)` reads and writes it on x86_64.
@@ -108,6 +102,68 @@ pub fn set_rlimit(pid: Pid, resource: u32, limit: Rlimit) -> Result<(), Errno> {
         )
     };
     check(rc as libc::c_long).map(drop)
+}
+
+/// Starts a new session led by the calling process (no allocation).
+pub fn new_session() -> Result<(), Errno> {
+    // SAFETY: setsid takes no arguments.
+    check(unsafe { libc::setsid() } as libc::c_long).map(drop)
+}
+
+/// Makes the calling process lead a new process group (no allocation).
+pub fn new_process_group() -> Result<(), Errno> {
+    // SAFETY: setpgid takes integers.
+    check(unsafe { libc::setpgid(0, 0) } as libc::c_long).map(drop)
+}
+
+/// Changes the working directory (no allocation).
+pub fn chdir(path: &std::ffi::CStr) -> Result<(), Errno> {
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    check(unsafe { libc::chdir(path.as_ptr()) } as libc::c_long).map(drop)
+}
+
+/// Changes the root directory (no allocation).
+pub fn chroot(path: &std::ffi::CStr) -> Result<(), Errno> {
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    check(unsafe { libc::chroot(path.as_ptr()) } as libc::c_long).map(drop)
+}
+
+/// Sets the file-mode creation mask (no allocation).
+pub fn set_umask(mask: u32) {
+    // SAFETY: umask takes an integer and cannot fail.
+    unsafe { libc::umask(mask) };
+}
+
+/// Sets the calling thread's alternate signal stack (no allocation; its addresses are not
+/// dereferenced here).
+pub fn set_altstack(stack: &AltStack) -> Result<(), Errno> {
+    // SAFETY: the kernel reads one stack_t from `stack`.
+    check(unsafe { libc::syscall(libc::SYS_sigaltstack, stack as *const AltStack, 0usize) })
+        .map(drop)
+}
+
+/// A new shared anonymous memory object (what `mmap(MAP_SHARED|MAP_ANONYMOUS)` creates,
+/// "/dev/zero (deleted)") of `len` bytes, as an fd that another process can map.
+pub fn new_shared_anonymous(len: u64) -> Result<std::fs::File, Errno> {
+    use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    let nz = std::num::NonZeroUsize::new(len as usize).ok_or(Errno::EINVAL)?;
+    // SAFETY: a fresh anonymous mapping nothing else refers to; unmapped below.
+    let addr = unsafe {
+        mmap_anonymous(
+            None,
+            nz,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )
+    }?;
+    let start = addr.as_ptr() as u64;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/map_files/{start:x}-{:x}", start + len));
+    // SAFETY: unmaps the mapping made above; the object lives on through the fd.
+    let _ = unsafe { munmap(addr, len as usize) };
+    opened.map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))
 }
 
 /// Sets the disposition of signal `signo` for the calling process (no allocation; usable in
@@ -257,6 +313,35 @@ pub fn set_scheduler(policy: i32, priority: i32) -> Result<(), Errno> {
 pub fn set_nice(nice: i32) -> Result<(), Errno> {
     // SAFETY: setpriority takes integers.
     check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } as libc::c_long).map(drop)
+}
+
+const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+
+/// I/O priority of process `pid`.
+pub fn get_io_priority(pid: Pid) -> Result<u32, Errno> {
+    // SAFETY: ioprio_get takes integers.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_get,
+            IOPRIO_WHO_PROCESS,
+            pid.as_raw() as libc::c_long,
+        )
+    })
+    .map(|v| v as u32)
+}
+
+/// Sets the calling process's I/O priority (no allocation).
+pub fn set_io_priority(value: u32) -> Result<(), Errno> {
+    // SAFETY: ioprio_set takes integers.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            value as libc::c_long,
+        )
+    })
+    .map(drop)
 }
 
 /// CPU affinity mask of process `pid`, in 64-bit words.

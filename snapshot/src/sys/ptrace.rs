@@ -13,13 +13,7 @@ const XSTATE_MAX: usize = 16 * 1024;
 /// Size of a `siginfo_t`.
 pub const SIGINFO_SIZE: usize = 128;
 
-fn check(rc: libc::c_long) -> Result<libc::c_long, Errno> {
-    if rc == -1 {
-        Err(Errno::last())
-    } else {
-        Ok(rc)
-    }
-}
+use super::check;
 
 /// Reads the XSAVE area (FPU, SSE, AVX... state) of a stopped tracee.
 pub fn get_xstate(pid: Pid) -> Result<Vec<u8>, Errno> {
