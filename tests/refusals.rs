@@ -136,6 +136,14 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
             "import subprocess\nc = subprocess.Popen(['sleep', '60'])",
             "has a child process",
         ),
+        (
+            "import fcntl\nf = open('/tmp/dolly-lock-test', 'w')\nfcntl.flock(f, fcntl.LOCK_EX)",
+            "holds a file lock",
+        ),
+        (
+            "import ctypes\nctypes.CDLL(None).unshare(0x00020000)",
+            "another mnt namespace",
+        ),
     ];
     for (i, (code, expect)) in cases.iter().enumerate() {
         let p = python_with(code, &dir.path().join(format!("out{i}")));

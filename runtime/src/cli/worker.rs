@@ -1,7 +1,8 @@
 //! The capture worker: `dolly snapshot capture` forks a worker that does the capture while
 //! the command waits for its result. If the command is killed (kill -9, Ctrl-C), the worker
 //! notices at its next checkpoint, lets the target run on exactly as before, and marks the
-//! snapshot failed: the target is never left frozen, traced, or with borrowed registers.
+//! snapshot failed. (Killing the worker itself is safe too, except in the few hundred
+//! microseconds while its system calls run inside the target with borrowed registers.)
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
