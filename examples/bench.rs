@@ -149,8 +149,10 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     let runs = if mib >= 1024 { 3 } else { 5 };
     let (fork, memcpy) = {
         let src: Vec<u64> = (0..words as u64).map(|i| i | 1).collect();
+        // fork() first, while the process holds only `bytes` of touched memory.
+        let fork = fork_ms(&src, runs);
         let mut dst = vec![1u64; words];
-        (fork_ms(&src, runs), memcpy_ms(&src, &mut dst, runs))
+        (fork, memcpy_ms(&src, &mut dst, runs))
     };
     let reps = if mib >= 1024 { 1 } else { 3 };
     let (mut frozen, mut capture, mut restore) = (vec![], vec![], vec![]);
@@ -182,10 +184,205 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     }
 }
 
+fn size_label(mib: usize) -> String {
+    if mib >= 1024 {
+        format!("{} GiB", mib / 1024)
+    } else {
+        format!("{mib} MiB")
+    }
+}
+
+fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
+    let rows: Vec<Row> = sizes.iter().map(|&mib| measure(mib, store, dir)).collect();
+    println!("| touched memory | fork() | memcpy | capture: frozen | capture: total | restore | frozen / fork | restore / fork |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.2} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1}× | {:.1}× |",
+            size_label(r.mib),
+            r.fork,
+            r.memcpy,
+            r.frozen,
+            r.capture,
+            r.restore,
+            r.frozen / r.fork,
+            r.restore / r.fork
+        );
+    }
+}
+
+/// Wall time of `dolly clone --snapshot ID` until the clone runs, beside fork() of a
+/// process with the same memory.
+fn clone_start(mib: usize, store: &Store, dir: &Path) -> (f64, f64) {
+    let words = mib << 17;
+    let fork = {
+        let src: Vec<u64> = (0..words as u64).map(|i| i | 1).collect();
+        fork_ms(&src, 5)
+    };
+    let pid = start_memhog(mib, dir);
+    let (out, _) = store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut times = Vec::new();
+    // The first clone of a run pays for loading dolly and the snapshot's files; not counted.
+    for round in 0..8 {
+        let (out, ms) = store.dolly(&["--json", "clone", "--snapshot", &id]);
+        if round > 0 {
+            times.push(ms);
+        }
+        let clone: serde_json::Value = serde_json::from_str(&out).unwrap();
+        store.dolly(&["clone", "kill", clone[0]["id"].as_str().unwrap()]);
+        let _ = waitpid(
+            Pid::from_raw(clone[0]["init_pid"].as_i64().unwrap() as i32),
+            None,
+        );
+    }
+    end(pid);
+    store.dolly(&["snapshot", "delete", &id]);
+    (fork, median(times))
+}
+
+/// Memory in use that copies of a process can add: anonymous pages, shared memory, page
+/// tables, kernel stacks and unreclaimable slab (from /proc/meminfo, in MiB). Page cache
+/// that can be dropped is left out: it is not what a copy costs.
+fn memory_in_use_mib() -> f64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let field = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    [
+        "AnonPages:",
+        "Shmem:",
+        "PageTables:",
+        "KernelStack:",
+        "SUnreclaim:",
+    ]
+    .iter()
+    .map(|f| field(f))
+    .sum::<f64>()
+        / 1024.0
+}
+
+/// Memory taken by `n` running copies, measured as the rise of memory in use after they
+/// have run (touching a page every 10 ms, as memhog does) for a second.
+fn added_by(start: impl FnOnce() -> Vec<Pid>, stop: impl FnOnce(&[Pid])) -> f64 {
+    let before = memory_in_use_mib();
+    let pids = start();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = memory_in_use_mib();
+    stop(&pids);
+    std::thread::sleep(Duration::from_millis(300));
+    after - before
+}
+
+/// Memory added by 1, 10 and 50 clones of a 1 GiB process, and by as many fork()ed copies.
+fn clone_memory(store: &Store, dir: &Path) -> Vec<(usize, f64, f64)> {
+    let pid = start_memhog(1024, dir);
+    let (out, _) = store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    end(pid);
+    let mut rows = Vec::new();
+    for n in [1usize, 10, 50] {
+        let clones = added_by(
+            || {
+                let (out, _) = store.dolly(&[
+                    "--json",
+                    "clone",
+                    "--snapshot",
+                    &id,
+                    "--count",
+                    &n.to_string(),
+                ]);
+                let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+                list.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| Pid::from_raw(c["init_pid"].as_i64().unwrap() as i32))
+                    .collect()
+            },
+            |inits| {
+                store.dolly(&["clone", "kill", "--all"]);
+                for p in inits {
+                    let _ = waitpid(*p, None);
+                }
+            },
+        );
+        // The original of the forks: this process with 1 GiB touched, before measuring.
+        let mut memory = vec![0u64; 1 << 27];
+        for (i, w) in memory.iter_mut().enumerate() {
+            *w = (i as u64) | 1;
+        }
+        let forks = added_by(
+            || {
+                (0..n)
+                    // SAFETY: the child only touches its memory and sleeps, like memhog.
+                    .map(|_| match unsafe { fork() }.unwrap() {
+                        ForkResult::Child => {
+                            let mut i = 0usize;
+                            loop {
+                                let len = memory.len();
+                                memory[i % len] += 1;
+                                i += 4096;
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                        }
+                        ForkResult::Parent { child } => child,
+                    })
+                    .collect()
+            },
+            |pids| {
+                for p in pids {
+                    end(*p);
+                }
+            },
+        );
+        drop(memory);
+        rows.push((n, clones, forks));
+    }
+    store.dolly(&["snapshot", "delete", &id]);
+    rows
+}
+
+fn clone_tables(sizes: &[usize], store: &Store, dir: &Path) {
+    println!("| touched memory | fork() | dolly clone (start to running) | clone / fork |");
+    println!("|---:|---:|---:|---:|");
+    for &mib in sizes {
+        let (fork, clone) = clone_start(mib, store, dir);
+        println!(
+            "| {} | {fork:.2} ms | {clone:.1} ms | {:.2}× |",
+            size_label(mib),
+            clone / fork
+        );
+    }
+    println!();
+    println!(
+        "| copies of a 1 GiB process | memory added by clones | memory added by fork()ed copies |"
+    );
+    println!("|---:|---:|---:|");
+    for (n, clones, forks) in clone_memory(store, dir) {
+        println!("| {n} | {clones:.0} MiB | {forks:.0} MiB |");
+    }
+}
+
+/// `bench [capture|clone|all] [MiB ...]`
 fn main() {
     nix::sys::prctl::set_child_subreaper(true).unwrap();
-    let sizes: Vec<usize> = std::env::args()
-        .skip(1)
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let what = if args.first().is_some_and(|a| a.parse::<usize>().is_err()) {
+        args.remove(0)
+    } else {
+        "all".to_string()
+    };
+    let sizes: Vec<usize> = args
+        .iter()
         .map(|a| a.parse().expect("sizes in MiB"))
         .collect();
     let sizes = if sizes.is_empty() {
@@ -199,27 +396,11 @@ fn main() {
         root: dir.path().join("root"),
         pool: pool.path().to_path_buf(),
     };
-    let rows: Vec<Row> = sizes
-        .iter()
-        .map(|&mib| measure(mib, &store, dir.path()))
-        .collect();
-    println!("| touched memory | fork() | memcpy | capture: frozen | capture: total | restore | frozen / fork | restore / fork |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for r in rows {
-        let size = if r.mib >= 1024 {
-            format!("{} GiB", r.mib / 1024)
-        } else {
-            format!("{} MiB", r.mib)
-        };
-        println!(
-            "| {size} | {:.2} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1}× | {:.1}× |",
-            r.fork,
-            r.memcpy,
-            r.frozen,
-            r.capture,
-            r.restore,
-            r.frozen / r.fork,
-            r.restore / r.fork
-        );
+    if what == "capture" || what == "all" {
+        capture_table(&sizes, &store, dir.path());
+        println!();
+    }
+    if what == "clone" || what == "all" {
+        clone_tables(&sizes, &store, dir.path());
     }
 }

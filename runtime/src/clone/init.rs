@@ -78,6 +78,15 @@ pub fn main(
     let keep = out.as_raw_fd();
     let mut out = std::fs::File::from(out);
     detach_fds(keep);
+    // Opened before any overlay is mounted: the clone's directory may lie under one.
+    let dir = match std::fs::File::open(dir) {
+        Ok(d) => d,
+        Err(e) => {
+            let err = serde_json::json!({ "kind": "system", "message": format!("opening {}: {e}", dir.display()) });
+            report(&mut out, &format!("error {err}"));
+            std::process::exit(1);
+        }
+    };
     let restore = || -> Result<Pid, Error> {
         set_up(opts, overlays)?;
         let options = RestoreOptions {
@@ -113,17 +122,17 @@ pub fn main(
     drop(out);
     loop {
         match waitpid(None, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == target => finish(dir, Exit::Code(code)),
+            Ok(WaitStatus::Exited(pid, code)) if pid == target => finish(&dir, Exit::Code(code)),
             Ok(WaitStatus::Signaled(pid, sig, _)) if pid == target => {
-                finish(dir, Exit::Signal(sig as i32))
+                finish(&dir, Exit::Signal(sig as i32))
             }
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => finish(dir, Exit::Code(0)),
+            Err(_) => finish(&dir, Exit::Code(0)),
         }
     }
 }
 
-fn finish(dir: &Path, exit: Exit) -> ! {
+fn finish(dir: &std::fs::File, exit: Exit) -> ! {
     let _ = save_exit(dir, exit);
     std::process::exit(exit.status())
 }

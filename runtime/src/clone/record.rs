@@ -1,7 +1,7 @@
 //! The clone registry: one record per clone in `ROOT/clones/ID/record.json`, with what
 //! `clone list` shows and what `clone kill` needs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use snapshot::error::{Context, Error, Result};
@@ -96,12 +96,22 @@ impl CloneRecord {
     }
 }
 
-/// Records the exit of a clone (called by its init).
-pub fn save_exit(dir: &Path, exit: Exit) -> Result<()> {
-    snapshot::store::write_atomic(
-        &dir.join("exit.json"),
-        &serde_json::to_vec(&exit).expect("exit serializes"),
+/// Records the exit of a clone (called by its init) in its directory, given as an fd opened
+/// before the clone's overlays were mounted (the directory may lie under one of them).
+pub fn save_exit(dir: &std::fs::File, exit: Exit) -> Result<()> {
+    use nix::fcntl::{openat, renameat, OFlag};
+    use nix::sys::stat::Mode;
+    let text = serde_json::to_vec(&exit).expect("exit serializes");
+    let tmp = openat(
+        dir,
+        ".exit.json.tmp",
+        OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
     )
+    .context("recording the clone's exit")?;
+    nix::unistd::write(&tmp, &text).context("recording the clone's exit")?;
+    nix::unistd::fsync(&tmp).context("recording the clone's exit")?;
+    renameat(dir, ".exit.json.tmp", dir, "exit.json").context("recording the clone's exit")
 }
 
 /// Every clone of a store, oldest first.
