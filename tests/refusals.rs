@@ -133,8 +133,8 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
             "2 threads",
         ),
         (
-            "import subprocess\nc = subprocess.Popen(['sleep', '60'])",
-            "has a child process",
+            "m = os.memfd_create('scratch')\nos.dup2(m, 6)\nos.close(m)",
+            "fd 6, a memfd",
         ),
         (
             "import fcntl\nf = open('/tmp/dolly-lock-test', 'w')\nfcntl.flock(f, fcntl.LOCK_EX)",

@@ -207,6 +207,12 @@ impl Tracee {
         }
     }
 
+    /// Takes over a process this process already traces and that is stopped (a stub that
+    /// `PTRACE_O_TRACEFORK` attached). Dropping it kills it.
+    pub fn adopt_traced(pid: Pid) -> Result<Tracee> {
+        Tracee::open(pid, OnDrop::Kill)
+    }
+
     fn open(pid: Pid, on_drop: OnDrop) -> Result<Tracee> {
         let mem = std::fs::OpenOptions::new()
             .read(true)
@@ -464,6 +470,16 @@ pub fn find_syscall_in_vdso(vdso: &[u8]) -> Option<u64> {
         }
     }
     None
+}
+
+/// Offset, in this kernel's vDSO, of a `syscall` instruction (found once).
+pub fn vdso_syscall_offset() -> Result<Option<u64>> {
+    static OFFSET: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    if let Some(o) = OFFSET.get() {
+        return Ok(*o);
+    }
+    let (_, bytes) = own_vdso()?;
+    Ok(*OFFSET.get_or_init(|| find_syscall_in_vdso(&bytes)))
 }
 
 /// The vDSO of the calling process: its address and bytes.

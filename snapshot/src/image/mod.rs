@@ -37,8 +37,35 @@ pub struct Manifest {
     pub shell_job: bool,
     /// PID of the tree's root process.
     pub root_pid: i32,
-    /// Every process of the tree, parents before children.
+    /// Every live process of the tree, parents before children.
     pub processes: Vec<Process>,
+    /// Children of the tree's processes that had exited but were not reaped yet.
+    pub zombies: Vec<Zombie>,
+    /// Files (inodes) the processes have open or mapped.
+    pub files: Vec<File>,
+    /// Open file descriptions (file, flags, offset), shared by the fds of every process that
+    /// holds them.
+    pub open_files: Vec<OpenFile>,
+    /// Shared anonymous memory objects, each once however many processes map it.
+    pub shmem: Vec<ShmemObject>,
+    /// Pool file holding the pages of the shared memory objects.
+    pub shmem_pool: Option<PoolFile>,
+}
+
+/// A child that had exited and was waiting for its parent to reap it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Zombie {
+    /// Its PID.
+    pub pid: i32,
+    /// Its parent's PID.
+    pub ppid: i32,
+    /// Its process group.
+    pub pgid: i32,
+    /// Its session.
+    pub sid: i32,
+    /// The status its parent will read (as `wait(2)` gives it).
+    pub wait_status: i32,
 }
 
 /// What a restore needs to know of the kernel the snapshot came from.
@@ -95,14 +122,8 @@ pub struct Process {
     pub mm: MmLayout,
     /// Every memory area, in address order.
     pub areas: Vec<Area>,
-    /// Shared anonymous memory objects the areas map.
-    pub shmem: Vec<ShmemObject>,
     /// Pool file (in the snapshot's pool directory) holding this process's pages.
     pub pool: Option<PoolFile>,
-    /// Files the process has open or mapped.
-    pub files: Vec<File>,
-    /// Open file descriptions (what fds point at: file, flags, offset).
-    pub open_files: Vec<OpenFile>,
     /// The fd table.
     pub fds: Vec<Fd>,
     /// Signal dispositions and process-wide pending signals.
@@ -266,14 +287,14 @@ pub enum AreaKind {
     Stack,
     /// Shared anonymous memory: a range of a [`ShmemObject`].
     SharedAnonymous {
-        /// Index into [`Process::shmem`].
+        /// Index into [`Manifest::shmem`].
         object: u32,
         /// Byte offset into the object.
         offset: u64,
     },
     /// A file mapping.
     File {
-        /// Index into [`Process::files`].
+        /// Index into [`Manifest::files`].
         file: u32,
         /// Byte offset into the file.
         offset: u64,
@@ -413,7 +434,7 @@ pub enum FileKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenFile {
-    /// Index into [`Process::files`].
+    /// Index into [`Manifest::files`].
     pub file: u32,
     /// `O_*` status flags and access mode (without `O_CLOEXEC`).
     pub flags: u32,
@@ -427,7 +448,7 @@ pub struct OpenFile {
 pub struct Fd {
     /// The fd number.
     pub fd: i32,
-    /// Index into [`Process::open_files`].
+    /// Index into [`Manifest::open_files`].
     pub open_file: u32,
     /// `FD_CLOEXEC`.
     pub cloexec: bool,
@@ -638,32 +659,77 @@ impl Manifest {
         };
         let plain =
             |name: &str| !name.is_empty() && !name.contains('/') && name != "." && name != "..";
-        if self.processes.is_empty() {
-            return Err(bad("it has no process".into()));
+        if self.processes.is_empty() || self.processes[0].pid != self.root_pid {
+            return Err(bad("it has no root process first".into()));
         }
-        for p in &self.processes {
+        let pids: std::collections::HashSet<i32> = self.processes.iter().map(|p| p.pid).collect();
+        for z in &self.zombies {
+            if !pids.contains(&z.ppid) {
+                return Err(bad(format!(
+                    "zombie {} has no parent in the snapshot",
+                    z.pid
+                )));
+            }
+        }
+        if self
+            .files
+            .iter()
+            .filter_map(|f| f.content.as_deref())
+            .any(|c| !plain(c))
+        {
+            return Err(bad("a saved-content name is not a plain name".into()));
+        }
+        if self
+            .open_files
+            .iter()
+            .any(|o| o.file as usize >= self.files.len())
+        {
+            return Err(bad(
+                "an open file points at a file that does not exist".into()
+            ));
+        }
+        if self.shmem.iter().any(|o| o.pages.is_some()) && self.shmem_pool.is_none() {
+            return Err(bad(
+                "shared memory stores pages but there is no pool file for them".into(),
+            ));
+        }
+        for pf in self
+            .processes
+            .iter()
+            .filter_map(|p| p.pool.as_ref())
+            .chain(self.shmem_pool.as_ref())
+        {
+            if !plain(&pf.name) {
+                return Err(bad("a pool file name is not a plain name".into()));
+            }
+        }
+        for (i, p) in self.processes.iter().enumerate() {
             if p.threads.is_empty() {
                 return Err(bad(format!("process {} has no thread", p.pid)));
             }
+            if i > 0 && !self.processes[..i].iter().any(|q| q.pid == p.ppid) {
+                return Err(bad(format!(
+                    "process {} comes before its parent {}",
+                    p.pid, p.ppid
+                )));
+            }
             for a in &p.areas {
-                if a.start >= a.end
-                    || a.start % crate::sys::PAGE_SIZE != 0
-                    || a.end % crate::sys::PAGE_SIZE != 0
-                {
+                let page = crate::sys::PAGE_SIZE;
+                if a.start >= a.end || a.start % page != 0 || a.end % page != 0 {
                     return Err(bad(format!(
                         "area {:#x}-{:#x} is not a page range",
                         a.start, a.end
                     )));
                 }
                 match a.kind {
-                    AreaKind::File { file, .. } if file as usize >= p.files.len() => {
+                    AreaKind::File { file, .. } if file as usize >= self.files.len() => {
                         return Err(bad(format!(
                             "area {:#x} maps file #{file}, which does not exist",
                             a.start
                         )))
                     }
                     AreaKind::SharedAnonymous { object, .. }
-                        if object as usize >= p.shmem.len() =>
+                        if object as usize >= self.shmem.len() =>
                     {
                         return Err(bad(format!(
                             "area {:#x} maps object #{object}, which does not exist",
@@ -676,7 +742,7 @@ impl Manifest {
                     if pages
                         .runs
                         .iter()
-                        .any(|r| r[1] == 0 || (r[0] + r[1]) * crate::sys::PAGE_SIZE > a.len())
+                        .any(|r| r[1] == 0 || (r[0] + r[1]) * page > a.len())
                     {
                         return Err(bad(format!("area {:#x} has pages outside it", a.start)));
                     }
@@ -688,27 +754,9 @@ impl Manifest {
                     p.pid
                 )));
             }
-            if p.pool.as_ref().is_some_and(|pf| !plain(&pf.name)) {
-                return Err(bad("a pool file name is not a plain name".into()));
-            }
-            if p.files
-                .iter()
-                .filter_map(|f| f.content.as_deref())
-                .any(|c| !plain(c))
-            {
-                return Err(bad("a saved-content name is not a plain name".into()));
-            }
-            if p.open_files
-                .iter()
-                .any(|o| o.file as usize >= p.files.len())
-            {
-                return Err(bad(
-                    "an open file points at a file that does not exist".into()
-                ));
-            }
             if p.fds
                 .iter()
-                .any(|f| f.open_file as usize >= p.open_files.len() || f.fd < 0)
+                .any(|f| f.open_file as usize >= self.open_files.len() || f.fd < 0)
             {
                 return Err(bad(
                     "an fd points at an open file that does not exist".into()
@@ -737,24 +785,15 @@ impl Manifest {
 
     /// Bytes of memory stored in the pool for the whole tree.
     pub fn stored_bytes(&self) -> u64 {
-        self.processes
+        let pages = |p: &Option<Pages>| p.as_ref().map_or(0, Pages::page_count);
+        let areas: u64 = self
+            .processes
             .iter()
-            .map(|p| {
-                let areas: u64 = p
-                    .areas
-                    .iter()
-                    .filter_map(|a| a.pages.as_ref())
-                    .map(Pages::page_count)
-                    .sum();
-                let shm: u64 = p
-                    .shmem
-                    .iter()
-                    .filter_map(|o| o.pages.as_ref())
-                    .map(Pages::page_count)
-                    .sum();
-                (areas + shm) * crate::sys::PAGE_SIZE
-            })
-            .sum()
+            .flat_map(|p| &p.areas)
+            .map(|a| pages(&a.pages))
+            .sum();
+        let shm: u64 = self.shmem.iter().map(|o| pages(&o.pages)).sum();
+        (areas + shm) * crate::sys::PAGE_SIZE
     }
 }
 

@@ -13,8 +13,13 @@ fn sample() -> Manifest {
             vdso_hash: "00".into(),
         },
         shell_job: false,
-        root_pid: 42,
+        root_pid: 7,
         processes: vec![],
+        zombies: vec![],
+        files: vec![],
+        open_files: vec![],
+        shmem: vec![],
+        shmem_pool: None,
     }
 }
 
@@ -110,7 +115,7 @@ fn minimal_process() -> serde_json::Value {
         "mm": {"start_code": 0, "end_code": 0, "start_data": 0, "end_data": 0, "start_brk": 0,
                "brk": 0, "start_stack": 0, "arg_start": 0, "arg_end": 0, "env_start": 0,
                "env_end": 0, "auxv": []},
-        "areas": [], "shmem": [], "pool": null, "files": [], "open_files": [],
+        "areas": [], "pool": null,
         "fds": [{"fd": 3, "open_file": 0, "cloexec": false}],
         "signals": {"actions": [], "pending": []},
         "itimers": {"real": {"interval_us": 0, "value_us": 0}, "virtual": {"interval_us": 0, "value_us": 0}, "prof": {"interval_us": 0, "value_us": 0}},

@@ -4,7 +4,7 @@
 //! recreated (then unlinked again); `/dev/null`-like devices are reopened; terminals are
 //! replaced by dolly's own (`--shell-job`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File as StdFile;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -14,7 +14,7 @@ use nix::sys::stat::{major, minor};
 use nix::unistd::Pid;
 
 use crate::error::{Context, Error, Result};
-use crate::image::{AreaKind, Fd, File, FileKind, OpenFile, Process};
+use crate::image::{AreaKind, Fd, File, FileKind, Manifest, OpenFile, Process};
 use crate::proc::{MapsEntry, ProcDir};
 use crate::sys::process::same_file_description;
 
@@ -168,7 +168,7 @@ fn pipe_content(pipe: &StdFile) -> Result<(Vec<u8>, u64)> {
 
 /// Refuses a pipe or FIFO that another process also holds: restoring this process alone
 /// would cut it off from the other end.
-fn check_pipe_private(pid: Pid, fd: i32, link: &str) -> Result<()> {
+fn check_pipe_private(pid: Pid, fd: i32, link: &str, tree: &HashSet<i32>) -> Result<()> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Ok(());
     };
@@ -176,7 +176,7 @@ fn check_pipe_private(pid: Pid, fd: i32, link: &str) -> Result<()> {
         let Some(other) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if other == pid.as_raw() {
+        if other == pid.as_raw() || tree.contains(&other) {
             continue;
         }
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
@@ -187,10 +187,10 @@ fn check_pipe_private(pid: Pid, fd: i32, link: &str) -> Result<()> {
                 let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
                 return Err(Error::refused(
                     format!(
-                        "process {pid} has fd {fd}, a pipe ({link}) that process {other} ({}) holds too: pipes between processes are not supported yet",
+                        "process {pid} has fd {fd}, a pipe ({link}) that process {other} ({}), outside the captured tree, holds too",
                         comm.trim()
                     ),
-                    "capture a process whose pipes are its own, or redirect the pipe to a file",
+                    "capture the tree that holds both ends (its common ancestor), or redirect the pipe to a file",
                 ));
             }
         }
@@ -226,11 +226,11 @@ fn describe_fd(link: &str) -> &'static str {
 pub fn capture_fds(
     proc: &ProcDir,
     table: &mut FileTable,
+    open_files: &mut OpenFiles,
     shell_job: bool,
-) -> Result<(Vec<OpenFile>, Vec<Fd>)> {
+    tree: &HashSet<i32>,
+) -> Result<Vec<Fd>> {
     let pid = proc.pid();
-    let mut open_files: Vec<OpenFile> = Vec::new();
-    let mut owners: Vec<i32> = Vec::new(); // an fd of each open file description
     let mut fds = Vec::new();
     for fd in proc.fds()? {
         let name = format!("fd/{fd}");
@@ -282,7 +282,7 @@ pub fn capture_fds(
                 FileKind::CharDevice { rdev }
             }
             libc::S_IFIFO => {
-                check_pipe_private(pid, fd, &link)?;
+                check_pipe_private(pid, fd, &link, tree)?;
                 if link.starts_with("pipe:") {
                     FileKind::Pipe { capacity: 0 }
                 } else {
@@ -318,45 +318,79 @@ pub fn capture_fds(
         })?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
-        // Dup'ed fds share one open file description (offset, flags): find it.
-        let mut shared = None;
-        for (i, of) in open_files.iter().enumerate() {
-            if of.file == file
-                && same_file_description(pid, owners[i], pid, fd)
-                    .with_context(|| format!("comparing fds of process {pid}"))?
-            {
-                shared = Some(i as u32);
-                break;
-            }
-        }
-        let open_file = match shared {
-            Some(i) => i,
-            None => {
-                open_files.push(OpenFile {
-                    file,
-                    flags,
-                    pos: info.pos,
-                });
-                owners.push(fd);
-                (open_files.len() - 1) as u32
-            }
-        };
+        let open_file = open_files.find_or_add(pid, fd, file, flags, info.pos)?;
         fds.push(Fd {
             fd,
             open_file,
             cloexec,
         });
     }
-    Ok((open_files, fds))
+    Ok(fds)
 }
 
-/// Fds a restore has opened in dolly, to hand to the process being rebuilt.
+/// The open file descriptions found so far in a tree, each with an fd that holds it, so
+/// that fds of any process of the tree that share one (dup'ed, inherited) are told apart
+/// from fds that merely open the same file (`kcmp`).
+#[derive(Debug, Default)]
+pub struct OpenFiles {
+    list: Vec<OpenFile>,
+    owners: Vec<(Pid, i32)>,
+}
+
+impl OpenFiles {
+    /// The index of the description fd `fd` of `pid` holds, adding it if it is new.
+    fn find_or_add(&mut self, pid: Pid, fd: i32, file: u32, flags: u32, pos: u64) -> Result<u32> {
+        for (i, of) in self.list.iter().enumerate() {
+            let (owner, owner_fd) = self.owners[i];
+            if of.file == file
+                && same_file_description(owner, owner_fd, pid, fd)
+                    .with_context(|| format!("comparing fds of processes {owner} and {pid}"))?
+            {
+                return Ok(i as u32);
+            }
+        }
+        self.list.push(OpenFile { file, flags, pos });
+        self.owners.push((pid, fd));
+        Ok((self.list.len() - 1) as u32)
+    }
+
+    /// The descriptions, in index order.
+    pub fn into_list(self) -> Vec<OpenFile> {
+        self.list
+    }
+}
+
+/// What a restore has opened in dolly, to hand to the processes being rebuilt.
 #[derive(Debug, Default)]
 pub struct PreparedFiles {
-    /// `(fd, number in the restored process, close-on-exec)`.
-    pub fds: Vec<(OwnedFd, i32, bool)>,
+    /// One fd per open file description (indexed like [`Manifest::open_files`]).
+    pub descriptions: Vec<OwnedFd>,
     /// Fds for memory mappings, per `(file index, writable)`.
     pub mappings: Vec<((u32, bool), OwnedFd)>,
+}
+
+impl PreparedFiles {
+    /// The fd table of one process: `(fd in dolly, number in the process, close-on-exec)`.
+    pub fn fd_table(&self, proc: &Process) -> Vec<(i32, i32, bool)> {
+        proc.fds
+            .iter()
+            .map(|fd| {
+                (
+                    self.descriptions[fd.open_file as usize].as_raw_fd(),
+                    fd.fd,
+                    fd.cloexec,
+                )
+            })
+            .collect()
+    }
+
+    /// The fd to map file `index` with (writable for writable shared mappings).
+    pub fn mapping(&self, index: u32, writable: bool) -> Option<&OwnedFd> {
+        self.mappings
+            .iter()
+            .find(|(k, _)| *k == (index, writable))
+            .map(|(_, fd)| fd)
+    }
 }
 
 /// Flags that only mean something at creation or for the fd, not the open file.
@@ -485,10 +519,11 @@ fn recreate_deleted(file: &File, pool_dir: &Path, index: u32) -> Result<PathBuf>
     ))
 }
 
-/// Opens, in dolly, everything the restored process will have open or mapped: its fds (with
-/// flags and offsets, dup'ed fds sharing one description) and the files its areas map.
-/// Refuses files that changed since the capture where that would corrupt memory.
-pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
+/// Opens, in dolly, everything the restored processes will have open or mapped: every open
+/// file description (with its flags and offset; a restore gives every fd that shared one the
+/// same one), and the files their areas map. Refuses files that changed since the capture
+/// where that would corrupt memory.
+pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
     let mut out = PreparedFiles::default();
     let mut recreated: Vec<PathBuf> = Vec::new();
     let result = (|| -> Result<()> {
@@ -497,7 +532,7 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
             if let Some(p) = paths.get(&index) {
                 return Ok(p.clone());
             }
-            let file = &proc.files[index as usize];
+            let file = &manifest.files[index as usize];
             let path = match file.kind {
                 FileKind::Terminal => own_terminal()?,
                 _ if file.deleted => {
@@ -514,7 +549,7 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
             Ok(path)
         };
         // Memory mappings: private file pages come from the file, so it must not have changed.
-        for area in &proc.areas {
+        for area in manifest.processes.iter().flat_map(|p| &p.areas) {
             let AreaKind::File { file: index, .. } = area.kind else {
                 continue;
             };
@@ -522,7 +557,7 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
             if out.mappings.iter().any(|(k, _)| *k == (index, writable)) {
                 continue;
             }
-            let file = &proc.files[index as usize];
+            let file = &manifest.files[index as usize];
             let path = path_of(index)?;
             let flags = if writable {
                 libc::O_RDWR
@@ -553,9 +588,8 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
         // are made anew and refilled first; their descriptions are opened through
         // /proc/self/fd, which gives a new description of the same pipe.
         let mut pipes: HashMap<u32, Vec<OwnedFd>> = HashMap::new();
-        let mut descriptions: Vec<OwnedFd> = Vec::new();
-        for of in &proc.open_files {
-            let file = &proc.files[of.file as usize];
+        for of in &manifest.open_files {
+            let file = &manifest.files[of.file as usize];
             let path = match file.kind {
                 FileKind::Pipe { .. } | FileKind::Fifo { .. } => {
                     if let std::collections::hash_map::Entry::Vacant(e) = pipes.entry(of.file) {
@@ -576,13 +610,7 @@ pub fn prepare(proc: &Process, pool_dir: &Path) -> Result<PreparedFiles> {
                 nix::unistd::lseek(&fd, of.pos as i64, nix::unistd::Whence::SeekSet)
                     .with_context(|| format!("seeking {} to {}", path.display(), of.pos))?;
             }
-            descriptions.push(fd);
-        }
-        for fd in &proc.fds {
-            let dup = descriptions[fd.open_file as usize]
-                .try_clone()
-                .context("duplicating an fd")?;
-            out.fds.push((dup, fd.fd, fd.cloexec));
+            out.descriptions.push(fd);
         }
         Ok(())
     })();
@@ -645,15 +673,6 @@ fn make_pipe(file: &File, pool_dir: &Path) -> Result<Vec<OwnedFd>> {
         }
     }
     Ok(handles)
-}
-
-/// Raw numbers of prepared fds, for the forked stub.
-pub fn raw_fds(prepared: &PreparedFiles) -> Vec<(i32, i32, bool)> {
-    prepared
-        .fds
-        .iter()
-        .map(|(fd, target, cloexec)| (fd.as_raw_fd(), *target, *cloexec))
-        .collect()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use nix::unistd::Pid;
 
 use crate::error::{Context, Error, Result};
-use crate::image::{Area, AreaFlags, AreaKind, Pages, Process, ShmemObject};
+use crate::image::{Area, AreaFlags, AreaKind, Pages, PoolFile, Process, ShmemObject};
 use crate::pool::{self, PoolWriter};
 use crate::proc::{MapsEntry, ProcDir};
 use crate::resource::files::FileTable;
@@ -47,10 +47,66 @@ enum Source {
 pub struct MemoryPlan {
     /// The areas (pages not yet assigned).
     pub areas: Vec<Area>,
-    /// Shared anonymous objects.
-    pub shmem: Vec<ShmemObject>,
     sources: Vec<Source>,
-    shmem_files: Vec<File>,
+}
+
+/// The shared anonymous memory objects of a whole tree, each once (by inode), with a file
+/// to read each through.
+#[derive(Debug, Default)]
+pub struct ShmemTable {
+    objects: Vec<ShmemObject>,
+    files: Vec<File>,
+    by_inode: HashMap<u64, u32>,
+}
+
+impl ShmemTable {
+    fn intern(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
+        if let Some(&o) = self.by_inode.get(&m.inode) {
+            return Ok(o);
+        }
+        let file = File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
+            .with_context(|| {
+                format!(
+                    "opening shared memory of process {} at {:#x}",
+                    proc.pid(),
+                    m.start
+                )
+            })?;
+        let size = file.metadata().context("reading shared memory size")?.len();
+        let o = self.objects.len() as u32;
+        self.objects.push(ShmemObject {
+            inode: m.inode,
+            size,
+            pages: None,
+        });
+        self.files.push(file);
+        self.by_inode.insert(m.inode, o);
+        Ok(o)
+    }
+
+    /// Copies every object's pages into a new pool file; returns the objects (with their
+    /// pages) and the file's size (0 when nothing was stored).
+    pub fn dump(mut self, pool_path: &std::path::Path) -> Result<(Vec<ShmemObject>, u64)> {
+        if self.objects.is_empty() {
+            return Ok((self.objects, 0));
+        }
+        let mut writer = PoolWriter::create(pool_path)?;
+        for (object, file) in self.objects.iter_mut().zip(&self.files) {
+            let ranges = file_data_ranges(file, 0, object.size);
+            if ranges.is_empty() {
+                continue;
+            }
+            let slot = writer.new_slot()?;
+            let runs = to_page_runs(&ranges, 0);
+            for run in &runs {
+                let mut dst = writer.map(pool::page_offset(slot, run[0]), run[1] * PAGE_SIZE)?;
+                file.read_exact_at(&mut dst, run[0] * PAGE_SIZE)
+                    .context("reading shared memory")?;
+            }
+            object.pages = Some(Pages { slot, runs });
+        }
+        Ok((self.objects, writer.size()))
+    }
 }
 
 fn area_flags(m: &MapsEntry) -> AreaFlags {
@@ -84,16 +140,17 @@ fn unsupported(pid: Pid, m: &MapsEntry, what: &str, remedy: &str) -> Error {
 }
 
 /// Reads the areas of a stopped process and decides what to store of each.
-pub fn inspect(proc: &ProcDir, files: &mut FileTable) -> Result<MemoryPlan> {
+pub fn inspect(
+    proc: &ProcDir,
+    files: &mut FileTable,
+    shmem: &mut ShmemTable,
+) -> Result<MemoryPlan> {
     let pid = proc.pid();
     let maps = proc.maps()?;
     let mut plan = MemoryPlan {
         areas: Vec::new(),
-        shmem: Vec::new(),
         sources: Vec::new(),
-        shmem_files: Vec::new(),
     };
-    let mut shmem_by_inode: HashMap<u64, u32> = HashMap::new();
     for m in &maps {
         if m.path == "[vsyscall]" {
             continue;
@@ -122,29 +179,7 @@ pub fn inspect(proc: &ProcDir, files: &mut FileTable) -> Result<MemoryPlan> {
                 Source::Private,
             ),
             p if m.shared && (p == "/dev/zero" && m.deleted || p.starts_with("[anon_shmem:")) => {
-                let object = match shmem_by_inode.get(&m.inode) {
-                    Some(&o) => o,
-                    None => {
-                        let file =
-                            File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
-                                .with_context(|| {
-                                    format!(
-                                        "opening shared memory of process {pid} at {:#x}",
-                                        m.start
-                                    )
-                                })?;
-                        let size = file.metadata().context("reading shared memory size")?.len();
-                        let o = plan.shmem.len() as u32;
-                        plan.shmem.push(ShmemObject {
-                            inode: m.inode,
-                            size,
-                            pages: None,
-                        });
-                        plan.shmem_files.push(file);
-                        shmem_by_inode.insert(m.inode, o);
-                        o
-                    }
-                };
+                let object = shmem.intern(proc, m)?;
                 (
                     AreaKind::SharedAnonymous {
                         object,
@@ -276,14 +311,14 @@ pub struct DumpStats {
 }
 
 impl MemoryPlan {
-    /// The areas and shared objects, with their pages as `dump` stored them.
-    pub fn into_image(self) -> (Vec<Area>, Vec<ShmemObject>) {
-        (self.areas, self.shmem)
+    /// The areas, with their pages as `dump` stored them.
+    pub fn into_areas(self) -> Vec<Area> {
+        self.areas
     }
 }
 
 /// Copies the pages to store of every area into a new pool file, filling in each area's
-/// and object's `pages`. The process must be stopped.
+/// `pages`. The process must be stopped.
 pub fn dump(pid: Pid, plan: &mut MemoryPlan, pool_path: &std::path::Path) -> Result<DumpStats> {
     let proc = ProcDir::new(pid);
     let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
@@ -324,21 +359,6 @@ pub fn dump(pid: Pid, plan: &mut MemoryPlan, pool_path: &std::path::Path) -> Res
         let runs = to_page_runs(&ranges, area.start);
         copy_runs(pid, &mem, &writer, slot, area.start, &runs)?;
         area.pages = Some(Pages { slot, runs });
-    }
-    for (object, file) in plan.shmem.iter_mut().zip(&plan.shmem_files) {
-        let ranges = file_data_ranges(file, 0, object.size);
-        if ranges.is_empty() {
-            continue;
-        }
-        let slot = writer.new_slot()?;
-        let runs = to_page_runs(&ranges, 0);
-        for run in &runs {
-            let len = run[1] * PAGE_SIZE;
-            let mut dst = writer.map(pool::page_offset(slot, run[0]), len)?;
-            file.read_exact_at(&mut dst, run[0] * PAGE_SIZE)
-                .context("reading shared memory")?;
-        }
-        object.pages = Some(Pages { slot, runs });
     }
     stats.pool_size = writer.size();
     Ok(stats)
@@ -623,17 +643,16 @@ pub fn open_pool(dir: &std::path::Path, name: &str) -> Result<File> {
     })
 }
 
-/// Checks the pool file of a process holds every page its manifest stored.
-pub fn check_pool(proc: &Process, pool_file: &File, path: &std::path::Path) -> Result<()> {
-    let pages: u64 = proc
-        .areas
-        .iter()
-        .filter_map(|a| a.pages.as_ref())
-        .chain(proc.shmem.iter().filter_map(|o| o.pages.as_ref()))
-        .map(Pages::page_count)
-        .sum();
-    let size = proc.pool.as_ref().map_or(0, |pf| pf.size);
-    pool::check_file(pool_file, path, size, pages)
+/// Checks a pool file holds every page the manifest stored in it: `pages` are those of a
+/// process's areas, or of the shared memory objects.
+pub fn check_pool<'a>(
+    pages: impl Iterator<Item = &'a Pages>,
+    pool: &PoolFile,
+    pool_file: &File,
+    path: &std::path::Path,
+) -> Result<()> {
+    let count: u64 = pages.map(Pages::page_count).sum();
+    pool::check_file(pool_file, path, pool.size, count)
 }
 
 #[cfg(test)]

@@ -75,6 +75,20 @@ pub fn pending(tid: Pid, shared: bool) -> Result<Vec<QueuedSignal>> {
         .collect())
 }
 
+/// Takes every pending signal of a process being rebuilt (its thread's and its process's),
+/// so that only the captured ones are queued again. `scratch` holds 24 writable bytes.
+pub fn flush_pending(remote: &mut Remote, scratch: u64) -> Result<()> {
+    let mut args = [0u8; 24];
+    args[..8].copy_from_slice(&u64::MAX.to_ne_bytes()); // every signal; a zero timeout
+    remote.write_mem(scratch, &args)?;
+    for _ in 0..1024 {
+        if remote.raw(libc::SYS_rt_sigtimedwait, &[scratch, 0, scratch + 8, 8])? < 0 {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 /// Queues signals again inside a process being rebuilt (its signals are blocked, so they
 /// stay pending until its mask is restored): process-wide ones with `rt_sigqueueinfo`, a
 /// thread's own with `rt_tgsigqueueinfo`. `scratch` holds 128 writable bytes.

@@ -116,6 +116,28 @@ pub fn new_process_group() -> Result<(), Errno> {
     check(unsafe { libc::setpgid(0, 0) } as libc::c_long).map(drop)
 }
 
+/// Moves the calling process into process group `pgid` of its session (no allocation).
+pub fn join_process_group(pgid: i32) -> Result<(), Errno> {
+    // SAFETY: setpgid takes integers.
+    check(unsafe { libc::setpgid(0, pgid) } as libc::c_long).map(drop)
+}
+
+/// Unblocks one signal of the calling thread (no allocation).
+pub fn unblock_signal(signo: i32) -> Result<(), Errno> {
+    let set: u64 = 1 << (signo - 1);
+    // SAFETY: the kernel reads 8 bytes of mask; the old-mask pointer is null.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_UNBLOCK as libc::c_long,
+            &set as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8 as libc::c_long,
+        )
+    })
+    .map(drop)
+}
+
 /// Changes the working directory (no allocation).
 pub fn chdir(path: &std::ffi::CStr) -> Result<(), Errno> {
     // SAFETY: `path` is NUL-terminated and outlives the call.

@@ -1,0 +1,258 @@
+//! Capturing one frozen process of the tree: first everything but its pages (so that any
+//! refusal comes before pages are copied for any process), then its pages.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crate::checkpoint::Checkpoints;
+use crate::error::{Error, Result};
+use crate::image::{AreaKind, Fd, PoolFile, Process, Signals};
+use crate::proc::{Stat, Status};
+use crate::resource::files::{FileTable, OpenFiles};
+use crate::resource::memory::{MemoryPlan, ShmemTable};
+use crate::resource::{creds, files, memory, process, signals, thread};
+use crate::tracee::{self, RawRegs, Tracee};
+
+use super::checks;
+use super::tree::Member;
+
+/// Bytes of scratch memory mapped inside the target while reading hidden state.
+const SCRATCH_LEN: u64 = 2 * crate::sys::PAGE_SIZE;
+
+/// The tables a tree's processes share: each file, open file description and shared memory
+/// object once, however many processes hold it.
+#[derive(Debug)]
+pub struct Shared {
+    /// Files (inodes).
+    pub files: FileTable,
+    /// Open file descriptions.
+    pub open_files: OpenFiles,
+    /// Shared anonymous memory objects.
+    pub shmem: ShmemTable,
+    /// PIDs of the whole tree (a pipe held only inside it is the tree's own).
+    pub tree: HashSet<i32>,
+}
+
+/// What only code running inside the process can tell.
+struct Hidden {
+    actions: Vec<crate::image::SignalAction>,
+    thread: thread::HiddenState,
+    itimers: crate::image::ITimers,
+    brk: u64,
+    flags: crate::image::ProcessFlags,
+    securebits: u32,
+}
+
+/// A process inspected, its pages not yet copied.
+pub struct Inspected {
+    stat: Stat,
+    status: Status,
+    stopped: bool,
+    regs: RawRegs,
+    xstate: Vec<u8>,
+    sigmask: u64,
+    fds: Vec<Fd>,
+    memory: MemoryPlan,
+    cwd: String,
+    hidden: Hidden,
+}
+
+/// Finds a `syscall` instruction the stopped process can execute: in its vDSO, or the one
+/// it is stopped right after if the freeze caught it in a system call.
+fn syscall_ip(tracee: &Tracee, memory: &MemoryPlan, regs: &RawRegs) -> Result<u64> {
+    let mut candidates = Vec::new();
+    if let Some(vdso) = memory.areas.iter().find(|a| a.kind == AreaKind::Vdso) {
+        if let Some(off) = tracee::vdso_syscall_offset()? {
+            candidates.push(vdso.start + off);
+        }
+    }
+    if (regs.orig_rax as i64) >= 0 {
+        candidates.push(regs.rip - 2);
+    }
+    for ip in candidates {
+        let mut insn = [0u8; 2];
+        if tracee.read_mem(ip, &mut insn).is_ok() && insn == [0x0f, 0x05] {
+            return Ok(ip);
+        }
+    }
+    Err(Error::refused(
+        format!(
+            "process {} has no vDSO to run system calls through",
+            tracee.pid()
+        ),
+        "capture a process that keeps its vDSO mapped",
+    ))
+}
+
+fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Result<Hidden> {
+    let scratch = remote.call(
+        "mapping a scratch page",
+        libc::SYS_mmap,
+        &[
+            0,
+            SCRATCH_LEN,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    let result = (|| {
+        checkpoints.reach("capture:injected")?;
+        let actions = signals::query_actions(remote, scratch)?;
+        let altstack = thread::query_altstack(remote, scratch)?;
+        let clear_child_tid = thread::query_tid_address(remote, scratch)?;
+        let itimers = process::query_itimers(remote, scratch)?;
+        let brk = process::query_brk(remote)?;
+        let (flags, securebits) = process::query_flags(remote, scratch)?;
+        Ok(Hidden {
+            actions,
+            thread: thread::HiddenState {
+                altstack,
+                clear_child_tid,
+            },
+            itimers,
+            brk,
+            flags,
+            securebits,
+        })
+    })();
+    let unmapped = remote.call(
+        "unmapping the scratch page",
+        libc::SYS_munmap,
+        &[scratch, SCRATCH_LEN],
+    );
+    let hidden = result?;
+    unmapped?;
+    Ok(hidden)
+}
+
+/// Reads everything of a frozen process but its pages; refuses what cannot be restored.
+pub fn inspect(
+    member: &mut Member,
+    shared: &mut Shared,
+    shell_job: bool,
+    checkpoints: &Checkpoints,
+) -> Result<Inspected> {
+    let proc = &member.proc;
+    let pid = proc.pid();
+    let stat = proc.stat()?;
+    let status = proc.status()?;
+    checks::check_member(proc, &status)?;
+    let tracee = &mut member.tracee;
+    let mut regs = tracee.regs()?;
+    thread::abort_rseq_section(tracee, &mut regs)?;
+    let xstate = tracee.xstate()?;
+    let sigmask = tracee.sigmask()?;
+
+    // Refusals first: they need no help from inside the process.
+    let fds = files::capture_fds(
+        proc,
+        &mut shared.files,
+        &mut shared.open_files,
+        shell_job,
+        &shared.tree,
+    )?;
+    let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem)?;
+    let cwd = proc.read_link("cwd")?;
+    if cwd.ends_with(" (deleted)") {
+        return Err(Error::refused(
+            format!("the working directory of process {pid} ({cwd}) was deleted"),
+            "capture a process whose working directory exists",
+        ));
+    }
+
+    // State only the process itself can tell: run system calls inside it, with every
+    // signal blocked, then put its registers and mask back whatever happened.
+    let ip = syscall_ip(tracee, &memory, &regs)?;
+    tracee.set_sigmask(tracee::ALL_SIGNALS)?;
+    let hidden = tracee
+        .remote(ip)
+        .and_then(|mut remote| query_hidden(&mut remote, checkpoints));
+    let put_back = tracee
+        .set_regs(&regs)
+        .and_then(|_| tracee.set_sigmask(sigmask))
+        .and_then(|_| tracee.park());
+    let hidden = hidden?;
+    put_back?;
+    Ok(Inspected {
+        stat,
+        status,
+        stopped: member.stopped,
+        regs,
+        xstate,
+        sigmask,
+        fds,
+        memory,
+        cwd,
+        hidden,
+    })
+}
+
+/// Copies the pages of an inspected process into its pool file and makes its image.
+pub fn dump(member: &Member, inspected: Inspected, pool_dir: &Path) -> Result<Process> {
+    let proc = &member.proc;
+    let pid = proc.pid();
+    let Inspected {
+        stat,
+        status,
+        stopped,
+        regs,
+        xstate,
+        sigmask,
+        fds,
+        mut memory,
+        cwd,
+        hidden,
+    } = inspected;
+    let pool_name = format!("{pid}{}", memory::POOL_FILE_SUFFIX);
+    let stats = memory::dump(pid, &mut memory, &pool_dir.join(&pool_name))?;
+    let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
+    let mut flags = hidden.flags;
+    flags.coredump_filter = process::capture_coredump_filter(proc)?;
+    let mut mm = process::mm_layout(&stat, hidden.brk, proc.auxv()?);
+    mm.brk = hidden.brk;
+    Ok(Process {
+        pid: pid.as_raw(),
+        ns_pids: status.ns_pid.clone(),
+        ppid: stat.ppid,
+        pgid: stat.pgid,
+        sid: stat.sid,
+        comm: stat.comm.clone(),
+        stopped,
+        exe: proc
+            .read_link("exe")?
+            .trim_end_matches(" (deleted)")
+            .to_string(),
+        personality: u32::from_str_radix(proc.read("personality")?.trim(), 16).unwrap_or(0),
+        umask: status.umask,
+        cwd,
+        root: proc.read_link("root")?,
+        rlimits: process::capture_rlimits(proc)?,
+        creds: creds::capture(&status, hidden.securebits),
+        flags,
+        sched,
+        oom_score_adj,
+        mm,
+        areas: memory.into_areas(),
+        pool: (stats.pool_size > 0).then_some(PoolFile {
+            name: pool_name,
+            size: stats.pool_size,
+        }),
+        fds,
+        signals: Signals {
+            actions: hidden.actions,
+            pending: signals::pending(pid, true)?,
+        },
+        itimers: hidden.itimers,
+        threads: vec![thread::capture(
+            &member.tracee,
+            &regs,
+            xstate,
+            sigmask,
+            hidden.thread,
+            status.ns_pid.clone(),
+            stat.comm.clone(),
+        )?],
+    })
+}

@@ -1,0 +1,132 @@
+//! Freezing a process tree: every process under the root stopped under ptrace, found again
+//! and again until no new one appears (a process not yet frozen may fork).
+
+use std::collections::{HashSet, VecDeque};
+
+use nix::unistd::Pid;
+
+use super::checks;
+use crate::error::{ErrorKind, Result};
+use crate::image::Zombie;
+use crate::proc::ProcDir;
+use crate::tracee::Tracee;
+
+/// One frozen process of the tree.
+#[derive(Debug)]
+pub struct Member {
+    /// Its /proc directory.
+    pub proc: ProcDir,
+    /// It, stopped.
+    pub tracee: Tracee,
+    /// It was stopped by job control before dolly froze it.
+    pub stopped: bool,
+}
+
+/// A frozen tree: live processes, parents before children, and unreaped zombies.
+#[derive(Debug)]
+pub struct Frozen {
+    /// The live processes, root first, parents before children.
+    pub members: Vec<Member>,
+    /// Children that had exited and were not yet reaped.
+    pub zombies: Vec<Zombie>,
+}
+
+impl Frozen {
+    /// The PIDs of every process of the tree, zombies included.
+    pub fn pids(&self) -> HashSet<i32> {
+        self.members
+            .iter()
+            .map(|m| m.proc.pid().as_raw())
+            .chain(self.zombies.iter().map(|z| z.pid))
+            .collect()
+    }
+
+    /// Lets every process run on, children first; reports the first failure.
+    pub fn thaw(self) -> Result<()> {
+        let mut first = Ok(());
+        for m in self.members.into_iter().rev() {
+            let r = m.tracee.detach();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// The tree under `root`, parents before children (breadth first).
+fn tree_order(root: Pid) -> Vec<Pid> {
+    let mut order = Vec::new();
+    let mut queue = VecDeque::from([root]);
+    while let Some(pid) = queue.pop_front() {
+        order.push(pid);
+        if let Ok(children) = ProcDir::new(pid).children() {
+            queue.extend(children);
+        }
+    }
+    order
+}
+
+/// Freezes `root` and all its descendants.
+pub fn freeze(root: Pid) -> Result<Frozen> {
+    let mut members: Vec<Member> = Vec::new();
+    let mut frozen: HashSet<Pid> = HashSet::new();
+    loop {
+        let mut new = false;
+        for pid in tree_order(root) {
+            if frozen.contains(&pid) {
+                continue;
+            }
+            let proc = ProcDir::new(pid);
+            let (Ok(stat), Ok(status)) = (proc.stat(), proc.status()) else {
+                continue; // gone (exited and reaped) meanwhile
+            };
+            if stat.state == 'Z' {
+                continue; // a zombie: recorded below
+            }
+            checks::check_member(&proc, &status)?;
+            let tracee = match Tracee::seize(pid) {
+                Ok(t) => t,
+                Err(e) if e.kind() == ErrorKind::NotFound && pid != root => continue,
+                Err(e) => return Err(e),
+            };
+            members.push(Member {
+                proc,
+                tracee,
+                stopped: stat.state == 'T',
+            });
+            frozen.insert(pid);
+            new = true;
+        }
+        if !new {
+            break;
+        }
+    }
+    // Frozen, none can fork or reap any more: put them in tree order and find the zombies.
+    let order = tree_order(root);
+    members.sort_by_key(|m| {
+        order
+            .iter()
+            .position(|&p| p == m.proc.pid())
+            .unwrap_or(usize::MAX)
+    });
+    let mut zombies = Vec::new();
+    for pid in order {
+        if frozen.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = ProcDir::new(pid).stat() else {
+            continue;
+        };
+        if stat.state == 'Z' && frozen.contains(&Pid::from_raw(stat.ppid)) {
+            zombies.push(Zombie {
+                pid: pid.as_raw(),
+                ppid: stat.ppid,
+                pgid: stat.pgid,
+                sid: stat.sid,
+                wait_status: stat.exit_code,
+            });
+        }
+    }
+    Ok(Frozen { members, zombies })
+}

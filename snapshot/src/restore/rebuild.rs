@@ -1,0 +1,245 @@
+//! Rebuilding one stopped stub into the captured process, from outside, with remote system
+//! calls: its memory, layout, registrations, timers, credentials, and finally its registers.
+
+use std::collections::HashMap;
+use std::fs::File;
+
+use nix::sys::ptrace;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::checkpoint::Checkpoints;
+use crate::error::{Context, Error, Result};
+use crate::image::{AreaKind, Process};
+use crate::proc::ProcDir;
+use crate::resource::memory::{self, MapSources};
+use crate::resource::{creds, process, signals, thread};
+use crate::sys::{page_ceil, PAGE_SIZE, TASK_SIZE};
+use crate::tracee::{self, Remote, Tracee};
+
+/// Bytes of scratch memory mapped inside the process while it is rebuilt.
+const SCRATCH_MIN: u64 = 4 * PAGE_SIZE;
+
+/// What a stub has, parked at fixed numbers, to rebuild its process from.
+#[derive(Debug)]
+pub struct Sources<'a> {
+    /// Its pool file, areas' files and shared memory objects, as fds inside the stub.
+    pub maps: MapSources,
+    /// Its executable, as an fd inside the stub.
+    pub exe: i32,
+    /// Its pool file, open in dolly (pages to copy rather than map are read from it).
+    pub pool_file: Option<&'a File>,
+    /// First fd number above the process's own: dolly's parked fds, closed at the end.
+    pub high: i32,
+}
+
+/// Rebuilds a stopped stub into the captured process, up to (not including) its registers.
+/// `root`: the root of the restored tree, whose parent is not the one it had.
+pub fn rebuild(
+    tracee: &mut Tracee,
+    proc: &Process,
+    sources: &Sources,
+    root: bool,
+    checkpoints: &Checkpoints,
+) -> Result<()> {
+    let pid = tracee.pid();
+    let (own_vdso, _) = tracee::own_vdso()?;
+    let vdso_syscall = tracee::vdso_syscall_offset()?.ok_or_else(|| {
+        Error::refused(
+            "no syscall instruction found in the vDSO",
+            "this kernel's vDSO is not supported",
+        )
+    })?;
+    let thread = &proc.threads[0];
+    let mut remote = tracee.remote(own_vdso + vdso_syscall)?;
+    if let Some(r) = crate::sys::ptrace::rseq_config(pid).context("reading the stub's rseq")? {
+        remote.call(
+            "unregistering the stub's rseq",
+            libc::SYS_rseq,
+            &[
+                r.pointer,
+                r.size as u64,
+                thread::RSEQ_FLAG_UNREGISTER,
+                r.signature as u64,
+            ],
+        )?;
+    }
+    replace_address_space(&mut remote, pid, proc, vdso_syscall)?;
+    checkpoints.reach("restore:rebuilding")?;
+    let scratch_len = SCRATCH_MIN.max(page_ceil(creds::scratch_needed(&proc.creds) + PAGE_SIZE));
+    let scratch_at = memory::free_range(&proc.areas, &[], scratch_len).ok_or_else(|| {
+        Error::refused(
+            "the snapshot's address space has no room left for dolly's scratch page",
+            "this process cannot be restored by dolly",
+        )
+    })?;
+    let scratch = remote.call(
+        "mapping a scratch page",
+        libc::SYS_mmap,
+        &[
+            scratch_at,
+            scratch_len,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    memory::map_areas(&mut remote, proc, &sources.maps, sources.pool_file)?;
+    memory::apply_flags(&mut remote, proc, scratch)?;
+    process::set_mm_map(&mut remote, scratch, &proc.mm, Some(sources.exe))?;
+    remote.call(
+        "closing dolly's fds",
+        libc::SYS_close_range,
+        &[sources.high as u64, u32::MAX as u64, 0],
+    )?;
+    process::restore_rlimits(pid, &proc.rlimits)?;
+    process::restore_oom_score_adj(pid, proc.oom_score_adj)?;
+    process::restore_coredump_filter(pid, proc.flags.coredump_filter)?;
+    thread::restore_registrations(&mut remote, thread)?;
+    // Signals the stub got while it was built (its children stopping, zombies exiting) are
+    // not the process's: drop them, then queue the captured ones.
+    signals::flush_pending(&mut remote, scratch)?;
+    let own_pid = remote.call("getpid", libc::SYS_getpid, &[])? as i32;
+    signals::queue(&mut remote, scratch, own_pid, None, &proc.signals.pending)?;
+    signals::queue(
+        &mut remote,
+        scratch,
+        own_pid,
+        Some(own_pid),
+        &thread.pending,
+    )?;
+    process::restore_itimers(&mut remote, scratch, &proc.itimers)?;
+    let own = ProcDir::new(pid).status()?;
+    creds::restore(&mut remote, scratch, &proc.creds, &own)?;
+    process::restore_dumpable(&mut remote, &proc.flags)?;
+    // The stub died with its parent until now. A restored root has another parent than the
+    // original: its parent-death signal no longer means anything; the others get theirs.
+    let pdeathsig = if root { 0 } else { proc.flags.pdeathsig };
+    remote.call(
+        "setting the parent-death signal",
+        libc::SYS_prctl,
+        &[libc::PR_SET_PDEATHSIG as u64, pdeathsig as u64],
+    )?;
+    remote.call(
+        "unmapping the scratch page",
+        libc::SYS_munmap,
+        &[scratch, scratch_len],
+    )?;
+    Ok(())
+}
+
+/// Gives a rebuilt process its registers and signal mask and lets it run.
+pub fn finish(tracee: Tracee, proc: &Process) -> Result<()> {
+    let thread = &proc.threads[0];
+    tracee.set_xstate(&thread.xstate.0)?;
+    tracee.set_regs(&thread::final_regs(thread))?;
+    tracee.set_sigmask(thread.sigmask)?;
+    if proc.stopped {
+        let _ = kill(tracee.pid(), Signal::SIGSTOP);
+    }
+    tracee.set_options(ptrace::Options::empty())?;
+    tracee.detach()
+}
+
+/// Unmaps all of the stub's memory but its vDSO, then moves the vDSO (and its data pages) to
+/// where the captured process had them, so its code finds them at the same addresses.
+fn replace_address_space(
+    remote: &mut Remote,
+    child: Pid,
+    proc: &Process,
+    vdso_syscall: u64,
+) -> Result<()> {
+    let special =
+        |kind: &AreaKind| matches!(kind, AreaKind::Vdso | AreaKind::Vvar | AreaKind::VvarVclock);
+    let stub_maps = ProcDir::new(child).maps()?;
+    let mut stub_special: HashMap<&'static str, (u64, u64)> = HashMap::new();
+    for m in &stub_maps {
+        let key = match m.path.as_str() {
+            "[vdso]" => "vdso",
+            "[vvar]" => "vvar",
+            "[vvar_vclock]" => "vvar_vclock",
+            _ => continue,
+        };
+        stub_special.insert(key, (m.start, m.end));
+    }
+    let mut target: Vec<(&'static str, u64, u64)> = Vec::new();
+    for a in proc.areas.iter().filter(|a| special(&a.kind)) {
+        let key = match a.kind {
+            AreaKind::Vdso => "vdso",
+            AreaKind::Vvar => "vvar",
+            _ => "vvar_vclock",
+        };
+        target.push((key, a.start, a.end));
+    }
+    let mismatch = || {
+        Error::refused(
+            "the snapshot's vDSO layout differs from this kernel's",
+            "restore it on a machine running the same kernel",
+        )
+    };
+    if target.len() != stub_special.len() {
+        return Err(mismatch());
+    }
+    for (key, start, end) in &target {
+        let (s, e) = stub_special.get(key).ok_or_else(mismatch)?;
+        if e - s != end - start {
+            return Err(mismatch());
+        }
+    }
+    // Unmap everything outside the stub's vDSO block.
+    let mut keep: Vec<(u64, u64)> = stub_special.values().copied().collect();
+    keep.sort_unstable();
+    let mut at = 0u64;
+    for &(s, e) in keep.iter().chain(std::iter::once(&(TASK_SIZE, TASK_SIZE))) {
+        if s > at {
+            remote.call(
+                "unmapping the stub's memory",
+                libc::SYS_munmap,
+                &[at, s - at],
+            )?;
+        }
+        at = e;
+    }
+    // Move the block; through a spot free in both layouts if the old and new overlap.
+    let block = |v: &mut dyn Iterator<Item = (u64, u64)>| {
+        v.fold((u64::MAX, 0u64), |(lo, hi), (s, e)| (lo.min(s), hi.max(e)))
+    };
+    let (s_lo, s_hi) = block(&mut keep.iter().copied());
+    let (t_lo, t_hi) = block(&mut target.iter().map(|t| (t.1, t.2)));
+    let mut current: HashMap<&'static str, u64> =
+        stub_special.iter().map(|(k, v)| (*k, v.0)).collect();
+    let mut move_block =
+        |remote: &mut Remote, delta_to: &dyn Fn(&'static str, u64) -> u64| -> Result<()> {
+            for (key, start, end) in &target {
+                let from = current[key];
+                let to = delta_to(key, *start);
+                if from != to {
+                    remote.call(
+                        &format!("moving the [{key}] area"),
+                        libc::SYS_mremap,
+                        &[
+                            from,
+                            end - start,
+                            end - start,
+                            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                            to,
+                        ],
+                    )?;
+                    current.insert(key, to);
+                    if *key == "vdso" {
+                        remote.set_syscall_ip(to + vdso_syscall);
+                    }
+                }
+            }
+            Ok(())
+        };
+    if s_lo < t_hi && t_lo < s_hi {
+        let len = t_hi - t_lo;
+        let temp = memory::free_range(&proc.areas, &[(s_lo, s_hi)], len).ok_or_else(|| {
+            Error::refused("no room to move the vDSO", "cannot restore this layout")
+        })?;
+        move_block(remote, &|_, start| temp + (start - t_lo))?;
+    }
+    move_block(remote, &|_, start| start)
+}
