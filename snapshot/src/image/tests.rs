@@ -35,7 +35,7 @@ fn refuses_dangling_references_and_escaping_names() {
     assert!(Manifest::from_json(&serde_json::to_vec(&v).unwrap())
         .unwrap_err()
         .to_string()
-        .contains("no process"));
+        .contains("no root process"));
     let process = minimal_process();
     v["processes"] = serde_json::json!([process]);
     let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err();
