@@ -129,8 +129,8 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
             "fd 9, a socket",
         ),
         (
-            "t = threading.Thread(target=time.sleep, args=(60,), daemon=True)\nt.start()",
-            "2 threads",
+            "import ctypes\ni = ctypes.CDLL(None).inotify_init()\nos.dup2(i, 5)\nos.close(i)",
+            "fd 5, an inotify instance",
         ),
         (
             "m = os.memfd_create('scratch')\nos.dup2(m, 6)\nos.close(m)",

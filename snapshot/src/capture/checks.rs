@@ -52,15 +52,6 @@ pub fn check_member(proc: &ProcDir, status: &Status) -> Result<()> {
             "capture a process that is not an ancestor of dolly",
         ));
     }
-    if status.threads > 1 {
-        return Err(Error::refused(
-            format!(
-                "process {pid} has {} threads: multi-threaded processes are not supported yet",
-                status.threads
-            ),
-            "capture a single-threaded process",
-        ));
-    }
     if status.seccomp != 0 {
         let mode = if status.seccomp == 1 {
             "strict mode"

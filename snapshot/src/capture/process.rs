@@ -6,8 +6,8 @@ use std::path::Path;
 
 use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Result};
-use crate::image::{AreaKind, Fd, PoolFile, Process, Signals};
-use crate::proc::{Stat, Status};
+use crate::image::{AreaKind, Fd, PoolFile, Process, Signals, Thread};
+use crate::proc::{ProcDir, Stat, Status};
 use crate::resource::files::{FileTable, OpenFiles};
 use crate::resource::memory::{MemoryPlan, ShmemTable};
 use crate::resource::{creds, files, memory, process, signals, thread};
@@ -55,6 +55,8 @@ pub struct Inspected {
     memory: MemoryPlan,
     cwd: String,
     hidden: Hidden,
+    /// The other threads, captured whole.
+    others: Vec<Thread>,
 }
 
 /// Finds a `syscall` instruction the stopped process can execute: in its vDSO, or the one
@@ -139,7 +141,7 @@ pub fn inspect(
     let stat = proc.stat()?;
     let status = proc.status()?;
     checks::check_member(proc, &status)?;
-    let tracee = &mut member.tracee;
+    let tracee = &mut member.threads[0];
     let mut regs = tracee.regs()?;
     thread::abort_rseq_section(tracee, &mut regs)?;
     let xstate = tracee.xstate()?;
@@ -175,6 +177,10 @@ pub fn inspect(
         .and_then(|_| tracee.park());
     let hidden = hidden?;
     put_back?;
+    let mut others = Vec::new();
+    for t in &mut member.threads[1..] {
+        others.push(capture_thread(t, &memory)?);
+    }
     Ok(Inspected {
         stat,
         status,
@@ -186,7 +192,63 @@ pub fn inspect(
         memory,
         cwd,
         hidden,
+        others,
     })
+}
+
+/// Reads, from inside a stopped thread, what only it can tell (its alternate signal stack
+/// and tid address), in a scratch page of its own.
+fn query_thread_hidden(remote: &mut tracee::Remote) -> Result<thread::HiddenState> {
+    let scratch = remote.call(
+        "mapping a scratch page",
+        libc::SYS_mmap,
+        &[
+            0,
+            crate::sys::PAGE_SIZE,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
+    )?;
+    let result = (|| {
+        Ok(thread::HiddenState {
+            altstack: thread::query_altstack(remote, scratch)?,
+            clear_child_tid: thread::query_tid_address(remote, scratch)?,
+        })
+    })();
+    let unmapped = remote.call(
+        "unmapping the scratch page",
+        libc::SYS_munmap,
+        &[scratch, crate::sys::PAGE_SIZE],
+    );
+    let hidden = result?;
+    unmapped?;
+    Ok(hidden)
+}
+
+/// Captures a thread other than the leader, whole.
+fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan) -> Result<Thread> {
+    let tid = tracee.pid();
+    let task = ProcDir::new(tid);
+    let status = task.status()?;
+    let comm = task.read("comm")?.trim_end_matches('\n').to_string();
+    let mut regs = tracee.regs()?;
+    thread::abort_rseq_section(tracee, &mut regs)?;
+    let xstate = tracee.xstate()?;
+    let sigmask = tracee.sigmask()?;
+    let ip = syscall_ip(tracee, memory, &regs)?;
+    tracee.set_sigmask(tracee::ALL_SIGNALS)?;
+    let hidden = tracee
+        .remote(ip)
+        .and_then(|mut remote| query_thread_hidden(&mut remote));
+    let put_back = tracee
+        .set_regs(&regs)
+        .and_then(|_| tracee.set_sigmask(sigmask))
+        .and_then(|_| tracee.park());
+    let hidden = hidden?;
+    put_back?;
+    thread::capture(tracee, &regs, xstate, sigmask, hidden, status.ns_pid, comm)
 }
 
 /// Copies the pages of an inspected process into its pool file and makes its image.
@@ -204,6 +266,7 @@ pub fn dump(member: &Member, inspected: Inspected, pool_dir: &Path) -> Result<Pr
         mut memory,
         cwd,
         hidden,
+        others,
     } = inspected;
     let pool_name = format!("{pid}{}", memory::POOL_FILE_SUFFIX);
     let stats = memory::dump(pid, &mut memory, &pool_dir.join(&pool_name))?;
@@ -245,14 +308,16 @@ pub fn dump(member: &Member, inspected: Inspected, pool_dir: &Path) -> Result<Pr
             pending: signals::pending(pid, true)?,
         },
         itimers: hidden.itimers,
-        threads: vec![thread::capture(
-            &member.tracee,
+        threads: std::iter::once(thread::capture(
+            &member.threads[0],
             &regs,
             xstate,
             sigmask,
             hidden.thread,
             status.ns_pid.clone(),
             stat.comm.clone(),
-        )?],
+        ))
+        .chain(others.into_iter().map(Ok))
+        .collect::<Result<_>>()?,
     })
 }

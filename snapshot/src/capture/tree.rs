@@ -16,8 +16,8 @@ use crate::tracee::Tracee;
 pub struct Member {
     /// Its /proc directory.
     pub proc: ProcDir,
-    /// It, stopped.
-    pub tracee: Tracee,
+    /// Its threads, stopped; the thread-group leader first.
+    pub threads: Vec<Tracee>,
     /// It was stopped by job control before dolly froze it.
     pub stopped: bool,
 }
@@ -45,9 +45,11 @@ impl Frozen {
     pub fn thaw(self) -> Result<()> {
         let mut first = Ok(());
         for m in self.members.into_iter().rev() {
-            let r = m.tracee.detach();
-            if first.is_ok() {
-                first = r;
+            for t in m.threads.into_iter().rev() {
+                let r = t.detach();
+                if first.is_ok() {
+                    first = r;
+                }
             }
         }
         first
@@ -65,6 +67,30 @@ fn tree_order(root: Pid) -> Vec<Pid> {
         }
     }
     order
+}
+
+/// Freezes every thread of a process, again and again until no new one appears (a thread
+/// not yet frozen may start another). The leader comes first.
+fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
+    let leader = proc.pid();
+    let mut threads = vec![Tracee::seize(leader)?];
+    let mut frozen: HashSet<Pid> = HashSet::from([leader]);
+    loop {
+        let mut new = false;
+        for tid in proc.tasks()? {
+            if frozen.insert(tid) {
+                match Tracee::seize(tid) {
+                    Ok(t) => threads.push(t),
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue, // it ended meanwhile
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+        }
+        if !new {
+            return Ok(threads);
+        }
+    }
 }
 
 /// Freezes `root` and all its descendants.
@@ -85,14 +111,14 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
                 continue; // a zombie: recorded below
             }
             checks::check_member(&proc, &status)?;
-            let tracee = match Tracee::seize(pid) {
+            let threads = match freeze_threads(&proc) {
                 Ok(t) => t,
                 Err(e) if e.kind() == ErrorKind::NotFound && pid != root => continue,
                 Err(e) => return Err(e),
             };
             members.push(Member {
                 proc,
-                tracee,
+                threads,
                 stopped: stat.state == 'T',
             });
             frozen.insert(pid);

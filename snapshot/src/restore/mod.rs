@@ -382,6 +382,7 @@ fn build(
     let zombies: Vec<i32> = manifest.zombies.iter().map(|z| z.pid).collect();
     let built = (|| -> Result<()> {
         let mut tracees = follow(root, &live, &zombies, report_read)?;
+        let mut threads: HashMap<i32, Vec<Tracee>> = HashMap::new();
         for (i, p) in procs.iter().enumerate() {
             let mut maps = MapSources {
                 pool: pool_at[i].map(parked),
@@ -400,14 +401,15 @@ fn build(
                 high,
             };
             let tracee = tracees.get_mut(&p.pid).expect("a tracee per live process");
-            rebuild::rebuild(tracee, p, &sources, i == 0, checkpoints)?;
+            threads.insert(
+                p.pid,
+                rebuild::rebuild(tracee, p, &sources, i == 0, checkpoints)?,
+            );
         }
         checkpoints.reach("restore:detach")?;
         for p in procs.iter().rev() {
-            rebuild::finish(
-                tracees.remove(&p.pid).expect("a tracee per live process"),
-                p,
-            )?;
+            let leader = tracees.remove(&p.pid).expect("a tracee per live process");
+            rebuild::finish(leader, threads.remove(&p.pid).unwrap_or_default(), p)?;
         }
         Ok(())
     })();
@@ -608,15 +610,6 @@ fn check_compatible(manifest: &Manifest, opts: &RestoreOptions) -> Result<()> {
                 manifest.id
             ),
             "pass --shell-job to give it the terminal dolly runs on",
-        ));
-    }
-    if let Some(p) = manifest.processes.iter().find(|p| p.threads.len() != 1) {
-        return Err(Error::refused(
-            format!(
-                "process {} of the snapshot has several threads: not supported yet",
-                p.pid
-            ),
-            "this snapshot cannot be restored by this dolly",
         ));
     }
     Ok(())

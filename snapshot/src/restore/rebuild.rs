@@ -33,15 +33,16 @@ pub struct Sources<'a> {
     pub high: i32,
 }
 
-/// Rebuilds a stopped stub into the captured process, up to (not including) its registers.
-/// `root`: the root of the restored tree, whose parent is not the one it had.
+/// Rebuilds a stopped stub into the captured process, up to (not including) its registers;
+/// returns its other threads, created and stopped. `root`: the root of the restored tree,
+/// whose parent is not the one it had.
 pub fn rebuild(
     tracee: &mut Tracee,
     proc: &Process,
     sources: &Sources,
     root: bool,
     checkpoints: &Checkpoints,
-) -> Result<()> {
+) -> Result<Vec<Tracee>> {
     let pid = tracee.pid();
     let (own_vdso, _) = tracee::own_vdso()?;
     let vdso_syscall = tracee::vdso_syscall_offset()?.ok_or_else(|| {
@@ -97,49 +98,145 @@ pub fn rebuild(
     process::restore_oom_score_adj(pid, proc.oom_score_adj)?;
     process::restore_coredump_filter(pid, proc.flags.coredump_filter)?;
     thread::restore_registrations(&mut remote, thread)?;
+    let vdso_ip = proc
+        .areas
+        .iter()
+        .find(|a| a.kind == AreaKind::Vdso)
+        .map(|a| a.start + vdso_syscall)
+        .ok_or_else(|| {
+            Error::corrupt("the snapshot has no vDSO area", "the snapshot is damaged")
+        })?;
+    let mut others = create_threads(&mut remote, proc, scratch, vdso_ip)?;
     // Signals the stub got while it was built (its children stopping, zombies exiting) are
     // not the process's: drop them, then queue the captured ones.
     signals::flush_pending(&mut remote, scratch)?;
     let own_pid = remote.call("getpid", libc::SYS_getpid, &[])? as i32;
     signals::queue(&mut remote, scratch, own_pid, None, &proc.signals.pending)?;
-    signals::queue(
-        &mut remote,
-        scratch,
-        own_pid,
-        Some(own_pid),
-        &thread.pending,
-    )?;
+    for t in &proc.threads {
+        signals::queue(&mut remote, scratch, own_pid, Some(t.tid), &t.pending)?;
+    }
     process::restore_itimers(&mut remote, scratch, &proc.itimers)?;
+    // Credentials and the parent-death signal belong to each thread. The stub died with its
+    // parent until now; a restored root has another parent than the original: its
+    // parent-death signal no longer means anything, the others get theirs.
     let own = ProcDir::new(pid).status()?;
-    creds::restore(&mut remote, scratch, &proc.creds, &own)?;
-    process::restore_dumpable(&mut remote, &proc.flags)?;
-    // The stub died with its parent until now. A restored root has another parent than the
-    // original: its parent-death signal no longer means anything; the others get theirs.
     let pdeathsig = if root { 0 } else { proc.flags.pdeathsig };
-    remote.call(
-        "setting the parent-death signal",
-        libc::SYS_prctl,
-        &[libc::PR_SET_PDEATHSIG as u64, pdeathsig as u64],
-    )?;
+    let per_thread = |remote: &mut Remote| -> Result<()> {
+        creds::restore(remote, scratch, &proc.creds, &own)?;
+        remote.call(
+            "setting the parent-death signal",
+            libc::SYS_prctl,
+            &[libc::PR_SET_PDEATHSIG as u64, pdeathsig as u64],
+        )?;
+        Ok(())
+    };
+    for t in &mut others {
+        per_thread(&mut t.remote(vdso_ip)?)?;
+    }
+    per_thread(&mut remote)?;
+    process::restore_dumpable(&mut remote, &proc.flags)?;
     remote.call(
         "unmapping the scratch page",
         libc::SYS_munmap,
         &[scratch, scratch_len],
     )?;
-    Ok(())
+    Ok(others)
 }
 
-/// Gives a rebuilt process its registers and signal mask and lets it run.
-pub fn finish(tracee: Tracee, proc: &Process) -> Result<()> {
-    let thread = &proc.threads[0];
-    tracee.set_xstate(&thread.xstate.0)?;
-    tracee.set_regs(&thread::final_regs(thread))?;
-    tracee.set_sigmask(thread.sigmask)?;
-    if proc.stopped {
-        let _ = kill(tracee.pid(), Signal::SIGSTOP);
+/// Creates the process's other threads inside its rebuilt leader (`clone3` with
+/// `CLONE_THREAD` and `set_tid`). Each starts stopped (dolly follows clones) before running
+/// anything, and gets its registrations, name and alternate stack. `scratch` is a page of
+/// the process dolly may write; `vdso_ip` the `syscall` instruction of its vDSO.
+fn create_threads(
+    remote: &mut Remote,
+    proc: &Process,
+    scratch: u64,
+    vdso_ip: u64,
+) -> Result<Vec<Tracee>> {
+    const CLONE_ARGS_SIZE: u64 = std::mem::size_of::<libc::clone_args>() as u64;
+    let flags = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    let mut out = Vec::new();
+    for thread in &proc.threads[1..] {
+        // struct clone_args (88 bytes): flags, pidfd, child_tid, parent_tid, exit_signal,
+        // stack, stack_size, tls, set_tid, set_tid_size, cgroup; then the set_tid array.
+        let set_tid_at = scratch + 128;
+        let mut args = [0u64; 11];
+        args[0] = flags;
+        args[8] = set_tid_at;
+        args[9] = 1;
+        let bytes: Vec<u8> = args.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        remote.write_mem(scratch, &bytes)?;
+        remote.write_mem(set_tid_at, &thread.tid.to_ne_bytes())?;
+        let tid = remote.call(
+            &format!("creating thread {}", thread.tid),
+            libc::SYS_clone3,
+            &[scratch, CLONE_ARGS_SIZE],
+        )? as i32;
+        let tid = Pid::from_raw(tid);
+        let mut t = match Tracee::adopt_stopped_child(tid)? {
+            Ok(t) => t,
+            Err(status) => {
+                return Err(Error::new(
+                    crate::ErrorKind::System,
+                    format!("thread {tid} ended as it was created ({status:?})"),
+                ))
+            }
+        };
+        {
+            let mut r = t.remote(vdso_ip)?;
+            thread::restore_registrations(&mut r, thread)?;
+            let mut name = thread.comm.as_bytes().to_vec();
+            name.truncate(15);
+            name.push(0);
+            r.write_mem(scratch + 256, &name)?;
+            r.call(
+                "naming a thread",
+                libc::SYS_prctl,
+                &[libc::PR_SET_NAME as u64, scratch + 256],
+            )?;
+            let alt = thread.altstack;
+            let mut stack = Vec::with_capacity(24);
+            stack.extend_from_slice(&alt.sp.to_ne_bytes());
+            stack.extend_from_slice(&(alt.flags as u64).to_ne_bytes());
+            stack.extend_from_slice(&alt.size.to_ne_bytes());
+            r.write_mem(scratch + 512, &stack)?;
+            r.call(
+                "setting a thread's alternate stack",
+                libc::SYS_sigaltstack,
+                &[scratch + 512, 0],
+            )?;
+        }
+        out.push(t);
     }
-    tracee.set_options(ptrace::Options::empty())?;
-    tracee.detach()
+    Ok(out)
+}
+
+/// Gives a rebuilt process's threads their registers and signal masks and lets them run
+/// (the leader last).
+pub fn finish(leader: Tracee, others: Vec<Tracee>, proc: &Process) -> Result<()> {
+    let set = |t: &Tracee, thread: &crate::image::Thread| -> Result<()> {
+        t.set_xstate(&thread.xstate.0)?;
+        t.set_regs(&thread::final_regs(thread))?;
+        t.set_sigmask(thread.sigmask)
+    };
+    set(&leader, &proc.threads[0])?;
+    for (t, thread) in others.iter().zip(&proc.threads[1..]) {
+        set(t, thread)?;
+    }
+    if proc.stopped {
+        let _ = kill(leader.pid(), Signal::SIGSTOP);
+    }
+    for t in others {
+        t.set_options(ptrace::Options::empty())?;
+        t.detach()?;
+    }
+    leader.set_options(ptrace::Options::empty())?;
+    leader.detach()
 }
 
 /// Unmaps all of the stub's memory but its vDSO, then moves the vDSO (and its data pages) to
