@@ -184,6 +184,93 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     }
 }
 
+/// Starts a program in its own session with stdout to `out`, waits until it printed
+/// `ready`, and returns its PID.
+fn start_ready(cmd: &mut Command, out: &Path) -> Pid {
+    cmd.stdin(Stdio::null()).stdout(std::fs::File::create(out).unwrap()).stderr(Stdio::null());
+    // SAFETY: setsid and close_range are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::setsid();
+            libc::close_range(3, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(out).unwrap_or_default().contains("ready") {
+        assert!(t.elapsed() < Duration::from_secs(60), "{cmd:?} did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Pid::from_raw(child.id() as i32)
+}
+
+/// Kills every process of a tree, then waits until every PID is free (a child is reaped by
+/// its parent's death, or by us as a subreaper).
+fn end_tree(pids: &[Pid]) {
+    for p in pids.iter().rev() {
+        let _ = kill(*p, Signal::SIGKILL);
+    }
+    for p in pids {
+        end(*p);
+    }
+}
+
+/// Every PID of the tree under `root`.
+fn tree_pids(root: Pid) -> Vec<Pid> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", out[i])).unwrap_or_default();
+        out.extend(kids.split_whitespace().map(|k| Pid::from_raw(k.parse().unwrap())));
+        i += 1;
+    }
+    out
+}
+
+/// Capture (frozen, total) and restore time of a tree of 10 processes and of a process of 50
+/// threads, each the median of 3.
+fn shapes_table(store: &Store, dir: &Path) {
+    println!("| process | capture: frozen | capture: total | restore |");
+    println!("|---|---:|---:|---:|");
+    let tree = "import os, time\nfor i in range(9):\n    if os.fork() == 0:\n        time.sleep(1e6)\nprint('ready', flush=True)\ntime.sleep(1e6)\n";
+    let threads_dir = dir.join("threads");
+    std::fs::create_dir_all(&threads_dir).unwrap();
+    let shapes: [(&str, Box<dyn Fn() -> Pid>); 2] = [
+        (
+            "tree of 10 processes (python3)",
+            Box::new(|| start_ready(Command::new("python3").args(["-c", tree]), &dir.join("tree.out"))),
+        ),
+        (
+            "50 threads (examples/threads)",
+            Box::new(|| {
+                let mut cmd = Command::new(bin("threads"));
+                cmd.args(["--dir", threads_dir.to_str().unwrap(), "--workers", "46"]);
+                let pid = start_ready(cmd.arg("--ready"), &dir.join("threads.out"));
+                assert_eq!(std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count(), 50);
+                pid
+            }),
+        ),
+    ];
+    for (name, start) in shapes {
+        let (mut frozen, mut capture, mut restore) = (vec![], vec![], vec![]);
+        for _ in 0..3 {
+            let pid = start();
+            let (out, total) = store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
+            let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+            frozen.push(record["frozen_ms"].as_f64().unwrap());
+            capture.push(total);
+            end_tree(&tree_pids(pid));
+            let id = record["id"].as_str().unwrap();
+            let (_, ms) = store.dolly(&["snapshot", "restore", id]);
+            restore.push(ms);
+            end_tree(&tree_pids(pid));
+            store.dolly(&["snapshot", "delete", id]);
+        }
+        println!("| {name} | {:.1} ms | {:.1} ms | {:.1} ms |", median(frozen), median(capture), median(restore));
+    }
+}
+
 fn size_label(mib: usize) -> String {
     if mib >= 1024 {
         format!("{} GiB", mib / 1024)
@@ -398,6 +485,8 @@ fn main() {
     };
     if what == "capture" || what == "all" {
         capture_table(&sizes, &store, dir.path());
+        println!();
+        shapes_table(&store, dir.path());
         println!();
     }
     if what == "clone" || what == "all" {

@@ -3,7 +3,7 @@
 //! and forth through a mutex and condition variable, and a thread the main thread joins.
 //!
 //! ```text
-//! threads --dir DIR [--workers N]
+//! threads --dir DIR [--workers N] [--ready]
 //! ```
 //!
 //! Every 50 ms the main thread appends to DIR/log one line per worker,
@@ -109,6 +109,12 @@ fn main() {
         .append(true)
         .open(dir.join("log"))
         .unwrap();
+    if args.iter().any(|a| a == "--ready") {
+        // Every thread has started: say so (the benchmark waits for it).
+        std::thread::sleep(Duration::from_millis(50));
+        println!("ready");
+        std::io::stdout().flush().unwrap();
+    }
     let seeds: Vec<u64> = (1..=workers as u64).collect();
     while !joined.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
