@@ -115,6 +115,8 @@ fn start_memhog(mib: usize, dir: &Path) -> Pid {
             Ok(())
         });
     }
+    // Reaped by PID (`end`), with the trees it is measured in.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().unwrap();
     let t = Instant::now();
     while !std::fs::read_to_string(&ready).unwrap().contains("ready") {
@@ -187,7 +189,9 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
 /// Starts a program in its own session with stdout to `out`, waits until it printed
 /// `ready`, and returns its PID.
 fn start_ready(cmd: &mut Command, out: &Path) -> Pid {
-    cmd.stdin(Stdio::null()).stdout(std::fs::File::create(out).unwrap()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(Stdio::null());
     // SAFETY: setsid and close_range are async-signal-safe.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(cmd, || {
@@ -196,10 +200,18 @@ fn start_ready(cmd: &mut Command, out: &Path) -> Pid {
             Ok(())
         });
     }
+    // Reaped by PID (`end`), with the trees it is measured in.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().unwrap();
     let t = Instant::now();
-    while !std::fs::read_to_string(out).unwrap_or_default().contains("ready") {
-        assert!(t.elapsed() < Duration::from_secs(60), "{cmd:?} did not start");
+    while !std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{cmd:?} did not start"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     Pid::from_raw(child.id() as i32)
@@ -221,8 +233,12 @@ fn tree_pids(root: Pid) -> Vec<Pid> {
     let mut out = vec![root];
     let mut i = 0;
     while i < out.len() {
-        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", out[i])).unwrap_or_default();
-        out.extend(kids.split_whitespace().map(|k| Pid::from_raw(k.parse().unwrap())));
+        let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", out[i]))
+            .unwrap_or_default();
+        out.extend(
+            kids.split_whitespace()
+                .map(|k| Pid::from_raw(k.parse().unwrap())),
+        );
         i += 1;
     }
     out
@@ -236,10 +252,16 @@ fn shapes_table(store: &Store, dir: &Path) {
     let tree = "import os, time\nfor i in range(9):\n    if os.fork() == 0:\n        time.sleep(1e6)\nprint('ready', flush=True)\ntime.sleep(1e6)\n";
     let threads_dir = dir.join("threads");
     std::fs::create_dir_all(&threads_dir).unwrap();
-    let shapes: [(&str, Box<dyn Fn() -> Pid>); 2] = [
+    type Start<'a> = Box<dyn Fn() -> Pid + 'a>;
+    let shapes: [(&str, Start); 2] = [
         (
             "tree of 10 processes (python3)",
-            Box::new(|| start_ready(Command::new("python3").args(["-c", tree]), &dir.join("tree.out"))),
+            Box::new(|| {
+                start_ready(
+                    Command::new("python3").args(["-c", tree]),
+                    &dir.join("tree.out"),
+                )
+            }),
         ),
         (
             "50 threads (examples/threads)",
@@ -247,7 +269,12 @@ fn shapes_table(store: &Store, dir: &Path) {
                 let mut cmd = Command::new(bin("threads"));
                 cmd.args(["--dir", threads_dir.to_str().unwrap(), "--workers", "46"]);
                 let pid = start_ready(cmd.arg("--ready"), &dir.join("threads.out"));
-                assert_eq!(std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count(), 50);
+                assert_eq!(
+                    std::fs::read_dir(format!("/proc/{pid}/task"))
+                        .unwrap()
+                        .count(),
+                    50
+                );
                 pid
             }),
         ),
@@ -256,7 +283,8 @@ fn shapes_table(store: &Store, dir: &Path) {
         let (mut frozen, mut capture, mut restore) = (vec![], vec![], vec![]);
         for _ in 0..3 {
             let pid = start();
-            let (out, total) = store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
+            let (out, total) =
+                store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
             let record: serde_json::Value = serde_json::from_str(&out).unwrap();
             frozen.push(record["frozen_ms"].as_f64().unwrap());
             capture.push(total);
@@ -267,7 +295,12 @@ fn shapes_table(store: &Store, dir: &Path) {
             end_tree(&tree_pids(pid));
             store.dolly(&["snapshot", "delete", id]);
         }
-        println!("| {name} | {:.1} ms | {:.1} ms | {:.1} ms |", median(frozen), median(capture), median(restore));
+        println!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            median(frozen),
+            median(capture),
+            median(restore)
+        );
     }
 }
 

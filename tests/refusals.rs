@@ -121,8 +121,8 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
-            "e = os.eventfd(0)\nos.dup2(e, 8)\nos.close(e)",
-            "fd 8, an eventfd",
+            "p = os.pidfd_open(os.getpid())\nos.dup2(p, 8)\nos.close(p)",
+            "fd 8, a pidfd",
         ),
         (
             "s = socket.socket()\nos.dup2(s.fileno(), 9)\ns.close()",

@@ -213,19 +213,10 @@ fn threaded_process_can_be_cloned() {
     wait_until("the threads", Duration::from_secs(10), || {
         positions(&read(&log), 0).len() > 3
     });
-    let out = dolly.ok(&[
-        "--json",
-        "clone",
-        "--pid",
-        &prog.pid().to_string(),
-        "--overlay",
-        dir.path().to_str().unwrap(),
-    ]);
-    let clone: serde_json::Value =
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
-    let host = clone["host_pid"].as_i64().unwrap() as i32;
+    let clone = dolly.clone_over(&["--pid", &prog.pid().to_string()], dir.path());
+    let host = clone.host;
     assert_eq!(threads_of(host).len(), threads_of(prog.pid()).len());
-    let inside = Path::new(&format!("/proc/{host}/root")).join(log.strip_prefix("/").unwrap());
+    let inside = clone.inside(&log);
     let n = read(&inside).lines().count();
     wait_until(
         "the clone's threads to run",
@@ -233,6 +224,5 @@ fn threaded_process_can_be_cloned() {
         || read(&inside).lines().count() > n + 20,
     );
     assert!(!read(&inside).contains("ok=false"));
-    dolly.ok(&["clone", "kill", "--all"]);
-    reap_until_gone(clone["init_pid"].as_i64().unwrap() as i32);
+    dolly.kill_clones(&clone);
 }

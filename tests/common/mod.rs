@@ -130,6 +130,41 @@ impl Dolly {
     }
 }
 
+/// One clone started with `--overlay DIR` (its writes under DIR stay in the clone).
+pub struct OverlayClone {
+    /// The cloned root process, as the host sees it.
+    pub host: i32,
+    /// The clone's init (PID 1 of its namespace), as the host sees it.
+    pub init: i32,
+}
+
+impl OverlayClone {
+    /// Where the clone sees `path` (a path under its overlay directory).
+    pub fn inside(&self, path: &Path) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.host)).join(path.strip_prefix("/").unwrap())
+    }
+}
+
+impl Dolly {
+    /// Starts one clone of `source` (`["--pid", P]` or `["--snapshot", ID]`) over `dir`.
+    pub fn clone_over(&self, source: &[&str], dir: &Path) -> OverlayClone {
+        let mut args = vec!["--json", "clone"];
+        args.extend_from_slice(source);
+        args.extend_from_slice(&["--overlay", dir.to_str().unwrap()]);
+        let out: Value = serde_json::from_str(&self.ok(&args)).unwrap();
+        OverlayClone {
+            host: out[0]["host_pid"].as_i64().unwrap() as i32,
+            init: out[0]["init_pid"].as_i64().unwrap() as i32,
+        }
+    }
+
+    /// Ends every clone and waits until `clone`'s init is gone.
+    pub fn kill_clones(&self, clone: &OverlayClone) {
+        self.ok(&["clone", "kill", "--all"]);
+        reap_until_gone(clone.init);
+    }
+}
+
 impl Drop for Dolly {
     /// Ends the store's clones whatever happened in the test, so none runs on.
     fn drop(&mut self) {

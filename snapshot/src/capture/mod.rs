@@ -11,7 +11,7 @@ use std::time::Instant;
 use nix::unistd::Pid;
 
 use crate::checkpoint::Checkpoints;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Context, ErrorKind, Result};
 use crate::image::{Host, Manifest, PoolFile, FORMAT, VERSION};
 use crate::proc::ProcDir;
 use crate::resource::files::{FileTable, OpenFiles};
@@ -91,6 +91,7 @@ pub fn capture(
             kernel: kernel_release(),
             page_size: crate::sys::PAGE_SIZE,
             vdso_hash: host_vdso_hash()?,
+            boot_id: boot_id()?,
         },
         shell_job: opts.shell_job,
         root_pid: opts.pid,
@@ -155,6 +156,14 @@ fn capture_frozen(
 pub fn host_vdso_hash() -> Result<String> {
     let (_, bytes) = tracee::own_vdso()?;
     Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .context("reading the boot id")?
+        .trim()
+        .to_string())
 }
 
 /// `uname -r`.

@@ -78,6 +78,9 @@ pub struct Host {
     pub page_size: u64,
     /// BLAKE3 of the vDSO image; a restore needs the same vDSO.
     pub vdso_hash: String,
+    /// `/proc/sys/kernel/random/boot_id`: the monotonic clocks of the snapshot are this
+    /// boot's.
+    pub boot_id: String,
 }
 
 /// One process: its identity, resources and threads.
@@ -428,6 +431,52 @@ pub enum FileKind {
         /// Buffer capacity (`F_GETPIPE_SZ`).
         capacity: u64,
     },
+    /// An eventfd (one per open file description).
+    EventFd {
+        /// Its counter.
+        count: u64,
+        /// `EFD_SEMAPHORE`.
+        semaphore: bool,
+    },
+    /// A timerfd (one per open file description).
+    TimerFd {
+        /// `CLOCK_*` it counts on.
+        clock: i32,
+        /// Expirations not read yet.
+        ticks: u64,
+        /// Period in nanoseconds (0: one-shot).
+        interval_ns: u64,
+        /// Time to the next expiration in nanoseconds (0: disarmed, or expired and re-armed
+        /// when read).
+        value_ns: u64,
+        /// When the next expiration is due, on `clock` (0: disarmed). A restore on the same
+        /// boot arms the timer for this instant, so the time the process spent captured
+        /// passes for its timers as it does for its clocks.
+        deadline_ns: u64,
+    },
+    /// A signalfd (one per open file description).
+    SignalFd {
+        /// The signals it reads (bit n-1 = signal n).
+        mask: u64,
+    },
+    /// An epoll instance (one per open file description) with its registrations.
+    Epoll {
+        /// What it watches, by the fd numbers of the first process of the snapshot that
+        /// holds it.
+        items: Vec<EpollItem>,
+    },
+}
+
+/// One registration of an epoll instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EpollItem {
+    /// The watched fd's number.
+    pub fd: i32,
+    /// `EPOLL*` events and flags.
+    pub events: u32,
+    /// The data returned with its events.
+    pub data: u64,
 }
 
 /// An open file description: what one or more fds point at.

@@ -11,6 +11,7 @@ fn sample() -> Manifest {
             kernel: "6.18.0".into(),
             page_size: 4096,
             vdso_hash: "00".into(),
+            boot_id: "b".into(),
         },
         shell_job: false,
         root_pid: 7,

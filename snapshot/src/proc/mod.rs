@@ -141,11 +141,25 @@ pub struct FdInfo {
     pub mnt_id: u64,
     /// A file lock (flock, POSIX or OFD) is held through this fd's file.
     pub locked: bool,
+    /// Every line, for the kind-specific ones (eventfd count, timerfd settings, epoll items).
+    pub lines: Vec<String>,
+}
+
+impl FdInfo {
+    /// The value of a `key: value` line, trimmed.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::trim))
+    }
 }
 
 /// Parses `/proc/PID/fdinfo/FD`.
 pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
-    let mut info = FdInfo::default();
+    let mut info = FdInfo {
+        lines: text.lines().map(str::to_string).collect(),
+        ..Default::default()
+    };
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;

@@ -9,12 +9,13 @@ use std::fs::File as StdFile;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::sys::stat::{major, minor};
 use nix::unistd::Pid;
 
 use crate::error::{Context, Error, Result};
-use crate::image::{AreaKind, Fd, File, FileKind, Manifest, OpenFile, Process};
+use crate::image::{AreaKind, EpollItem, Fd, File, FileKind, Manifest, OpenFile, Process};
 use crate::proc::{MapsEntry, ProcDir};
 use crate::sys::process::same_file_description;
 
@@ -101,6 +102,13 @@ impl FileTable {
             id,
         );
         Ok(id)
+    }
+
+    /// Adds a kernel object that is its own file (an eventfd, a timerfd...: they all share
+    /// one anonymous inode, so they are not told apart by inode).
+    fn add_object(&mut self, file: File) -> u32 {
+        self.files.push(file);
+        (self.files.len() - 1) as u32
     }
 
     /// Adds the file a memory area maps.
@@ -198,6 +206,122 @@ fn check_pipe_private(pid: Pid, fd: i32, link: &str, tree: &HashSet<i32>) -> Res
     Ok(())
 }
 
+/// Reads a kernel object behind an fd (`anon_inode:[KIND]`) from its fdinfo: its state, or a
+/// refusal naming it when dolly cannot restore it.
+fn kernel_object(
+    proc: &ProcDir,
+    fd: i32,
+    object: &str,
+    info: &crate::proc::FdInfo,
+) -> Result<FileKind> {
+    let pid = proc.pid();
+    let bad = |what: &str| {
+        Error::new(
+            crate::ErrorKind::System,
+            format!("unexpected fdinfo of fd {fd} of process {pid} ({object}): {what}"),
+        )
+    };
+    let hex = |key: &str| -> Result<u64> {
+        info.get(key)
+            .and_then(|v| u64::from_str_radix(v, 16).ok())
+            .ok_or_else(|| bad(key))
+    };
+    let dec = |key: &str| -> Result<i64> {
+        info.get(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(key))
+    };
+    // "(seconds, nanoseconds)"
+    let duration = |key: &str| -> Result<u64> {
+        let v = info.get(key).ok_or_else(|| bad(key))?;
+        let (s, ns) = v
+            .trim_matches(|c| c == '(' || c == ')')
+            .split_once(',')
+            .ok_or_else(|| bad(key))?;
+        let s: u64 = s.trim().parse().map_err(|_| bad(key))?;
+        let ns: u64 = ns.trim().parse().map_err(|_| bad(key))?;
+        Ok(s * 1_000_000_000 + ns)
+    };
+    Ok(match object {
+        "[eventfd]" => FileKind::EventFd {
+            count: hex("eventfd-count")?,
+            semaphore: info.get("eventfd-semaphore") == Some("1"),
+        },
+        "[timerfd]" => {
+            let clock = dec("clockid")? as i32;
+            let value_ns = duration("it_value")?;
+            let deadline_ns = if value_ns == 0 {
+                0
+            } else {
+                let now = nix::time::clock_gettime(nix::time::ClockId::from_raw(clock))
+                    .with_context(|| format!("reading clock {clock} of a timerfd"))?;
+                Duration::from(now).as_nanos() as u64 + value_ns
+            };
+            FileKind::TimerFd {
+                clock,
+                ticks: dec("ticks")? as u64,
+                interval_ns: duration("it_interval")?,
+                value_ns,
+                deadline_ns,
+            }
+        }
+        "[signalfd]" => FileKind::SignalFd {
+            mask: hex("sigmask")?,
+        },
+        "[eventpoll]" => {
+            let mut items = Vec::new();
+            for line in info.lines.iter().filter(|l| l.starts_with("tfd:")) {
+                // tfd: N events: HEX data: HEX  pos:P ino:HEX sdev:HEX
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let field = |name: &str| {
+                    words
+                        .iter()
+                        .position(|w| *w == name)
+                        .and_then(|i| words.get(i + 1))
+                };
+                let target: i32 = field("tfd:")
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad(line))?;
+                let events = field("events:")
+                    .and_then(|v| u32::from_str_radix(v, 16).ok())
+                    .ok_or_else(|| bad(line))?;
+                let data = field("data:")
+                    .and_then(|v| u64::from_str_radix(v, 16).ok())
+                    .ok_or_else(|| bad(line))?;
+                let ino = words
+                    .iter()
+                    .find_map(|w| w.strip_prefix("ino:"))
+                    .and_then(|v| u64::from_str_radix(v, 16).ok())
+                    .ok_or_else(|| bad(line))?;
+                // The registration is by this fd number: it must still name the watched file.
+                let same = std::fs::metadata(proc.path(&format!("fd/{target}")))
+                    .is_ok_and(|m| m.ino() == ino);
+                if !same {
+                    return Err(Error::refused(
+                        format!("process {pid} has fd {fd}, an epoll instance watching fd {target}, which no longer names the watched file: not supported yet"),
+                        "capture a process whose epoll registrations are for fds it still has",
+                    ));
+                }
+                items.push(EpollItem {
+                    fd: target,
+                    events,
+                    data,
+                });
+            }
+            FileKind::Epoll { items }
+        }
+        _ => {
+            return Err(Error::refused(
+                format!(
+                    "process {pid} has fd {fd}, {} (anon_inode:{object}): not supported yet",
+                    describe_fd(&format!("anon_inode:{object}"))
+                ),
+                "close it before capturing",
+            ))
+        }
+    })
+}
+
 fn describe_fd(link: &str) -> &'static str {
     if link.starts_with("pipe:") {
         "a pipe"
@@ -256,6 +380,36 @@ pub fn capture_fds(
                 remedy.to_string(),
             )
         };
+        let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
+        let flags = info.flags & !(libc::O_CLOEXEC as u32);
+        if let Some(object) = link.strip_prefix("anon_inode:") {
+            let open_file = match open_files.find(pid, fd)? {
+                Some(i) => i,
+                None => {
+                    let kind = kernel_object(proc, fd, object, &info)?;
+                    let file = table.add_object(File {
+                        path: link.clone(),
+                        kind,
+                        dev: meta.dev(),
+                        inode: meta.ino(),
+                        size: 0,
+                        mtime_ns: 0,
+                        mode: meta.mode() & 0o7777,
+                        uid: meta.uid(),
+                        gid: meta.gid(),
+                        deleted: false,
+                        content: None,
+                    });
+                    open_files.add(pid, fd, file, flags, info.pos)
+                }
+            };
+            fds.push(Fd {
+                fd,
+                open_file,
+                cloexec,
+            });
+            continue;
+        }
         let ftype = meta.mode() & libc::S_IFMT;
         let deleted = link.ends_with(" (deleted)");
         let path = link.trim_end_matches(" (deleted)").to_string();
@@ -316,8 +470,6 @@ pub fn capture_fds(
                 .open(&fd_path)
                 .with_context(|| format!("opening what fd {fd} of process {pid} points at"))
         })?;
-        let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
-        let flags = info.flags & !(libc::O_CLOEXEC as u32);
         let open_file = open_files.find_or_add(pid, fd, file, flags, info.pos)?;
         fds.push(Fd {
             fd,
@@ -352,6 +504,24 @@ impl OpenFiles {
         self.list.push(OpenFile { file, flags, pos });
         self.owners.push((pid, fd));
         Ok((self.list.len() - 1) as u32)
+    }
+
+    /// The description fd `fd` of `pid` holds, if it was found already (whatever its file).
+    fn find(&self, pid: Pid, fd: i32) -> Result<Option<u32>> {
+        for (i, &(owner, owner_fd)) in self.owners.iter().enumerate() {
+            if same_file_description(owner, owner_fd, pid, fd)
+                .with_context(|| format!("comparing fds of processes {owner} and {pid}"))?
+            {
+                return Ok(Some(i as u32));
+            }
+        }
+        Ok(None)
+    }
+
+    fn add(&mut self, pid: Pid, fd: i32, file: u32, flags: u32, pos: u64) -> u32 {
+        self.list.push(OpenFile { file, flags, pos });
+        self.owners.push((pid, fd));
+        (self.list.len() - 1) as u32
     }
 
     /// The descriptions, in index order.
@@ -423,6 +593,11 @@ fn check_kind(fd: &OwnedFd, file: &File, path: &Path) -> Result<()> {
         FileKind::CharDevice { rdev } => ftype == libc::S_IFCHR && st.st_rdev == rdev,
         FileKind::Terminal => ftype == libc::S_IFCHR,
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => ftype == libc::S_IFIFO,
+        // Made by dolly, not found by path.
+        FileKind::EventFd { .. }
+        | FileKind::TimerFd { .. }
+        | FileKind::SignalFd { .. }
+        | FileKind::Epoll { .. } => true,
     };
     if ok {
         Ok(())
@@ -588,8 +763,13 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
         // are made anew and refilled first; their descriptions are opened through
         // /proc/self/fd, which gives a new description of the same pipe.
         let mut pipes: HashMap<u32, Vec<OwnedFd>> = HashMap::new();
+        let same_boot = manifest.host.boot_id == crate::capture::boot_id()?;
         for of in &manifest.open_files {
             let file = &manifest.files[of.file as usize];
+            if let Some(fd) = make_object(&file.kind, of.flags, same_boot)? {
+                out.descriptions.push(fd);
+                continue;
+            }
             let path = match file.kind {
                 FileKind::Pipe { .. } | FileKind::Fifo { .. } => {
                     if let std::collections::hash_map::Entry::Vacant(e) = pipes.entry(of.file) {
@@ -619,6 +799,142 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
         let _ = std::fs::remove_file(path);
     }
     result.map(|_| out)
+}
+
+/// Registers, inside a process being restored, what its epoll instances watched: `epolls`
+/// pairs an epoll fd of the process with registrations by the process's own fd numbers.
+/// `scratch`: a writable page of the process.
+pub fn register_epolls(
+    remote: &mut crate::tracee::Remote,
+    scratch: u64,
+    epolls: &[(i32, &[EpollItem])],
+) -> Result<()> {
+    for &(epfd, items) in epolls {
+        for item in items {
+            // struct epoll_event is packed on x86_64: u32 events, then u64 data.
+            let mut event = [0u8; 12];
+            event[..4].copy_from_slice(&item.events.to_ne_bytes());
+            event[4..].copy_from_slice(&item.data.to_ne_bytes());
+            remote.write_mem(scratch, &event)?;
+            remote.call(
+                &format!("registering fd {} with epoll fd {epfd}", item.fd),
+                libc::SYS_epoll_ctl,
+                &[
+                    epfd as u64,
+                    libc::EPOLL_CTL_ADD as u64,
+                    item.fd as u64,
+                    scratch,
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes a kernel object (eventfd, timerfd, signalfd, epoll) in dolly in its captured state,
+/// with the description's `O_NONBLOCK`; `None` for files that are opened, not made. (Epoll
+/// registrations are made later, inside the restored process, with its fd numbers.)
+/// `same_boot`: the snapshot was taken since this boot, so its timers' deadlines on the
+/// monotonic clocks hold.
+fn make_object(kind: &FileKind, flags: u32, same_boot: bool) -> Result<Option<OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    let nonblock = flags & libc::O_NONBLOCK as u32 != 0;
+    let raw: i32 = match *kind {
+        FileKind::EventFd { semaphore, .. } => {
+            let mut f = libc::EFD_CLOEXEC;
+            if semaphore {
+                f |= libc::EFD_SEMAPHORE;
+            }
+            // SAFETY: eventfd takes integers.
+            unsafe { libc::eventfd(0, f) }
+        }
+        // SAFETY: timerfd_create takes integers.
+        FileKind::TimerFd { clock, .. } => unsafe {
+            libc::timerfd_create(clock, libc::TFD_CLOEXEC)
+        },
+        FileKind::SignalFd { mask } => {
+            // SAFETY: the kernel reads 8 bytes of mask.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_signalfd4,
+                    -1,
+                    &mask as *const u64,
+                    8usize,
+                    libc::SFD_CLOEXEC,
+                ) as i32
+            }
+        }
+        // SAFETY: epoll_create1 takes an integer.
+        FileKind::Epoll { .. } => unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) },
+        _ => return Ok(None),
+    };
+    if raw < 0 {
+        return Err(Error::io(
+            format!("making a {kind:?}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the kernel just gave us this fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    match *kind {
+        FileKind::EventFd { count, .. } if count > 0 => {
+            nix::unistd::write(&fd, &count.to_ne_bytes()).context("setting an eventfd's count")?;
+        }
+        FileKind::TimerFd {
+            clock,
+            ticks,
+            interval_ns,
+            value_ns,
+            deadline_ns,
+        } => {
+            let ts = |ns: u64| libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as i64,
+                tv_nsec: (ns % 1_000_000_000) as i64,
+            };
+            let wall = clock == libc::CLOCK_REALTIME || clock == libc::CLOCK_REALTIME_ALARM;
+            let (how, value) = if deadline_ns != 0 && (same_boot || wall) {
+                // The deadline it had: if it passed meanwhile, the kernel counts the
+                // expirations missed, as it would have for a stopped process.
+                (libc::TFD_TIMER_ABSTIME, ts(deadline_ns))
+            } else {
+                // A periodic timer that has fired reads 0 until read (the kernel re-arms it
+                // then): arm it for its next period, as the kernel would have.
+                (0, ts(if value_ns == 0 { interval_ns } else { value_ns }))
+            };
+            let spec = libc::itimerspec {
+                it_interval: ts(interval_ns),
+                it_value: value,
+            };
+            // SAFETY: the kernel reads one itimerspec.
+            if unsafe { libc::timerfd_settime(fd.as_raw_fd(), how, &spec, std::ptr::null_mut()) }
+                < 0
+            {
+                return Err(Error::io(
+                    "arming a timerfd",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            if ticks > 0 {
+                const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+                // SAFETY: the ioctl reads one u64.
+                if unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks) } < 0 {
+                    return Err(Error::io(
+                        "setting a timerfd's pending expirations",
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    if nonblock {
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .context("making a kernel object non-blocking")?;
+    }
+    Ok(Some(fd))
 }
 
 /// Makes a pipe (or opens a FIFO) in dolly with its capacity and buffered bytes; returns

@@ -689,7 +689,12 @@ mod tests {
     #[test]
     fn free_range_avoids_areas() {
         let a = anon(None);
-        let got = free_range(&[a.clone()], &[(0x1000_0000, 0x1000_2000)], PAGE_SIZE).unwrap();
+        let got = free_range(
+            std::slice::from_ref(&a),
+            &[(0x1000_0000, 0x1000_2000)],
+            PAGE_SIZE,
+        )
+        .unwrap();
         assert!(got >= 0x1000_2000 + PAGE_SIZE);
         assert!(got + PAGE_SIZE <= a.start || got >= a.end);
     }

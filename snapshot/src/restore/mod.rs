@@ -27,7 +27,7 @@ use nix::unistd::Pid;
 
 use crate::checkpoint::Checkpoints;
 use crate::error::{Context, Error, ErrorKind, Result};
-use crate::image::{Manifest, Process, ShmemObject};
+use crate::image::{EpollItem, FileKind, Manifest, Process, ShmemObject};
 use crate::pool;
 use crate::proc::ProcDir;
 use crate::resource::files::{self, PreparedFiles};
@@ -258,6 +258,21 @@ fn build(
     let high = own_fds_max().max(max_target) + 1;
     let parked = |i: usize| Plan::parked(high, i);
 
+    // Each epoll instance's registrations are made by the first process holding it: the
+    // one whose fd numbers they were captured with.
+    let mut epolls: Vec<Vec<(i32, &[EpollItem])>> = vec![Vec::new(); procs.len()];
+    let mut registered = HashSet::new();
+    for (i, p) in procs.iter().enumerate() {
+        for fd in &p.fds {
+            let open = &manifest.open_files[fd.open_file as usize];
+            if let FileKind::Epoll { items } = &manifest.files[open.file as usize].kind {
+                if registered.insert(fd.open_file) {
+                    epolls[i].push((fd.fd, items.as_slice()));
+                }
+            }
+        }
+    }
+
     // What each stub does to itself (all allocated here, before any fork).
     let tables: Vec<Vec<(i32, i32, bool)>> = procs.iter().map(|p| prepared.fd_table(p)).collect();
     let cwds: Vec<CString> = procs
@@ -399,6 +414,7 @@ fn build(
                 exe: parked(exe_base + i),
                 pool_file: pools[i].as_ref(),
                 high,
+                epolls: epolls[i].clone(),
             };
             let tracee = tracees.get_mut(&p.pid).expect("a tracee per live process");
             threads.insert(

@@ -10,10 +10,10 @@ use nix::unistd::Pid;
 
 use crate::checkpoint::Checkpoints;
 use crate::error::{Context, Error, Result};
-use crate::image::{AreaKind, Process};
+use crate::image::{AreaKind, EpollItem, Process};
 use crate::proc::ProcDir;
 use crate::resource::memory::{self, MapSources};
-use crate::resource::{creds, process, signals, thread};
+use crate::resource::{creds, files, process, signals, thread};
 use crate::sys::{page_ceil, PAGE_SIZE, TASK_SIZE};
 use crate::tracee::{self, Remote, Tracee};
 
@@ -31,6 +31,8 @@ pub struct Sources<'a> {
     pub pool_file: Option<&'a File>,
     /// First fd number above the process's own: dolly's parked fds, closed at the end.
     pub high: i32,
+    /// Epoll instances this process registers the watched fds of: (its epoll fd, items).
+    pub epolls: Vec<(i32, &'a [EpollItem])>,
 }
 
 /// Rebuilds a stopped stub into the captured process, up to (not including) its registers;
@@ -94,6 +96,7 @@ pub fn rebuild(
         libc::SYS_close_range,
         &[sources.high as u64, u32::MAX as u64, 0],
     )?;
+    files::register_epolls(&mut remote, scratch, &sources.epolls)?;
     process::restore_rlimits(pid, &proc.rlimits)?;
     process::restore_oom_score_adj(pid, proc.oom_score_adj)?;
     process::restore_coredump_filter(pid, proc.flags.coredump_filter)?;
