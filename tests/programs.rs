@@ -1,0 +1,116 @@
+//! Real programs captured and restored whole, each shown to go on from its captured state.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Every PID of the tree under `root`, parents first.
+fn tree(root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let kids = read(Path::new(&format!("/proc/{0}/task/{0}/children", out[i])));
+        out.extend(kids.split_whitespace().map(|k| k.parse::<i32>().unwrap()));
+        i += 1;
+    }
+    out
+}
+
+/// Kills a whole tree and waits until every PID is free.
+fn kill_tree(pids: &[i32]) {
+    for &p in pids.iter().rev() {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+    for &p in pids {
+        reap_until_gone(p);
+    }
+}
+
+/// A shell feeding an interactive program the commands dropped into DIR/cmd, one batch at
+/// a time, through a pipe inside the tree.
+struct Fed {
+    dir: tempfile::TempDir,
+    sh: Spawned,
+}
+
+impl Fed {
+    fn start(program: &str) -> Fed {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            "cd {0}; while :; do if [ -f cmd ]; then cat cmd; rm cmd; fi; sleep 0.05; done | {program}",
+            dir.path().display()
+        );
+        let sh = Spawned(spawn_detached(
+            Command::new("sh").args(["-c", &script]),
+            &dir.path().join("out"),
+        ));
+        Fed { dir, sh }
+    }
+
+    /// Sends commands and waits until the output has `until`.
+    fn send(&self, commands: &str, until: &str) -> String {
+        let tmp = self.dir.path().join("cmd.tmp");
+        std::fs::write(&tmp, commands).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("cmd")).unwrap();
+        let out = self.dir.path().join("out");
+        wait_until(until, Duration::from_secs(10), || read(&out).contains(until));
+        read(&out)
+    }
+}
+
+/// sqlite3 with a database open and a TEMP table that lives only in its memory: after the
+/// restore it answers from both, and writes to the database again.
+#[test]
+fn sqlite3_with_an_open_database() {
+    let dolly = Dolly::new();
+    let db_dir = tempfile::tempdir().unwrap();
+    let db = db_dir.path().join("kv.db");
+    let fed = Fed::start(&format!("sqlite3 {}", db.display()));
+    fed.send(
+        "CREATE TABLE kv(k INTEGER PRIMARY KEY, v TEXT);\n\
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)\n\
+         INSERT INTO kv SELECT i, hex(randomblob(16)) FROM n;\n\
+         CREATE TEMP TABLE scratch(x);\n\
+         INSERT INTO scratch VALUES (41);\n\
+         SELECT 'ready';\n",
+        "ready",
+    );
+    let root = fed.sh.pid();
+    let pids = tree(root);
+    let sqlite = *pids
+        .iter()
+        .find(|&&p| read(Path::new(&format!("/proc/{p}/comm"))).trim() == "sqlite3")
+        .expect("sqlite3 in the tree");
+    let id = dolly.capture(root);
+    kill_tree(&pids);
+
+    let restored = dolly.restore(&id);
+    assert!(Path::new(&format!("/proc/{sqlite}")).exists());
+    let out = fed.send(
+        "INSERT INTO scratch VALUES (1);\n\
+         SELECT 'sum=' || sum(x) FROM scratch;\n\
+         INSERT INTO kv(v) VALUES ('after');\n\
+         SELECT 'rows=' || count(*) FROM kv;\n",
+        "rows=",
+    );
+    assert!(out.contains("sum=42"), "the TEMP table survived: {out}");
+    assert!(out.contains("rows=1001"), "the database is open and writable: {out}");
+    drop(restored);
+    kill_tree(&tree(root));
+    let check = Command::new("sqlite3")
+        .arg(&db)
+        .arg("SELECT count(*) FROM kv; PRAGMA integrity_check;")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&check.stdout), "1001\nok\n");
+}
