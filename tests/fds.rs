@@ -132,3 +132,112 @@ fn eventfd_timerfd_signalfd_and_epoll_keep_their_state() {
     drop(restored);
     reap_until_gone(child);
 }
+
+/// memfds (one with an fd and a file offset, one only mapped, both sealed) and a POSIX shared
+/// memory object, shared by a parent and its child: after the restore they hold their data,
+/// names, offsets and seals, and what the child writes the parent still sees.
+#[test]
+fn memfd_and_posix_shm_keep_data_seals_and_sharing() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let shm_name = format!("dolly-test-{}", std::process::id());
+    let script = format!(
+        r#"import os, mmap, time, struct, fcntl, signal
+fd = os.memfd_create('dolly-mem', os.MFD_ALLOW_SEALING)
+os.ftruncate(fd, 1 << 20)
+os.pwrite(fd, b'hello memfd', 0)
+os.lseek(fd, 5, os.SEEK_SET)
+fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+m = mmap.mmap(fd, 1 << 20)
+fd2 = os.memfd_create('dolly-sealed', os.MFD_ALLOW_SEALING)
+os.write(fd2, b'S' * 4096)
+fcntl.fcntl(fd2, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+m2 = mmap.mmap(fd2, 4096)
+os.close(fd2)
+sfd = os.open('/dev/shm/{shm_name}', os.O_CREAT | os.O_RDWR, 0o600)
+os.ftruncate(sfd, 4096)
+shm = mmap.mmap(sfd, 4096)
+os.close(sfd)
+os.unlink('/dev/shm/{shm_name}')
+if os.fork() == 0:
+    n = 0
+    while True:
+        n += 1
+        m[100:108] = struct.pack('Q', n)
+        shm[0:8] = struct.pack('Q', n)
+        time.sleep(0.01)
+def sealed_seals():
+    for line in open('/proc/self/maps'):
+        if 'dolly-sealed' in line:
+            f = os.open('/proc/self/map_files/' + line.split()[0], os.O_RDONLY)
+            try:
+                return fcntl.fcntl(f, fcntl.F_GET_SEALS)
+            finally:
+                os.close(f)
+def report(*_):
+    a = struct.unpack('Q', m[100:108])[0]
+    b = struct.unpack('Q', shm[0:8])[0]
+    pos = os.lseek(fd, 0, os.SEEK_CUR)
+    print(f"report mem={{m[0:11].decode()}} pos={{pos}} seals={{fcntl.fcntl(fd, fcntl.F_GET_SEALS)}} "
+          f"sealed={{m2[0:4].decode()}} sealed_seals={{sealed_seals()}} link={{os.readlink(f'/proc/self/fd/{{fd}}')}} "
+          f"memfd_n={{a}} shm_n={{b}}", flush=True)
+signal.signal(signal.SIGUSR1, report)
+print('ready', flush=True)
+while True:
+    time.sleep(1)
+"#
+    );
+    let py = Spawned(spawn_detached(
+        Command::new("python3").args(["-c", &script]),
+        &out,
+    ));
+    wait_until("python", Duration::from_secs(10), || {
+        read(&out).contains("ready")
+    });
+    let pid = py.pid();
+    let report = |pid: i32| -> String {
+        let before = read(&out).matches("report").count();
+        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+        wait_until("the report", Duration::from_secs(10), || {
+            read(&out).matches("report").count() > before
+        });
+        read(&out).lines().rfind(|l| l.starts_with("report")).unwrap().to_string()
+    };
+    let num = |line: &str, key: &str| -> u64 {
+        field(line, "report", key).unwrap_or_else(|| panic!("{key} in {line}"))
+    };
+    let first = report(pid);
+    let child = read(Path::new(&format!("/proc/{pid}/task/{pid}/children")))
+        .trim()
+        .parse::<i32>()
+        .unwrap();
+    let id = dolly.capture(pid);
+    kill(Pid::from_raw(child), Signal::SIGKILL).unwrap();
+    drop(py);
+    reap_until_gone(pid);
+    reap_until_gone(child);
+
+    let restored = dolly.restore(&id);
+    let a = report(pid);
+    std::thread::sleep(Duration::from_millis(200));
+    let b = report(pid);
+    for want in [
+        "mem=hello memfd",
+        "pos=5",
+        "seals=2", // F_SEAL_SHRINK
+        "sealed=SSSS",
+        "sealed_seals=6", // F_SEAL_SHRINK | F_SEAL_GROW
+        "link=/memfd:dolly-mem (deleted)",
+    ] {
+        assert!(a.contains(want), "{want} in {a}");
+    }
+    assert!(num(&a, "memfd_n") >= num(&first, "memfd_n"));
+    assert!(
+        num(&b, "memfd_n") > num(&a, "memfd_n") && num(&b, "shm_n") > num(&a, "shm_n"),
+        "the parent sees the restored child's writes through the memfd and the shm: {a} / {b}"
+    );
+    let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+    drop(restored);
+    reap_until_gone(child);
+}

@@ -63,7 +63,9 @@ impl Fed {
         std::fs::write(&tmp, commands).unwrap();
         std::fs::rename(&tmp, self.dir.path().join("cmd")).unwrap();
         let out = self.dir.path().join("out");
-        wait_until(until, Duration::from_secs(10), || read(&out).contains(until));
+        wait_until(until, Duration::from_secs(10), || {
+            read(&out).contains(until)
+        });
         read(&out)
     }
 }
@@ -104,7 +106,10 @@ fn sqlite3_with_an_open_database() {
         "rows=",
     );
     assert!(out.contains("sum=42"), "the TEMP table survived: {out}");
-    assert!(out.contains("rows=1001"), "the database is open and writable: {out}");
+    assert!(
+        out.contains("rows=1001"),
+        "the database is open and writable: {out}"
+    );
     drop(restored);
     kill_tree(&tree(root));
     let check = Command::new("sqlite3")

@@ -431,6 +431,11 @@ pub enum FileKind {
         /// Buffer capacity (`F_GETPIPE_SZ`).
         capacity: u64,
     },
+    /// A memfd (`memfd_create`): `path` is `/memfd:NAME`, its data is saved (`content`).
+    Memfd {
+        /// Its `F_SEAL_*` seals.
+        seals: u32,
+    },
     /// An eventfd (one per open file description).
     EventFd {
         /// Its counter.

@@ -77,7 +77,8 @@ impl FileTable {
         }
         let id = self.files.len() as u32;
         let pipe = matches!(file.kind, FileKind::Pipe { .. } | FileKind::Fifo { .. });
-        if file.deleted && file.kind == FileKind::Regular || pipe {
+        let memfd = matches!(file.kind, FileKind::Memfd { .. });
+        if file.deleted && file.kind == FileKind::Regular || pipe || memfd {
             let name = format!("file-{id}.data");
             let dst_path = self.pool_dir.join(&name);
             let mut dst = StdFile::create(&dst_path)
@@ -91,8 +92,8 @@ impl FileTable {
                     _ => FileKind::Fifo { capacity },
                 };
             } else {
-                std::io::copy(&mut open()?, &mut dst)
-                    .with_context(|| format!("saving the content of deleted file {}", file.path))?;
+                copy_data(&open()?, &dst, file.size)
+                    .with_context(|| format!("saving the content of {}", file.path))?;
             }
             file.content = Some(name);
         }
@@ -119,9 +120,17 @@ impl FileTable {
         if !m.deleted {
             check_reachable(proc.pid(), &m.path, &meta)?;
         }
+        let memfd = m.path.starts_with("/memfd:");
+        let kind = if memfd {
+            FileKind::Memfd {
+                seals: memfd_seals(&link)?,
+            }
+        } else {
+            FileKind::Regular
+        };
         let file = File {
             path: m.path.clone(),
-            kind: FileKind::Regular,
+            kind,
             dev: meta.dev(),
             inode: meta.ino(),
             size: meta.len(),
@@ -129,13 +138,82 @@ impl FileTable {
             mode: meta.mode() & 0o7777,
             uid: meta.uid(),
             gid: meta.gid(),
-            deleted: m.deleted,
+            deleted: m.deleted && !memfd,
             content: None,
         };
         self.add(file, || {
-            StdFile::open(&link).with_context(|| format!("opening deleted file {}", m.path))
+            StdFile::open(&link).with_context(|| format!("opening mapped file {}", m.path))
         })
     }
+}
+
+/// The seals of a memfd, through a /proc link to it; refuses hugetlbfs memfds.
+fn memfd_seals(link: &Path) -> Result<u32> {
+    let f = StdFile::open(link).with_context(|| format!("opening memfd {}", link.display()))?;
+    let fs =
+        nix::sys::statfs::fstatfs(&f).with_context(|| format!("inspecting {}", link.display()))?;
+    if fs.filesystem_type() == nix::sys::statfs::HUGETLBFS_MAGIC {
+        return Err(Error::refused(
+            format!("{} is a hugetlb memfd: not supported yet", link.display()),
+            "capture a process without hugetlb memory",
+        ));
+    }
+    let seals = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GET_SEALS)
+        .with_context(|| format!("reading the seals of {}", link.display()))?;
+    Ok(seals as u32)
+}
+
+/// Copies the first `len` bytes of `src` to `dst`, data only: holes stay holes.
+fn copy_data(src: &StdFile, dst: &StdFile, len: u64) -> Result<()> {
+    use nix::unistd::{lseek, Whence};
+    dst.set_len(len).context("sizing a copy")?;
+    let mut at = 0i64;
+    while (at as u64) < len {
+        let start = match lseek(src, at, Whence::SeekData) {
+            Ok(o) => o,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole is left
+            Err(e) => return Err(Error::sys("seeking data", e)),
+        };
+        let end = lseek(src, start, Whence::SeekHole)
+            .map_err(|e| Error::sys("seeking a hole", e))?
+            .min(len as i64);
+        copy_range(src, dst, start as u64, end as u64)?;
+        at = end;
+    }
+    Ok(())
+}
+
+/// Copies bytes `[start, end)` of `src` to the same offsets of `dst`: in the kernel where the
+/// two filesystems allow it, else through a buffer.
+fn copy_range(src: &StdFile, dst: &StdFile, start: u64, end: u64) -> Result<()> {
+    use nix::errno::Errno;
+    use std::os::unix::fs::FileExt;
+    let (mut from, mut to) = (start as i64, start as i64);
+    while (from as u64) < end {
+        let want = (end - from as u64) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut from), dst, Some(&mut to), want) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            // Across filesystems that do not implement it (tmpfs to tmpfs, for one).
+            Err(Errno::EXDEV | Errno::EOPNOTSUPP | Errno::EINVAL) => break,
+            Err(e) => return Err(Error::sys("copying data", e)),
+        }
+    }
+    let mut buf = vec![0u8; (1u64 << 20).min(end.saturating_sub(from as u64)) as usize];
+    let mut at = from as u64;
+    while at < end {
+        let n = buf.len().min((end - at) as usize);
+        let got = src
+            .read_at(&mut buf[..n], at)
+            .context("reading data to copy")?;
+        if got == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..got], at)
+            .context("writing copied data")?;
+        at += got as u64;
+    }
+    Ok(())
 }
 
 /// Refuses a file whose path does not lead dolly to the same inode (another mount
@@ -414,7 +492,10 @@ pub fn capture_fds(
         let deleted = link.ends_with(" (deleted)");
         let path = link.trim_end_matches(" (deleted)").to_string();
         let kind = match ftype {
-            libc::S_IFREG if !link.starts_with('/') || link.starts_with("/memfd:") => {
+            libc::S_IFREG if link.starts_with("/memfd:") => FileKind::Memfd {
+                seals: memfd_seals(&proc.path(&name))?,
+            },
+            libc::S_IFREG if !link.starts_with('/') => {
                 return Err(refuse(describe_fd(&link), "close it before capturing"))
             }
             libc::S_IFREG => FileKind::Regular,
@@ -449,6 +530,7 @@ pub fn capture_fds(
         if !deleted && matches!(kind, FileKind::Regular | FileKind::Directory) {
             check_reachable(pid, &path, &meta)?;
         }
+        let memfd = matches!(kind, FileKind::Memfd { .. });
         let file = File {
             path,
             kind,
@@ -459,7 +541,7 @@ pub fn capture_fds(
             mode: meta.mode() & 0o7777,
             uid: meta.uid(),
             gid: meta.gid(),
-            deleted: deleted && ftype == libc::S_IFREG,
+            deleted: deleted && ftype == libc::S_IFREG && !memfd,
             content: None,
         };
         let fd_path = proc.path(&name);
@@ -588,7 +670,7 @@ fn check_kind(fd: &OwnedFd, file: &File, path: &Path) -> Result<()> {
     let st = nix::sys::stat::fstat(fd).with_context(|| format!("inspecting {}", path.display()))?;
     let ftype = st.st_mode & libc::S_IFMT;
     let ok = match file.kind {
-        FileKind::Regular => ftype == libc::S_IFREG,
+        FileKind::Regular | FileKind::Memfd { .. } => ftype == libc::S_IFREG,
         FileKind::Directory => ftype == libc::S_IFDIR,
         FileKind::CharDevice { rdev } => ftype == libc::S_IFCHR && st.st_rdev == rdev,
         FileKind::Terminal => ftype == libc::S_IFCHR,
@@ -701,6 +783,8 @@ fn recreate_deleted(file: &File, pool_dir: &Path, index: u32) -> Result<PathBuf>
 pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
     let mut out = PreparedFiles::default();
     let mut recreated: Vec<PathBuf> = Vec::new();
+    // Memfds made anew, opened through /proc/self/fd like pipes.
+    let mut memfds: Vec<OwnedFd> = Vec::new();
     let result = (|| -> Result<()> {
         let mut paths: HashMap<u32, PathBuf> = HashMap::new();
         let mut path_of = |index: u32| -> Result<PathBuf> {
@@ -710,6 +794,12 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
             let file = &manifest.files[index as usize];
             let path = match file.kind {
                 FileKind::Terminal => own_terminal()?,
+                FileKind::Memfd { seals } => {
+                    let fd = make_memfd(file, seals, pool_dir)?;
+                    let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                    memfds.push(fd);
+                    p
+                }
                 _ if file.deleted => {
                     let p = recreate_deleted(file, pool_dir, index)?;
                     recreated.push(p.clone());
@@ -786,7 +876,11 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
                 )
             })?;
             check_kind(&fd, file, &path)?;
-            if matches!(file.kind, FileKind::Regular | FileKind::Directory) && of.pos > 0 {
+            if matches!(
+                file.kind,
+                FileKind::Regular | FileKind::Directory | FileKind::Memfd { .. }
+            ) && of.pos > 0
+            {
                 nix::unistd::lseek(&fd, of.pos as i64, nix::unistd::Whence::SeekSet)
                     .with_context(|| format!("seeking {} to {}", path.display(), of.pos))?;
             }
@@ -799,6 +893,48 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
         let _ = std::fs::remove_file(path);
     }
     result.map(|_| out)
+}
+
+/// Makes a memfd anew with its name, data, owner, mode and seals.
+fn make_memfd(file: &File, seals: u32, pool_dir: &Path) -> Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let name = file.path.strip_prefix("/memfd:").unwrap_or(&file.path);
+    let sealable = seals != libc::F_SEAL_SEAL as u32;
+    let mut flags = MFdFlags::MFD_CLOEXEC;
+    if sealable {
+        flags |= MFdFlags::MFD_ALLOW_SEALING;
+    }
+    let fd = memfd_create(name, flags).with_context(|| format!("making memfd {}", file.path))?;
+    let content = file.content.as_deref().ok_or_else(|| {
+        Error::corrupt(
+            format!("memfd {} has no saved content", file.path),
+            "the snapshot is damaged: capture again",
+        )
+    })?;
+    let src = StdFile::open(pool_dir.join(content)).map_err(|e| {
+        Error::corrupt(
+            format!(
+                "saved content {content} of memfd {} is missing ({e})",
+                file.path
+            ),
+            "the snapshot is damaged: capture again",
+        )
+    })?;
+    let dst = StdFile::from(fd);
+    copy_data(&src, &dst, file.size).with_context(|| format!("filling memfd {}", file.path))?;
+    nix::unistd::fchown(&dst, Some(file.uid.into()), Some(file.gid.into()))
+        .with_context(|| format!("giving memfd {} its owner", file.path))?;
+    dst.set_permissions(std::fs::Permissions::from_mode(file.mode))
+        .with_context(|| format!("giving memfd {} its mode", file.path))?;
+    if sealable && seals != 0 {
+        fcntl(
+            &dst,
+            FcntlArg::F_ADD_SEALS(SealFlag::from_bits_retain(seals as i32)),
+        )
+        .with_context(|| format!("sealing memfd {}", file.path))?;
+    }
+    Ok(dst.into())
 }
 
 /// Registers, inside a process being restored, what its epoll instances watched: `epolls`

@@ -196,14 +196,6 @@ pub fn inspect(
                     "detach the segment (shmdt) first",
                 ))
             }
-            p if p.starts_with("/memfd:") => {
-                return Err(unsupported(
-                    pid,
-                    m,
-                    "a memfd",
-                    "capture a process without memfd mappings",
-                ))
-            }
             p if p.starts_with('/') => {
                 if p.ends_with(POOL_FILE_SUFFIX) && !m.shared {
                     let file = File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
