@@ -188,13 +188,7 @@ while True:
     time.sleep(1)
 "#
     );
-    let py = Spawned(spawn_detached(
-        Command::new("python3").args(["-c", &script]),
-        &out,
-    ));
-    wait_until("python", Duration::from_secs(10), || {
-        read(&out).contains("ready")
-    });
+    let py = python_ready(&script, &out);
     let pid = py.pid();
     let report = |pid: i32| -> String {
         let before = read(&out).matches("report").count();
@@ -202,21 +196,17 @@ while True:
         wait_until("the report", Duration::from_secs(10), || {
             read(&out).matches("report").count() > before
         });
-        read(&out).lines().rfind(|l| l.starts_with("report")).unwrap().to_string()
+        read(&out)
+            .lines()
+            .rfind(|l| l.starts_with("report"))
+            .unwrap()
+            .to_string()
     };
     let num = |line: &str, key: &str| -> u64 {
         field(line, "report", key).unwrap_or_else(|| panic!("{key} in {line}"))
     };
     let first = report(pid);
-    let child = read(Path::new(&format!("/proc/{pid}/task/{pid}/children")))
-        .trim()
-        .parse::<i32>()
-        .unwrap();
-    let id = dolly.capture(pid);
-    kill(Pid::from_raw(child), Signal::SIGKILL).unwrap();
-    drop(py);
-    reap_until_gone(pid);
-    reap_until_gone(child);
+    let (id, child) = capture_and_end(&dolly, py);
 
     let restored = dolly.restore(&id);
     let a = report(pid);
@@ -240,4 +230,144 @@ while True:
     let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
     drop(restored);
     reap_until_gone(child);
+}
+
+/// Unix sockets of every kind in one python3 process and its child: a listener with an
+/// accepted connection (data in flight both ways) and a connection not accepted yet, a
+/// seqpacket pair with messages queued, a datagram server on an abstract name with datagrams
+/// queued from a connected client, a stream whose peer closed after writing, and a pair
+/// shared with a child that echoes. After the restore every byte and message is there once,
+/// the names are the same, the child echoes, and a new client reaches the listener at its
+/// path.
+#[test]
+fn unix_sockets_keep_connections_queues_and_names() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let path = dir.path().join("srv.sock");
+    let abstract_name = format!("dolly-test-{}", std::process::id());
+    let script = format!(
+        r#"import os, socket, signal, time
+U = socket.AF_UNIX
+path = '{path}'
+l = socket.socket(U, socket.SOCK_STREAM); l.bind(path); l.listen(7)
+c1 = socket.socket(U, socket.SOCK_STREAM); c1.connect(path); a1, _ = l.accept()
+c1.sendall(b'c1 to a1'); a1.sendall(b'a1 to c1')
+c2 = socket.socket(U, socket.SOCK_STREAM); c2.connect(path)
+p1, p2 = socket.socketpair(U, socket.SOCK_SEQPACKET)
+p1.send(b'first'); p1.send(b'second message')
+srv = socket.socket(U, socket.SOCK_DGRAM); srv.bind('\0{abstract_name}')
+cli = socket.socket(U, socket.SOCK_DGRAM); cli.connect('\0{abstract_name}')
+cli.send(b'dgram one'); cli.send(b'dgram two')
+q1, q2 = socket.socketpair(U, socket.SOCK_STREAM); q2.sendall(b'last words'); q2.close()
+e1, e2 = socket.socketpair(U, socket.SOCK_STREAM)
+if os.fork() == 0:
+    e1.close()
+    while True:
+        data = e2.recv(100)
+        if not data:
+            os._exit(0)
+        e2.sendall(data.upper())
+e2.close()
+def report(*_):
+    r = {{}}
+    r['a1'] = a1.recv(100); r['c1'] = c1.recv(100)
+    a2, _ = l.accept(); a2.sendall(b'to c2'); r['c2'] = c2.recv(100)
+    a3, _ = l.accept(); r['outsider'] = a3.recv(100); a3.sendall(b'welcome')
+    r['seq'] = [p2.recv(100), p2.recv(100)]
+    r['dgram'] = [srv.recv(100), srv.recv(100)]
+    r['closed'] = [q1.recv(100), q1.recv(100)]
+    e1.sendall(b'ping'); r['echo'] = e1.recv(100)
+    r['names'] = [a1.getsockname(), c1.getpeername(), srv.getsockname()]
+    print('report', repr(r), flush=True)
+signal.signal(signal.SIGUSR1, report)
+print('ready', flush=True)
+while True:
+    time.sleep(1)
+"#,
+        path = path.display()
+    );
+    let py = python_ready(&script, &out);
+    let pid = py.pid();
+    let (id, child) = capture_and_end(&dolly, py);
+    assert!(path.exists(), "the original left its socket file behind");
+
+    let restored = dolly.restore(&id);
+    talk_to_restored_sockets(pid, &path, &out, &abstract_name);
+
+    // A clone beside it: its own listener at the same path (in its overlay) and its own
+    // abstract name (in its network namespace).
+    let err = dolly.refused(&["clone", "--snapshot", &id]);
+    assert!(err.contains("in use") && err.contains("--overlay"), "{err}");
+    let clone = dolly.clone_over(&["--snapshot", &id, "--net", "none"], dir.path());
+    talk_to_restored_sockets(
+        clone.host,
+        &clone.inside(&path),
+        &clone.inside(&out),
+        &abstract_name,
+    );
+    dolly.kill_clones(&clone);
+
+    let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+    drop(restored);
+    reap_until_gone(child);
+}
+
+/// Connects to the restored python3's listener, makes it report, and checks the report.
+fn talk_to_restored_sockets(pid: i32, path: &Path, out: &Path, abstract_name: &str) {
+    let mut outsider = std::os::unix::net::UnixStream::connect(path).unwrap();
+    std::io::Write::write_all(&mut outsider, b"hello from outside").unwrap();
+    let before = read(out).matches("report").count();
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    wait_until("the report", Duration::from_secs(10), || {
+        read(out).matches("report").count() > before
+    });
+    let text = read(out);
+    let report = text.lines().rfind(|l| l.starts_with("report")).unwrap();
+    for want in [
+        "'a1': b'c1 to a1'",
+        "'c1': b'a1 to c1'",
+        "'c2': b'to c2'",
+        "'outsider': b'hello from outside'",
+        "'seq': [b'first', b'second message']",
+        "'dgram': [b'dgram one', b'dgram two']",
+        "'closed': [b'last words', b'']",
+        "'echo': b'PING'",
+    ] {
+        assert!(report.contains(want), "{want} in {report}");
+    }
+    // The names are the captured ones (the path as the process bound it).
+    let names = format!(
+        "'names': ['{0}', '{0}', b'\\x00{abstract_name}']",
+        path_as_bound(path)
+    );
+    assert!(report.contains(&names), "{names} in {report}");
+    let mut reply = [0u8; 7];
+    std::io::Read::read_exact(&mut outsider, &mut reply).unwrap();
+    assert_eq!(&reply, b"welcome");
+}
+
+/// A path under /proc/PID/root as the process inside sees it.
+fn path_as_bound(path: &Path) -> String {
+    let s = path.to_str().unwrap();
+    match s.strip_prefix("/proc/") {
+        Some(rest) => rest[rest.find("/root").unwrap() + 5..].to_string(),
+        None => s.to_string(),
+    }
+}
+
+/// Captures a spawned process that has one child, then ends both and waits until their PIDs
+/// are free; returns the snapshot id and the child's PID.
+fn capture_and_end(dolly: &Dolly, parent: Spawned) -> (String, i32) {
+    let pid = parent.pid();
+    let child = read(Path::new(&format!("/proc/{pid}/task/{pid}/children")))
+        .trim()
+        .parse::<i32>()
+        .unwrap();
+    let id = dolly.capture(pid);
+    kill(Pid::from_raw(child), Signal::SIGKILL).unwrap();
+    drop(parent);
+    reap_until_gone(pid);
+    reap_until_gone(child);
+    (id, child)
 }

@@ -105,20 +105,21 @@ fn python_with(code: &str, out: &std::path::Path) -> Spawned {
     let script = format!(
         "import os, time, threading, socket\n{code}\nprint('ready', flush=True)\ntime.sleep(60)\n"
     );
-    let p = Spawned(spawn_detached(
-        Command::new("python3").args(["-c", &script]),
-        out,
-    ));
-    wait_until("python", Duration::from_secs(10), || {
-        std::fs::read_to_string(out).is_ok_and(|s| s.contains("ready"))
-    });
-    p
+    python_ready(&script, out)
 }
 
 #[test]
 fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
     let dolly = Dolly::new();
     let dir = tempfile::tempdir().unwrap();
+    // A server outside the tree, with a connection accepted and one not.
+    let server_path = dir.path().join("outside.sock");
+    let server = std::os::unix::net::UnixListener::bind(&server_path).unwrap();
+    let connect = format!(
+        "s = socket.socket(socket.AF_UNIX)\ns.connect('{}')\nos.dup2(s.fileno(), 10)\ns.close()",
+        server_path.display()
+    );
+    let accepted_case = format!("{connect}\n# accepted by the test");
     let cases = [
         (
             "p = os.pidfd_open(os.getpid())\nos.dup2(p, 8)\nos.close(p)",
@@ -126,8 +127,13 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
         ),
         (
             "s = socket.socket()\nos.dup2(s.fileno(), 9)\ns.close()",
-            "fd 9, a socket",
+            "fd 9, an IPv4 socket",
         ),
+        (
+            accepted_case.as_str(),
+            "fd 10, a unix socket connected to process",
+        ),
+        (connect.as_str(), "fd 10, a unix socket whose connection to"),
         (
             "import ctypes\ni = ctypes.CDLL(None).inotify_init()\nos.dup2(i, 5)\nos.close(i)",
             "fd 5, an inotify instance",
@@ -145,8 +151,13 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
             "another mnt namespace",
         ),
     ];
+    let mut server_ends = Vec::new();
     for (i, (code, expect)) in cases.iter().enumerate() {
         let p = python_with(code, &dir.path().join(format!("out{i}")));
+        if code.ends_with("# accepted by the test") {
+            // The peer stays with this test process: outside the captured tree.
+            server_ends.push(server.accept().unwrap().0);
+        }
         let err = dolly.refused(&["snapshot", "capture", "--pid", &p.pid().to_string()]);
         assert!(err.contains(expect), "expected {expect:?} in: {err}");
         assert!(err.contains("not supported yet"), "{err}");

@@ -124,6 +124,55 @@ impl Dolly {
         self.root.path().join("snapshots").join(id)
     }
 
+    /// The PIDs a snapshot holds (live processes and zombies), from its manifest.
+    pub fn snapshot_pids(&self, id: &str) -> Vec<i32> {
+        let text = std::fs::read_to_string(self.snapshot_dir(id).join("manifest.json")).unwrap();
+        let manifest: Value = serde_json::from_str(&text).unwrap();
+        ["processes", "zombies"]
+            .iter()
+            .flat_map(|k| manifest[k].as_array().unwrap().clone())
+            .map(|p| p["pid"].as_i64().unwrap() as i32)
+            .collect()
+    }
+
+    /// Kills whatever still runs at the snapshot's PIDs (the originals), and whatever runs
+    /// in their process groups and sessions (which keep those PIDs taken), and waits until
+    /// every one is free for a restore.
+    pub fn end_originals(&self, id: &str) {
+        let pids = self.snapshot_pids(id);
+        let holders = || -> Vec<i32> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&p| {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                        return false;
+                    };
+                    let f: Vec<i32> = rest
+                        .split_whitespace()
+                        .skip(2)
+                        .take(2)
+                        .filter_map(|v| v.parse().ok())
+                        .collect();
+                    pids.contains(&p) || f.iter().any(|g| pids.contains(g))
+                })
+                .collect()
+        };
+        wait_until("the originals to be gone", Duration::from_secs(10), || {
+            let left = holders();
+            for &p in &left {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                let _ = waitpid(
+                    Pid::from_raw(p),
+                    Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL),
+                );
+            }
+            left.is_empty()
+        });
+    }
+
     /// The pool directory of a snapshot.
     pub fn pool_dir(&self, id: &str) -> PathBuf {
         self.pool.path().join(id)
@@ -422,4 +471,17 @@ pub fn usable(dolly: &Dolly) -> Vec<Value> {
         .into_iter()
         .filter(|r| r["status"] == "created" || r["status"] == "persisted")
         .collect()
+}
+
+/// Starts `python3 -c script` detached with its output to `out`, and waits until it has
+/// printed `ready`.
+pub fn python_ready(script: &str, out: &Path) -> Spawned {
+    let p = Spawned(spawn_detached(
+        Command::new("python3").args(["-c", script]),
+        out,
+    ));
+    wait_until("python to be ready", Duration::from_secs(10), || {
+        std::fs::read_to_string(out).is_ok_and(|s| s.contains("ready"))
+    });
+    p
 }

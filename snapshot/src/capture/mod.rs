@@ -122,6 +122,7 @@ fn capture_frozen(
         open_files: OpenFiles::default(),
         shmem: ShmemTable::default(),
         tree: tree.pids(),
+        sockets: crate::resource::sockets::TreeSockets::new(tree.pids()),
     };
     let mut inspected = Vec::with_capacity(tree.members.len());
     for member in &mut tree.members {

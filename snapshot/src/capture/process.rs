@@ -31,6 +31,8 @@ pub struct Shared {
     pub shmem: ShmemTable,
     /// PIDs of the whole tree (a pipe held only inside it is the tree's own).
     pub tree: HashSet<i32>,
+    /// The unix sockets of the whole tree.
+    pub sockets: crate::resource::sockets::TreeSockets,
 }
 
 /// What only code running inside the process can tell.
@@ -154,6 +156,7 @@ pub fn inspect(
         &mut shared.open_files,
         shell_job,
         &shared.tree,
+        &shared.sockets,
     )?;
     let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem)?;
     let cwd = proc.read_link("cwd")?;

@@ -3,8 +3,10 @@
 //! schema there is generated from these types.
 
 mod bytes;
+mod socket;
 
 pub use bytes::Bytes;
+pub use socket::{SocketFile, SocketType, UnixAddress, UnixPeer, UnixSocket};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -436,6 +438,8 @@ pub enum FileKind {
         /// Its `F_SEAL_*` seals.
         seals: u32,
     },
+    /// A unix socket.
+    UnixSocket(UnixSocket),
     /// An eventfd (one per open file description).
     EventFd {
         /// Its counter.

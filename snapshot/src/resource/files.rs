@@ -105,6 +105,27 @@ impl FileTable {
         Ok(id)
     }
 
+    /// The file with this device and inode, if already added.
+    pub fn find(&self, dev: u64, inode: u64) -> Option<u32> {
+        self.by_inode.get(&(dev, inode)).copied()
+    }
+
+    /// Adds a file whose content (`data`, saved when not empty) dolly read itself: the
+    /// bytes queued in a socket.
+    fn add_with_data(&mut self, mut file: File, data: &[u8]) -> Result<u32> {
+        let id = self.files.len() as u32;
+        if !data.is_empty() {
+            let name = format!("file-{id}.data");
+            let path = self.pool_dir.join(&name);
+            std::fs::write(&path, data)
+                .with_context(|| format!("saving the data queued in {}", file.path))?;
+            file.content = Some(name);
+        }
+        self.by_inode.insert((file.dev, file.inode), id);
+        self.files.push(file);
+        Ok(id)
+    }
+
     /// Adds a kernel object that is its own file (an eventfd, a timerfd...: they all share
     /// one anonymous inode, so they are not told apart by inode).
     fn add_object(&mut self, file: File) -> u32 {
@@ -255,10 +276,39 @@ fn pipe_content(pipe: &StdFile) -> Result<(Vec<u8>, u64)> {
 /// Refuses a pipe or FIFO that another process also holds: restoring this process alone
 /// would cut it off from the other end.
 fn check_pipe_private(pid: Pid, fd: i32, link: &str, tree: &HashSet<i32>) -> Result<()> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Ok(());
-    };
-    for p in procs.filter_map(|e| e.ok()) {
+    if let Some((other, comm)) = holder_outside(pid, link, tree) {
+        return Err(Error::refused(
+            format!(
+                "process {pid} has fd {fd}, a pipe ({link}) that process {other} ({comm}), outside the captured tree, holds too"
+            ),
+            "capture the tree that holds both ends (its common ancestor), or redirect the pipe to a file",
+        ));
+    }
+    Ok(())
+}
+
+/// The entry of a file a restore makes rather than opens (a socket, an eventfd...), found
+/// at fd link `link` with metadata `meta`; `size`: bytes of its saved content.
+fn made_file(link: &str, kind: FileKind, meta: &std::fs::Metadata, size: u64) -> File {
+    File {
+        path: link.to_string(),
+        kind,
+        dev: meta.dev(),
+        inode: meta.ino(),
+        size,
+        mtime_ns: 0,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        deleted: false,
+        content: None,
+    }
+}
+
+/// A process outside the tree (and other than `pid`) with an fd whose link reads `link`:
+/// its PID and name.
+pub fn holder_outside(pid: Pid, link: &str, tree: &HashSet<i32>) -> Option<(i32, String)> {
+    for p in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
         let Some(other) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
@@ -271,17 +321,11 @@ fn check_pipe_private(pid: Pid, fd: i32, link: &str, tree: &HashSet<i32>) -> Res
         for f in fds.filter_map(|e| e.ok()) {
             if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == link) {
                 let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-                return Err(Error::refused(
-                    format!(
-                        "process {pid} has fd {fd}, a pipe ({link}) that process {other} ({}), outside the captured tree, holds too",
-                        comm.trim()
-                    ),
-                    "capture the tree that holds both ends (its common ancestor), or redirect the pipe to a file",
-                ));
+                return Some((other, comm.trim().to_string()));
             }
         }
     }
-    Ok(())
+    None
 }
 
 /// Reads a kernel object behind an fd (`anon_inode:[KIND]`) from its fdinfo: its state, or a
@@ -431,6 +475,7 @@ pub fn capture_fds(
     open_files: &mut OpenFiles,
     shell_job: bool,
     tree: &HashSet<i32>,
+    sockets: &super::sockets::TreeSockets,
 ) -> Result<Vec<Fd>> {
     let pid = proc.pid();
     let mut fds = Vec::new();
@@ -465,19 +510,7 @@ pub fn capture_fds(
                 Some(i) => i,
                 None => {
                     let kind = kernel_object(proc, fd, object, &info)?;
-                    let file = table.add_object(File {
-                        path: link.clone(),
-                        kind,
-                        dev: meta.dev(),
-                        inode: meta.ino(),
-                        size: 0,
-                        mtime_ns: 0,
-                        mode: meta.mode() & 0o7777,
-                        uid: meta.uid(),
-                        gid: meta.gid(),
-                        deleted: false,
-                        content: None,
-                    });
+                    let file = table.add_object(made_file(&link, kind, &meta, 0));
                     open_files.add(pid, fd, file, flags, info.pos)
                 }
             };
@@ -524,7 +557,30 @@ pub fn capture_fds(
                     FileKind::Fifo { capacity: 0 }
                 }
             }
-            libc::S_IFSOCK => return Err(refuse("a socket", "close it before capturing")),
+            libc::S_IFSOCK => {
+                let file = match table.find(meta.dev(), meta.ino()) {
+                    Some(file) => file,
+                    None => {
+                        let (socket, data) = super::sockets::capture(pid, fd, meta.ino(), sockets)?;
+                        table.add_with_data(
+                            made_file(
+                                &link,
+                                FileKind::UnixSocket(socket),
+                                &meta,
+                                data.len() as u64,
+                            ),
+                            &data,
+                        )?
+                    }
+                };
+                let open_file = open_files.find_or_add(pid, fd, file, flags, 0)?;
+                fds.push(Fd {
+                    fd,
+                    open_file,
+                    cloexec,
+                });
+                continue;
+            }
             _ => return Err(refuse(describe_fd(&link), "close it before capturing")),
         };
         if !deleted && matches!(kind, FileKind::Regular | FileKind::Directory) {
@@ -676,7 +732,8 @@ fn check_kind(fd: &OwnedFd, file: &File, path: &Path) -> Result<()> {
         FileKind::Terminal => ftype == libc::S_IFCHR,
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => ftype == libc::S_IFIFO,
         // Made by dolly, not found by path.
-        FileKind::EventFd { .. }
+        FileKind::UnixSocket(_)
+        | FileKind::EventFd { .. }
         | FileKind::TimerFd { .. }
         | FileKind::SignalFd { .. }
         | FileKind::Epoll { .. } => true,
@@ -854,8 +911,18 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
         // /proc/self/fd, which gives a new description of the same pipe.
         let mut pipes: HashMap<u32, Vec<OwnedFd>> = HashMap::new();
         let same_boot = manifest.host.boot_id == crate::capture::boot_id()?;
+        let mut sockets = super::sockets::make(&manifest.files, pool_dir)?;
         for of in &manifest.open_files {
             let file = &manifest.files[of.file as usize];
+            if let Some(fd) = sockets.remove(&of.file) {
+                let flags = nix::fcntl::OFlag::from_bits_truncate(
+                    (of.flags & libc::O_NONBLOCK as u32) as i32,
+                );
+                nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))
+                    .context("setting a socket's flags")?;
+                out.descriptions.push(fd);
+                continue;
+            }
             if let Some(fd) = make_object(&file.kind, of.flags, same_boot)? {
                 out.descriptions.push(fd);
                 continue;

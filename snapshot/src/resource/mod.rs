@@ -6,4 +6,5 @@ pub mod files;
 pub mod memory;
 pub mod process;
 pub mod signals;
+pub mod sockets;
 pub mod thread;

@@ -562,7 +562,21 @@ fn make_shmem(object: &ShmemObject, pool_file: Option<&File>) -> Result<OwnedFd>
 /// Refuses when `pid` is in use, naming what uses it.
 fn check_pid_free(pid: i32) -> Result<()> {
     if !sysproc::pid_exists(pid) {
-        return Ok(());
+        // A PID also stays taken while it names a process group or session.
+        let member = std::fs::read_dir("/proc").ok().and_then(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .find_map(|p| {
+                    let st = ProcDir::new(Pid::from_raw(p)).stat().ok()?;
+                    (st.pgid == pid || st.sid == pid).then_some((p, st.comm))
+                })
+        });
+        return match member {
+            Some((p, comm)) => Err(Error::refused(
+                format!("PID {pid} is still the process group or session of process {p} ({comm}), which outlived the original"),
+                format!("end process {p} too (e.g. `kill -- -{pid}`), then restore"),
+            )),
+            None => Ok(()),
+        };
     }
     let stat = ProcDir::new(Pid::from_raw(pid)).stat().ok();
     let (comm, zombie) = stat

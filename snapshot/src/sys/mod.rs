@@ -4,9 +4,11 @@
 //! places that call into a forked child), each with a `// SAFETY:` line.
 
 pub mod clone;
+pub mod diag;
 pub mod pagemap;
 pub mod process;
 pub mod ptrace;
+pub mod socket;
 
 /// Turns a raw syscall return (-1 and errno on failure) into a `Result`.
 pub(crate) fn check(rc: libc::c_long) -> Result<libc::c_long, nix::errno::Errno> {
