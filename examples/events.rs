@@ -39,6 +39,12 @@ fn read_u64(fd: impl AsFd) -> Option<u64> {
     }
 }
 
+/// Appends one line to the log in a single write (a reader never sees half of it).
+fn say(log: &mut std::fs::File, line: String) {
+    log.write_all(format!("{line}\n").as_bytes())
+        .expect("writing the log");
+}
+
 fn timer(flags: TimerFlags, expiration: Expiration) -> TimerFd {
     let t = TimerFd::new(ClockId::CLOCK_MONOTONIC, flags).expect("timerfd");
     t.set(expiration, TimerSetTimeFlags::empty())
@@ -96,13 +102,14 @@ fn main() {
         nix::unistd::ForkResult::Parent { child } => child,
     };
     std::thread::sleep(Duration::from_millis(100));
-    writeln!(
-        log,
-        "ready pid={} child={child} epfd={}",
-        std::process::id(),
-        epoll.0.as_raw_fd()
-    )
-    .unwrap();
+    say(
+        &mut log,
+        format!(
+            "ready pid={} child={child} epfd={}",
+            std::process::id(),
+            epoll.0.as_raw_fd()
+        ),
+    );
 
     let (mut total, mut ticks, mut bad) = (0u64, 0u64, 0u64);
     let mut events = [EpollEvent::empty(); 4];
@@ -120,7 +127,7 @@ fn main() {
                         if info.ssi_signo == Signal::SIGUSR1 as u32 {
                             total += 1;
                             counter.write(1).expect("counting");
-                            writeln!(log, "usr1 total={total}").unwrap();
+                            say(&mut log, format!("usr1 total={total}"));
                         } else {
                             let mut reads = 0;
                             while counter.read().is_ok() {
@@ -131,11 +138,8 @@ fn main() {
                                 Some(Expiration::OneShot(left)) => Duration::from(left).as_millis(),
                                 _ => 0,
                             };
-                            writeln!(
-                                log,
-                                "report reads={reads} expired={expired} left_ms={left_ms} ticks={ticks} bad={bad}"
-                            )
-                            .unwrap();
+                            say(&mut log, format!("report reads={reads} expired={expired} left_ms={left_ms} ticks={ticks} bad={bad}"
+                            ));
                         }
                     }
                 }

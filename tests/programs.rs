@@ -122,3 +122,82 @@ fn sqlite3_with_an_open_database() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&check.stdout), "1001\nok\n");
 }
+
+/// `GET path` over HTTP/1.0 at `addr`; the whole response.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// `python3 -m http.server`: after the restore it serves again on its port; a clone beside
+/// it with `--net none` serves on the same port inside its own network namespace, while a
+/// clone sharing the host's network is refused, naming the port.
+#[test]
+fn python_http_server_serves_after_restore_and_in_a_clone() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let site = dir.path().join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(site.join("hello.txt"), "hello from dolly\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let server = Spawned(spawn_detached(
+        Command::new("python3").args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            site.to_str().unwrap(),
+        ]),
+        &dir.path().join("out"),
+    ));
+    wait_until("the server", Duration::from_secs(10), || {
+        http_get(addr, "/hello.txt").is_ok()
+    });
+    let pid = server.pid();
+    let id = dolly.capture(pid);
+    drop(server);
+    reap_until_gone(pid);
+    assert!(
+        http_get(addr, "/hello.txt").is_err(),
+        "the original is gone"
+    );
+
+    let restored = dolly.restore(&id);
+    let page = http_get(addr, "/hello.txt").unwrap();
+    assert!(page.starts_with("HTTP/1.0 200"), "{page}");
+    assert!(page.ends_with("hello from dolly\n"), "{page}");
+
+    let err = dolly.refused(&["clone", "--snapshot", &id]);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port} is in use")) && err.contains("--net none"),
+        "{err}"
+    );
+    let out = dolly.ok(&["--json", "clone", "--snapshot", &id, "--net", "none"]);
+    let clone: serde_json::Value =
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()[0].clone();
+    let host = clone["host_pid"].as_i64().unwrap() as i32;
+    let netns = std::fs::File::open(format!("/proc/{host}/ns/net")).unwrap();
+    let inside = std::thread::spawn(move || {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        http_get(addr, "/hello.txt")
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    assert!(inside.ends_with("hello from dolly\n"), "{inside}");
+    dolly.ok(&["clone", "kill", "--all"]);
+    reap_until_gone(clone["init_pid"].as_i64().unwrap() as i32);
+    drop(restored);
+}

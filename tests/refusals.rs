@@ -120,15 +120,17 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
         server_path.display()
     );
     let accepted_case = format!("{connect}\n# accepted by the test");
+    let tcp_server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_case = format!(
+        "s = socket.create_connection(('127.0.0.1', {}))\nos.dup2(s.fileno(), 9)\ns.close()",
+        tcp_server.local_addr().unwrap().port()
+    );
     let cases = [
         (
             "p = os.pidfd_open(os.getpid())\nos.dup2(p, 8)\nos.close(p)",
             "fd 8, a pidfd",
         ),
-        (
-            "s = socket.socket()\nos.dup2(s.fileno(), 9)\ns.close()",
-            "fd 9, an IPv4 socket",
-        ),
+        (tcp_case.as_str(), "fd 9, a TCP connection from 127.0.0.1:"),
         (
             accepted_case.as_str(),
             "fd 10, a unix socket connected to process",

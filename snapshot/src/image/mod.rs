@@ -6,7 +6,9 @@ mod bytes;
 mod socket;
 
 pub use bytes::Bytes;
-pub use socket::{SocketFile, SocketType, UnixAddress, UnixPeer, UnixSocket};
+pub use socket::{
+    InetProtocol, InetSocket, SocketFile, SocketType, UnixAddress, UnixPeer, UnixSocket,
+};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -440,6 +442,8 @@ pub enum FileKind {
     },
     /// A unix socket.
     UnixSocket(UnixSocket),
+    /// An IPv4 or IPv6 socket.
+    InetSocket(InetSocket),
     /// An eventfd (one per open file description).
     EventFd {
         /// Its counter.

@@ -109,3 +109,48 @@ pub struct UnixSocket {
     /// whose bytes are the file's `content`.
     pub queue: Vec<u32>,
 }
+
+/// The transport protocol of an internet socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum InetProtocol {
+    /// TCP (`SOCK_STREAM`).
+    Tcp,
+    /// UDP (`SOCK_DGRAM`).
+    Udp,
+}
+
+/// An IPv4 or IPv6 socket that holds no connection: unbound, bound, listening, or (UDP)
+/// connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InetSocket {
+    /// `AF_INET6` (else `AF_INET`).
+    pub ipv6: bool,
+    /// TCP or UDP.
+    pub protocol: InetProtocol,
+    /// The address it is bound to.
+    pub local: Option<std::net::SocketAddr>,
+    /// `Some(backlog)` for a listening TCP socket.
+    pub backlog: Option<u32>,
+    /// The peer a UDP socket is connected to.
+    pub peer: Option<std::net::SocketAddr>,
+    /// `SO_REUSEADDR`.
+    pub reuse_addr: bool,
+    /// `SO_REUSEPORT`.
+    pub reuse_port: bool,
+    /// `IPV6_V6ONLY` (IPv6 sockets).
+    pub v6_only: bool,
+    /// `TCP_NODELAY` (TCP sockets).
+    pub no_delay: bool,
+    /// `SO_KEEPALIVE`.
+    pub keep_alive: bool,
+    /// `SO_BROADCAST`.
+    pub broadcast: bool,
+    /// `SO_BINDTODEVICE`: the interface it is bound to.
+    pub device: Option<String>,
+    /// `SO_RCVBUF` as `getsockopt` gives it.
+    pub rcvbuf: u32,
+    /// `SO_SNDBUF` as `getsockopt` gives it.
+    pub sndbuf: u32,
+}

@@ -561,14 +561,9 @@ pub fn capture_fds(
                 let file = match table.find(meta.dev(), meta.ino()) {
                     Some(file) => file,
                     None => {
-                        let (socket, data) = super::sockets::capture(pid, fd, meta.ino(), sockets)?;
+                        let (kind, data) = super::sockets::capture(pid, fd, meta.ino(), sockets)?;
                         table.add_with_data(
-                            made_file(
-                                &link,
-                                FileKind::UnixSocket(socket),
-                                &meta,
-                                data.len() as u64,
-                            ),
+                            made_file(&link, kind, &meta, data.len() as u64),
                             &data,
                         )?
                     }
@@ -733,6 +728,7 @@ fn check_kind(fd: &OwnedFd, file: &File, path: &Path) -> Result<()> {
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => ftype == libc::S_IFIFO,
         // Made by dolly, not found by path.
         FileKind::UnixSocket(_)
+        | FileKind::InetSocket(_)
         | FileKind::EventFd { .. }
         | FileKind::TimerFd { .. }
         | FileKind::SignalFd { .. }
@@ -914,7 +910,11 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
         let mut sockets = super::sockets::make(&manifest.files, pool_dir)?;
         for of in &manifest.open_files {
             let file = &manifest.files[of.file as usize];
-            if let Some(fd) = sockets.remove(&of.file) {
+            let made = match &file.kind {
+                FileKind::InetSocket(s) => Some(super::inet::make(s)?),
+                _ => sockets.remove(&of.file),
+            };
+            if let Some(fd) = made {
                 let flags = nix::fcntl::OFlag::from_bits_truncate(
                     (of.flags & libc::O_NONBLOCK as u32) as i32,
                 );

@@ -3,6 +3,7 @@
 
 pub mod creds;
 pub mod files;
+pub mod inet;
 pub mod memory;
 pub mod process;
 pub mod signals;

@@ -102,21 +102,41 @@ fn family_name(domain: i32) -> String {
     }
 }
 
-/// Captures unix socket `fd` (inode `ino`) of process `pid`: its state, and the bytes waiting
-/// in its receive queue. Refuses what a restore could not make again.
-pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeSockets) -> Result<(UnixSocket, Vec<u8>)> {
+/// Captures socket `fd` (inode `ino`) of process `pid`: its state, and the bytes waiting in
+/// its receive queue. Refuses what a restore could not make again.
+pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeSockets) -> Result<(FileKind, Vec<u8>)> {
+    let s = sys::borrow_fd(pid, fd)
+        .map_err(|e| Error::sys(format!("borrowing fd {fd} of process {pid}"), e))?;
+    let domain = sys::domain(&s).map_err(|e| Error::sys("reading a socket's family", e))?;
+    match domain {
+        libc::AF_UNIX => {
+            capture_unix(pid, fd, ino, &s, tree).map(|(u, data)| (FileKind::UnixSocket(u), data))
+        }
+        libc::AF_INET | libc::AF_INET6 => super::inet::capture(pid, fd, ino, &s, domain)
+            .map(|i| (FileKind::InetSocket(i), Vec::new())),
+        _ => Err(Error::refused(
+            format!(
+                "process {pid} has fd {fd}, {}: not supported yet",
+                family_name(domain)
+            ),
+            "close it before capturing",
+        )),
+    }
+}
+
+fn capture_unix(
+    pid: Pid,
+    fd: i32,
+    ino: u64,
+    s: &OwnedFd,
+    tree: &TreeSockets,
+) -> Result<(UnixSocket, Vec<u8>)> {
     let refuse = |what: String, remedy: &str| {
         Error::refused(
             format!("process {pid} has fd {fd}, {what}: not supported yet"),
             remedy,
         )
     };
-    let s = sys::borrow_fd(pid, fd)
-        .map_err(|e| Error::sys(format!("borrowing fd {fd} of process {pid}"), e))?;
-    let domain = sys::domain(&s).map_err(|e| Error::sys("reading a socket's family", e))?;
-    if domain != libc::AF_UNIX {
-        return Err(refuse(family_name(domain), "close it before capturing"));
-    }
     let d = match tree.diags()?.get(&ino) {
         Some(d) => d.clone(),
         None => diag::unix_socket(ino as u32)?.ok_or_else(|| {
@@ -225,11 +245,11 @@ pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeSockets) -> Result<(UnixS
     };
     let option =
         |what: &str, e| Error::sys(format!("reading {what} of fd {fd} of process {pid}"), e);
-    let peek_off = sys::peek_offset(&s).map_err(|e| option("SO_PEEK_OFF", e))?;
+    let peek_off = sys::peek_offset(s).map_err(|e| option("SO_PEEK_OFF", e))?;
     let (queue, data) = if listening {
         (Vec::new(), Vec::new())
     } else {
-        peek_queue(&s, socket_type, peek_off).map_err(|e| match e {
+        peek_queue(s, socket_type, peek_off).map_err(|e| match e {
             PeekError::Fds => refuse(
                 "a unix socket with fds in flight (SCM_RIGHTS) in its queue".into(),
                 "capture once the process has read them",
@@ -249,12 +269,12 @@ pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeSockets) -> Result<(UnixS
             pending,
             peer,
             shutdown: d.shutdown,
-            pass_cred: sock::getsockopt(&s, sockopt::PassCred)
+            pass_cred: sock::getsockopt(s, sockopt::PassCred)
                 .map_err(|e| option("SO_PASSCRED", e))?,
-            pass_sec: sys::pass_sec(&s).map_err(|e| option("SO_PASSSEC", e))?,
-            rcvbuf: sock::getsockopt(&s, sockopt::RcvBuf).map_err(|e| option("SO_RCVBUF", e))?
+            pass_sec: sys::pass_sec(s).map_err(|e| option("SO_PASSSEC", e))?,
+            rcvbuf: sock::getsockopt(s, sockopt::RcvBuf).map_err(|e| option("SO_RCVBUF", e))?
                 as u32,
-            sndbuf: sock::getsockopt(&s, sockopt::SndBuf).map_err(|e| option("SO_SNDBUF", e))?
+            sndbuf: sock::getsockopt(s, sockopt::SndBuf).map_err(|e| option("SO_SNDBUF", e))?
                 as u32,
             peek_off,
             queue,

@@ -1,11 +1,16 @@
 //! Socket diagnostics (`NETLINK_SOCK_DIAG`): what the kernel tells of a socket that its fd
 //! does not (its peer, its pending connections, its queues, its shutdown state).
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+use std::net::SocketAddr;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_sock_diag::inet::{self, ExtensionFlags, InetRequest, SocketId};
 use netlink_packet_sock_diag::unix::{nlas::Nla, ShowFlags, StateFlags, UnixRequest};
 use netlink_packet_sock_diag::{SockDiagMessage, TCP_LISTEN};
 use netlink_packet_utils::Emitable;
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NetlinkAddr};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -31,6 +36,14 @@ pub struct UnixDiag {
     pub vfs: Option<(u32, u32)>,
 }
 
+/// A sock_diag socket talking to the kernel.
+fn open() -> std::io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    Ok(socket)
+}
+
 /// The kernel's view of the unix socket with inode `ino` in dolly's network namespace, or
 /// `None` if there is none.
 pub fn unix_socket(ino: u32) -> Result<Option<UnixDiag>> {
@@ -40,11 +53,7 @@ pub fn unix_socket(ino: u32) -> Result<Option<UnixDiag>> {
             format!("asking the kernel about unix socket {ino} (sock_diag: {what}): {e}"),
         )
     };
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|e| fail("socket", &e))?;
-    socket.bind_auto().map_err(|e| fail("bind", &e))?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(|e| fail("connect", &e))?;
+    let socket = open().map_err(|e| fail("socket", &e))?;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST;
     let mut request = NetlinkMessage::new(
@@ -111,6 +120,90 @@ pub fn unix_socket(ino: u32) -> Result<Option<UnixDiag>> {
     Ok(Some(diag))
 }
 
+/// What sock_diag reports of one TCP or UDP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InetDiag {
+    /// `TCP_*` state (UDP: `TCP_CLOSE`, or `TCP_ESTABLISHED` when connected).
+    pub state: u8,
+    /// Its local address.
+    pub local: SocketAddr,
+    /// Its peer's address.
+    pub remote: SocketAddr,
+    /// Listeners: connections waiting to be accepted; others: bytes not read yet.
+    pub recv_queue: u32,
+    /// Listeners: the backlog; others: bytes not sent or not acknowledged yet.
+    pub send_queue: u32,
+}
+
+/// The kernel's view of the TCP (`protocol` = `IPPROTO_TCP`) or UDP socket of `family`
+/// (`AF_INET`, `AF_INET6`) with inode `ino`, in dolly's network namespace.
+pub fn inet_socket(family: u8, protocol: u8, ino: u32) -> Result<Option<InetDiag>> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Error::new(
+            ErrorKind::System,
+            format!("asking the kernel about socket {ino} (sock_diag: {what}): {e}"),
+        )
+    };
+    let socket = open().map_err(|e| fail("socket", &e))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let socket_id = if family == libc::AF_INET6 as u8 {
+        SocketId::new_v6()
+    } else {
+        SocketId::new_v4()
+    };
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol,
+            extensions: ExtensionFlags::empty(),
+            states: inet::StateFlags::all(),
+            socket_id,
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(|e| fail("send", &e))?;
+    let mut found = None;
+    let mut reply = vec![0u8; 1 << 16];
+    'dump: loop {
+        let n = socket
+            .recv(&mut &mut reply[..], 0)
+            .map_err(|e| fail("recv", &e))?;
+        let mut at = 0;
+        while at < n {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&reply[at..n])
+                .map_err(|e| fail("parse", &e))?;
+            let len = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                    if r.header.inode == ino && found.is_none() =>
+                {
+                    let id = &r.header.socket_id;
+                    found = Some(InetDiag {
+                        state: r.header.state,
+                        local: SocketAddr::new(id.source_address, id.source_port),
+                        remote: SocketAddr::new(id.destination_address, id.destination_port),
+                        recv_queue: r.header.recv_queue,
+                        send_queue: r.header.send_queue,
+                    });
+                }
+                NetlinkPayload::Done(_) => break 'dump,
+                NetlinkPayload::Error(e) => return Err(fail("reply", &format!("{e:?}"))),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            at += len;
+        }
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +242,25 @@ mod tests {
         let file = std::fs::metadata(&path).unwrap();
         assert_eq!(dl.vfs, Some((dl.vfs.unwrap().0, file.ino() as u32)));
         assert!(unix_socket(u32::MAX).unwrap().is_none());
+    }
+
+    #[test]
+    fn sees_tcp_listeners_and_connections() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let tcp = libc::IPPROTO_TCP as u8;
+        let l = inet_socket(libc::AF_INET as u8, tcp, ino(&listener))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.state, TCP_LISTEN);
+        assert_eq!(l.local, listener.local_addr().unwrap());
+        assert_eq!(l.recv_queue, 1, "one connection waits to be accepted");
+        let c = inet_socket(libc::AF_INET as u8, tcp, ino(&client))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.remote, listener.local_addr().unwrap());
+        assert!(inet_socket(libc::AF_INET6 as u8, tcp, ino(&client))
+            .unwrap()
+            .is_none());
     }
 }

@@ -72,3 +72,9 @@ pub fn pass_sec(fd: impl AsFd) -> Result<bool, Errno> {
 pub fn set_pass_sec(fd: impl AsFd, on: bool) -> Result<(), Errno> {
     set_int(fd.as_fd(), libc::SOL_SOCKET, libc::SO_PASSSEC, on as i32)
 }
+
+/// Sets `TCP_REPAIR`: in repair mode a TCP socket binds and connects without the usual
+/// checks and handshakes.
+pub fn set_tcp_repair(fd: impl AsFd, on: bool) -> Result<(), Errno> {
+    set_int(fd.as_fd(), libc::SOL_TCP, libc::TCP_REPAIR, on as i32)
+}
