@@ -201,3 +201,139 @@ fn python_http_server_serves_after_restore_and_in_a_clone() {
     reap_until_gone(clone["init_pid"].as_i64().unwrap() as i32);
     drop(restored);
 }
+
+/// Runs `tmux -S SOCKET ARGS...`; its stdout.
+fn tmux(socket: &Path, args: &[&str]) -> String {
+    let out = Command::new("tmux")
+        .arg("-S")
+        .arg(socket)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tmux {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A tmux server with a session whose pane runs an interactive bash (a unix listener, a pty
+/// whose both ends are in the tree, the pane's session and foreground group): after the
+/// restore the pane shows what it showed, the shell still has its variable, runs commands
+/// typed into it on the same /dev/pts/N, and a client attaches on a terminal.
+#[test]
+fn tmux_server_with_a_session_is_restored_and_attached_to() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tmux.sock");
+    let mut start = Command::new("tmux");
+    start.arg("-S").arg(&socket).args([
+        "new-session",
+        "-d",
+        "-s",
+        "main",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "bash --norc --noprofile -i",
+    ]);
+    let status = spawn_detached(&mut start, &dir.path().join("out"))
+        .wait()
+        .unwrap();
+    assert!(status.success());
+    let pane = |what: &str| {
+        tmux(&socket, &["display", "-p", "-t", "main", what])
+            .trim()
+            .to_string()
+    };
+    let screen = || tmux(&socket, &["capture-pane", "-p", "-t", "main"]);
+    tmux(
+        &socket,
+        &["send-keys", "-t", "main", "X=42; echo hello-$X", "Enter"],
+    );
+    wait_until("the pane", Duration::from_secs(10), || {
+        screen().contains("hello-42")
+    });
+    let server: i32 = pane("#{pid}").parse().unwrap();
+    let tty = pane("#{pane_tty}");
+    let shell: i32 = pane("#{pane_pid}").parse().unwrap();
+
+    let id = dolly.capture(server);
+    dolly.end_originals(&id);
+    let restored = dolly.restore(&id);
+    assert_eq!(restored.0, server);
+    assert!(
+        screen().contains("hello-42"),
+        "the pane kept its screen: {}",
+        screen()
+    );
+    assert_eq!(pane("#{pane_tty}"), tty, "the same pseudo-terminal");
+    assert_eq!(pane("#{pane_pid}"), shell.to_string());
+    let stat = std::fs::read_to_string(format!("/proc/{shell}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // state ppid pgrp session tty_nr tpgid
+    assert_eq!(
+        fields[2], fields[5],
+        "the shell leads its terminal's foreground group"
+    );
+    assert_ne!(fields[4], "0", "the shell has its controlling terminal");
+    tmux(
+        &socket,
+        &["send-keys", "-t", "main", "echo again-$X", "Enter"],
+    );
+    wait_until("the shell to answer", Duration::from_secs(10), || {
+        screen().contains("again-42")
+    });
+
+    // A client attaches on a terminal (script gives it one), sees the pane, detaches.
+    let attach = Command::new("script")
+        .args(["-q", "-c"])
+        .arg(format!(
+            "tmux -S {} attach -t main \\; detach-client",
+            socket.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let seen = String::from_utf8_lossy(&attach.stdout);
+    assert!(attach.status.success(), "{seen}");
+    assert!(
+        seen.contains("again-42") && seen.contains("detached"),
+        "{seen}"
+    );
+
+    // A clone beside it: its own socket (in its overlay) and its own /dev/pts, where the
+    // pane gets the same number.
+    let clone = dolly.clone_over(&["--snapshot", &id], dir.path());
+    let inside = clone.inside(&socket);
+    let clone_screen = || tmux(&inside, &["capture-pane", "-p", "-t", "main"]);
+    assert!(clone_screen().contains("hello-42") && !clone_screen().contains("again-42"));
+    assert_eq!(
+        tmux(&inside, &["display", "-p", "-t", "main", "#{pane_tty}"]).trim(),
+        tty
+    );
+    tmux(
+        &inside,
+        &["send-keys", "-t", "main", "echo clone-$X", "Enter"],
+    );
+    wait_until(
+        "the clone's shell to answer",
+        Duration::from_secs(10),
+        || clone_screen().contains("clone-42"),
+    );
+    assert!(
+        !screen().contains("clone-42"),
+        "the original's pane is its own"
+    );
+    dolly.kill_clones(&clone);
+
+    let _ = tmux(&socket, &["kill-server"]);
+    drop(restored);
+    reap_until_gone(shell);
+}

@@ -48,6 +48,32 @@ pub fn mount_proc() -> Result<()> {
         .context("mounting the clone's /proc")
 }
 
+/// Mounts a devpts instance of the clone's own on /dev/pts (and /dev/ptmx), so that its
+/// pseudo-terminals get the numbers they had, whatever the host's are.
+pub fn mount_devpts() -> Result<()> {
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount(
+        Some("devpts"),
+        "/dev/pts",
+        Some("devpts"),
+        flags,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .context("mounting the clone's /dev/pts")?;
+    let ptmx = std::path::Path::new("/dev/ptmx");
+    if !ptmx.is_symlink() {
+        mount(
+            Some("/dev/pts/ptmx"),
+            ptmx,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .context("binding the clone's /dev/ptmx")?;
+    }
+    Ok(())
+}
+
 /// Mounts `overlay.dir` over itself as an overlay whose writes go to `overlay.upper`.
 pub fn mount_overlay(overlay: &Overlay) -> Result<()> {
     for d in [&overlay.upper, &overlay.work] {

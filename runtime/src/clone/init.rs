@@ -36,6 +36,7 @@ fn report(out: &mut std::fs::File, line: &str) {
 fn set_up(opts: &CloneOptions, overlays: &[Overlay]) -> Result<(), Error> {
     ns::make_mounts_private()?;
     ns::mount_proc()?;
+    ns::mount_devpts()?;
     for overlay in overlays {
         ns::mount_overlay(overlay)?;
     }

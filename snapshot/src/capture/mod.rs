@@ -121,8 +121,7 @@ fn capture_frozen(
         files: FileTable::new(&pool_dir),
         open_files: OpenFiles::default(),
         shmem: ShmemTable::default(),
-        tree: tree.pids(),
-        sockets: crate::resource::sockets::TreeSockets::new(tree.pids()),
+        tree: crate::resource::tree::TreeView::new(tree.pids()),
     };
     let mut inspected = Vec::with_capacity(tree.members.len());
     for member in &mut tree.members {

@@ -1,7 +1,6 @@
 //! Capturing one frozen process of the tree: first everything but its pages (so that any
 //! refusal comes before pages are copied for any process), then its pages.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use crate::checkpoint::Checkpoints;
@@ -29,10 +28,8 @@ pub struct Shared {
     pub open_files: OpenFiles,
     /// Shared anonymous memory objects.
     pub shmem: ShmemTable,
-    /// PIDs of the whole tree (a pipe held only inside it is the tree's own).
-    pub tree: HashSet<i32>,
-    /// The unix sockets of the whole tree.
-    pub sockets: crate::resource::sockets::TreeSockets,
+    /// The whole tree (a pipe held only inside it is the tree's own...).
+    pub tree: crate::resource::tree::TreeView,
 }
 
 /// What only code running inside the process can tell.
@@ -156,7 +153,6 @@ pub fn inspect(
         &mut shared.open_files,
         shell_job,
         &shared.tree,
-        &shared.sockets,
     )?;
     let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem)?;
     let cwd = proc.read_link("cwd")?;

@@ -4,11 +4,13 @@
 
 mod bytes;
 mod socket;
+mod tty;
 
 pub use bytes::Bytes;
 pub use socket::{
     InetProtocol, InetSocket, SocketFile, SocketType, UnixAddress, UnixPeer, UnixSocket,
 };
+pub use tty::{Pty, Termios};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -444,6 +446,15 @@ pub enum FileKind {
     UnixSocket(UnixSocket),
     /// An IPv4 or IPv6 socket.
     InetSocket(InetSocket),
+    /// The master of a pseudo-terminal (one per open file description: a master is opened
+    /// once), with the terminal's state.
+    PtyMaster(Pty),
+    /// The slave of a pseudo-terminal whose master the snapshot holds: `path` is
+    /// `/dev/pts/INDEX`.
+    PtySlave {
+        /// N of `/dev/pts/N`.
+        index: u32,
+    },
     /// An eventfd (one per open file description).
     EventFd {
         /// Its counter.

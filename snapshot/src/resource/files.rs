@@ -474,8 +474,7 @@ pub fn capture_fds(
     table: &mut FileTable,
     open_files: &mut OpenFiles,
     shell_job: bool,
-    tree: &HashSet<i32>,
-    sockets: &super::sockets::TreeSockets,
+    tree: &super::tree::TreeView,
 ) -> Result<Vec<Fd>> {
     let pid = proc.pid();
     let mut fds = Vec::new();
@@ -505,11 +504,17 @@ pub fn capture_fds(
         };
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
-        if let Some(object) = link.strip_prefix("anon_inode:") {
+        let ftype = meta.mode() & libc::S_IFMT;
+        let ptmx = ftype == libc::S_IFCHR && super::tty::is_ptmx(meta.rdev());
+        if ptmx || link.starts_with("anon_inode:") {
+            // One file per open description: they share an inode.
             let open_file = match open_files.find(pid, fd)? {
                 Some(i) => i,
                 None => {
-                    let kind = kernel_object(proc, fd, object, &info)?;
+                    let kind = match link.strip_prefix("anon_inode:") {
+                        Some(object) => kernel_object(proc, fd, object, &info)?,
+                        None => FileKind::PtyMaster(super::tty::capture_master(pid, fd, tree)?),
+                    };
                     let file = table.add_object(made_file(&link, kind, &meta, 0));
                     open_files.add(pid, fd, file, flags, info.pos)
                 }
@@ -521,8 +526,11 @@ pub fn capture_fds(
             });
             continue;
         }
-        let ftype = meta.mode() & libc::S_IFMT;
         let deleted = link.ends_with(" (deleted)");
+        let inner_pty = match super::tty::slave_index(meta.rdev()) {
+            Some(n) if ftype == libc::S_IFCHR && tree.pty_masters()?.contains(&n) => Some(n),
+            _ => None,
+        };
         let path = link.trim_end_matches(" (deleted)").to_string();
         let kind = match ftype {
             libc::S_IFREG if link.starts_with("/memfd:") => FileKind::Memfd {
@@ -533,6 +541,9 @@ pub fn capture_fds(
             }
             libc::S_IFREG => FileKind::Regular,
             libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFCHR if inner_pty.is_some() => FileKind::PtySlave {
+                index: inner_pty.expect("matched"),
+            },
             libc::S_IFCHR if is_terminal(meta.rdev()) => {
                 if !shell_job {
                     return Err(Error::refused(
@@ -550,7 +561,7 @@ pub fn capture_fds(
                 FileKind::CharDevice { rdev }
             }
             libc::S_IFIFO => {
-                check_pipe_private(pid, fd, &link, tree)?;
+                check_pipe_private(pid, fd, &link, &tree.pids)?;
                 if link.starts_with("pipe:") {
                     FileKind::Pipe { capacity: 0 }
                 } else {
@@ -561,7 +572,7 @@ pub fn capture_fds(
                 let file = match table.find(meta.dev(), meta.ino()) {
                     Some(file) => file,
                     None => {
-                        let (kind, data) = super::sockets::capture(pid, fd, meta.ino(), sockets)?;
+                        let (kind, data) = super::sockets::capture(pid, fd, meta.ino(), tree)?;
                         table.add_with_data(
                             made_file(&link, kind, &meta, data.len() as u64),
                             &data,
@@ -670,6 +681,9 @@ pub struct PreparedFiles {
     pub descriptions: Vec<OwnedFd>,
     /// Fds for memory mappings, per `(file index, writable)`.
     pub mappings: Vec<((u32, bool), OwnedFd)>,
+    /// A slave of each pseudo-terminal made, by pts index: for its session leader to take
+    /// as its controlling terminal.
+    pub tty_slaves: HashMap<u32, OwnedFd>,
 }
 
 impl PreparedFiles {
@@ -704,7 +718,8 @@ const CREATION_FLAGS: i32 =
 /// terminal, close-on-exec in dolly.
 pub fn open_path(path: &Path, flags: i32) -> std::io::Result<OwnedFd> {
     use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-    let flags = OFlag::from_bits_truncate((flags & !CREATION_FLAGS) | libc::O_CLOEXEC);
+    let flags =
+        OFlag::from_bits_truncate((flags & !CREATION_FLAGS) | libc::O_CLOEXEC | libc::O_NOCTTY);
     // Captured paths are resolved paths (they come from /proc links): a symlink in one now
     // means the path was changed under the snapshot. /proc/self/fd is a magic link on purpose.
     let resolve = if path.starts_with("/proc/self/fd") {
@@ -727,8 +742,10 @@ fn check_kind(fd: &OwnedFd, file: &File, path: &Path) -> Result<()> {
         FileKind::Terminal => ftype == libc::S_IFCHR,
         FileKind::Pipe { .. } | FileKind::Fifo { .. } => ftype == libc::S_IFIFO,
         // Made by dolly, not found by path.
+        FileKind::PtySlave { .. } => ftype == libc::S_IFCHR,
         FileKind::UnixSocket(_)
         | FileKind::InetSocket(_)
+        | FileKind::PtyMaster(_)
         | FileKind::EventFd { .. }
         | FileKind::TimerFd { .. }
         | FileKind::SignalFd { .. }
@@ -908,10 +925,14 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
         let mut pipes: HashMap<u32, Vec<OwnedFd>> = HashMap::new();
         let same_boot = manifest.host.boot_id == crate::capture::boot_id()?;
         let mut sockets = super::sockets::make(&manifest.files, pool_dir)?;
+        let ptys = super::tty::make(&manifest.files)?;
+        let mut masters = ptys.masters;
+        out.tty_slaves = ptys.slaves;
         for of in &manifest.open_files {
             let file = &manifest.files[of.file as usize];
             let made = match &file.kind {
                 FileKind::InetSocket(s) => Some(super::inet::make(s)?),
+                FileKind::PtyMaster(_) => masters.remove(&of.file),
                 _ => sockets.remove(&of.file),
             };
             if let Some(fd) = made {
@@ -919,7 +940,7 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
                     (of.flags & libc::O_NONBLOCK as u32) as i32,
                 );
                 nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))
-                    .context("setting a socket's flags")?;
+                    .context("setting the flags of a socket or pty")?;
                 out.descriptions.push(fd);
                 continue;
             }

@@ -9,3 +9,5 @@ pub mod process;
 pub mod signals;
 pub mod sockets;
 pub mod thread;
+pub mod tree;
+pub mod tty;

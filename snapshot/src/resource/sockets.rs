@@ -5,8 +5,7 @@
 //! both ends have their names) or as socket pairs, pending connections made again, queues
 //! refilled from the peer, shutdowns and options applied.
 
-use std::cell::OnceCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -15,73 +14,26 @@ use nix::errno::Errno;
 use nix::sys::socket::{self as sock, sockopt, MsgFlags, UnixAddr};
 use nix::unistd::Pid;
 
+use super::tree::TreeView;
 use crate::error::{Context, Error, Result};
 use crate::image::{
     Bytes, File, FileKind, SocketFile, SocketType, UnixAddress, UnixPeer, UnixSocket,
 };
-use crate::sys::diag::{self, UnixDiag};
+use crate::sys::diag;
 use crate::sys::socket as sys;
 
 const TCP_ESTABLISHED: u8 = 1;
 const TCP_LISTEN: u8 = 10;
 const SHUTDOWN_MASK: u8 = 3;
 
-/// The unix sockets the captured tree holds, as sock_diag sees them (read once, while the
-/// tree is frozen).
-#[derive(Debug)]
-pub struct TreeSockets {
-    pids: HashSet<i32>,
-    diags: OnceCell<HashMap<u64, UnixDiag>>,
+/// The listener of the tree whose backlog holds `client`'s connection.
+fn listener_of(tree: &TreeView, client: u64) -> Result<Option<u64>> {
+    Ok(tree
+        .unix_sockets()?
+        .iter()
+        .find(|(_, d)| d.state == TCP_LISTEN && d.pending.contains(&(client as u32)))
+        .map(|(&ino, _)| ino))
 }
-
-impl TreeSockets {
-    /// The sockets of the processes `pids`, looked up when first needed.
-    pub fn new(pids: HashSet<i32>) -> TreeSockets {
-        TreeSockets {
-            pids,
-            diags: OnceCell::new(),
-        }
-    }
-
-    fn diags(&self) -> Result<&HashMap<u64, UnixDiag>> {
-        if self.diags.get().is_none() {
-            let mut out = HashMap::new();
-            for &pid in &self.pids {
-                let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-                    continue;
-                };
-                for f in fds.filter_map(|e| e.ok()) {
-                    let Some(ino) = std::fs::read_link(f.path()).ok().and_then(|l| {
-                        l.to_str()?
-                            .strip_prefix("socket:[")?
-                            .strip_suffix(']')?
-                            .parse::<u64>()
-                            .ok()
-                    }) else {
-                        continue;
-                    };
-                    if let std::collections::hash_map::Entry::Vacant(e) = out.entry(ino) {
-                        if let Some(d) = diag::unix_socket(ino as u32)? {
-                            e.insert(d);
-                        }
-                    }
-                }
-            }
-            let _ = self.diags.set(out);
-        }
-        Ok(self.diags.get().expect("just set"))
-    }
-
-    /// The listener of the tree whose backlog holds `client`'s connection.
-    fn listener_of(&self, client: u64) -> Result<Option<u64>> {
-        Ok(self
-            .diags()?
-            .iter()
-            .find(|(_, d)| d.state == TCP_LISTEN && d.pending.contains(&(client as u32)))
-            .map(|(&ino, _)| ino))
-    }
-}
-
 fn address_of(addr: &UnixAddr) -> Option<UnixAddress> {
     if let Some(path) = addr.path() {
         Some(UnixAddress::Path(path.to_string_lossy().into_owned()))
@@ -104,7 +56,7 @@ fn family_name(domain: i32) -> String {
 
 /// Captures socket `fd` (inode `ino`) of process `pid`: its state, and the bytes waiting in
 /// its receive queue. Refuses what a restore could not make again.
-pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeSockets) -> Result<(FileKind, Vec<u8>)> {
+pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeView) -> Result<(FileKind, Vec<u8>)> {
     let s = sys::borrow_fd(pid, fd)
         .map_err(|e| Error::sys(format!("borrowing fd {fd} of process {pid}"), e))?;
     let domain = sys::domain(&s).map_err(|e| Error::sys("reading a socket's family", e))?;
@@ -129,7 +81,7 @@ fn capture_unix(
     fd: i32,
     ino: u64,
     s: &OwnedFd,
-    tree: &TreeSockets,
+    tree: &TreeView,
 ) -> Result<(UnixSocket, Vec<u8>)> {
     let refuse = |what: String, remedy: &str| {
         Error::refused(
@@ -137,7 +89,7 @@ fn capture_unix(
             remedy,
         )
     };
-    let d = match tree.diags()?.get(&ino) {
+    let d = match tree.unix_sockets()?.get(&ino) {
         Some(d) => d.clone(),
         None => diag::unix_socket(ino as u32)?.ok_or_else(|| {
             Error::new(
@@ -174,7 +126,7 @@ fn capture_unix(
         UnixPeer::None
     } else if d.peer != 0 {
         let inode = d.peer as u64;
-        if tree.diags()?.contains_key(&inode) {
+        if tree.unix_sockets()?.contains_key(&inode) {
             UnixPeer::Socket { inode }
         } else {
             let peer_name: Option<UnixAddress> = sock::getpeername::<UnixAddr>(s.as_raw_fd())
@@ -197,7 +149,7 @@ fn capture_unix(
     } else if d.state == TCP_ESTABLISHED && connected_kind {
         if d.shutdown == SHUTDOWN_MASK {
             UnixPeer::Closed
-        } else if let Some(listener) = tree.listener_of(ino)? {
+        } else if let Some(listener) = listener_of(tree, ino)? {
             if d.wqueue > 0 {
                 return Err(refuse(
                     "a unix socket that sent data over a connection its server has not accepted yet".into(),
@@ -232,7 +184,7 @@ fn capture_unix(
         _ => None,
     };
     let pending: Vec<u64> = if listening {
-        let diags = tree.diags()?;
+        let diags = tree.unix_sockets()?;
         // Connections from outside the tree are not the tree's: their clients keep them
         // with the original.
         d.pending

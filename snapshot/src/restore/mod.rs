@@ -237,6 +237,11 @@ fn build(
     }
     let shmem_base = helpers.len();
     helpers.extend(shmem.iter().map(|fd| fd.as_raw_fd()));
+    let mut tty_at: HashMap<u32, usize> = HashMap::new();
+    for (&index, fd) in &prepared.tty_slaves {
+        tty_at.insert(index, helpers.len());
+        helpers.push(fd.as_raw_fd());
+    }
     let mut pool_at = Vec::new();
     for pool in pools {
         pool_at.push(pool.as_ref().map(|f| {
@@ -409,12 +414,20 @@ fn build(
             for o in 0..shmem.len() {
                 maps.shmem.insert(o as u32, parked(shmem_base + o));
             }
+            // The pty this process leads the session of, with its foreground group.
+            let ctty = manifest.files.iter().find_map(|f| match &f.kind {
+                FileKind::PtyMaster(pty) if pty.session == p.pid => {
+                    Some((parked(tty_at[&pty.index]), pty.foreground))
+                }
+                _ => None,
+            });
             let sources = rebuild::Sources {
                 maps,
                 exe: parked(exe_base + i),
                 pool_file: pools[i].as_ref(),
                 high,
                 epolls: epolls[i].clone(),
+                ctty,
             };
             let tracee = tracees.get_mut(&p.pid).expect("a tracee per live process");
             threads.insert(

@@ -33,6 +33,9 @@ pub struct Sources<'a> {
     pub high: i32,
     /// Epoll instances this process registers the watched fds of: (its epoll fd, items).
     pub epolls: Vec<(i32, &'a [EpollItem])>,
+    /// The pseudo-terminal it is the session leader of: (a slave fd inside the stub, the
+    /// foreground process group).
+    pub ctty: Option<(i32, i32)>,
 }
 
 /// Rebuilds a stopped stub into the captured process, up to (not including) its registers;
@@ -91,12 +94,17 @@ pub fn rebuild(
     memory::map_areas(&mut remote, proc, &sources.maps, sources.pool_file)?;
     memory::apply_flags(&mut remote, proc, scratch)?;
     process::set_mm_map(&mut remote, scratch, &proc.mm, Some(sources.exe))?;
+    // Before dolly's fds go: the pty slave is one of them.
+    if let Some((slave, foreground)) = sources.ctty {
+        take_controlling_terminal(&mut remote, scratch, slave, foreground)?;
+    }
     remote.call(
         "closing dolly's fds",
         libc::SYS_close_range,
         &[sources.high as u64, u32::MAX as u64, 0],
     )?;
     files::register_epolls(&mut remote, scratch, &sources.epolls)?;
+
     process::restore_rlimits(pid, &proc.rlimits)?;
     process::restore_oom_score_adj(pid, proc.oom_score_adj)?;
     process::restore_coredump_filter(pid, proc.flags.coredump_filter)?;
@@ -342,4 +350,28 @@ fn replace_address_space(
         move_block(remote, &|_, start| temp + (start - t_lo))?;
     }
     move_block(remote, &|_, start| start)
+}
+
+/// Makes pty slave `slave` (an fd of the process, a session leader) its controlling terminal
+/// again, with `foreground` (if any) as its foreground process group.
+fn take_controlling_terminal(
+    remote: &mut Remote,
+    scratch: u64,
+    slave: i32,
+    foreground: i32,
+) -> Result<()> {
+    remote.call(
+        "taking the controlling terminal",
+        libc::SYS_ioctl,
+        &[slave as u64, libc::TIOCSCTTY, 0],
+    )?;
+    if foreground > 0 {
+        remote.write_mem(scratch, &foreground.to_ne_bytes())?;
+        remote.call(
+            &format!("giving the terminal to process group {foreground}"),
+            libc::SYS_ioctl,
+            &[slave as u64, libc::TIOCSPGRP, scratch],
+        )?;
+    }
+    Ok(())
 }

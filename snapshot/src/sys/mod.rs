@@ -9,6 +9,7 @@ pub mod pagemap;
 pub mod process;
 pub mod ptrace;
 pub mod socket;
+pub mod tty;
 
 /// Turns a raw syscall return (-1 and errno on failure) into a `Result`.
 pub(crate) fn check(rc: libc::c_long) -> Result<libc::c_long, nix::errno::Errno> {
