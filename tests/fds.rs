@@ -371,3 +371,76 @@ fn capture_and_end(dolly: &Dolly, parent: Spawned) -> (String, i32) {
     reap_until_gone(child);
     (id, child)
 }
+
+/// An inotify instance watching two directories (one watch removed between them, so the
+/// descriptors have a gap): after the restore it reports new events under the same watch
+/// descriptors, and nothing else.
+#[test]
+fn inotify_watches_keep_their_descriptors() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    for d in [&a, &b, &c] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let script = format!(
+        r#"import ctypes, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(0)
+IN_CREATE = 0x100
+wa = libc.inotify_add_watch(fd, b'{a}', IN_CREATE)
+wb = libc.inotify_add_watch(fd, b'{b}', IN_CREATE)
+wc = libc.inotify_add_watch(fd, b'{c}', IN_CREATE)
+libc.inotify_rm_watch(fd, wb)
+print('ready', wa, wb, wc, flush=True)
+while True:
+    data = os.read(fd, 4096)
+    at = 0
+    while at < len(data):
+        wd, mask, cookie, n = struct.unpack_from('iIII', data, at)
+        name = data[at + 16:at + 16 + n].rstrip(b'\0').decode()
+        print(f'event wd={{wd}} mask={{mask:#x}} name={{name}}', flush=True)
+        at += 16 + n
+"#,
+        a = a.display(),
+        b = b.display(),
+        c = c.display()
+    );
+    let py = python_ready(&script, &out);
+    wait_until(
+        "the IN_IGNORED of the removed watch",
+        Duration::from_secs(10),
+        || read(&out).contains("event wd=2 mask=0x8000"),
+    );
+    assert!(read(&out).contains("ready 1 2 3"));
+    let pid = py.pid();
+    let id = dolly.capture(pid);
+    drop(py);
+    reap_until_gone(pid);
+
+    let restored = dolly.restore(&id);
+    let before = read(&out).lines().count();
+    std::fs::write(a.join("new-in-a"), b"").unwrap();
+    std::fs::write(c.join("new-in-c"), b"").unwrap();
+    std::fs::write(b.join("new-in-b"), b"").unwrap();
+    wait_until("the events", Duration::from_secs(10), || {
+        read(&out).contains("name=new-in-c")
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let text = read(&out);
+    let after: Vec<&str> = text.lines().skip(before).collect();
+    assert_eq!(
+        after,
+        [
+            "event wd=1 mask=0x100 name=new-in-a",
+            "event wd=3 mask=0x100 name=new-in-c"
+        ],
+        "the same watch descriptors, no stray events, nothing from the removed watch"
+    );
+    drop(restored);
+}

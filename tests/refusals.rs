@@ -137,8 +137,8 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
         ),
         (connect.as_str(), "fd 10, a unix socket whose connection to"),
         (
-            "import ctypes\ni = ctypes.CDLL(None).inotify_init()\nos.dup2(i, 5)\nos.close(i)",
-            "fd 5, an inotify instance",
+            "n = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nos.dup2(n.fileno(), 5)\nn.close()",
+            "fd 5, a netlink socket",
         ),
         (
             "import ctypes\nu = ctypes.CDLL(None).syscall(323, 0)\nos.dup2(u, 6)\nos.close(u)",

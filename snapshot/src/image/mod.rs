@@ -446,6 +446,11 @@ pub enum FileKind {
     UnixSocket(UnixSocket),
     /// An IPv4 or IPv6 socket.
     InetSocket(InetSocket),
+    /// An inotify instance (one per open file description).
+    Inotify {
+        /// Its watches, by watch descriptor.
+        watches: Vec<InotifyWatch>,
+    },
     /// The master of a pseudo-terminal (one per open file description: a master is opened
     /// once), with the terminal's state.
     PtyMaster(Pty),
@@ -489,6 +494,18 @@ pub enum FileKind {
         /// holds it.
         items: Vec<EpollItem>,
     },
+}
+
+/// One watch of an inotify instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InotifyWatch {
+    /// Its watch descriptor.
+    pub wd: i32,
+    /// The watched file or directory.
+    pub path: String,
+    /// `IN_*` events and flags.
+    pub mask: u32,
 }
 
 /// One registration of an epoll instance.

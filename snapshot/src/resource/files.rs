@@ -387,6 +387,7 @@ fn kernel_object(
                 deadline_ns,
             }
         }
+        "inotify" => super::inotify::capture(pid, fd, info)?,
         "[signalfd]" => FileKind::SignalFd {
             mask: hex("sigmask")?,
         },
@@ -746,6 +747,7 @@ fn check_kind(fd: &OwnedFd, file: &File, path: &Path) -> Result<()> {
         FileKind::UnixSocket(_)
         | FileKind::InetSocket(_)
         | FileKind::PtyMaster(_)
+        | FileKind::Inotify { .. }
         | FileKind::EventFd { .. }
         | FileKind::TimerFd { .. }
         | FileKind::SignalFd { .. }
@@ -1090,6 +1092,17 @@ fn make_object(kind: &FileKind, flags: u32, same_boot: bool) -> Result<Option<Ow
         }
         // SAFETY: epoll_create1 takes an integer.
         FileKind::Epoll { .. } => unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) },
+        FileKind::Inotify { ref watches } => {
+            let fd = super::inotify::make(watches)?;
+            if !nonblock {
+                nix::fcntl::fcntl(
+                    &fd,
+                    nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+                )
+                .context("setting an inotify instance's flags")?;
+            }
+            return Ok(Some(fd));
+        }
         _ => return Ok(None),
     };
     if raw < 0 {

@@ -4,6 +4,7 @@
 pub mod creds;
 pub mod files;
 pub mod inet;
+pub mod inotify;
 pub mod memory;
 pub mod process;
 pub mod signals;

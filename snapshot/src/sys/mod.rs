@@ -5,6 +5,7 @@
 
 pub mod clone;
 pub mod diag;
+pub mod inotify;
 pub mod pagemap;
 pub mod process;
 pub mod ptrace;
