@@ -444,3 +444,108 @@ while True:
     );
     drop(restored);
 }
+
+/// Tries to take a lock the way `kind` says on `path`, without waiting: whether it was free.
+fn lock_is_free(path: &Path, kind: &str) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let fd = f.as_raw_fd();
+    let range = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 10,
+        l_pid: 0,
+    };
+    // SAFETY: plain lock calls on an fd this function owns.
+    let rc = unsafe {
+        match kind {
+            "flock" => libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB),
+            "posix" => libc::fcntl(fd, libc::F_SETLK, &range),
+            _ => libc::fcntl(fd, libc::F_OFD_SETLK, &range),
+        }
+    };
+    rc == 0
+}
+
+/// With `--file-locks` a process's flock, POSIX and OFD locks are captured and taken again
+/// by the restored process (others find them held, until it ends); without it the capture is
+/// refused, naming the flag.
+#[test]
+fn file_locks_are_taken_again_with_file_locks() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let files: Vec<_> = ["flock", "posix", "ofd"]
+        .iter()
+        .map(|k| dir.path().join(k))
+        .collect();
+    for f in &files {
+        std::fs::write(f, b"0123456789abcdef").unwrap();
+    }
+    let script = format!(
+        r#"import fcntl, os, struct, time
+a = open('{}', 'r+'); fcntl.flock(a, fcntl.LOCK_EX)
+b = open('{}', 'r+'); fcntl.lockf(b, fcntl.LOCK_EX, 10, 0)
+c = open('{}', 'r+'); fcntl.fcntl(c, 37, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, 0, 10, 0))
+print('ready', flush=True)
+while True:
+    time.sleep(1)
+"#,
+        files[0].display(),
+        files[1].display(),
+        files[2].display()
+    );
+    let py = python_ready(&script, &out);
+    let pid = py.pid();
+    for (f, k) in files.iter().zip(["flock", "posix", "ofd"]) {
+        assert!(!lock_is_free(f, k), "{k} is held by the original");
+    }
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &pid.to_string()]);
+    assert!(
+        err.contains("holds a file lock") && err.contains("--file-locks"),
+        "{err}"
+    );
+
+    let out_json = dolly.ok(&[
+        "--json",
+        "snapshot",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+        "--file-locks",
+    ]);
+    let id = serde_json::from_str::<serde_json::Value>(&out_json).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(py);
+    reap_until_gone(pid);
+    for (f, k) in files.iter().zip(["flock", "posix", "ofd"]) {
+        assert!(lock_is_free(f, k), "{k} was released with the original");
+    }
+
+    let restored = dolly.restore(&id);
+    for (f, k) in files.iter().zip(["flock", "posix", "ofd"]) {
+        assert!(
+            !lock_is_free(f, k),
+            "{k} is held again by the restored process"
+        );
+    }
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    assert!(
+        locks
+            .lines()
+            .any(|l| l.contains("POSIX") && l.contains(&format!(" {pid} "))),
+        "the POSIX lock is the restored process's own: {locks}"
+    );
+    drop(restored);
+    reap_until_gone(pid);
+    for (f, k) in files.iter().zip(["flock", "posix", "ofd"]) {
+        assert!(lock_is_free(f, k), "{k} goes with the restored process");
+    }
+}

@@ -145,10 +145,6 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
             "fd 6, a userfaultfd",
         ),
         (
-            "import fcntl\nf = open('/tmp/dolly-lock-test', 'w')\nfcntl.flock(f, fcntl.LOCK_EX)",
-            "holds a file lock",
-        ),
-        (
             "import ctypes\nctypes.CDLL(None).unshare(0x00020000)",
             "another mnt namespace",
         ),

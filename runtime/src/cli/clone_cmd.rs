@@ -62,6 +62,7 @@ fn start(cli: &Cli, args: &CloneArgs, store: &Store) -> Result<i32, Error> {
                 store,
                 &CaptureOptions {
                     pid,
+                    file_locks: s.file_locks,
                     ..Default::default()
                 },
             )?

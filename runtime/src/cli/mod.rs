@@ -83,6 +83,9 @@ pub struct CloneStart {
         required_unless_present = "snapshot"
     )]
     pub pid: Option<i32>,
+    /// With --pid: capture the process's file locks too (each clone takes them again).
+    #[arg(long, requires = "pid")]
+    pub file_locks: bool,
     /// Clone this snapshot (id, id prefix or name).
     #[arg(long)]
     pub snapshot: Option<String>,
@@ -124,6 +127,10 @@ pub enum SnapshotCommand {
         /// restoring dolly runs on.
         #[arg(long)]
         shell_job: bool,
+        /// Capture the file locks the processes hold (flock, POSIX and OFD); a restore takes
+        /// them again. Without it, a process holding a lock is refused.
+        #[arg(long)]
+        file_locks: bool,
     },
     /// List snapshots with their status.
     List,

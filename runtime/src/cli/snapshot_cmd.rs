@@ -13,11 +13,13 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             pid,
             name,
             shell_job,
+            file_locks,
         } => {
             let opts = CaptureOptions {
                 pid: *pid,
                 name: name.clone(),
                 shell_job: *shell_job,
+                file_locks: *file_locks,
             };
             let r = worker::capture(store, &opts)?.record;
             if cli.json {

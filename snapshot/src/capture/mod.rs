@@ -28,6 +28,8 @@ pub struct CaptureOptions {
     pub name: Option<String>,
     /// Allow processes with a terminal; a restore gives them the restorer's terminal.
     pub shell_job: bool,
+    /// Capture file locks (a restore takes them again); without it they are refused.
+    pub file_locks: bool,
 }
 
 /// What became of a capture.
@@ -128,7 +130,10 @@ fn capture_frozen(
         inspected.push(process::inspect(
             member,
             &mut shared,
-            opts.shell_job,
+            crate::resource::files::FdPolicy {
+                shell_job: opts.shell_job,
+                file_locks: opts.file_locks,
+            },
             checkpoints,
         )?);
     }

@@ -51,6 +51,7 @@ pub struct Inspected {
     xstate: Vec<u8>,
     sigmask: u64,
     fds: Vec<Fd>,
+    locks: Vec<crate::image::FileLock>,
     memory: MemoryPlan,
     cwd: String,
     hidden: Hidden,
@@ -132,7 +133,7 @@ fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Resul
 pub fn inspect(
     member: &mut Member,
     shared: &mut Shared,
-    shell_job: bool,
+    policy: files::FdPolicy,
     checkpoints: &Checkpoints,
 ) -> Result<Inspected> {
     let proc = &member.proc;
@@ -151,9 +152,14 @@ pub fn inspect(
         proc,
         &mut shared.files,
         &mut shared.open_files,
-        shell_job,
+        policy,
         &shared.tree,
     )?;
+    let locks = if policy.file_locks {
+        files::capture_locks(proc, &fds)?
+    } else {
+        Vec::new()
+    };
     let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem)?;
     let cwd = proc.read_link("cwd")?;
     if cwd.ends_with(" (deleted)") {
@@ -188,6 +194,7 @@ pub fn inspect(
         xstate,
         sigmask,
         fds,
+        locks,
         memory,
         cwd,
         hidden,
@@ -262,6 +269,7 @@ pub fn dump(member: &Member, inspected: Inspected, pool_dir: &Path) -> Result<Pr
         xstate,
         sigmask,
         fds,
+        locks,
         mut memory,
         cwd,
         hidden,
@@ -302,6 +310,7 @@ pub fn dump(member: &Member, inspected: Inspected, pool_dir: &Path) -> Result<Pr
             size: stats.pool_size,
         }),
         fds,
+        locks,
         signals: Signals {
             actions: hidden.actions,
             pending: signals::pending(pid, true)?,

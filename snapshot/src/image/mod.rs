@@ -135,6 +135,8 @@ pub struct Process {
     pub pool: Option<PoolFile>,
     /// The fd table.
     pub fds: Vec<Fd>,
+    /// File locks it holds (captured with `--file-locks`).
+    pub locks: Vec<FileLock>,
     /// Signal dispositions and process-wide pending signals.
     pub signals: Signals,
     /// Interval timers (`setitimer(2)`).
@@ -496,6 +498,34 @@ pub enum FileKind {
     },
 }
 
+/// Who owns a file lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LockKind {
+    /// `flock(2)`: the open file description.
+    Flock,
+    /// `fcntl(F_SETLK)`: the process.
+    Posix,
+    /// `fcntl(F_OFD_SETLK)`: the open file description.
+    Ofd,
+}
+
+/// A file lock a process holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileLock {
+    /// An fd of the process the lock is held through.
+    pub fd: i32,
+    /// flock, POSIX or OFD.
+    pub kind: LockKind,
+    /// An exclusive (write) lock, else shared (read).
+    pub write: bool,
+    /// First byte locked.
+    pub start: u64,
+    /// Last byte locked; `None`: to the end of the file, however long.
+    pub end: Option<u64>,
+}
+
 /// One watch of an inotify instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -851,6 +881,12 @@ impl Manifest {
                 return Err(bad(
                     "an fd points at an open file that does not exist".into()
                 ));
+            }
+            if let Some(l) = p.locks.iter().find(|l| !p.fds.iter().any(|f| f.fd == l.fd)) {
+                return Err(bad(format!(
+                    "process {} holds a lock through fd {}, which it does not have",
+                    p.pid, l.fd
+                )));
             }
         }
         Ok(())

@@ -117,7 +117,7 @@ fn minimal_process() -> serde_json::Value {
                "brk": 0, "start_stack": 0, "arg_start": 0, "arg_end": 0, "env_start": 0,
                "env_end": 0, "auxv": []},
         "areas": [], "pool": null,
-        "fds": [{"fd": 3, "open_file": 0, "cloexec": false}],
+        "fds": [{"fd": 3, "open_file": 0, "cloexec": false}], "locks": [],
         "signals": {"actions": [], "pending": []},
         "itimers": {"real": {"interval_us": 0, "value_us": 0}, "virtual": {"interval_us": 0, "value_us": 0}, "prof": {"interval_us": 0, "value_us": 0}},
         "threads": [{"tid": 7, "ns_tids": [7], "comm": "x", "regs": serde_json::to_value(Registers::default()).unwrap(),

@@ -15,7 +15,9 @@ use nix::sys::stat::{major, minor};
 use nix::unistd::Pid;
 
 use crate::error::{Context, Error, Result};
-use crate::image::{AreaKind, EpollItem, Fd, File, FileKind, Manifest, OpenFile, Process};
+use crate::image::{
+    AreaKind, EpollItem, Fd, File, FileKind, FileLock, LockKind, Manifest, OpenFile, Process,
+};
 use crate::proc::{MapsEntry, ProcDir};
 use crate::sys::process::same_file_description;
 
@@ -287,6 +289,116 @@ fn check_pipe_private(pid: Pid, fd: i32, link: &str, tree: &HashSet<i32>) -> Res
     Ok(())
 }
 
+/// What a capture accepts beyond the default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FdPolicy {
+    /// Terminals from outside the tree (`--shell-job`).
+    pub shell_job: bool,
+    /// File locks (`--file-locks`).
+    pub file_locks: bool,
+}
+
+/// The file locks process `proc` holds, from its fds' fdinfo (a lock shows on every fd of
+/// the process that reaches the locked file: each is kept once). Locks it waits for are not
+/// held: the wait restarts after a restore.
+pub fn capture_locks(proc: &ProcDir, fds: &[Fd]) -> Result<Vec<FileLock>> {
+    let pid = proc.pid();
+    let mut out: Vec<(FileLock, String)> = Vec::new();
+    for fd in fds {
+        let info = proc.fdinfo(fd.fd)?;
+        for line in info.lines.iter().filter_map(|l| l.strip_prefix("lock:")) {
+            // "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF" ("1: -> ..." for a waiter)
+            let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+            if words.first() == Some(&"->") {
+                continue;
+            }
+            let bad = || {
+                Error::new(
+                    crate::ErrorKind::System,
+                    format!(
+                        "unexpected lock line in fdinfo {} of process {pid}: {line}",
+                        fd.fd
+                    ),
+                )
+            };
+            let [kind, _, mode, _, file, start, end] = words[..] else {
+                return Err(bad());
+            };
+            let kind = match kind {
+                "FLOCK" => LockKind::Flock,
+                "POSIX" => LockKind::Posix,
+                "OFDLCK" => LockKind::Ofd,
+                other => {
+                    return Err(Error::refused(
+                        format!(
+                            "process {pid} holds a {other} on fd {}: not supported yet",
+                            fd.fd
+                        ),
+                        "release it before capturing",
+                    ))
+                }
+            };
+            let lock = FileLock {
+                fd: fd.fd,
+                kind,
+                write: mode == "WRITE",
+                start: start.parse().map_err(|_| bad())?,
+                end: match end {
+                    "EOF" => None,
+                    e => Some(e.parse().map_err(|_| bad())?),
+                },
+            };
+            // flock and OFD locks belong to the description, POSIX ones to the process.
+            let owner = match kind {
+                LockKind::Posix => file.to_string(),
+                _ => format!("{file}/{}", fd.open_file),
+            };
+            let same = |(l, o): &(FileLock, String)| {
+                *o == owner && l.kind == lock.kind && l.start == lock.start && l.end == lock.end
+            };
+            if !out.iter().any(same) {
+                out.push((lock, owner));
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(l, _)| l).collect())
+}
+
+/// Takes the flock and OFD locks of the snapshot's processes again, on the descriptions
+/// about to be handed to them (POSIX locks are taken by each process itself).
+fn take_description_locks(manifest: &Manifest, descriptions: &[OwnedFd]) -> Result<()> {
+    let mut done = HashSet::new();
+    for p in &manifest.processes {
+        for lock in p.locks.iter().filter(|l| l.kind != LockKind::Posix) {
+            let Some(fd) = p.fds.iter().find(|f| f.fd == lock.fd) else {
+                continue;
+            };
+            if !done.insert((fd.open_file, lock.start, lock.end)) {
+                continue;
+            }
+            let file = &manifest.files[manifest.open_files[fd.open_file as usize].file as usize];
+            let d = &descriptions[fd.open_file as usize];
+            let taken = match lock.kind {
+                LockKind::Flock => crate::sys::process::flock(d, lock.write),
+                _ => crate::sys::process::set_lock(
+                    d,
+                    libc::F_OFD_SETLK,
+                    lock.write,
+                    lock.start,
+                    lock.end,
+                ),
+            };
+            taken.map_err(|e| {
+                Error::refused(
+                    format!("cannot lock {} again ({e}): another process holds a lock on it now", file.path),
+                    "stop the process that holds it (the original?) first; a clone beside the original needs the file in its --overlay",
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// The entry of a file a restore makes rather than opens (a socket, an eventfd...), found
 /// at fd link `link` with metadata `meta`; `size`: bytes of its saved content.
 fn made_file(link: &str, kind: FileKind, meta: &std::fs::Metadata, size: u64) -> File {
@@ -474,9 +586,10 @@ pub fn capture_fds(
     proc: &ProcDir,
     table: &mut FileTable,
     open_files: &mut OpenFiles,
-    shell_job: bool,
+    policy: FdPolicy,
     tree: &super::tree::TreeView,
 ) -> Result<Vec<Fd>> {
+    let shell_job = policy.shell_job;
     let pid = proc.pid();
     let mut fds = Vec::new();
     for fd in proc.fds()? {
@@ -485,10 +598,10 @@ pub fn capture_fds(
         let meta = std::fs::metadata(proc.path(&name))
             .with_context(|| format!("reading fd {fd} of process {pid}"))?;
         let info = proc.fdinfo(fd)?;
-        if info.locked {
+        if info.locked && !policy.file_locks {
             return Err(Error::refused(
-                format!("process {pid} holds a file lock on fd {fd} ({link}): not supported yet"),
-                "release the lock (flock/fcntl) before capturing",
+                format!("process {pid} holds a file lock on fd {fd} ({link})"),
+                "pass --file-locks to capture it with its locks (a restore takes them again), or release the lock before capturing",
             ));
         }
         if info.flags & libc::O_ASYNC as u32 != 0 {
@@ -976,7 +1089,7 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
             }
             out.descriptions.push(fd);
         }
-        Ok(())
+        take_description_locks(manifest, &out.descriptions)
     })();
     // Deleted files go away again once open, as they were.
     for path in recreated {
@@ -1025,6 +1138,37 @@ fn make_memfd(file: &File, seals: u32, pool_dir: &Path) -> Result<OwnedFd> {
         .with_context(|| format!("sealing memfd {}", file.path))?;
     }
     Ok(dst.into())
+}
+
+/// Takes, inside a process being restored, the POSIX locks it held (they belong to the
+/// process, so only it can take them). `scratch`: a writable page of the process.
+pub fn take_process_locks(
+    remote: &mut crate::tracee::Remote,
+    scratch: u64,
+    proc: &Process,
+) -> Result<()> {
+    for lock in proc.locks.iter().filter(|l| l.kind == LockKind::Posix) {
+        let l = crate::sys::process::flock_struct(lock.write, lock.start, lock.end);
+        let mut raw = [0u8; std::mem::size_of::<libc::flock>()];
+        raw[0..2].copy_from_slice(&l.l_type.to_ne_bytes());
+        raw[2..4].copy_from_slice(&l.l_whence.to_ne_bytes());
+        raw[8..16].copy_from_slice(&l.l_start.to_ne_bytes());
+        raw[16..24].copy_from_slice(&l.l_len.to_ne_bytes());
+        remote.write_mem(scratch, &raw)?;
+        remote
+            .call(
+                &format!("locking fd {} again", lock.fd),
+                libc::SYS_fcntl,
+                &[lock.fd as u64, libc::F_SETLK as u64, scratch],
+            )
+            .map_err(|e| {
+                Error::refused(
+                    format!("process {} cannot lock fd {} again: {e}", proc.pid, lock.fd),
+                    "stop the process that holds a lock on that file now (the original?) first",
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// Registers, inside a process being restored, what its epoll instances watched: `epolls`

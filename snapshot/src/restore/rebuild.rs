@@ -104,6 +104,7 @@ pub fn rebuild(
         &[sources.high as u64, u32::MAX as u64, 0],
     )?;
     files::register_epolls(&mut remote, scratch, &sources.epolls)?;
+    files::take_process_locks(&mut remote, scratch, proc)?;
 
     process::restore_rlimits(pid, &proc.rlimits)?;
     process::restore_oom_score_adj(pid, proc.oom_score_adj)?;

@@ -395,3 +395,36 @@ pub fn set_affinity(mask: &[u64]) -> Result<(), Errno> {
     })
     .map(drop)
 }
+
+/// Takes a `flock(2)` lock on `fd`'s description without waiting: exclusive if `write`.
+pub fn flock(fd: impl std::os::fd::AsFd, write: bool) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let op = if write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+    // SAFETY: flock takes integers.
+    check(unsafe { libc::flock(fd.as_fd().as_raw_fd(), op) } as libc::c_long).map(drop)
+}
+
+/// A `struct flock` for bytes `start..=end` (`None`: to the end of the file).
+pub fn flock_struct(write: bool, start: u64, end: Option<u64>) -> libc::flock {
+    libc::flock {
+        l_type: if write { libc::F_WRLCK } else { libc::F_RDLCK } as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start as i64,
+        l_len: end.map_or(0, |e| (e - start + 1) as i64),
+        l_pid: 0,
+    }
+}
+
+/// Takes a byte-range lock with `cmd` (`F_SETLK`, `F_OFD_SETLK`) without waiting.
+pub fn set_lock(
+    fd: impl std::os::fd::AsFd,
+    cmd: i32,
+    write: bool,
+    start: u64,
+    end: Option<u64>,
+) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let lock = flock_struct(write, start, end);
+    // SAFETY: the kernel reads one struct flock.
+    check(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), cmd, &lock) } as libc::c_long).map(drop)
+}
