@@ -549,3 +549,107 @@ while True:
         assert!(lock_is_free(f, k), "{k} goes with the restored process");
     }
 }
+
+/// System V shared memory: a keyed segment and a private one already marked removed, both
+/// shared by a parent and its child. After the restore (in place: the keyed segment
+/// outlived its processes and is taken over, the removed one is made again at its id) and in
+/// a clone (its own IPC namespace), they hold their data at their ids and stay shared.
+#[test]
+fn sysv_shared_memory_keeps_ids_data_and_sharing() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let key = 0x0d0_0000 + (std::process::id() as i32 & 0xffff);
+    let script = format!(
+        r#"import ctypes, os, signal, struct, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+keyed = libc.shmget({key}, 8192, 0o1000 | 0o640)
+gone = libc.shmget(0, 4096, 0o1000 | 0o600)
+a = (ctypes.c_char * 8192).from_address(libc.shmat(keyed, None, 0))
+b = (ctypes.c_char * 4096).from_address(libc.shmat(gone, None, 0))
+libc.shmctl(gone, 0, None)
+a[0:5] = b'hello'
+b[0:5] = b'world'
+if os.fork() == 0:
+    n = 0
+    while True:
+        n += 1
+        a[100:108] = struct.pack('Q', n)
+        b[100:108] = struct.pack('Q', n)
+        time.sleep(0.01)
+def report(*_):
+    na = struct.unpack('Q', a[100:108])[0]
+    nb = struct.unpack('Q', b[100:108])[0]
+    print(f'report keyed={{keyed}} gone={{gone}} a={{a[0:5].decode()}} b={{b[0:5].decode()}} na={{na}} nb={{nb}}', flush=True)
+signal.signal(signal.SIGUSR1, report)
+print('ready', keyed, gone, flush=True)
+while True:
+    time.sleep(1)
+"#
+    );
+    let py = python_ready(&script, &out);
+    let ids: Vec<i32> = read(&out)
+        .split_whitespace()
+        .skip(1)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (keyed, gone) = (ids[0], ids[1]);
+    let report = |pid: i32, out: &Path| -> String {
+        let before = read(out).matches("report").count();
+        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+        wait_until("the report", Duration::from_secs(10), || {
+            read(out).matches("report").count() > before
+        });
+        read(out)
+            .lines()
+            .rfind(|l| l.starts_with("report"))
+            .unwrap()
+            .to_string()
+    };
+    let check = |pid: i32, out: &Path| {
+        let first = report(pid, out);
+        std::thread::sleep(Duration::from_millis(100));
+        let second = report(pid, out);
+        let want = format!("report keyed={keyed} gone={gone} a=hello b=world");
+        assert!(first.starts_with(&want), "{want} in {first}");
+        for k in ["na", "nb"] {
+            assert!(
+                field(&second, "report", k) > field(&first, "report", k),
+                "the child's writes reach the parent through {k}: {first} / {second}"
+            );
+        }
+    };
+    let (id, child) = capture_and_end(&dolly, py);
+    let segments = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+    assert!(
+        segments.split_whitespace().any(|w| w == keyed.to_string()),
+        "keyed survives"
+    );
+
+    let restored = dolly.restore(&id);
+    check(restored.0, &out);
+    // Both at their ids, attached by both processes; the removed one marked removed again.
+    let table = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+    for (shmid, removed) in [(keyed, false), (gone, true)] {
+        let row: Vec<&str> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(1) == Some(&shmid.to_string().as_str()))
+            .unwrap_or_else(|| panic!("segment {shmid} in {table}"));
+        let perms = u32::from_str_radix(row[2], 8).unwrap();
+        assert_eq!(perms & 0o1000 != 0, removed, "{row:?}");
+        assert_eq!(row[6], "2", "attached by parent and child: {row:?}");
+    }
+    let clone = dolly.clone_over(&["--snapshot", &id], dir.path());
+    check(clone.host, &clone.inside(&out));
+    dolly.kill_clones(&clone);
+
+    let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+    drop(restored);
+    reap_until_gone(child);
+    // SAFETY: removes the segment this test made, by id.
+    unsafe { libc::shmctl(keyed, libc::IPC_RMID, std::ptr::null_mut()) };
+}

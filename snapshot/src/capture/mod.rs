@@ -137,6 +137,7 @@ fn capture_frozen(
             checkpoints,
         )?);
     }
+    shared.shmem.check_sysv_private()?;
     checkpoints.reach("capture:pages")?;
     let mut processes = Vec::with_capacity(inspected.len());
     for (member, inspected) in tree.members.iter().zip(inspected) {

@@ -303,6 +303,11 @@ pub enum AreaKind {
         /// Byte offset into the object.
         offset: u64,
     },
+    /// A System V shared memory segment, attached whole (`shmat`).
+    SysvShm {
+        /// Index into [`Manifest::shmem`].
+        object: u32,
+    },
     /// A file mapping.
     File {
         /// Index into [`Manifest::files`].
@@ -371,6 +376,30 @@ pub struct ShmemObject {
     pub size: u64,
     /// Its pages (page numbers counted from the start of the object).
     pub pages: Option<Pages>,
+    /// For a System V segment: what identifies it (else it is anonymous shared memory).
+    pub sysv: Option<SysvSegment>,
+}
+
+/// A System V shared memory segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SysvSegment {
+    /// Its key (0: `IPC_PRIVATE`).
+    pub key: i32,
+    /// Its id.
+    pub shmid: i32,
+    /// Permission bits.
+    pub mode: u32,
+    /// Marked for removal (`IPC_RMID`): it goes when its last process detaches.
+    pub removed: bool,
+    /// Size in bytes.
+    pub size: u64,
+    /// Attaches when captured (all of them the tree's).
+    pub attaches: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
 }
 
 /// A pool file of the snapshot.

@@ -56,12 +56,41 @@ pub struct MemoryPlan {
 pub struct ShmemTable {
     objects: Vec<ShmemObject>,
     files: Vec<File>,
-    by_inode: HashMap<u64, u32>,
+    /// By (System V, inode): a System V segment's "inode" in maps is its id.
+    by_inode: HashMap<(bool, u64), u32>,
+    /// Areas of the tree that attach each System V segment.
+    sysv_uses: HashMap<u32, u32>,
 }
 
 impl ShmemTable {
-    fn intern(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
-        if let Some(&o) = self.by_inode.get(&m.inode) {
+    fn intern(&mut self, proc: &ProcDir, m: &MapsEntry, sysv: bool) -> Result<u32> {
+        let o = self.intern_object(proc, m, sysv)?;
+        if sysv {
+            *self.sysv_uses.entry(o).or_default() += 1;
+        }
+        Ok(o)
+    }
+
+    /// Refuses System V segments that processes outside the tree have attached too.
+    pub fn check_sysv_private(&self) -> Result<()> {
+        for (o, object) in self.objects.iter().enumerate() {
+            let Some(seg) = &object.sysv else { continue };
+            let ours = self.sysv_uses.get(&(o as u32)).copied().unwrap_or(0);
+            if seg.attaches > ours {
+                return Err(Error::refused(
+                    format!(
+                        "System V shared memory segment {} (key {:#x}) is attached {} times, {} of them outside the captured tree: not supported yet",
+                        seg.shmid, seg.key, seg.attaches, seg.attaches - ours
+                    ),
+                    "capture the tree that holds every attach (their common ancestor)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn intern_object(&mut self, proc: &ProcDir, m: &MapsEntry, sysv: bool) -> Result<u32> {
+        if let Some(&o) = self.by_inode.get(&(sysv, m.inode)) {
             return Ok(o);
         }
         let file = File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
@@ -74,13 +103,20 @@ impl ShmemTable {
             })?;
         let size = file.metadata().context("reading shared memory size")?.len();
         let o = self.objects.len() as u32;
+        let sysv = if sysv {
+            Some(super::sysv::capture(m.inode as i32)?)
+        } else {
+            None
+        };
         self.objects.push(ShmemObject {
             inode: m.inode,
             size,
             pages: None,
+            sysv,
         });
         self.files.push(file);
-        self.by_inode.insert(m.inode, o);
+        self.by_inode
+            .insert((self.objects[o as usize].sysv.is_some(), m.inode), o);
         Ok(o)
     }
 
@@ -179,7 +215,7 @@ pub fn inspect(
                 Source::Private,
             ),
             p if m.shared && (p == "/dev/zero" && m.deleted || p.starts_with("[anon_shmem:")) => {
-                let object = shmem.intern(proc, m)?;
+                let object = shmem.intern(proc, m, false)?;
                 (
                     AreaKind::SharedAnonymous {
                         object,
@@ -189,12 +225,17 @@ pub fn inspect(
                 )
             }
             p if p.starts_with("/SYSV") => {
-                return Err(unsupported(
-                    pid,
-                    m,
-                    "System V shared memory",
-                    "detach the segment (shmdt) first",
-                ))
+                let object = shmem.intern(proc, m, true)?;
+                let size = shmem.objects[object as usize].size;
+                if m.offset != 0 || m.end - m.start != crate::sys::page_ceil(size) {
+                    return Err(unsupported(
+                        pid,
+                        m,
+                        "part of a System V shared memory segment (the rest unmapped)",
+                        "keep the segment attached whole",
+                    ));
+                }
+                (AreaKind::SysvShm { object }, Source::None)
             }
             p if p.starts_with('/') => {
                 if p.ends_with(POOL_FILE_SUFFIX) && !m.shared {
@@ -425,6 +466,8 @@ pub struct MapSources {
     pub files: HashMap<(u32, bool), i32>,
     /// Per shared-memory object index.
     pub shmem: HashMap<u32, i32>,
+    /// Per System V segment's object index: its id.
+    pub sysv: HashMap<u32, i32>,
 }
 
 fn prot(area: &Area) -> u64 {
@@ -506,6 +549,20 @@ pub fn map_areas(
                         fd as u64,
                         *offset,
                     ],
+                )?;
+            }
+            AreaKind::SysvShm { object } => {
+                let mut flags = 0;
+                if !area.write {
+                    flags |= libc::SHM_RDONLY;
+                }
+                if area.exec {
+                    flags |= libc::SHM_EXEC;
+                }
+                remote.call(
+                    &what(),
+                    libc::SYS_shmat,
+                    &[sources.sysv[object] as u64, area.start, flags as u64],
                 )?;
             }
             AreaKind::SharedAnonymous { object, offset } => {

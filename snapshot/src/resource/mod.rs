@@ -9,6 +9,7 @@ pub mod memory;
 pub mod process;
 pub mod signals;
 pub mod sockets;
+pub mod sysv;
 pub mod thread;
 pub mod tree;
 pub mod tty;

@@ -411,6 +411,11 @@ fn build(
             for (key, &at) in &mapping_at {
                 maps.files.insert(*key, parked(at));
             }
+            for (o, object) in manifest.shmem.iter().enumerate() {
+                if let Some(seg) = &object.sysv {
+                    maps.sysv.insert(o as u32, seg.shmid);
+                }
+            }
             for o in 0..shmem.len() {
                 maps.shmem.insert(o as u32, parked(shmem_base + o));
             }
@@ -435,6 +440,13 @@ fn build(
                 rebuild::rebuild(tracee, p, &sources, i == 0, checkpoints)?,
             );
         }
+        crate::resource::sysv::remove_again(
+            &manifest
+                .shmem
+                .iter()
+                .filter_map(|o| o.sysv.as_ref())
+                .collect::<Vec<_>>(),
+        );
         checkpoints.reach("restore:detach")?;
         for p in procs.iter().rev() {
             let leader = tracees.remove(&p.pid).expect("a tracee per live process");
@@ -551,7 +563,10 @@ fn follow(
 /// fd to it (its `/proc/self/map_files` entry), for the restored process to map.
 fn make_shmem(object: &ShmemObject, pool_file: Option<&File>) -> Result<OwnedFd> {
     let len = page_ceil(object.size.max(1));
-    let file = sysproc::new_shared_anonymous(len).context("creating shared memory")?;
+    let file = match &object.sysv {
+        Some(seg) => crate::resource::sysv::make(seg)?,
+        None => sysproc::new_shared_anonymous(len).context("creating shared memory")?,
+    };
     if let (Some(pages), Some(pool_file)) = (&object.pages, pool_file) {
         let mut buf = vec![0u8; 1 << 20];
         for run in &pages.runs {
@@ -568,7 +583,9 @@ fn make_shmem(object: &ShmemObject, pool_file: Option<&File>) -> Result<OwnedFd>
             }
         }
     }
-    file.set_len(object.size).context("sizing shared memory")?;
+    if object.sysv.is_none() {
+        file.set_len(object.size).context("sizing shared memory")?;
+    }
     Ok(file.into())
 }
 

@@ -10,6 +10,7 @@ pub mod pagemap;
 pub mod process;
 pub mod ptrace;
 pub mod socket;
+pub mod sysv;
 pub mod tty;
 
 /// Turns a raw syscall return (-1 and errno on failure) into a `Result`.
