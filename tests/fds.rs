@@ -653,3 +653,68 @@ while True:
     // SAFETY: removes the segment this test made, by id.
     unsafe { libc::shmctl(keyed, libc::IPC_RMID, std::ptr::null_mut()) };
 }
+
+/// A FIFO between a parent and its child, full when captured: after the restore the reader
+/// goes on from the next number, nothing lost or repeated, and both ends are the FIFO at its
+/// path again.
+#[test]
+fn fifo_between_processes_keeps_its_data() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let fifo = dir.path().join("fifo");
+    let script = format!(
+        r#"import os, time
+os.mkfifo('{fifo}')
+if os.fork() == 0:
+    w = os.open('{fifo}', os.O_WRONLY)
+    n = 0
+    while True:
+        n += 1
+        os.write(w, f'{{n}}\n'.encode())
+r = open('{fifo}')
+print('ready', flush=True)
+want = 1
+for line in r:
+    n = int(line)
+    if n != want:
+        print('GAP', want, n, flush=True)
+    want = n + 1
+    if n % 500 == 0:
+        print(n, flush=True)
+        time.sleep(0.01)
+"#,
+        fifo = fifo.display()
+    );
+    let py = python_ready(&script, &out);
+    let numbers = || -> Vec<u64> { read(&out).lines().filter_map(|l| l.parse().ok()).collect() };
+    wait_until("the reader", Duration::from_secs(10), || {
+        numbers().len() > 3
+    });
+    let pid = py.pid();
+    let before = *numbers().last().unwrap();
+    let (id, child) = capture_and_end(&dolly, py);
+    let seen = numbers().len();
+
+    let restored = dolly.restore(&id);
+    wait_until("the restored reader", Duration::from_secs(10), || {
+        numbers().len() > seen + 3
+    });
+    let text = read(&out);
+    assert!(!text.contains("GAP"), "{text}");
+    assert!(numbers()[seen] > before, "resumed after {before}");
+    for p in [pid, child] {
+        let links: Vec<String> = std::fs::read_dir(format!("/proc/{p}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .map(|l| l.display().to_string())
+            .collect();
+        assert!(
+            links.contains(&fifo.display().to_string()),
+            "{p}: {links:?}"
+        );
+    }
+    let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+    drop(restored);
+    reap_until_gone(child);
+}

@@ -290,11 +290,11 @@ fn tmux_server_with_a_session_is_restored_and_attached_to() {
         screen().contains("again-42")
     });
 
-    // A client attaches on a terminal (script gives it one), sees the pane, detaches.
+    // A client attaches on a terminal (script gives it one), sees the pane drawn, detaches.
     let attach = Command::new("script")
         .args(["-q", "-c"])
         .arg(format!(
-            "tmux -S {} attach -t main \\; detach-client",
+            "tmux -S {} attach -t main \\; run-shell 'sleep 0.5' \\; detach-client",
             socket.display()
         ))
         .arg("/dev/null")
@@ -336,4 +336,92 @@ fn tmux_server_with_a_session_is_restored_and_attached_to() {
     let _ = tmux(&socket, &["kill-server"]);
     drop(restored);
     reap_until_gone(shell);
+}
+
+/// Established TCP connections within the tree (`--tcp-established`): a server process and
+/// its child, connected over loopback with bytes in flight both ways. After the restore each
+/// side reads exactly what was in flight, then they exchange more (a megabyte each way) over
+/// the same connection; a clone with `--net none` has the connection too, inside its own
+/// network namespace. Without the flag the capture is refused, naming it.
+#[test]
+fn tcp_connections_within_the_tree_survive() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = r#"import os, signal, socket, time
+l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(4)
+c = socket.create_connection(l.getsockname())
+s, _ = l.accept()
+c.sendall(b'client to server, in flight')
+s.sendall(b'server to client, in flight')
+r, w = os.pipe()
+if os.fork() == 0:
+    # The client side: on each byte from the pipe, read what waits, then talk.
+    s.close(); l.close(); os.close(w)
+    while os.read(r, 1):
+        got = c.recv(100)
+        c.sendall(b'x' * (1 << 20))
+        big = b''
+        while len(big) < (1 << 20):
+            big += c.recv(1 << 16)
+        print('client got', got, len(big), flush=True)
+    os._exit(0)
+c.close(); os.close(r)
+def report(*_):
+    os.write(w, b'!')
+    got = s.recv(100)
+    big = b''
+    while len(big) < (1 << 20):
+        big += s.recv(1 << 16)
+    s.sendall(b'y' * (1 << 20))
+    print('server got', got, len(big), flush=True)
+signal.signal(signal.SIGUSR1, report)
+print('ready', l.getsockname()[1], flush=True)
+while True:
+    time.sleep(1)
+"#;
+    let py = python_ready(script, &out);
+    let pid = py.pid();
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &pid.to_string()]);
+    assert!(
+        err.contains("a TCP connection from 127.0.0.1:") && err.contains("--tcp-established"),
+        "{err}"
+    );
+    let json = dolly.ok(&[
+        "--json",
+        "snapshot",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+        "--tcp-established",
+    ]);
+    let id = serde_json::from_str::<serde_json::Value>(&json).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let check = |pid: i32, out: &Path| {
+        // The clone's output starts as a copy of the restored one's: count new lines only.
+        let seen = |what: &str| read(out).matches(what).count();
+        let (server, client) = (seen("server got"), seen("client got"));
+        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+        wait_until("both sides to talk", Duration::from_secs(20), || {
+            seen("server got") > server && seen("client got") > client
+        });
+        let text = read(out);
+        for want in [
+            "server got b'client to server, in flight' 1048576",
+            "client got b'server to client, in flight' 1048576",
+        ] {
+            assert_eq!(text.matches(want).count(), server + 1, "{want} in {text}");
+        }
+    };
+    dolly.end_originals(&id);
+
+    let restored = dolly.restore(&id);
+    check(pid, &out);
+    let clone = dolly.clone_over(&["--snapshot", &id, "--net", "none"], dir.path());
+    check(clone.host, &clone.inside(&out));
+    dolly.kill_clones(&clone);
+    drop(restored);
+    dolly.end_originals(&id);
 }

@@ -130,7 +130,6 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
             "p = os.pidfd_open(os.getpid())\nos.dup2(p, 8)\nos.close(p)",
             "fd 8, a pidfd",
         ),
-        (tcp_case.as_str(), "fd 9, a TCP connection from 127.0.0.1:"),
         (
             accepted_case.as_str(),
             "fd 10, a unix socket connected to process",
@@ -162,6 +161,21 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
         assert_eq!(proc_status(p.pid(), "TracerPid").as_deref(), Some("0"));
         assert!(proc_status(p.pid(), "State").unwrap().starts_with('S'));
     }
+    // With --tcp-established, a connection to outside the tree is still refused.
+    let p = python_with(&tcp_case, &dir.path().join("out-tcp"));
+    let err = dolly.refused(&[
+        "snapshot",
+        "capture",
+        "--pid",
+        &p.pid().to_string(),
+        "--tcp-established",
+    ]);
+    assert!(
+        err.contains("fd 9, a TCP connection from 127.0.0.1:")
+            && err.contains("other end is outside the captured tree: not supported yet"),
+        "{err}"
+    );
+    assert_eq!(proc_status(p.pid(), "TracerPid").as_deref(), Some("0"));
     assert!(
         dolly.list().is_empty(),
         "refusals leave no snapshot: {:?}",

@@ -126,7 +126,8 @@ fn rust_threads_come_back_with_their_state() {
 }
 
 /// python3 with threads: workers go on counting from their captured counts, a thread
-/// blocked on an Event (a futex wait) wakes when it is set after the restore.
+/// blocked on an Event (a futex wait) wakes when it is set after the restore, and a thread
+/// blocked reading a pipe reads what is written to it after the restore.
 #[test]
 fn python_threads_come_back() {
     let dolly = Dolly::new();
@@ -148,15 +149,20 @@ fn python_threads_come_back() {
          def waiter():\n\
          \x20   ev.wait()\n\
          \x20   print('event set', flush=True)\n\
+         r, w = os.pipe()\n\
+         def reader():\n\
+         \x20   print('read', os.read(r, 100).decode(), flush=True)\n\
          ts = [threading.Thread(target=worker, args=(f'w{{i}}', 0.01 * (i + 1)), daemon=True) for i in range(3)]\n\
          ts.append(threading.Thread(target=waiter, daemon=True))\n\
+         ts.append(threading.Thread(target=reader, daemon=True))\n\
          for t in ts: t.start()\n\
          while True:\n\
          \x20   time.sleep(0.05)\n\
          \x20   with lock:\n\
          \x20       print(counts.get('w0', 0), flush=True)\n\
-         \x20   if os.path.exists('{}'):\n\
-         \x20       ev.set()\n",
+         \x20   if os.path.exists('{}') and not ev.is_set():\n\
+         \x20       ev.set()\n\
+         \x20       os.write(w, b'through the pipe')\n",
         go.display()
     );
     let mut py = Spawned(spawn_detached(
@@ -169,7 +175,11 @@ fn python_threads_come_back() {
     });
     let pid = py.pid();
     let threads = threads_of(pid);
-    assert_eq!(threads.len(), 5);
+    assert_eq!(
+        threads.len(),
+        6,
+        "main, 3 workers, the waiter and the reader"
+    );
     // The capture happens between these two readings.
     let before_capture = *counts().last().unwrap();
     let id = dolly.capture(pid);
@@ -193,12 +203,12 @@ fn python_threads_come_back() {
         first >= before_capture && first <= at_capture + 10,
         "w0 resumed at {first}, captured between {before_capture} and {at_capture}"
     );
-    assert!(!read(&out).contains("event set"));
+    assert!(!read(&out).contains("event set") && !read(&out).contains("read "));
     std::fs::write(&go, b"").unwrap();
     wait_until(
-        "the waiting thread to wake",
+        "the waiting thread and the reading thread to wake",
         Duration::from_secs(10),
-        || read(&out).contains("event set"),
+        || read(&out).contains("event set") && read(&out).contains("read through the pipe"),
     );
     drop(restored);
 }

@@ -63,6 +63,7 @@ fn start(cli: &Cli, args: &CloneArgs, store: &Store) -> Result<i32, Error> {
                 &CaptureOptions {
                     pid,
                     file_locks: s.file_locks,
+                    tcp_established: s.tcp_established,
                     ..Default::default()
                 },
             )?

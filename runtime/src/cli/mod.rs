@@ -86,6 +86,10 @@ pub struct CloneStart {
     /// With --pid: capture the process's file locks too (each clone takes them again).
     #[arg(long, requires = "pid")]
     pub file_locks: bool,
+    /// With --pid: capture established TCP connections within the tree too (a clone needs
+    /// --net none to have them beside the original's).
+    #[arg(long, requires = "pid")]
+    pub tcp_established: bool,
     /// Clone this snapshot (id, id prefix or name).
     #[arg(long)]
     pub snapshot: Option<String>,
@@ -131,6 +135,11 @@ pub enum SnapshotCommand {
         /// them again. Without it, a process holding a lock is refused.
         #[arg(long)]
         file_locks: bool,
+        /// Capture established TCP connections whose both ends are in the tree (TCP repair
+        /// mode); a restore makes them again, queued bytes and all. Without it, a process
+        /// holding one is refused.
+        #[arg(long)]
+        tcp_established: bool,
     },
     /// List snapshots with their status.
     List,

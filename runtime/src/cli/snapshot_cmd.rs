@@ -14,12 +14,14 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             name,
             shell_job,
             file_locks,
+            tcp_established,
         } => {
             let opts = CaptureOptions {
                 pid: *pid,
                 name: name.clone(),
                 shell_job: *shell_job,
                 file_locks: *file_locks,
+                tcp_established: *tcp_established,
             };
             let r = worker::capture(store, &opts)?.record;
             if cli.json {

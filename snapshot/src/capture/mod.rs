@@ -30,6 +30,9 @@ pub struct CaptureOptions {
     pub shell_job: bool,
     /// Capture file locks (a restore takes them again); without it they are refused.
     pub file_locks: bool,
+    /// Capture established TCP connections whose both ends are in the tree (TCP repair
+    /// mode); without it they are refused.
+    pub tcp_established: bool,
 }
 
 /// What became of a capture.
@@ -133,6 +136,7 @@ fn capture_frozen(
             crate::resource::files::FdPolicy {
                 shell_job: opts.shell_job,
                 file_locks: opts.file_locks,
+                tcp_established: opts.tcp_established,
             },
             checkpoints,
         )?);

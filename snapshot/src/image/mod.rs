@@ -8,7 +8,8 @@ mod tty;
 
 pub use bytes::Bytes;
 pub use socket::{
-    InetProtocol, InetSocket, SocketFile, SocketType, UnixAddress, UnixPeer, UnixSocket,
+    InetProtocol, InetSocket, SocketFile, SocketType, TcpConnection, UnixAddress, UnixPeer,
+    UnixSocket,
 };
 pub use tty::{Pty, Termios};
 

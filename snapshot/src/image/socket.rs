@@ -120,8 +120,8 @@ pub enum InetProtocol {
     Udp,
 }
 
-/// An IPv4 or IPv6 socket that holds no connection: unbound, bound, listening, or (UDP)
-/// connected.
+/// An IPv4 or IPv6 socket: unbound, bound, listening, connected (UDP), or an established
+/// TCP connection (captured with `--tcp-established`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InetSocket {
@@ -153,4 +153,43 @@ pub struct InetSocket {
     pub rcvbuf: u32,
     /// `SO_SNDBUF` as `getsockopt` gives it.
     pub sndbuf: u32,
+    /// An established TCP connection's state, from TCP repair mode.
+    pub connection: Option<TcpConnection>,
+}
+
+/// What TCP repair mode reads of an established connection, to make it again without a
+/// handshake. Its queued bytes are the file's `content`: the receive queue, then the send
+/// queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConnection {
+    /// The peer's address.
+    pub remote: std::net::SocketAddr,
+    /// Sequence number of the next byte to be queued for sending (`TCP_QUEUE_SEQ` of the
+    /// send queue).
+    pub send_seq: u32,
+    /// Sequence number of the next byte expected (`TCP_QUEUE_SEQ` of the receive queue).
+    pub recv_seq: u32,
+    /// Bytes in the send queue (sent but not acknowledged, then not sent).
+    pub send_queue: u32,
+    /// Of those, bytes not sent yet.
+    pub unsent: u32,
+    /// Bytes in the receive queue, not read yet.
+    pub recv_queue: u32,
+    /// Maximum segment size.
+    pub mss: u32,
+    /// Window scaling was negotiated.
+    pub wscale: bool,
+    /// The peer's window scale.
+    pub snd_wscale: u8,
+    /// Our window scale.
+    pub rcv_wscale: u8,
+    /// SACK was negotiated.
+    pub sack: bool,
+    /// Timestamps were negotiated.
+    pub timestamps: bool,
+    /// The connection's timestamp clock (`TCP_TIMESTAMP`).
+    pub timestamp: u32,
+    /// `struct tcp_repair_window`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
 }

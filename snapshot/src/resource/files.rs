@@ -296,6 +296,8 @@ pub struct FdPolicy {
     pub shell_job: bool,
     /// File locks (`--file-locks`).
     pub file_locks: bool,
+    /// Established TCP connections within the tree (`--tcp-established`).
+    pub tcp_established: bool,
 }
 
 /// The file locks process `proc` holds, from its fds' fdinfo (a lock shows on every fd of
@@ -686,7 +688,13 @@ pub fn capture_fds(
                 let file = match table.find(meta.dev(), meta.ino()) {
                     Some(file) => file,
                     None => {
-                        let (kind, data) = super::sockets::capture(pid, fd, meta.ino(), tree)?;
+                        let (kind, data) = super::sockets::capture(
+                            pid,
+                            fd,
+                            meta.ino(),
+                            tree,
+                            policy.tcp_established,
+                        )?;
                         table.add_with_data(
                             made_file(&link, kind, &meta, data.len() as u64),
                             &data,
@@ -1046,7 +1054,20 @@ pub fn prepare(manifest: &Manifest, pool_dir: &Path) -> Result<PreparedFiles> {
         for of in &manifest.open_files {
             let file = &manifest.files[of.file as usize];
             let made = match &file.kind {
-                FileKind::InetSocket(s) => Some(super::inet::make(s)?),
+                FileKind::InetSocket(s) => {
+                    let data = match &file.content {
+                        Some(name) => std::fs::read(pool_dir.join(name)).map_err(|e| {
+                            Error::corrupt(
+                                format!(
+                                    "the saved queues {name} of a TCP connection are missing ({e})"
+                                ),
+                                "the snapshot is damaged: capture again",
+                            )
+                        })?,
+                        None => Vec::new(),
+                    };
+                    Some(super::inet::make(s, &data)?)
+                }
                 FileKind::PtyMaster(_) => masters.remove(&of.file),
                 _ => sockets.remove(&of.file),
             };

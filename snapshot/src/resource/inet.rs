@@ -9,6 +9,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{self as sock, sockopt, SockaddrStorage};
 use nix::unistd::Pid;
 
+use super::tree::TreeView;
 use crate::error::{Error, Result};
 use crate::image::{InetProtocol, InetSocket};
 use crate::sys::diag;
@@ -29,8 +30,17 @@ fn state_name(state: u8) -> &'static str {
     }
 }
 
-/// Captures IPv4/IPv6 socket `fd` (inode `ino`, a copy of it in `s`) of process `pid`.
-pub fn capture(pid: Pid, fd: i32, ino: u64, s: &OwnedFd, domain: i32) -> Result<InetSocket> {
+/// Captures IPv4/IPv6 socket `fd` (inode `ino`, a copy of it in `s`) of process `pid`, and
+/// the bytes queued in it (an established TCP connection's, with `tcp_established`).
+pub fn capture(
+    pid: Pid,
+    fd: i32,
+    ino: u64,
+    s: &OwnedFd,
+    domain: i32,
+    tcp_established: bool,
+    tree: &TreeView,
+) -> Result<(InetSocket, Vec<u8>)> {
     let option =
         |what: &str, e| Error::sys(format!("reading {what} of fd {fd} of process {pid}"), e);
     let ty = sock::getsockopt(s, sockopt::SockType).map_err(|e| option("SO_TYPE", e))?;
@@ -54,9 +64,39 @@ pub fn capture(pid: Pid, fd: i32, ino: u64, s: &OwnedFd, domain: i32) -> Result<
         .ok()
         .and_then(|a| std_addr(&a))
         .filter(|a| a.port() != 0);
+    let mut established = None;
     let (backlog, peer) = match (protocol, d.as_ref().map(|d| d.state)) {
         (InetProtocol::Tcp, Some(TCP_LISTEN)) => (d.as_ref().map(|d| d.send_queue), None),
         (InetProtocol::Tcp, None | Some(TCP_CLOSE)) => (None, None),
+        (InetProtocol::Tcp, Some(TCP_ESTABLISHED)) => {
+            let d = d.as_ref().expect("matched Some");
+            if !tcp_established {
+                return Err(Error::refused(
+                    format!("process {pid} has fd {fd}, a TCP connection from {} to {}", d.local, d.remote),
+                    "pass --tcp-established to capture the tree's TCP connections (both ends must be in the tree), or capture when it holds none",
+                ));
+            }
+            let peer_inode = diag::inet_sockets(domain as u8, proto as u8)?
+                .into_iter()
+                .find(|(_, p)| p.local == d.remote && p.remote == d.local)
+                .map(|(i, _)| i as u64);
+            if !peer_inode.is_some_and(|i| tree.holds_socket(i).unwrap_or(false)) {
+                return Err(Error::refused(
+                    format!("process {pid} has fd {fd}, a TCP connection from {} to {}, whose other end is outside the captured tree: not supported yet", d.local, d.remote),
+                    "capture the tree that holds both ends",
+                ));
+            }
+            established = Some(super::tcp::capture(s, d.remote).map_err(|e| {
+                Error::sys(
+                    format!(
+                        "reading TCP connection {} -> {} in repair mode",
+                        d.local, d.remote
+                    ),
+                    e,
+                )
+            })?);
+            (None, None)
+        }
         (InetProtocol::Tcp, Some(state)) => {
             let d = d.as_ref().expect("matched Some");
             return Err(Error::refused(
@@ -87,7 +127,11 @@ pub fn capture(pid: Pid, fd: i32, ino: u64, s: &OwnedFd, domain: i32) -> Result<
         .map_err(|e| option("SO_BINDTODEVICE", e))?
         .to_string_lossy()
         .into_owned();
-    Ok(InetSocket {
+    let (connection, data) = match established {
+        Some((c, data)) => (Some(c), data),
+        None => (None, Vec::new()),
+    };
+    let socket = InetSocket {
         ipv6,
         protocol,
         local,
@@ -108,7 +152,9 @@ pub fn capture(pid: Pid, fd: i32, ino: u64, s: &OwnedFd, domain: i32) -> Result<
         device: (!device.is_empty()).then_some(device),
         rcvbuf: sock::getsockopt(s, sockopt::RcvBuf).map_err(|e| option("SO_RCVBUF", e))? as u32,
         sndbuf: sock::getsockopt(s, sockopt::SndBuf).map_err(|e| option("SO_SNDBUF", e))? as u32,
-    })
+        connection,
+    };
+    Ok((socket, data))
 }
 
 fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
@@ -132,7 +178,7 @@ fn std_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
 /// Makes an internet socket anew, bound, listening or connected as it was. A port left
 /// taken only by connections of a process that is gone (`TIME_WAIT`) is taken over; one a
 /// running process listens on is refused.
-pub fn make(s: &InetSocket) -> Result<OwnedFd> {
+pub fn make(s: &InetSocket, data: &[u8]) -> Result<OwnedFd> {
     let family = if s.ipv6 {
         sock::AddressFamily::Inet6
     } else {
@@ -176,6 +222,10 @@ pub fn make(s: &InetSocket) -> Result<OwnedFd> {
                 )
             },
         )?;
+    }
+    if let (Some(c), Some(local)) = (&s.connection, s.local) {
+        super::tcp::restore(&fd, local, c, data)?;
+        return Ok(fd);
     }
     if let Some(local) = s.local {
         bind(&fd, s, local)?;

@@ -10,6 +10,7 @@ pub mod process;
 pub mod signals;
 pub mod sockets;
 pub mod sysv;
+pub mod tcp;
 pub mod thread;
 pub mod tree;
 pub mod tty;

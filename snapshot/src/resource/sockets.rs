@@ -56,7 +56,13 @@ fn family_name(domain: i32) -> String {
 
 /// Captures socket `fd` (inode `ino`) of process `pid`: its state, and the bytes waiting in
 /// its receive queue. Refuses what a restore could not make again.
-pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeView) -> Result<(FileKind, Vec<u8>)> {
+pub fn capture(
+    pid: Pid,
+    fd: i32,
+    ino: u64,
+    tree: &TreeView,
+    tcp_established: bool,
+) -> Result<(FileKind, Vec<u8>)> {
     let s = sys::borrow_fd(pid, fd)
         .map_err(|e| Error::sys(format!("borrowing fd {fd} of process {pid}"), e))?;
     let domain = sys::domain(&s).map_err(|e| Error::sys("reading a socket's family", e))?;
@@ -64,8 +70,10 @@ pub fn capture(pid: Pid, fd: i32, ino: u64, tree: &TreeView) -> Result<(FileKind
         libc::AF_UNIX => {
             capture_unix(pid, fd, ino, &s, tree).map(|(u, data)| (FileKind::UnixSocket(u), data))
         }
-        libc::AF_INET | libc::AF_INET6 => super::inet::capture(pid, fd, ino, &s, domain)
-            .map(|i| (FileKind::InetSocket(i), Vec::new())),
+        libc::AF_INET | libc::AF_INET6 => {
+            super::inet::capture(pid, fd, ino, &s, domain, tcp_established, tree)
+                .map(|(i, data)| (FileKind::InetSocket(i), data))
+        }
         _ => Err(Error::refused(
             format!(
                 "process {pid} has fd {fd}, {}: not supported yet",

@@ -18,6 +18,7 @@ pub struct TreeView {
     pub pids: HashSet<i32>,
     unix: OnceCell<HashMap<u64, UnixDiag>>,
     ptys: OnceCell<HashSet<u32>>,
+    sockets: OnceCell<HashSet<u64>>,
 }
 
 impl TreeView {
@@ -27,6 +28,7 @@ impl TreeView {
             pids,
             unix: OnceCell::new(),
             ptys: OnceCell::new(),
+            sockets: OnceCell::new(),
         }
     }
 
@@ -48,16 +50,27 @@ impl TreeView {
         Ok(())
     }
 
+    /// Whether a process of the tree holds socket `inode`.
+    pub fn holds_socket(&self, inode: u64) -> Result<bool> {
+        if self.sockets.get().is_none() {
+            let mut out = HashSet::new();
+            self.each_fd(|_, _, link| {
+                if let Some(ino) = socket_inode(link) {
+                    out.insert(ino);
+                }
+                Ok(())
+            })?;
+            let _ = self.sockets.set(out);
+        }
+        Ok(self.sockets.get().expect("just set").contains(&inode))
+    }
+
     /// sock_diag's view of every unix socket the tree holds, by inode.
     pub fn unix_sockets(&self) -> Result<&HashMap<u64, UnixDiag>> {
         if self.unix.get().is_none() {
             let mut out = HashMap::new();
             self.each_fd(|_, _, link| {
-                let Some(ino) = link
-                    .strip_prefix("socket:[")
-                    .and_then(|l| l.strip_suffix(']'))
-                    .and_then(|l| l.parse::<u64>().ok())
-                else {
+                let Some(ino) = socket_inode(link) else {
                     return Ok(());
                 };
                 if let std::collections::hash_map::Entry::Vacant(e) = out.entry(ino) {
@@ -95,4 +108,12 @@ impl TreeView {
         }
         Ok(self.ptys.get().expect("just set"))
     }
+}
+
+/// The inode of a `socket:[N]` fd link.
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }

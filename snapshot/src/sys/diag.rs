@@ -138,6 +138,15 @@ pub struct InetDiag {
 /// The kernel's view of the TCP (`protocol` = `IPPROTO_TCP`) or UDP socket of `family`
 /// (`AF_INET`, `AF_INET6`) with inode `ino`, in dolly's network namespace.
 pub fn inet_socket(family: u8, protocol: u8, ino: u32) -> Result<Option<InetDiag>> {
+    Ok(inet_sockets(family, protocol)?
+        .into_iter()
+        .find(|(i, _)| *i == ino)
+        .map(|(_, d)| d))
+}
+
+/// Every TCP or UDP socket of `family` in dolly's network namespace, with its inode.
+pub fn inet_sockets(family: u8, protocol: u8) -> Result<Vec<(u32, InetDiag)>> {
+    let ino = "*";
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         Error::new(
             ErrorKind::System,
@@ -167,7 +176,7 @@ pub fn inet_socket(family: u8, protocol: u8, ino: u32) -> Result<Option<InetDiag
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
     socket.send(&buf, 0).map_err(|e| fail("send", &e))?;
-    let mut found = None;
+    let mut found = Vec::new();
     let mut reply = vec![0u8; 1 << 16];
     'dump: loop {
         let n = socket
@@ -179,17 +188,18 @@ pub fn inet_socket(family: u8, protocol: u8, ino: u32) -> Result<Option<InetDiag
                 .map_err(|e| fail("parse", &e))?;
             let len = message.header.length as usize;
             match message.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
-                    if r.header.inode == ino && found.is_none() =>
-                {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                     let id = &r.header.socket_id;
-                    found = Some(InetDiag {
-                        state: r.header.state,
-                        local: SocketAddr::new(id.source_address, id.source_port),
-                        remote: SocketAddr::new(id.destination_address, id.destination_port),
-                        recv_queue: r.header.recv_queue,
-                        send_queue: r.header.send_queue,
-                    });
+                    found.push((
+                        r.header.inode,
+                        InetDiag {
+                            state: r.header.state,
+                            local: SocketAddr::new(id.source_address, id.source_port),
+                            remote: SocketAddr::new(id.destination_address, id.destination_port),
+                            recv_queue: r.header.recv_queue,
+                            send_queue: r.header.send_queue,
+                        },
+                    ));
                 }
                 NetlinkPayload::Done(_) => break 'dump,
                 NetlinkPayload::Error(e) => return Err(fail("reply", &format!("{e:?}"))),

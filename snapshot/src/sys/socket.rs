@@ -78,3 +78,53 @@ pub fn set_pass_sec(fd: impl AsFd, on: bool) -> Result<(), Errno> {
 pub fn set_tcp_repair(fd: impl AsFd, on: bool) -> Result<(), Errno> {
     set_int(fd.as_fd(), libc::SOL_TCP, libc::TCP_REPAIR, on as i32)
 }
+
+/// Reads a socket option of any size into `buf`; returns the length the kernel wrote.
+pub fn get_raw(fd: impl AsFd, level: i32, name: i32, buf: &mut [u8]) -> Result<usize, Errno> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `buf`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    check(rc as libc::c_long)?;
+    Ok(len as usize)
+}
+
+/// Sets a socket option from raw bytes.
+pub fn set_raw(fd: impl AsFd, level: i32, name: i32, value: &[u8]) -> Result<(), Errno> {
+    // SAFETY: the kernel reads `value.len()` bytes.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_fd().as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    check(rc as libc::c_long).map(drop)
+}
+
+/// Reads an int TCP option.
+pub fn tcp_get(fd: impl AsFd, name: i32) -> Result<i32, Errno> {
+    get_int(fd.as_fd(), libc::SOL_TCP, name)
+}
+
+/// Sets an int TCP option.
+pub fn tcp_set(fd: impl AsFd, name: i32, value: i32) -> Result<(), Errno> {
+    set_int(fd.as_fd(), libc::SOL_TCP, name, value)
+}
+
+/// An int-valued socket ioctl (`SIOCINQ`, `SIOCOUTQ`, `SIOCOUTQNSD`).
+pub fn ioctl_int(fd: impl AsFd, request: libc::c_ulong) -> Result<i32, Errno> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: these requests write one int.
+    check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), request, &mut value) } as libc::c_long)?;
+    Ok(value)
+}
