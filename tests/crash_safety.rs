@@ -26,7 +26,12 @@ fn assert_runs_as_before(w: &Workload) {
 /// Killed while its system calls run inside the target (its registers borrowed).
 #[test]
 fn kill_9_during_capture_leaves_the_target_as_before() {
-    for at in ["capture:frozen", "capture:injected", "capture:pages"] {
+    for at in [
+        "capture:precopied",
+        "capture:frozen",
+        "capture:injected",
+        "capture:pages",
+    ] {
         let dolly = Dolly::new();
         let w = Workload::start(2);
         let (mut cli, _) = start_paused(
@@ -48,28 +53,31 @@ fn kill_9_during_capture_leaves_the_target_as_before() {
     }
 }
 
-/// The capture worker itself killed mid-copy: the kernel lets the target go, and the
-/// snapshot shows as failed (interrupted), never as usable.
+/// The capture worker itself killed mid-copy (with the target's memory write-tracked and
+/// half copied, or frozen): the kernel lets the target go, and the snapshot shows as failed
+/// (interrupted), never as usable.
 #[test]
 fn kill_9_of_the_capture_worker_leaves_a_failed_snapshot() {
-    let dolly = Dolly::new();
-    let w = Workload::start(2);
-    let (cli, worker) = start_paused(
-        &dolly,
-        &["snapshot", "capture", "--pid", &w.pid().to_string()],
-        "capture:pages",
-    );
-    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
-    let out = cli.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert_runs_as_before(&w);
-    let list = dolly.list();
-    assert_eq!(list.len(), 1);
-    assert_eq!(list[0]["status"], "failed");
-    assert!(
-        list[0]["reason"].as_str().unwrap().contains("interrupted"),
-        "{list:?}"
-    );
+    for at in ["capture:precopied", "capture:pages"] {
+        let dolly = Dolly::new();
+        let w = Workload::start(2);
+        let (cli, worker) = start_paused(
+            &dolly,
+            &["snapshot", "capture", "--pid", &w.pid().to_string()],
+            at,
+        );
+        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+        let out = cli.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert_runs_as_before(&w);
+        let list = dolly.list();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0]["status"], "failed");
+        assert!(
+            list[0]["reason"].as_str().unwrap().contains("interrupted"),
+            "{at}: {list:?}"
+        );
+    }
 }
 
 /// Killed while rebuilding the process: nothing is left at the PID, and the snapshot

@@ -168,7 +168,8 @@ fn waiting_parent_and_zombie_child_come_back() {
     let info: serde_json::Value =
         serde_json::from_str(&dolly.ok(&["--json", "snapshot", "info", &id])).unwrap();
     assert_eq!(info["processes"], 2, "the parent and A (B is a zombie)");
-    kill_tree(&[py.pid(), a]);
+    // The parent first: killed after A, it could still print A's end.
+    kill_tree(&[a, py.pid()]);
     reap_until_gone(b);
 
     let started = Instant::now();

@@ -9,6 +9,23 @@ use crate::error::{Error, ErrorKind, Result};
 /// Environment variable naming a checkpoint at which to pause until aborted.
 pub const PAUSE_ENV: &str = "DOLLY_PAUSE_AT";
 
+/// Environment variable that makes every checkpoint (and [`mark`]) print the time since
+/// dolly started, to stderr: where a capture or restore spends its time.
+pub const TRACE_ENV: &str = "DOLLY_TRACE";
+
+/// With `DOLLY_TRACE` set, prints `what` and the milliseconds since the first mark.
+pub fn mark(what: &str) {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os(TRACE_ENV).is_some()) {
+        let start = START.get_or_init(std::time::Instant::now);
+        eprintln!(
+            "dolly: {:9.3} ms  {what}",
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// Checks for abort requests at named points.
 pub struct Checkpoints<'a> {
     abort: Option<&'a dyn Fn() -> bool>,
@@ -37,6 +54,7 @@ impl<'a> Checkpoints<'a> {
 
     /// Reached point `name`: pauses there if asked to, and fails if the work must stop.
     pub fn reach(&self, name: &str) -> Result<()> {
+        mark(name);
         if std::env::var(PAUSE_ENV).is_ok_and(|v| v == name) {
             eprintln!("dolly: paused at {name} (pid {})", std::process::id());
             while !self.aborted() {

@@ -130,16 +130,24 @@ impl Drop for Tracee {
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
+    // A stop usually comes within microseconds: poll without sleeping for a while (yielding
+    // the CPU to the tracee), then every 200 µs until the deadline.
+    let spin_until = Instant::now() + Duration::from_millis(2);
     loop {
         match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {
-                if Instant::now() >= deadline {
+                let now = Instant::now();
+                if now >= deadline {
                     return Err(Error::refused(
                         format!("process {pid} did not stop within {FREEZE_TIMEOUT:?}"),
                         "it is probably in uninterruptible sleep (state D, e.g. on I/O or a hung mount); try again when it is not",
                     ));
                 }
-                std::thread::sleep(Duration::from_micros(200));
+                if now < spin_until {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
             }
             Ok(status) => return Ok(status),
             Err(Errno::EINTR) => continue,

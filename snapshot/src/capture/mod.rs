@@ -3,6 +3,7 @@
 //! this only orchestrates.
 
 mod checks;
+mod precopy;
 mod process;
 mod tree;
 
@@ -67,11 +68,17 @@ pub fn capture(
     let draft = store.begin(opts.name.as_deref(), opts.pid, &status.name)?;
     let frozen: Result<(TreeImage, f64)> = (|| {
         checkpoints.reach("capture:locked")?;
+        let mut precopy = precopy::run(root, &draft.pool_dir())?;
+        checkpoints.reach("capture:precopied")?;
         let mut tree = tree::freeze(root)?;
+        crate::checkpoint::mark("capture: frozen");
         let frozen_at = Instant::now();
-        let image = capture_frozen(&mut tree, opts, &draft, checkpoints);
+        let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy);
         let thawed = tree.thaw();
-        let frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+        crate::checkpoint::mark("capture: thawed");
+        // Both freezes: the one that set up write tracking, and this one.
+        let frozen_ms = precopy.frozen_ms + frozen_at.elapsed().as_secs_f64() * 1e3;
+        precopy.finish(&draft.pool_dir());
         let image = image?;
         thawed?;
         Ok((image, frozen_ms))
@@ -119,6 +126,7 @@ fn capture_frozen(
     opts: &CaptureOptions,
     draft: &crate::store::Draft,
     checkpoints: &Checkpoints,
+    precopy: &mut precopy::Precopy,
 ) -> Result<TreeImage> {
     checkpoints.reach("capture:frozen")?;
     let pool_dir = draft.pool_dir();
@@ -145,8 +153,10 @@ fn capture_frozen(
     checkpoints.reach("capture:pages")?;
     let mut processes = Vec::with_capacity(inspected.len());
     for (member, inspected) in tree.members.iter().zip(inspected) {
-        processes.push(process::dump(member, inspected, &pool_dir)?);
+        let tracked = precopy.tracked(member.proc.pid());
+        processes.push(process::dump(member, inspected, &pool_dir, tracked)?);
     }
+    crate::checkpoint::mark("capture: pages dumped");
     let shmem_name = format!("shmem{}", memory::POOL_FILE_SUFFIX);
     let (shmem, shmem_size) = shared.shmem.dump(&pool_dir.join(&shmem_name))?;
     Ok(TreeImage {

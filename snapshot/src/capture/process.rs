@@ -148,6 +148,7 @@ pub fn inspect(
     let sigmask = tracee.sigmask()?;
 
     // Refusals first: they need no help from inside the process.
+    crate::checkpoint::mark("inspect: registers");
     let fds = files::capture_fds(
         proc,
         &mut shared.files,
@@ -160,7 +161,9 @@ pub fn inspect(
     } else {
         Vec::new()
     };
+    crate::checkpoint::mark("inspect: fds");
     let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem)?;
+    crate::checkpoint::mark("inspect: memory areas");
     let cwd = proc.read_link("cwd")?;
     if cwd.ends_with(" (deleted)") {
         return Err(Error::refused(
@@ -182,6 +185,7 @@ pub fn inspect(
         .and_then(|_| tracee.park());
     let hidden = hidden?;
     put_back?;
+    crate::checkpoint::mark("inspect: state from inside");
     let mut others = Vec::new();
     for t in &mut member.threads[1..] {
         others.push(capture_thread(t, &memory)?);
@@ -258,7 +262,12 @@ fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan) -> Result<Thread> {
 }
 
 /// Copies the pages of an inspected process into its pool file and makes its image.
-pub fn dump(member: &Member, inspected: Inspected, pool_dir: &Path) -> Result<Process> {
+pub fn dump(
+    member: &Member,
+    inspected: Inspected,
+    pool_dir: &Path,
+    tracked: Option<&mut crate::resource::tracking::Tracked>,
+) -> Result<Process> {
     let proc = &member.proc;
     let pid = proc.pid();
     let Inspected {
@@ -276,7 +285,7 @@ pub fn dump(member: &Member, inspected: Inspected, pool_dir: &Path) -> Result<Pr
         others,
     } = inspected;
     let pool_name = format!("{pid}{}", memory::POOL_FILE_SUFFIX);
-    let stats = memory::dump(pid, &mut memory, &pool_dir.join(&pool_name))?;
+    let stats = memory::dump(pid, &mut memory, &pool_dir.join(&pool_name), tracked)?;
     let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
     let mut flags = hidden.flags;
     flags.coredump_filter = process::capture_coredump_filter(proc)?;

@@ -114,6 +114,17 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
             let threads = match freeze_threads(&proc) {
                 Ok(t) => t,
                 Err(e) if e.kind() == ErrorKind::NotFound && pid != root => continue,
+                // A process that is exiting cannot be seized (EPERM): it is not one to
+                // capture but a zombie to be.
+                Err(e)
+                    if e.kind() == ErrorKind::Busy
+                        && pid != root
+                        && proc
+                            .stat()
+                            .map_or(true, |s| s.state == 'Z' || s.state == 'X') =>
+                {
+                    continue
+                }
                 Err(e) => return Err(e),
             };
             members.push(Member {

@@ -133,7 +133,7 @@ impl ShmemTable {
                 continue;
             }
             let slot = writer.new_slot()?;
-            let runs = to_page_runs(&ranges, 0);
+            let runs = page_runs(&ranges, 0);
             for run in &runs {
                 let mut dst = writer.map(pool::page_offset(slot, run[0]), run[1] * PAGE_SIZE)?;
                 file.read_exact_at(&mut dst, run[0] * PAGE_SIZE)
@@ -291,7 +291,7 @@ pub fn inspect(
 }
 
 /// Merges sorted `[start, end)` byte ranges that touch or overlap.
-fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+pub(crate) fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
     for (s, e) in ranges {
@@ -326,7 +326,8 @@ fn file_data_ranges(file: &File, offset: u64, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
-fn to_page_runs(ranges: &[(u64, u64)], base: u64) -> Vec<[u64; 2]> {
+/// Address ranges as `[first page, page count]` runs counted from `base`.
+pub(crate) fn page_runs(ranges: &[(u64, u64)], base: u64) -> Vec<[u64; 2]> {
     ranges
         .iter()
         .map(|&(s, e)| {
@@ -334,6 +335,29 @@ fn to_page_runs(ranges: &[(u64, u64)], base: u64) -> Vec<[u64; 2]> {
             [first, (e - s).div_ceil(PAGE_SIZE)]
         })
         .collect()
+}
+
+/// The parts of `a` not in `b` (both sorted and merged).
+pub(crate) fn subtract_ranges(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(mut s, e) in a {
+        for &(bs, be) in b {
+            if be <= s || bs >= e {
+                continue;
+            }
+            if bs > s {
+                out.push((s, bs));
+            }
+            s = s.max(be);
+            if s >= e {
+                break;
+            }
+        }
+        if s < e {
+            out.push((s, e));
+        }
+    }
+    out
 }
 
 /// What `dump` stored.
@@ -350,20 +374,24 @@ impl MemoryPlan {
     }
 }
 
-/// Copies the pages to store of every area into a new pool file, filling in each area's
+/// Copies the pages to store of every area into the process's pool file (a new one, or the
+/// one pre-copy filled: then only what changed since is copied), filling in each area's
 /// `pages`. The process must be stopped.
-pub fn dump(pid: Pid, plan: &mut MemoryPlan, pool_path: &std::path::Path) -> Result<DumpStats> {
+pub fn dump(
+    pid: Pid,
+    plan: &mut MemoryPlan,
+    pool_path: &std::path::Path,
+    mut tracked: Option<&mut super::tracking::Tracked>,
+) -> Result<DumpStats> {
     let proc = ProcDir::new(pid);
     let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
     let mem = File::open(proc.path("mem")).context("opening process memory")?;
-    let mut writer = PoolWriter::create(pool_path)?;
+    let mut own_writer = None;
+    if tracked.is_none() {
+        own_writer = Some(PoolWriter::create(pool_path)?);
+    }
     let mut stats = DumpStats::default();
-    // Pages that hold data of their own: in memory or swap, and not the shared zero page.
-    let own_pages = ScanFilter {
-        inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
-        required: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
-        any_of: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-    };
+    let own_pages = super::tracking::OWN_PAGES;
     let any_page = ScanFilter {
         inverted: pagemap::PAGE_IS_PFNZERO,
         required: pagemap::PAGE_IS_PFNZERO,
@@ -382,24 +410,39 @@ pub fn dump(pid: Pid, plan: &mut MemoryPlan, pool_path: &std::path::Path) -> Res
                         .into_iter()
                         .map(|(s, e)| (area.start + s, area.start + e)),
                 );
-                merge(r)
+                merge_ranges(r)
             }
         };
+        if let (Some(t), Source::Private) = (tracked.as_deref_mut(), source) {
+            if let Some(pages) = t.finish_area(area.start, area.end, &ranges)? {
+                area.pages = (!pages.runs.is_empty()).then_some(pages);
+                continue;
+            }
+        }
         if ranges.is_empty() {
             continue;
         }
+        let writer = match (&mut own_writer, tracked.as_deref_mut()) {
+            (Some(w), _) => w,
+            (None, Some(t)) => &mut t.writer,
+            (None, None) => unreachable!("one writer or the other"),
+        };
         let slot = writer.new_slot()?;
-        let runs = to_page_runs(&ranges, area.start);
-        copy_runs(pid, &mem, &writer, slot, area.start, &runs)?;
+        let runs = page_runs(&ranges, area.start);
+        copy_runs(pid, &mem, writer, slot, area.start, &runs)?;
         area.pages = Some(Pages { slot, runs });
     }
-    stats.pool_size = writer.size();
+    stats.pool_size = match (&own_writer, tracked) {
+        (Some(w), _) => w.size(),
+        (None, Some(t)) => t.writer.size(),
+        (None, None) => 0,
+    };
     Ok(stats)
 }
 
 /// Copies runs of a process's memory into the pool: `process_vm_readv` where the memory is
 /// readable, `/proc/PID/mem` (which reads any protection) for the rest.
-fn copy_runs(
+pub(crate) fn copy_runs(
     pid: Pid,
     mem: &File,
     writer: &PoolWriter,
@@ -669,7 +712,7 @@ pub fn apply_flags(remote: &mut Remote, proc: &Process, scratch: u64) -> Result<
 pub fn free_range(areas: &[Area], avoid: &[(u64, u64)], len: u64) -> Option<u64> {
     let mut taken: Vec<(u64, u64)> = areas.iter().map(|a| (a.start, a.end)).collect();
     taken.extend_from_slice(avoid);
-    let taken = merge(taken);
+    let taken = merge_ranges(taken);
     // Leave a page of distance so the range never merges with a neighbour.
     let mut candidate = 0x1000_0000u64;
     for (s, e) in taken {
@@ -751,7 +794,7 @@ mod tests {
     #[test]
     fn merge_joins_overlaps() {
         assert_eq!(
-            merge(vec![(5, 8), (0, 2), (2, 3), (7, 9)]),
+            merge_ranges(vec![(5, 8), (0, 2), (2, 3), (7, 9)]),
             vec![(0, 3), (5, 9)]
         );
     }

@@ -12,5 +12,6 @@ pub mod sockets;
 pub mod sysv;
 pub mod tcp;
 pub mod thread;
+pub mod tracking;
 pub mod tree;
 pub mod tty;

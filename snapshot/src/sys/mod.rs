@@ -12,6 +12,7 @@ pub mod ptrace;
 pub mod socket;
 pub mod sysv;
 pub mod tty;
+pub mod uffd;
 
 /// Turns a raw syscall return (-1 and errno on failure) into a `Result`.
 pub(crate) fn check(rc: libc::c_long) -> Result<libc::c_long, nix::errno::Errno> {

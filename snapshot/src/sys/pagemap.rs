@@ -61,6 +61,12 @@ pub struct ScanFilter {
     pub any_of: u64,
 }
 
+/// Write-protect the pages a scan matches (userfaultfd async write-protection must be
+/// registered on the range).
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// Fail unless the range is registered for userfaultfd async write-protection.
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
 /// Returns the runs `[start, end)` of pages in `[start, end)` that match `filter`, read from
 /// an open `/proc/PID/pagemap`.
 pub fn scan(
@@ -68,6 +74,33 @@ pub fn scan(
     start: u64,
     end: u64,
     filter: ScanFilter,
+) -> Result<Vec<(u64, u64)>, Errno> {
+    scan_with(pagemap, start, end, filter, 0)
+}
+
+/// [`scan`] that also write-protects the matching pages, so that writes to them from now on
+/// show as `PAGE_IS_WRITTEN`.
+pub fn scan_and_protect(
+    pagemap: &impl AsRawFd,
+    start: u64,
+    end: u64,
+    filter: ScanFilter,
+) -> Result<Vec<(u64, u64)>, Errno> {
+    scan_with(
+        pagemap,
+        start,
+        end,
+        filter,
+        PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    )
+}
+
+fn scan_with(
+    pagemap: &impl AsRawFd,
+    start: u64,
+    end: u64,
+    filter: ScanFilter,
+    flags: u64,
 ) -> Result<Vec<(u64, u64)>, Errno> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut regions = vec![PageRegion::default(); 512];
@@ -77,6 +110,7 @@ pub fn scan(
             size: std::mem::size_of::<PmScanArg>() as u64,
             start: at,
             end,
+            flags,
             vec: regions.as_mut_ptr() as u64,
             vec_len: regions.len() as u64,
             category_inverted: filter.inverted,
@@ -103,4 +137,24 @@ pub fn scan(
         at = arg.walk_end;
     }
     Ok(runs)
+}
+
+/// The swap type of each page of `[start, end)` that is a swap entry (`None` for the others),
+/// read from `/proc/PID/pagemap` (bits 0-4 of a swapped entry). Userfaultfd's markers for
+/// dropped, write-protected pages are swap entries of a type of their own: `PAGEMAP_SCAN`
+/// reports them as swapped.
+pub fn swap_types(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<Option<u8>>, Errno> {
+    use std::os::unix::fs::FileExt;
+    let pages = ((end - start) / super::PAGE_SIZE) as usize;
+    let mut raw = vec![0u8; pages * 8];
+    pagemap
+        .read_exact_at(&mut raw, start / super::PAGE_SIZE * 8)
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| {
+            let e = u64::from_ne_bytes(c.try_into().unwrap());
+            (e & (1 << 62) != 0 && e & (1 << 63) == 0).then_some((e & 0x1f) as u8)
+        })
+        .collect())
 }

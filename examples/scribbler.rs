@@ -1,0 +1,185 @@
+//! A program that writes its memory as fast as it can, for the tests and benchmarks of
+//! near-instant capture: what it holds at any instant is known from its own bookkeeping,
+//! so a restored copy can check that every page is the one of a single instant.
+//!
+//! ```text
+//! scribbler --dir DIR --mib N [--quiet-after-ms MS]
+//! ```
+//!
+//! It maps N MiB and loops: each turn writes one page with a pattern of the turn number
+//! (and records it), now and then drops a run of pages (`MADV_DONTNEED`, recorded as zero)
+//! or maps a fresh 1 MiB over part of the buffer (`MAP_FIXED`, recorded as zero). It reads
+//! the clock every turn and keeps the longest gap between two turns: how long it was stopped.
+//!
+//! After `--quiet-after-ms` it stops writing and only watches the clock (for benchmarks that
+//! want a settled process). Once DIR/steady exists it no longer drops or maps over pages
+//! (a restored process's memory is a private mapping of the snapshot: `MADV_DONTNEED` on it
+//! reads the snapshot's data again, not zeros, so it could not check them).
+//!
+//! DIR/log gets `ready` once the buffer is written, then `turn=N` lines; on SIGUSR1 it checks
+//! every page against its records and appends `verify ok turns=N` or `verify BAD page=P ...`;
+//! on SIGUSR2 it appends `stall max_us=U` and starts a new measurement.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+static VERIFY: AtomicBool = AtomicBool::new(false);
+static STALL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    VERIFY.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_usr2(_: libc::c_int) {
+    STALL.store(true, Ordering::SeqCst);
+}
+
+const PAGE: usize = 4096;
+
+fn pattern(turn: u64, word: usize) -> u64 {
+    (turn.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ word as u64
+}
+
+fn fill(page: &mut [u64], turn: u64) {
+    for (w, v) in page.iter_mut().enumerate() {
+        *v = pattern(turn, w);
+    }
+}
+
+fn say(log: &mut std::fs::File, line: String) {
+    log.write_all(format!("{line}\n").as_bytes())
+        .expect("writing the log");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let dir = PathBuf::from(arg("--dir").expect("usage: scribbler --dir DIR --mib N"));
+    let mib: usize = arg("--mib").map_or(64, |v| v.parse().expect("--mib N"));
+    let quiet_after =
+        arg("--quiet-after-ms").map(|v| Duration::from_millis(v.parse().expect("MS")));
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("log"))
+        .expect("opening the log");
+    // SAFETY: installing async-signal-safe handlers that only set flags.
+    unsafe {
+        libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t);
+    }
+    let len = mib << 20;
+    let pages = len / PAGE;
+    // SAFETY: a fresh private anonymous mapping, used only through `buf` below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    // SAFETY: the mapping is `len` bytes, aligned, and only this function uses it.
+    let buf: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(base.cast(), len / 8) };
+    let words = PAGE / 8;
+    // What each page holds: the turn that wrote it, 0 for zeros.
+    let mut written = vec![0u64; pages];
+    for (p, w) in written.iter_mut().enumerate() {
+        *w = p as u64 + 1;
+        fill(&mut buf[p * words..(p + 1) * words], *w);
+    }
+    say(&mut log, "ready".into());
+    let started = Instant::now();
+    let mut turn = pages as u64 + 1;
+    let mut last = Instant::now();
+    let mut max_stall = Duration::ZERO;
+    let steady_path = dir.join("steady");
+    let mut steady = false;
+    loop {
+        let now = Instant::now();
+        max_stall = max_stall.max(now - last);
+        last = now;
+        if STALL.swap(false, Ordering::SeqCst) {
+            say(&mut log, format!("stall max_us={}", max_stall.as_micros()));
+            max_stall = Duration::ZERO;
+            last = Instant::now();
+        }
+        if VERIFY.swap(false, Ordering::SeqCst) {
+            let bad = (0..pages).find(|&p| {
+                let page = &buf[p * words..(p + 1) * words];
+                match written[p] {
+                    0 => page.iter().any(|&v| v != 0),
+                    t => page.iter().enumerate().any(|(w, &v)| v != pattern(t, w)),
+                }
+            });
+            match bad {
+                None => say(&mut log, format!("verify ok turns={turn}")),
+                Some(p) => say(
+                    &mut log,
+                    format!("verify BAD page={p} expected_turn={}", written[p]),
+                ),
+            }
+            last = Instant::now();
+        }
+        if quiet_after.is_some_and(|q| started.elapsed() > q) {
+            std::hint::spin_loop();
+            continue;
+        }
+        turn += 1;
+        if !steady && turn.is_multiple_of(512) {
+            // Just before a drop: a restored copy must not drop a page (see above).
+            steady = steady_path.exists();
+        }
+        let p = (turn.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 17) as usize % pages;
+        match if steady { 1 } else { turn % 1024 } {
+            0 => {
+                // Drop a run of pages: they read as zeros from now on.
+                let n = 16.min(pages - p);
+                // SAFETY: the range is inside the mapping.
+                unsafe {
+                    libc::madvise(
+                        base.cast::<u8>().add(p * PAGE).cast(),
+                        n * PAGE,
+                        libc::MADV_DONTNEED,
+                    );
+                }
+                written[p..p + n].fill(0);
+            }
+            512 if pages > 512 => {
+                // Map fresh memory over 1 MiB of the buffer.
+                let first = (p / 256) * 256;
+                let n = 256.min(pages - first);
+                // SAFETY: MAP_FIXED over a range inside our own mapping.
+                let r = unsafe {
+                    libc::mmap(
+                        base.cast::<u8>().add(first * PAGE).cast(),
+                        n * PAGE,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                assert_ne!(r, libc::MAP_FAILED);
+                written[first..first + n].fill(0);
+            }
+            _ => {
+                fill(&mut buf[p * words..(p + 1) * words], turn);
+                written[p] = turn;
+            }
+        }
+        if turn.is_multiple_of(1 << 20) {
+            say(&mut log, format!("turn={turn}"));
+        }
+    }
+}

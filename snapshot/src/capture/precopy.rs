@@ -1,0 +1,139 @@
+//! Pre-copy: most of a tree's memory is copied while it runs, so the freeze that captures
+//! it only copies what changed since. A first, brief freeze makes a userfaultfd inside each
+//! process (write tracking must be set up from its own address space), then everything else
+//! happens with the tree running: registering its private areas for asynchronous
+//! write-protection, and rounds of protect-and-copy.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use super::tree::{self, Member};
+use crate::error::{Error, Result};
+use crate::resource::memory::POOL_FILE_SUFFIX;
+use crate::resource::tracking::Tracked;
+use crate::sys::socket::borrow_fd;
+use crate::sys::uffd;
+use crate::tracee::{self, ALL_SIGNALS};
+
+/// Later rounds stop once a round copies less than this (what the freeze then copies).
+const ROUND_DONE_BYTES: u64 = 8 << 20;
+/// Pre-copy rounds at most (the first copies everything).
+const MAX_ROUNDS: usize = 4;
+
+/// A tree being pre-copied.
+#[derive(Debug, Default)]
+pub struct Precopy {
+    tracked: HashMap<i32, Tracked>,
+    used: Vec<i32>,
+    /// How long the tree was frozen to set up the tracking.
+    pub frozen_ms: f64,
+    /// Bytes copied before the freeze.
+    pub bytes: u64,
+}
+
+impl Precopy {
+    /// The tracking of process `pid`, if it was pre-copied; marks its pool file as used.
+    pub fn tracked(&mut self, pid: Pid) -> Option<&mut Tracked> {
+        self.used.push(pid.as_raw());
+        self.tracked.get_mut(&pid.as_raw())
+    }
+
+    /// Ends the tracking (closing the userfaultfds: the kernel then unprotects the pages,
+    /// which is why this waits for the thaw) and removes the pool files of processes that
+    /// were pre-copied but were gone by the freeze.
+    pub fn finish(self, pool_dir: &Path) {
+        for pid in self.tracked.keys().filter(|p| !self.used.contains(p)) {
+            let _ = std::fs::remove_file(pool_dir.join(format!("{pid}{POOL_FILE_SUFFIX}")));
+        }
+    }
+}
+
+/// Makes a userfaultfd inside stopped process `member` and returns dolly's copy of it (the
+/// process's own fd is closed again).
+fn make_uffd(member: &mut Member) -> Result<std::os::fd::OwnedFd> {
+    let pid = member.proc.pid();
+    let maps = member.proc.maps_without_flags()?;
+    let vdso = maps.iter().find(|m| m.path == "[vdso]").ok_or_else(|| {
+        Error::refused(
+            format!("process {pid} has no vDSO"),
+            "capture a process that keeps its vDSO mapped",
+        )
+    })?;
+    let offset = tracee::vdso_syscall_offset()?.ok_or_else(|| {
+        Error::refused(
+            "no syscall instruction found in the vDSO",
+            "this kernel's vDSO is not supported",
+        )
+    })?;
+    let leader = &mut member.threads[0];
+    let regs = leader.regs()?;
+    let mask = leader.sigmask()?;
+    leader.set_sigmask(ALL_SIGNALS)?;
+    let made = leader.remote(vdso.start + offset).and_then(|mut remote| {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
+        let fd = remote.call("making a userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
+        let ours = borrow_fd(pid, fd).map_err(|e| Error::sys("taking the userfaultfd", e));
+        remote.call("closing the userfaultfd", libc::SYS_close, &[fd as u64])?;
+        ours
+    });
+    let put_back = leader
+        .set_regs(&regs)
+        .and_then(|_| leader.set_sigmask(mask))
+        .and_then(|_| leader.park());
+    let made = made?;
+    put_back?;
+    Ok(made)
+}
+
+/// Sets up write tracking on the tree under `root` (a brief freeze) and copies its private
+/// memory into `pool_dir` while it runs, in rounds, until what changes between two rounds
+/// is small. A process whose tracking cannot be set up is simply copied at the freeze.
+pub fn run(root: Pid, pool_dir: &Path) -> Result<Precopy> {
+    let mut frozen = tree::freeze(root)?;
+    let frozen_at = Instant::now();
+    let mut fds = Vec::new();
+    for member in &mut frozen.members {
+        if let Ok(fd) = make_uffd(member) {
+            fds.push((member.proc.pid(), fd));
+        }
+    }
+    let thawed = frozen.thaw();
+    let mut pre = Precopy {
+        frozen_ms: frozen_at.elapsed().as_secs_f64() * 1e3,
+        ..Default::default()
+    };
+    thawed?;
+    crate::checkpoint::mark("precopy: tracking set up");
+    for (pid, fd) in fds {
+        let maps = match crate::proc::ProcDir::new(pid).maps_without_flags() {
+            Ok(m) => m,
+            Err(_) => continue, // gone
+        };
+        let path = pool_dir.join(format!("{pid}{POOL_FILE_SUFFIX}"));
+        match Tracked::start(pid, fd, &maps, &path) {
+            Ok(t) => {
+                pre.tracked.insert(pid.as_raw(), t);
+            }
+            // Without tracking (an older kernel, a full pool...) the freeze copies it all,
+            // and says why if it cannot either.
+            Err(_) => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    for round in 0..MAX_ROUNDS {
+        let mut bytes = 0;
+        for t in pre.tracked.values_mut() {
+            bytes += t.copy_round(round == 0)?;
+        }
+        pre.bytes += bytes;
+        crate::checkpoint::mark(&format!("precopy: round {round}: {bytes} bytes"));
+        if round > 0 && bytes < ROUND_DONE_BYTES {
+            break;
+        }
+    }
+    Ok(pre)
+}

@@ -1,0 +1,314 @@
+//! Pre-copy with write tracking: while a process runs, its private memory is registered for
+//! userfaultfd asynchronous write-protection, write-protected and copied into its pool file;
+//! at the freeze only the pages written since (`PAGE_IS_WRITTEN`) are copied again. What is
+//! stored is exactly the memory at the freeze: a page copied early and not written since is
+//! unchanged; one written since is copied again; one dropped since is left out.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+
+use nix::unistd::Pid;
+
+use super::memory::{copy_runs, merge_ranges, page_runs, subtract_ranges};
+use crate::error::{Context, Result};
+use crate::image::Pages;
+use crate::pool::{self, PoolWriter};
+use crate::proc::{MapsEntry, ProcDir};
+use crate::sys::pagemap::{self, ScanFilter};
+use crate::sys::{uffd, PAGE_SIZE};
+
+/// Pages that hold data of their own: in memory or swap, not file pages, not the zero page.
+pub const OWN_PAGES: ScanFilter = ScanFilter {
+    inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+    required: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+    any_of: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+};
+
+/// Own pages written since they were write-protected (or never protected: new ones).
+const WRITTEN_PAGES: ScanFilter = ScanFilter {
+    inverted: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO,
+    required: pagemap::PAGE_IS_FILE | pagemap::PAGE_IS_PFNZERO | pagemap::PAGE_IS_WRITTEN,
+    any_of: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+};
+
+/// The swap type of userfaultfd's write-protect markers on this kernel (it depends on its
+/// configuration): found once by making one, in dolly's own memory.
+fn marker_type() -> Option<u8> {
+    static TYPE: std::sync::OnceLock<Option<u8>> = std::sync::OnceLock::new();
+    *TYPE.get_or_init(|| {
+        let page = PAGE_SIZE as usize;
+        // SAFETY: a private anonymous page of our own, unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return None;
+        }
+        let found = (|| {
+            let start = addr as u64;
+            let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
+            // SAFETY: userfaultfd takes flags and returns a new fd we then own.
+            let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+            if fd < 0 {
+                return None;
+            }
+            // SAFETY: the kernel just gave us this fd.
+            let uffd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+            uffd::enable_async_wp(&uffd).ok()?;
+            uffd::register_wp(&uffd, start, start + PAGE_SIZE).ok()?;
+            // SAFETY: writes within our page.
+            unsafe { *(addr as *mut u8) = 1 };
+            let pagemap = File::open("/proc/self/pagemap").ok()?;
+            pagemap::scan_and_protect(&pagemap, start, start + PAGE_SIZE, OWN_PAGES).ok()?;
+            // SAFETY: drops our own page: a write-protected page dropped leaves a marker.
+            unsafe { libc::madvise(addr, page, libc::MADV_DONTNEED) };
+            pagemap::swap_types(&pagemap, start, start + PAGE_SIZE).ok()?[0]
+        })();
+        // SAFETY: unmapping the page mapped above.
+        unsafe { libc::munmap(addr, page) };
+        found
+    })
+}
+
+/// Removes from `ranges` the pages that are write-protect markers (dropped pages, which
+/// read as zeros), not data.
+fn without_markers(pagemap: &File, ranges: Vec<(u64, u64)>) -> Result<Vec<(u64, u64)>> {
+    let Some(marker) = marker_type() else {
+        return Ok(ranges);
+    };
+    let swapped = pagemap::scan(
+        pagemap,
+        ranges.first().map_or(0, |r| r.0),
+        ranges.last().map_or(0, |r| r.1),
+        ScanFilter {
+            inverted: pagemap::PAGE_IS_PRESENT,
+            required: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+            any_of: 0,
+        },
+    )
+    .context("scanning swapped pages")?;
+    let mut markers = Vec::new();
+    for (s, e) in swapped {
+        let types = pagemap::swap_types(pagemap, s, e).context("reading pagemap")?;
+        for (i, t) in types.into_iter().enumerate() {
+            if t == Some(marker) {
+                let at = s + i as u64 * PAGE_SIZE;
+                markers.push((at, at + PAGE_SIZE));
+            }
+        }
+    }
+    if markers.is_empty() {
+        return Ok(ranges);
+    }
+    Ok(subtract_ranges(&ranges, &merge_ranges(markers)))
+}
+
+/// One tracked area: where its pages go, and which are in the pool already.
+#[derive(Debug)]
+struct TrackedArea {
+    start: u64,
+    end: u64,
+    slot: u32,
+    /// Address ranges whose pages are in the slot.
+    copied: Vec<(u64, u64)>,
+}
+
+/// A running process whose memory is being pre-copied.
+#[derive(Debug)]
+pub struct Tracked {
+    pid: Pid,
+    /// Keeps the write tracking alive; closing it ends it (the kernel unprotects).
+    _uffd: OwnedFd,
+    pagemap: File,
+    mem: File,
+    /// The process's pool file, written before and during the freeze.
+    pub writer: PoolWriter,
+    areas: Vec<TrackedArea>,
+}
+
+/// Whether pre-copy applies to an area: private memory whose pages dolly stores (not the
+/// vDSO, not a mapping of a dolly pool file, which the freeze copies with its file data).
+pub fn trackable(m: &MapsEntry) -> bool {
+    !m.shared
+        && !matches!(
+            m.path.as_str(),
+            "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
+        )
+        && !m.path.ends_with(super::memory::POOL_FILE_SUFFIX)
+}
+
+impl Tracked {
+    /// Starts tracking process `pid` through `uffd` (a userfaultfd made inside it): every
+    /// trackable area of `maps` that can be registered is. The process should be stopped,
+    /// so the areas are those it has.
+    pub fn start(pid: Pid, uffd: OwnedFd, maps: &[MapsEntry], pool_path: &Path) -> Result<Tracked> {
+        uffd::enable_async_wp(&uffd).map_err(|e| {
+            crate::Error::sys(
+                "enabling write tracking (userfaultfd async write-protect)",
+                e,
+            )
+        })?;
+        let proc = ProcDir::new(pid);
+        let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
+        let mem = File::open(proc.path("mem")).context("opening process memory")?;
+        let mut writer = PoolWriter::create(pool_path)?;
+        let mut areas = Vec::new();
+        for m in maps.iter().filter(|m| trackable(m)) {
+            // An area the program registered with a userfaultfd of its own is busy: the
+            // freeze copies it whole.
+            if uffd::register_wp(&uffd, m.start, m.end).is_err() {
+                continue;
+            }
+            areas.push(TrackedArea {
+                start: m.start,
+                end: m.end,
+                slot: writer.new_slot()?,
+                copied: Vec::new(),
+            });
+        }
+        Ok(Tracked {
+            pid,
+            _uffd: uffd,
+            pagemap,
+            mem,
+            writer,
+            areas,
+        })
+    }
+
+    /// One pre-copy round while the process runs: write-protects and copies every page of
+    /// the tracked areas (the first round), or those written since the last round. Returns
+    /// the bytes copied.
+    pub fn copy_round(&mut self, first: bool) -> Result<u64> {
+        let filter = if first { OWN_PAGES } else { WRITTEN_PAGES };
+        let mut bytes = 0;
+        for area in &mut self.areas {
+            // Write-protect, then read: a write that comes after shows as written.
+            let ranges =
+                match pagemap::scan_and_protect(&self.pagemap, area.start, area.end, filter) {
+                    Ok(r) => r,
+                    // The area changed (unmapped, remapped) since it was registered: the
+                    // freeze copies what is there then.
+                    Err(_) => {
+                        area.copied.clear();
+                        continue;
+                    }
+                };
+            if ranges.is_empty() {
+                continue;
+            }
+            let runs = page_runs(&ranges, area.start);
+            // A page may go away under the copy (the program unmaps it): then it is not
+            // part of the area at the freeze either, and the freeze sees the change.
+            if copy_runs(
+                self.pid,
+                &self.mem,
+                &self.writer,
+                area.slot,
+                area.start,
+                &runs,
+            )
+            .is_err()
+            {
+                area.copied.clear();
+                continue;
+            }
+            bytes += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
+            area.copied = merge_ranges(area.copied.drain(..).chain(ranges).collect());
+        }
+        Ok(bytes)
+    }
+
+    /// At the freeze: stores the pages of area `[start, end)` of the stopped process, whose
+    /// pages of its own are `present` (address ranges), reusing what was pre-copied if an
+    /// area was tracked at `start`. Returns where they are, or `None` if none was.
+    ///
+    /// Matching by start alone is sound: a page present now that dolly did not
+    /// write-protect shows as written (the kernel also clears the protection of pages
+    /// `mremap` moves), so only pages that stayed where they were copied are reused.
+    pub fn finish_area(
+        &mut self,
+        start: u64,
+        end: u64,
+        present: &[(u64, u64)],
+    ) -> Result<Option<Pages>> {
+        let Some(area) = self.areas.iter_mut().find(|a| a.start == start) else {
+            return Ok(None);
+        };
+        let present = &without_markers(&self.pagemap, present.to_vec())?;
+        let written = pagemap::scan(&self.pagemap, start, end, WRITTEN_PAGES)
+            .with_context(|| format!("scanning written pages of {} at {start:#x}", self.pid))?;
+        // Copy what was written since, and what is here but was never copied.
+        let missing = subtract_ranges(present, &area.copied);
+        let to_copy = intersect(
+            present,
+            &merge_ranges(written.into_iter().chain(missing).collect()),
+        );
+        copy_runs(
+            self.pid,
+            &self.mem,
+            &self.writer,
+            area.slot,
+            start,
+            &page_runs(&to_copy, start),
+        )?;
+        // Pages copied early but gone since are not part of the snapshot: free them.
+        for (s, e) in subtract_ranges(&area.copied, present) {
+            let at = pool::page_offset(area.slot, (s - start) / PAGE_SIZE);
+            let _ = nix::fcntl::fallocate(
+                self.writer.file(),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                at as i64,
+                (e - s) as i64,
+            );
+        }
+        area.copied = present.to_vec();
+        area.end = area.end.max(end);
+        Ok(Some(Pages {
+            slot: area.slot,
+            runs: page_runs(present, start),
+        }))
+    }
+}
+
+/// The parts of `a` also in `b` (both sorted and merged).
+fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intersects_and_subtracts_ranges() {
+        let a = [(0, 10), (20, 30)];
+        let b = [(5, 25)];
+        assert_eq!(intersect(&a, &b), vec![(5, 10), (20, 25)]);
+        assert_eq!(subtract_ranges(&a, &b), vec![(0, 5), (25, 30)]);
+        assert_eq!(subtract_ranges(&b, &a), vec![(10, 20)]);
+        assert!(intersect(&a, &[]).is_empty());
+    }
+}
