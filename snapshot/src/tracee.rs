@@ -382,6 +382,47 @@ impl Tracee {
     }
 }
 
+/// System calls to run inside a tracee in one go ([`Remote::run`]).
+#[derive(Debug, Default)]
+pub struct Calls {
+    list: Vec<(i64, [u64; 6])>,
+}
+
+impl Calls {
+    /// Adds syscall `nr` with up to six arguments; returns its index in the results.
+    pub fn add(&mut self, nr: i64, args: &[u64]) -> usize {
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        self.list.push((nr, a));
+        self.list.len() - 1
+    }
+
+    /// Bytes of tracee memory [`Remote::run`] needs for its table.
+    pub fn table_len(&self) -> u64 {
+        (self.list.len() as u64 + 1) * 64
+    }
+}
+
+/// Machine code that runs a table of system calls: for each 64-byte entry at `rbx`
+/// (`nr, a1..a6, result`) until `nr` is -1, loads the registers, `syscall`, stores `rax`
+/// in `result`; then `int3`.
+const RUN_CALLS: [u8; 46] = [
+    0x48, 0x8b, 0x03, // mov rax, [rbx]
+    0x48, 0x83, 0xf8, 0xff, // cmp rax, -1
+    0x74, 0x24, // je done
+    0x48, 0x8b, 0x7b, 0x08, // mov rdi, [rbx+8]
+    0x48, 0x8b, 0x73, 0x10, // mov rsi, [rbx+16]
+    0x48, 0x8b, 0x53, 0x18, // mov rdx, [rbx+24]
+    0x4c, 0x8b, 0x53, 0x20, // mov r10, [rbx+32]
+    0x4c, 0x8b, 0x43, 0x28, // mov r8, [rbx+40]
+    0x4c, 0x8b, 0x4b, 0x30, // mov r9, [rbx+48]
+    0x0f, 0x05, // syscall
+    0x48, 0x89, 0x43, 0x38, // mov [rbx+56], rax
+    0x48, 0x83, 0xc3, 0x40, // add rbx, 64
+    0xeb, 0xd3, // jmp back to the first instruction
+    0xcc, // done: int3
+];
+
 /// Runs system calls inside a stopped tracee.
 #[derive(Debug)]
 pub struct Remote<'a> {
@@ -431,6 +472,93 @@ impl Remote<'_> {
             ));
         }
         Ok(after.rax as i64)
+    }
+
+    /// Maps a page for [`Remote::run`]'s code inside the tracee (read and execute only: it
+    /// is written through /proc/PID/mem, so a process that denies writable-executable memory
+    /// can run it too). Unmap it with `munmap(addr, 4096)` when done.
+    pub fn map_call_runner(&mut self) -> Result<u64> {
+        let page = self.call(
+            "mapping dolly's code page",
+            libc::SYS_mmap,
+            &[
+                0,
+                crate::sys::PAGE_SIZE,
+                (libc::PROT_READ | libc::PROT_EXEC) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        self.write_mem(page, &RUN_CALLS)?;
+        Ok(page)
+    }
+
+    /// Runs every call of `calls` inside the tracee with a single stop, through the code
+    /// page `runner` ([`Remote::map_call_runner`]) and a table at `table` (writable, at
+    /// least [`Calls::table_len`] bytes). Returns each call's raw result (negative errno on
+    /// failure). Every signal must be blocked in the tracee.
+    pub fn run(&mut self, calls: &Calls, runner: u64, table: u64) -> Result<Vec<i64>> {
+        let mut raw = Vec::with_capacity(calls.table_len() as usize);
+        for (nr, args) in &calls.list {
+            raw.extend_from_slice(&nr.to_ne_bytes());
+            for a in args {
+                raw.extend_from_slice(&a.to_ne_bytes());
+            }
+            raw.extend_from_slice(&0u64.to_ne_bytes());
+        }
+        raw.extend_from_slice(&(-1i64).to_ne_bytes());
+        raw.resize(calls.table_len() as usize, 0);
+        self.write_mem(table, &raw)?;
+        let mut regs = self.base;
+        regs.rip = runner;
+        regs.rbx = table;
+        regs.orig_rax = u64::MAX;
+        regs.eflags &= !0x100;
+        self.tracee.set_regs(&regs)?;
+        let pid = self.tracee.pid;
+        ptrace::cont(pid, None).with_context(|| format!("resuming {pid}"))?;
+        let done = runner + RUN_CALLS.len() as u64;
+        loop {
+            let status = loop {
+                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                    Err(Errno::EINTR) => continue,
+                    other => break other.with_context(|| format!("waiting for {pid}"))?,
+                }
+            };
+            match status {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) => {
+                    self.tracee.in_trap = true;
+                    let at = self.tracee.regs()?.rip;
+                    if at != done {
+                        return Err(Error::new(
+                            ErrorKind::System,
+                            format!("dolly's system calls in {pid} stopped at {at:#x}, not at {done:#x}"),
+                        ));
+                    }
+                    break;
+                }
+                WaitStatus::Stopped(_, sig) if is_stop_signal(sig) => {
+                    self.tracee.deferred.push(sig);
+                    ptrace::cont(pid, None).with_context(|| format!("resuming {pid}"))?;
+                }
+                WaitStatus::PtraceEvent(..) => {
+                    ptrace::cont(pid, None).with_context(|| format!("resuming {pid}"))?;
+                }
+                other => {
+                    return Err(Error::new(
+                        ErrorKind::System,
+                        format!("dolly's system calls in {pid} were interrupted: {other:?}"),
+                    ))
+                }
+            }
+        }
+        let mut out = vec![0u8; calls.list.len() * 64];
+        self.read_mem(table, &mut out)?;
+        Ok(out
+            .chunks_exact(64)
+            .map(|e| i64::from_ne_bytes(e[56..64].try_into().unwrap()))
+            .collect())
     }
 
     /// Runs syscall `nr`; a negative result becomes an error saying `what` failed.

@@ -138,6 +138,7 @@ fn capture_frozen(
     };
     let mut inspected = Vec::with_capacity(tree.members.len());
     for member in &mut tree.members {
+        let known_maps = precopy.known_maps(member.proc.pid());
         inspected.push(process::inspect(
             member,
             &mut shared,
@@ -146,6 +147,7 @@ fn capture_frozen(
                 file_locks: opts.file_locks,
                 tcp_established: opts.tcp_established,
             },
+            known_maps.as_deref(),
             checkpoints,
         )?);
     }

@@ -41,6 +41,11 @@ impl Precopy {
         self.tracked.get_mut(&pid.as_raw())
     }
 
+    /// The areas of process `pid` with their flags as read after pre-copy, if it was.
+    pub fn known_maps(&self, pid: Pid) -> Option<Vec<crate::proc::MapsEntry>> {
+        self.tracked.get(&pid.as_raw())?.known_maps.clone()
+    }
+
     /// Ends the tracking (closing the userfaultfds: the kernel then unprotects the pages,
     /// which is why this waits for the thaw) and removes the pool files of processes that
     /// were pre-copied but were gone by the freeze.
@@ -134,6 +139,9 @@ pub fn run(root: Pid, pool_dir: &Path) -> Result<Precopy> {
         if round > 0 && bytes < ROUND_DONE_BYTES {
             break;
         }
+    }
+    for t in pre.tracked.values_mut() {
+        t.read_flags();
     }
     Ok(pre)
 }

@@ -16,7 +16,7 @@ use super::checks;
 use super::tree::Member;
 
 /// Bytes of scratch memory mapped inside the target while reading hidden state.
-const SCRATCH_LEN: u64 = 2 * crate::sys::PAGE_SIZE;
+const SCRATCH_LEN: u64 = 8 * crate::sys::PAGE_SIZE;
 
 /// The tables a tree's processes share: each file, open file description and shared memory
 /// object once, however many processes hold it.
@@ -86,6 +86,12 @@ fn syscall_ip(tracee: &Tracee, memory: &MemoryPlan, regs: &RawRegs) -> Result<u6
     ))
 }
 
+/// Where the batched queries of [`query_hidden`] write, in the scratch area: the call table
+/// first, the outputs from here.
+const OUT: u64 = 8 * crate::sys::PAGE_SIZE / 2;
+
+/// Reads what only the process itself can tell, with one batch of system calls run inside
+/// it (one stop, not one per call).
 fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Result<Hidden> {
     let scratch = remote.call(
         "mapping a scratch page",
@@ -99,26 +105,118 @@ fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Resul
             0,
         ],
     )?;
-    let result = (|| {
+    let runner = remote.map_call_runner();
+    let result = match &runner {
+        Err(e) => Err(Error::new(e.kind(), e.message())),
+        Ok(runner) => Ok(*runner),
+    }
+    .and_then(|runner| {
         checkpoints.reach("capture:injected")?;
-        let actions = signals::query_actions(remote, scratch)?;
-        let altstack = thread::query_altstack(remote, scratch)?;
-        let clear_child_tid = thread::query_tid_address(remote, scratch)?;
-        let itimers = process::query_itimers(remote, scratch)?;
-        let brk = process::query_brk(remote)?;
-        let (flags, securebits) = process::query_flags(remote, scratch)?;
+        let out = scratch + OUT;
+        let mut calls = tracee::Calls::default();
+        // Each signal's action: 32 bytes each.
+        let signals: Vec<i32> = (1..=signals::MAX_SIGNAL)
+            .filter(|&s| signals::settable(s))
+            .collect();
+        for (i, &signo) in signals.iter().enumerate() {
+            calls.add(
+                libc::SYS_rt_sigaction,
+                &[signo as u64, 0, out + 32 * i as u64, 8],
+            );
+        }
+        let after_actions = out + 32 * signals.len() as u64;
+        let (altstack, tid, timers) = (after_actions, after_actions + 32, after_actions + 64);
+        calls.add(libc::SYS_sigaltstack, &[0, altstack]);
+        calls.add(libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, tid]);
+        for (i, which) in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF]
+            .iter()
+            .enumerate()
+        {
+            calls.add(
+                libc::SYS_getitimer,
+                &[*which as u64, timers + 32 * i as u64],
+            );
+        }
+        let ints = timers + 96;
+        let brk = calls.add(libc::SYS_brk, &[0]);
+        calls.add(libc::SYS_prctl, &[libc::PR_GET_PDEATHSIG as u64, ints]);
+        calls.add(
+            libc::SYS_prctl,
+            &[libc::PR_GET_CHILD_SUBREAPER as u64, ints + 8],
+        );
+        let dumpable = calls.add(libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64]);
+        let thp = calls.add(libc::SYS_prctl, &[libc::PR_GET_THP_DISABLE as u64]);
+        let slack = calls.add(libc::SYS_prctl, &[libc::PR_GET_TIMERSLACK as u64]);
+        let securebits = calls.add(libc::SYS_prctl, &[libc::PR_GET_SECUREBITS as u64]);
+        let end = ints + 16;
+        remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
+        let results = remote.run(&calls, runner, scratch)?;
+        if let Some((i, rc)) = results
+            .iter()
+            .enumerate()
+            .find(|(_, &rc)| (-4095..0).contains(&rc))
+        {
+            return Err(Error::sys(
+                format!("reading the process's state from inside it (call {i})"),
+                nix::errno::Errno::from_raw(-*rc as i32),
+            ));
+        }
+        let mut raw = vec![0u8; (end - out) as usize];
+        remote.read_mem(out, &mut raw)?;
+        let at = |addr: u64| (addr - out) as usize;
+        let word = |addr: u64| u64::from_ne_bytes(raw[at(addr)..at(addr) + 8].try_into().unwrap());
+        let actions = signals
+            .iter()
+            .enumerate()
+            .map(|(i, &signal)| {
+                let a = out + 32 * i as u64;
+                crate::image::SignalAction {
+                    signal,
+                    handler: word(a),
+                    flags: word(a + 8),
+                    restorer: word(a + 16),
+                    mask: word(a + 24),
+                }
+            })
+            .filter(|a| a.handler != 0 || a.flags != 0 || a.mask != 0)
+            .collect();
+        let timer = |i: u64| {
+            process::read_timeval_pair(&raw[at(timers + 32 * i)..at(timers + 32 * i) + 32])
+        };
         Ok(Hidden {
             actions,
             thread: thread::HiddenState {
-                altstack,
-                clear_child_tid,
+                altstack: crate::image::AltStack {
+                    sp: word(altstack),
+                    flags: word(altstack + 8) as i32,
+                    size: word(altstack + 16),
+                },
+                clear_child_tid: word(tid),
             },
-            itimers,
-            brk,
-            flags,
-            securebits,
+            itimers: crate::image::ITimers {
+                real: timer(0),
+                virtual_: timer(1),
+                prof: timer(2),
+            },
+            brk: results[brk] as u64,
+            flags: crate::image::ProcessFlags {
+                dumpable: results[dumpable] as u32,
+                timerslack_ns: results[slack] as u64,
+                thp_disable: results[thp] != 0,
+                child_subreaper: word(ints + 8) as i32 != 0,
+                pdeathsig: word(ints) as i32,
+                coredump_filter: 0,
+            },
+            securebits: results[securebits] as u32,
         })
-    })();
+    });
+    if let Ok(runner) = runner {
+        let _ = remote.call(
+            "unmapping dolly's code page",
+            libc::SYS_munmap,
+            &[runner, crate::sys::PAGE_SIZE],
+        );
+    }
     let unmapped = remote.call(
         "unmapping the scratch page",
         libc::SYS_munmap,
@@ -134,6 +232,7 @@ pub fn inspect(
     member: &mut Member,
     shared: &mut Shared,
     policy: files::FdPolicy,
+    known_maps: Option<&[crate::proc::MapsEntry]>,
     checkpoints: &Checkpoints,
 ) -> Result<Inspected> {
     let proc = &member.proc;
@@ -162,7 +261,7 @@ pub fn inspect(
         Vec::new()
     };
     crate::checkpoint::mark("inspect: fds");
-    let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem)?;
+    let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem, known_maps)?;
     crate::checkpoint::mark("inspect: memory areas");
     let cwd = proc.read_link("cwd")?;
     if cwd.ends_with(" (deleted)") {

@@ -175,14 +175,40 @@ fn unsupported(pid: Pid, m: &MapsEntry, what: &str, remedy: &str) -> Error {
     )
 }
 
-/// Reads the areas of a stopped process and decides what to store of each.
+/// The areas of a process with their flags, taking the flags of each area from `known`
+/// (smaps read a moment earlier, while it ran) when the area is unchanged: reading smaps
+/// walks every page table, too slow for a freeze. Reads smaps if any area is new.
+fn maps_with_known_flags(proc: &ProcDir, known: &[MapsEntry]) -> Result<Vec<MapsEntry>> {
+    let mut maps = proc.maps_without_flags()?;
+    for m in &mut maps {
+        let same = known.iter().find(|k| {
+            (
+                k.start, k.end, k.read, k.write, k.exec, k.shared, k.offset, k.inode,
+            ) == (
+                m.start, m.end, m.read, m.write, m.exec, m.shared, m.offset, m.inode,
+            ) && k.path == m.path
+        });
+        match same {
+            Some(k) => m.flags = k.flags,
+            None => return proc.maps(),
+        }
+    }
+    Ok(maps)
+}
+
+/// Reads the areas of a stopped process and decides what to store of each: `known`, the
+/// areas with their flags as read shortly before, spares reading them again.
 pub fn inspect(
     proc: &ProcDir,
     files: &mut FileTable,
     shmem: &mut ShmemTable,
+    known: Option<&[MapsEntry]>,
 ) -> Result<MemoryPlan> {
     let pid = proc.pid();
-    let maps = proc.maps()?;
+    let maps = match known {
+        Some(known) => maps_with_known_flags(proc, known)?,
+        None => proc.maps()?,
+    };
     let mut plan = MemoryPlan {
         areas: Vec::new(),
         sources: Vec::new(),
@@ -398,6 +424,12 @@ pub fn dump(
         any_of: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
     };
     for (area, source) in plan.areas.iter_mut().zip(&plan.sources) {
+        if let (Some(t), Source::Private) = (tracked.as_deref_mut(), source) {
+            if let Some(pages) = t.finish_area(area.start, area.end)? {
+                area.pages = (!pages.runs.is_empty()).then_some(pages);
+                continue;
+            }
+        }
         let ranges = match source {
             Source::None => continue,
             Source::Private => pagemap::scan(&pagemap, area.start, area.end, own_pages)
@@ -413,12 +445,6 @@ pub fn dump(
                 merge_ranges(r)
             }
         };
-        if let (Some(t), Source::Private) = (tracked.as_deref_mut(), source) {
-            if let Some(pages) = t.finish_area(area.start, area.end, &ranges)? {
-                area.pages = (!pages.runs.is_empty()).then_some(pages);
-                continue;
-            }
-        }
         if ranges.is_empty() {
             continue;
         }

@@ -82,7 +82,8 @@ pub fn restore_rlimits(pid: Pid, limits: &[Rlimit]) -> Result<()> {
     Ok(())
 }
 
-fn read_timeval_pair(raw: &[u8]) -> ITimer {
+/// An `ITimer` from a `struct itimerval` (two timevals) as the kernel writes it.
+pub fn read_timeval_pair(raw: &[u8]) -> ITimer {
     let w = |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap());
     ITimer {
         interval_us: w(0) * 1_000_000 + w(1),
@@ -102,25 +103,6 @@ fn timeval_pair(t: &ITimer) -> [u8; 32] {
         out[i * 8..i * 8 + 8].copy_from_slice(&w.to_ne_bytes());
     }
     out
-}
-
-/// Reads the three interval timers from inside a stopped process (`scratch`: 32 bytes).
-pub fn query_itimers(remote: &mut Remote, scratch: u64) -> Result<ITimers> {
-    let mut get = |which: i32| -> Result<ITimer> {
-        remote.call(
-            "reading an interval timer",
-            libc::SYS_getitimer,
-            &[which as u64, scratch],
-        )?;
-        let mut raw = [0u8; 32];
-        remote.read_mem(scratch, &mut raw)?;
-        Ok(read_timeval_pair(&raw))
-    };
-    Ok(ITimers {
-        real: get(libc::ITIMER_REAL)?,
-        virtual_: get(libc::ITIMER_VIRTUAL)?,
-        prof: get(libc::ITIMER_PROF)?,
-    })
 }
 
 /// Arms the interval timers inside a process being rebuilt (`scratch`: 32 bytes).
@@ -148,59 +130,6 @@ pub fn restore_itimers(remote: &mut Remote, scratch: u64, t: &ITimers) -> Result
         )?;
     }
     Ok(())
-}
-
-/// Reads the `prctl` settings from inside a stopped process (`scratch`: 8 bytes).
-pub fn query_flags(remote: &mut Remote, scratch: u64) -> Result<(ProcessFlags, u32)> {
-    let prctl = libc::SYS_prctl;
-    let read_int = |remote: &mut Remote, option: i32, what: &str| -> Result<i32> {
-        remote.write_mem(scratch, &[0u8; 4])?;
-        remote.call(what, prctl, &[option as u64, scratch])?;
-        let mut raw = [0u8; 4];
-        remote.read_mem(scratch, &mut raw)?;
-        Ok(i32::from_ne_bytes(raw))
-    };
-    let pdeathsig = read_int(
-        remote,
-        libc::PR_GET_PDEATHSIG,
-        "reading the parent-death signal",
-    )?;
-    let subreaper = read_int(
-        remote,
-        libc::PR_GET_CHILD_SUBREAPER,
-        "reading the subreaper flag",
-    )?;
-    let dumpable = remote.call(
-        "reading the dumpable flag",
-        prctl,
-        &[libc::PR_GET_DUMPABLE as u64],
-    )?;
-    let thp = remote.call(
-        "reading the THP flag",
-        prctl,
-        &[libc::PR_GET_THP_DISABLE as u64],
-    )?;
-    let slack = remote.call(
-        "reading the timer slack",
-        prctl,
-        &[libc::PR_GET_TIMERSLACK as u64],
-    )?;
-    let securebits = remote.call(
-        "reading securebits",
-        prctl,
-        &[libc::PR_GET_SECUREBITS as u64],
-    )?;
-    Ok((
-        ProcessFlags {
-            dumpable: dumpable as u32,
-            timerslack_ns: slack,
-            thp_disable: thp != 0,
-            child_subreaper: subreaper != 0,
-            pdeathsig,
-            coredump_filter: 0,
-        },
-        securebits as u32,
-    ))
 }
 
 /// Reads how the scheduler treats a process, and its OOM score adjustment.
@@ -277,11 +206,6 @@ pub fn restore_oom_score_adj(pid: Pid, value: i32) -> Result<()> {
             "lowering oom_score_adj needs CAP_SYS_RESOURCE: run dolly with it, or with an oom_score_adj at most the process's",
         )
     })
-}
-
-/// Reads the current program break from inside a stopped process.
-pub fn query_brk(remote: &mut Remote) -> Result<u64> {
-    remote.call("reading the program break", libc::SYS_brk, &[0])
 }
 
 /// The layout fields of a process, from its stat line, program break and auxv.

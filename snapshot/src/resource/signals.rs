@@ -11,35 +11,9 @@ use crate::tracee::Remote;
 /// Highest signal number.
 pub const MAX_SIGNAL: i32 = 64;
 
-fn settable(signo: i32) -> bool {
+/// Whether a signal's disposition can be changed (all but SIGKILL and SIGSTOP).
+pub fn settable(signo: i32) -> bool {
     signo != libc::SIGKILL && signo != libc::SIGSTOP
-}
-
-/// Reads every non-default disposition from inside a stopped process (`scratch`: 32
-/// writable bytes in it).
-pub fn query_actions(remote: &mut Remote, scratch: u64) -> Result<Vec<SignalAction>> {
-    let mut out = Vec::new();
-    for signo in (1..=MAX_SIGNAL).filter(|&s| settable(s)) {
-        remote.call(
-            &format!("reading the action of signal {signo}"),
-            libc::SYS_rt_sigaction,
-            &[signo as u64, 0, scratch, 8],
-        )?;
-        let mut raw = [0u8; 32];
-        remote.read_mem(scratch, &mut raw)?;
-        let word = |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap());
-        let action = SignalAction {
-            signal: signo,
-            handler: word(0),
-            flags: word(1),
-            restorer: word(2),
-            mask: word(3),
-        };
-        if action.handler != 0 || action.flags != 0 || action.mask != 0 {
-            out.push(action);
-        }
-    }
-    Ok(out)
 }
 
 /// The disposition to set for every settable signal: the captured one, or the default.

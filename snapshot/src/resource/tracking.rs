@@ -78,37 +78,26 @@ fn marker_type() -> Option<u8> {
     })
 }
 
-/// Removes from `ranges` the pages that are write-protect markers (dropped pages, which
-/// read as zeros), not data.
-fn without_markers(pagemap: &File, ranges: Vec<(u64, u64)>) -> Result<Vec<(u64, u64)>> {
+/// The pages of `regions` (runs with their categories) that are write-protect markers
+/// (dropped pages, which read as zeros), not data.
+fn markers(pagemap: &File, regions: &[(u64, u64, u64)]) -> Result<Vec<(u64, u64)>> {
     let Some(marker) = marker_type() else {
-        return Ok(ranges);
+        return Ok(Vec::new());
     };
-    let swapped = pagemap::scan(
-        pagemap,
-        ranges.first().map_or(0, |r| r.0),
-        ranges.last().map_or(0, |r| r.1),
-        ScanFilter {
-            inverted: pagemap::PAGE_IS_PRESENT,
-            required: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-            any_of: 0,
-        },
-    )
-    .context("scanning swapped pages")?;
-    let mut markers = Vec::new();
-    for (s, e) in swapped {
+    let mut out = Vec::new();
+    for &(s, e, c) in regions {
+        if c & pagemap::PAGE_IS_SWAPPED == 0 || c & pagemap::PAGE_IS_PRESENT != 0 {
+            continue;
+        }
         let types = pagemap::swap_types(pagemap, s, e).context("reading pagemap")?;
         for (i, t) in types.into_iter().enumerate() {
             if t == Some(marker) {
                 let at = s + i as u64 * PAGE_SIZE;
-                markers.push((at, at + PAGE_SIZE));
+                out.push((at, at + PAGE_SIZE));
             }
         }
     }
-    if markers.is_empty() {
-        return Ok(ranges);
-    }
-    Ok(subtract_ranges(&ranges, &merge_ranges(markers)))
+    Ok(merge_ranges(out))
 }
 
 /// One tracked area: where its pages go, and which are in the pool already.
@@ -131,6 +120,9 @@ pub struct Tracked {
     mem: File,
     /// The process's pool file, written before and during the freeze.
     pub writer: PoolWriter,
+    /// Its areas with their flags, read after the last pre-copy round (see
+    /// [`Tracked::read_flags`]).
+    pub known_maps: Option<Vec<MapsEntry>>,
     areas: Vec<TrackedArea>,
 }
 
@@ -180,8 +172,15 @@ impl Tracked {
             pagemap,
             mem,
             writer,
+            known_maps: None,
             areas,
         })
+    }
+
+    /// Reads the process's areas with their flags (smaps) while it runs, for the freeze to
+    /// reuse for the areas that stay the same.
+    pub fn read_flags(&mut self) {
+        self.known_maps = ProcDir::new(self.pid).maps().ok();
     }
 
     /// One pre-copy round while the process runs: write-protects and copies every page of
@@ -227,31 +226,35 @@ impl Tracked {
         Ok(bytes)
     }
 
-    /// At the freeze: stores the pages of area `[start, end)` of the stopped process, whose
-    /// pages of its own are `present` (address ranges), reusing what was pre-copied if an
-    /// area was tracked at `start`. Returns where they are, or `None` if none was.
+    /// At the freeze: stores the pages of area `[start, end)` of the stopped process,
+    /// reusing what was pre-copied if an area was tracked at `start`. Returns where they
+    /// are, or `None` if no area was tracked there.
     ///
     /// Matching by start alone is sound: a page present now that dolly did not
     /// write-protect shows as written (the kernel also clears the protection of pages
     /// `mremap` moves), so only pages that stayed where they were copied are reused.
-    pub fn finish_area(
-        &mut self,
-        start: u64,
-        end: u64,
-        present: &[(u64, u64)],
-    ) -> Result<Option<Pages>> {
+    pub fn finish_area(&mut self, start: u64, end: u64) -> Result<Option<Pages>> {
         let Some(area) = self.areas.iter_mut().find(|a| a.start == start) else {
             return Ok(None);
         };
-        let present = &without_markers(&self.pagemap, present.to_vec())?;
-        let written = pagemap::scan(&self.pagemap, start, end, WRITTEN_PAGES)
-            .with_context(|| format!("scanning written pages of {} at {start:#x}", self.pid))?;
+        // One walk of the page tables: the pages of its own, with whether each was written.
+        let regions = pagemap::scan_regions(
+            &self.pagemap,
+            start,
+            end,
+            OWN_PAGES,
+            pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED | pagemap::PAGE_IS_WRITTEN,
+        )
+        .with_context(|| format!("scanning pages of {} at {start:#x}", self.pid))?;
+        let all: Vec<(u64, u64)> = merge_ranges(regions.iter().map(|r| (r.0, r.1)).collect());
+        let present = subtract_ranges(&all, &markers(&self.pagemap, &regions)?);
+        let written = regions
+            .iter()
+            .filter(|r| r.2 & pagemap::PAGE_IS_WRITTEN != 0)
+            .map(|r| (r.0, r.1));
         // Copy what was written since, and what is here but was never copied.
-        let missing = subtract_ranges(present, &area.copied);
-        let to_copy = intersect(
-            present,
-            &merge_ranges(written.into_iter().chain(missing).collect()),
-        );
+        let missing = subtract_ranges(&present, &area.copied);
+        let to_copy = intersect(&present, &merge_ranges(written.chain(missing).collect()));
         copy_runs(
             self.pid,
             &self.mem,
@@ -261,7 +264,7 @@ impl Tracked {
             &page_runs(&to_copy, start),
         )?;
         // Pages copied early but gone since are not part of the snapshot: free them.
-        for (s, e) in subtract_ranges(&area.copied, present) {
+        for (s, e) in subtract_ranges(&area.copied, &present) {
             let at = pool::page_offset(area.slot, (s - start) / PAGE_SIZE);
             let _ = nix::fcntl::fallocate(
                 self.writer.file(),
@@ -271,11 +274,12 @@ impl Tracked {
                 (e - s) as i64,
             );
         }
-        area.copied = present.to_vec();
+        let runs = page_runs(&present, start);
+        area.copied = present;
         area.end = area.end.max(end);
         Ok(Some(Pages {
             slot: area.slot,
-            runs: page_runs(present, start),
+            runs,
         }))
     }
 }

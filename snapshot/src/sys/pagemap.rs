@@ -95,6 +95,51 @@ pub fn scan_and_protect(
     )
 }
 
+/// Like [`scan`], but returns each run with the categories of its pages (`return_mask` of
+/// them): `(start, end, categories)`.
+pub fn scan_regions(
+    pagemap: &impl AsRawFd,
+    start: u64,
+    end: u64,
+    filter: ScanFilter,
+    return_mask: u64,
+) -> Result<Vec<(u64, u64, u64)>, Errno> {
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    let mut regions = vec![PageRegion::default(); 512];
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: at,
+            end,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_inverted: filter.inverted,
+            category_mask: filter.required,
+            category_anyof_mask: filter.any_of,
+            return_mask,
+            ..Default::default()
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `vec_len` regions that
+        // outlive the call; the kernel writes at most that many.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
+        if n < 0 {
+            return Err(Errno::last());
+        }
+        for r in &regions[..n as usize] {
+            match out.last_mut() {
+                Some(last) if last.1 == r.start && last.2 == r.categories => last.1 = r.end,
+                _ => out.push((r.start, r.end, r.categories)),
+            }
+        }
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Ok(out)
+}
+
 fn scan_with(
     pagemap: &impl AsRawFd,
     start: u64,
