@@ -156,6 +156,16 @@ fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
     }
 }
 
+/// Waits for the next stop or end of `pid`.
+fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            other => return other.with_context(|| format!("waiting for {pid}")),
+        }
+    }
+}
+
 fn gone(pid: Pid, status: &WaitStatus) -> Error {
     Error::new(
         ErrorKind::System,
@@ -354,12 +364,7 @@ impl Tracee {
         let pid = self.pid;
         ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
         loop {
-            let status = loop {
-                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-                    Err(Errno::EINTR) => continue,
-                    other => break other.with_context(|| format!("waiting for {pid}"))?,
-                }
-            };
+            let status = wait_blocking(pid)?;
             match status {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                     self.in_trap = true;
@@ -520,12 +525,7 @@ impl Remote<'_> {
         ptrace::cont(pid, None).with_context(|| format!("resuming {pid}"))?;
         let done = runner + RUN_CALLS.len() as u64;
         loop {
-            let status = loop {
-                match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-                    Err(Errno::EINTR) => continue,
-                    other => break other.with_context(|| format!("waiting for {pid}"))?,
-                }
-            };
+            let status = wait_blocking(pid)?;
             match status {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                     self.tracee.in_trap = true;

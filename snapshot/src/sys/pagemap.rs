@@ -104,12 +104,50 @@ pub fn scan_regions(
     filter: ScanFilter,
     return_mask: u64,
 ) -> Result<Vec<(u64, u64, u64)>, Errno> {
+    walk(pagemap, start, end, filter, return_mask, 0)
+}
+
+fn scan_with(
+    pagemap: &impl AsRawFd,
+    start: u64,
+    end: u64,
+    filter: ScanFilter,
+    flags: u64,
+) -> Result<Vec<(u64, u64)>, Errno> {
+    let regions = walk(
+        pagemap,
+        start,
+        end,
+        filter,
+        filter.required | filter.any_of,
+        flags,
+    )?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (s, e, _) in regions {
+        match runs.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => runs.push((s, e)),
+        }
+    }
+    Ok(runs)
+}
+
+/// One `PAGEMAP_SCAN` walk of `[start, end)`, in as many calls as it takes.
+fn walk(
+    pagemap: &impl AsRawFd,
+    start: u64,
+    end: u64,
+    filter: ScanFilter,
+    return_mask: u64,
+    flags: u64,
+) -> Result<Vec<(u64, u64, u64)>, Errno> {
     let mut out: Vec<(u64, u64, u64)> = Vec::new();
     let mut regions = vec![PageRegion::default(); 512];
     let mut at = start;
     while at < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
+            flags,
             start: at,
             end,
             vec: regions.as_mut_ptr() as u64,
@@ -138,50 +176,6 @@ pub fn scan_regions(
         at = arg.walk_end;
     }
     Ok(out)
-}
-
-fn scan_with(
-    pagemap: &impl AsRawFd,
-    start: u64,
-    end: u64,
-    filter: ScanFilter,
-    flags: u64,
-) -> Result<Vec<(u64, u64)>, Errno> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut regions = vec![PageRegion::default(); 512];
-    let mut at = start;
-    while at < end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            start: at,
-            end,
-            flags,
-            vec: regions.as_mut_ptr() as u64,
-            vec_len: regions.len() as u64,
-            category_inverted: filter.inverted,
-            category_mask: filter.required,
-            category_anyof_mask: filter.any_of,
-            return_mask: filter.required | filter.any_of,
-            ..Default::default()
-        };
-        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `vec_len` regions that
-        // outlive the call; the kernel writes at most that many.
-        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg) };
-        if n < 0 {
-            return Err(Errno::last());
-        }
-        for region in &regions[..n as usize] {
-            match runs.last_mut() {
-                Some(last) if last.1 == region.start => last.1 = region.end,
-                _ => runs.push((region.start, region.end)),
-            }
-        }
-        if arg.walk_end <= at {
-            break;
-        }
-        at = arg.walk_end;
-    }
-    Ok(runs)
 }
 
 /// The swap type of each page of `[start, end)` that is a swap entry (`None` for the others),
