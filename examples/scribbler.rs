@@ -124,10 +124,17 @@ fn main() {
             });
             match bad {
                 None => say(&mut log, format!("verify ok turns={turn}")),
-                Some(p) => say(
-                    &mut log,
-                    format!("verify BAD page={p} expected_turn={}", written[p]),
-                ),
+                Some(p) => {
+                    // The turn whose pattern the page holds: word 0 is turn * K.
+                    let found = buf[p * words].wrapping_mul(0xf1de_83e1_9937_733d);
+                    say(
+                        &mut log,
+                        format!(
+                            "verify BAD page={p} expected_turn={} found_turn={found} now={turn}",
+                            written[p]
+                        ),
+                    )
+                }
             }
             last = Instant::now();
         }

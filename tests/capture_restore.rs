@@ -286,8 +286,11 @@ fn list_and_info_describe_the_snapshot() {
         "--name",
         "two",
         "--json",
+        "--wait",
+        "persisted",
     ]);
     let captured: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(captured["status"], "persisted");
     let id = captured["id"].as_str().unwrap();
     let info: Value =
         serde_json::from_str(&dolly.ok(&["snapshot", "info", "two", "--json"])).unwrap();
@@ -296,11 +299,11 @@ fn list_and_info_describe_the_snapshot() {
     }
     let text = dolly.ok(&["snapshot", "list"]);
     assert!(
-        text.contains(id) && text.contains("created") && text.contains("dolly-workload"),
+        text.contains(id) && text.contains("persisted") && text.contains("dolly-workload"),
         "{text}"
     );
     let info_text = dolly.ok(&["snapshot", "info", &id[..8]]);
-    assert!(info_text.contains("status      created"), "{info_text}");
+    assert!(info_text.contains("status      persisted"), "{info_text}");
 }
 
 /// A process that is not root keeps its user and group ids, groups and capabilities.

@@ -511,15 +511,7 @@ while True:
         "{err}"
     );
 
-    let out_json = dolly.ok(&[
-        "--json",
-        "snapshot",
-        "capture",
-        "--pid",
-        &pid.to_string(),
-        "--file-locks",
-    ]);
-    let id = serde_json::from_str::<serde_json::Value>(&out_json).unwrap()["id"]
+    let id = dolly.capture_with(pid, &["--file-locks"])["id"]
         .as_str()
         .unwrap()
         .to_string();

@@ -67,3 +67,82 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     dolly.kill_clones(&clone);
     drop(restored);
 }
+
+/// `snapshot info --json` of a snapshot.
+fn info(dolly: &Dolly, id: &str) -> serde_json::Value {
+    serde_json::from_str(&dolly.ok(&["--json", "snapshot", "info", id])).unwrap()
+}
+
+/// Captures, returning as soon as the snapshot is created while its persister is held in
+/// the middle of its copy (`persist:chunk`); returns the id and the persister's PID.
+fn capture_held(dolly: &Dolly, pid: i32) -> (String, i32) {
+    let out = run_ok(dolly.cmd().env("DOLLY_PAUSE_AT", "persist:chunk").args([
+        "snapshot",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+    ]));
+    let id = out.lines().last().unwrap().to_string();
+    let mut persister = 0;
+    wait_until("the persister", Duration::from_secs(10), || {
+        persister = info(dolly, &id)["persister"].as_i64().unwrap_or(0) as i32;
+        persister != 0
+    });
+    (id, persister)
+}
+
+/// Statuses: a capture returns `created` at once, its pages are made durable in the
+/// background (`--wait persisted` waits for it) and `snapshot info` tells the frozen time,
+/// the times to created and to persisted, and the bytes. A snapshot is restorable while
+/// still `created`; its persister killed, it stays `created` (restorable, never shown as
+/// persisted). With the memory tier wiped, as by a reboot, persisted snapshots restore from
+/// the durable tier and created ones show `incomplete`.
+#[test]
+fn statuses_created_then_persisted_and_what_a_wiped_memory_tier_leaves() {
+    let dolly = Dolly::new();
+    let w = Workload::start(16);
+    let pid = w.pid();
+
+    let persisted = dolly.capture_with(pid, &["--wait", "persisted"]);
+    assert_eq!(persisted["status"], "persisted", "{persisted}");
+    let id_p = persisted["id"].as_str().unwrap().to_string();
+    let i = info(&dolly, &id_p);
+    for key in ["frozen_ms", "created_ms", "persisted_ms"] {
+        assert!(i[key].as_f64().unwrap() > 0.0, "{key}: {i}");
+    }
+    assert!(
+        i["persisted_ms"].as_f64() >= i["created_ms"].as_f64(),
+        "{i}"
+    );
+    assert!(i["bytes"].as_u64().unwrap() > 8 << 20, "{i}");
+
+    // Created, its persister held: restorable all the same.
+    let (id_c, persister) = capture_held(&dolly, pid);
+    assert_eq!(info(&dolly, &id_c)["status"], "created");
+    assert_eq!(info(&dolly, &id_c)["persisting"], true);
+    let mut w = w;
+    w.proc.kill_and_reap();
+    let restored = dolly.restore(&id_c);
+    assert_report_ok(&w.report(pid));
+    drop(restored);
+    reap_until_gone(pid);
+
+    // The persister killed mid-way: still created, not persisting, restorable.
+    kill(Pid::from_raw(persister), Signal::SIGKILL).unwrap();
+    wait_until("the persister to be gone", Duration::from_secs(5), || {
+        info(&dolly, &id_c)["persisting"] == false
+    });
+    assert_eq!(info(&dolly, &id_c)["status"], "created");
+
+    // The memory tier wiped.
+    for id in [&id_p, &id_c] {
+        std::fs::remove_dir_all(dolly.pool_dir(id)).unwrap();
+    }
+    assert_eq!(info(&dolly, &id_p)["status"], "persisted");
+    assert_eq!(info(&dolly, &id_c)["status"], "incomplete");
+    let err = dolly.refused(&["snapshot", "restore", &id_c]);
+    assert!(err.contains("incomplete"), "{err}");
+    let restored = dolly.restore(&id_p);
+    assert_report_ok(&w.report(pid));
+    drop(restored);
+}

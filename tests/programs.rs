@@ -204,19 +204,7 @@ fn python_http_server_serves_after_restore_and_in_a_clone() {
 
 /// Runs `tmux -S SOCKET ARGS...`; its stdout.
 fn tmux(socket: &Path, args: &[&str]) -> String {
-    let out = Command::new("tmux")
-        .arg("-S")
-        .arg(socket)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tmux {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(Command::new("tmux").arg("-S").arg(socket).args(args))
 }
 
 /// A tmux server with a session whose pane runs an interactive bash (a unix listener, a pty
@@ -387,15 +375,7 @@ while True:
         err.contains("a TCP connection from 127.0.0.1:") && err.contains("--tcp-established"),
         "{err}"
     );
-    let json = dolly.ok(&[
-        "--json",
-        "snapshot",
-        "capture",
-        "--pid",
-        &pid.to_string(),
-        "--tcp-established",
-    ]);
-    let id = serde_json::from_str::<serde_json::Value>(&json).unwrap()["id"]
+    let id = dolly.capture_with(pid, &["--tcp-established"])["id"]
         .as_str()
         .unwrap()
         .to_string();

@@ -94,6 +94,19 @@ pub struct Record {
     pub processes: u32,
     /// BLAKE3 of manifest.json.
     pub manifest_hash: Option<String>,
+    /// How long making its pages durable took (from the end of the capture), once
+    /// persisted.
+    #[serde(default)]
+    pub persisted_ms: Option<f64>,
+    /// Bytes made durable so far, while it is being persisted.
+    #[serde(default)]
+    pub persist_done: Option<u64>,
+    /// A background dolly is making it durable right now (found when listing).
+    #[serde(default)]
+    pub persisting: bool,
+    /// That dolly's PID.
+    #[serde(default)]
+    pub persister: Option<i32>,
 }
 
 /// The catalog over a durable root and a memory-tier pool.
@@ -247,6 +260,10 @@ impl Store {
             bytes: 0,
             processes: 0,
             manifest_hash: None,
+            persisted_ms: None,
+            persist_done: None,
+            persisting: false,
+            persister: None,
         };
         let draft = Draft {
             store: self.clone(),
@@ -349,15 +366,99 @@ impl Store {
                 }
             }
             Status::Created | Status::Persisted if !self.pool_dir(id).is_dir() => {
-                record.status = Status::Incomplete;
-                record.reason = Some(format!(
-                    "the pool directory {} is gone (memory tier wiped?)",
-                    self.pool_dir(id).display()
-                ));
+                record.status = crate::persist::status_without_pool(self, id, record.status);
+                if record.status == Status::Incomplete {
+                    record.reason = Some(format!(
+                        "the pool directory {} is gone (memory tier wiped?)",
+                        self.pool_dir(id).display()
+                    ));
+                }
             }
             _ => {}
         }
+        if record.status == Status::Created {
+            let path = dir.join("persist.lock");
+            record.persisting =
+                try_flock(open_lock_file(&path)?, FlockArg::LockExclusiveNonblock)?.is_none();
+            record.persister = record
+                .persisting
+                .then(|| std::fs::read_to_string(&path).ok()?.trim().parse().ok())
+                .flatten();
+        }
         Ok(record)
+    }
+
+    fn write_record(&self, record: &Record) -> Result<()> {
+        let path = self.snapshot_dir(&record.id).join("record.json");
+        let mut on_disk = record.clone();
+        on_disk.persisting = false;
+        on_disk.persister = None;
+        let mut text = serde_json::to_vec_pretty(&on_disk).expect("record serializes");
+        text.push(b'\n');
+        write_atomic(&path, &text)
+    }
+
+    /// Holds snapshot `id` while it is made durable: against deletion (which then waits for
+    /// the persister to notice and stop), and visibly (`persisting` in listings).
+    pub fn persisting(&self, id: &str) -> Result<PersistGuard> {
+        let dir = self.snapshot_dir(id);
+        let shared = try_flock(
+            open_lock_file(&dir.join("lock"))?,
+            FlockArg::LockSharedNonblock,
+        )?
+        .ok_or_else(|| {
+            Error::busy(
+                format!("snapshot {id} is being deleted"),
+                "nothing to persist",
+            )
+        })?;
+        let mine = try_flock(
+            open_lock_file(&dir.join("persist.lock"))?,
+            FlockArg::LockExclusiveNonblock,
+        )?
+        .ok_or_else(|| {
+            Error::busy(
+                format!("snapshot {id} is being persisted already"),
+                "wait for it",
+            )
+        })?;
+        {
+            use std::os::unix::fs::FileExt;
+            let f: &File = &mine;
+            let _ = f.set_len(0);
+            let _ = f.write_all_at(std::process::id().to_string().as_bytes(), 0);
+        }
+        Ok(PersistGuard {
+            _shared: shared,
+            _mine: mine,
+        })
+    }
+
+    /// Whether snapshot `id` is being deleted (a persister stops then).
+    pub fn is_doomed(&self, id: &str) -> bool {
+        self.snapshot_dir(id).join(".doomed").exists()
+    }
+
+    /// Records that snapshot `id`'s pages are durable.
+    pub fn set_persisted(&self, id: &str, persisted_ms: f64) -> Result<Record> {
+        let mut record = self.record(id)?;
+        record.status = Status::Persisted;
+        record.persisted_ms = Some(persisted_ms);
+        record.persist_done = None;
+        record.persisting = false;
+        record.persister = None;
+        self.write_record(&record)?;
+        Ok(record)
+    }
+
+    /// Records how far making snapshot `id` durable has come.
+    pub fn set_persist_progress(&self, id: &str, done: u64) -> Result<()> {
+        let mut record = self.record(id)?;
+        if record.status == Status::Created {
+            record.persist_done = Some(done);
+            self.write_record(&record)?;
+        }
+        Ok(())
     }
 
     /// Opens a snapshot for restore: checks its status and manifest checksum, parses the
@@ -396,6 +497,10 @@ impl Store {
             ));
         }
         let manifest = Manifest::from_json(&text)?;
+        if !self.pool_dir(id).is_dir() && record.status == Status::Persisted {
+            // The memory tier was wiped: put the pages back from the durable tier.
+            crate::persist::rehydrate(self, id)?;
+        }
         Ok((manifest, SnapshotLock { _lock: lock }))
     }
 
@@ -409,16 +514,29 @@ impl Store {
                 "run `dolly snapshot list` to see the snapshots",
             ));
         }
-        let _lock = try_flock(
-            open_lock_file(&dir.join("lock"))?,
-            FlockArg::LockExclusiveNonblock,
-        )?
-        .ok_or_else(|| {
-            Error::busy(
-                format!("snapshot {id} is being captured or restored"),
-                "wait for that to finish, then delete it",
-            )
-        })?;
+        // A persister stops at its next chunk when it sees the mark; wait for it a little.
+        let doomed_mark = dir.join(".doomed");
+        let _ = std::fs::write(&doomed_mark, b"");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let _lock = loop {
+            let lock = try_flock(
+                open_lock_file(&dir.join("lock"))?,
+                FlockArg::LockExclusiveNonblock,
+            )?;
+            match lock {
+                Some(l) => break l,
+                None if std::time::Instant::now() < deadline && self.record(id)?.persisting => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                None => {
+                    let _ = std::fs::remove_file(&doomed_mark);
+                    return Err(Error::busy(
+                        format!("snapshot {id} is being captured or restored"),
+                        "wait for that to finish, then delete it",
+                    ));
+                }
+            }
+        };
         let pool = self.pool_dir(id);
         if pool.exists() {
             std::fs::remove_dir_all(&pool)
@@ -429,6 +547,13 @@ impl Store {
         std::fs::rename(&dir, &doomed).with_context(|| format!("removing {}", dir.display()))?;
         std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))
     }
+}
+
+/// Holds a snapshot while it is made durable (see [`Store::persisting`]).
+#[derive(Debug)]
+pub struct PersistGuard {
+    _shared: Flock<File>,
+    _mine: Flock<File>,
 }
 
 /// A snapshot being captured. Dropping it without [`Draft::commit`] marks it failed and

@@ -104,6 +104,14 @@ impl Dolly {
         out.lines().last().unwrap().to_string()
     }
 
+    /// Captures `pid` with `extra` options; returns the `--json` record.
+    pub fn capture_with(&self, pid: i32, extra: &[&str]) -> Value {
+        let pid = pid.to_string();
+        let mut args = vec!["--json", "snapshot", "capture", "--pid", &pid];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&self.ok(&args)).unwrap()
+    }
+
     /// Restores `id`; returns the restored process (killed and reaped on drop).
     pub fn restore(&self, id: &str) -> Restored {
         let out = self.ok(&["snapshot", "restore", id]);
@@ -484,4 +492,15 @@ pub fn python_ready(script: &str, out: &Path) -> Spawned {
         std::fs::read_to_string(out).is_ok_and(|s| s.contains("ready"))
     });
     p
+}
+
+/// Runs `cmd` with stdin from /dev/null, asserts it succeeded, and returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -66,6 +66,7 @@ fn start(cli: &Cli, args: &CloneArgs, store: &Store) -> Result<i32, Error> {
                     tcp_established: s.tcp_established,
                     ..Default::default()
                 },
+                worker::Wait::Created,
             )?
             .record;
             if !cli.json {

@@ -140,6 +140,10 @@ pub enum SnapshotCommand {
         /// holding one is refused.
         #[arg(long)]
         tcp_established: bool,
+        /// Return once the snapshot is `created` (restorable; the default) or `persisted`
+        /// (durable too). Making it durable goes on in the background either way.
+        #[arg(long, value_enum, default_value = "created")]
+        wait: worker::Wait,
     },
     /// List snapshots with their status.
     List,

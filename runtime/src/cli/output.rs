@@ -58,7 +58,25 @@ pub fn record_json(r: &Record) -> serde_json::Value {
         "processes": r.processes,
         "frozen_ms": r.frozen_ms,
         "capture_ms": r.capture_ms,
+        "created_ms": r.capture_ms,
+        "persisted_ms": r.persisted_ms.map(|p| p + r.capture_ms.unwrap_or(0.0)),
+        "persisting": r.persisting,
+        "persist_done": r.persist_done,
+        "persister": r.persister,
     })
+}
+
+/// The status as people read it: with how far making it durable has come.
+fn status_text(r: &Record) -> String {
+    match (r.persisting, r.persist_done) {
+        (true, Some(done)) if r.bytes > 0 => format!(
+            "{} (persisting {}%)",
+            r.status,
+            (done * 100 / r.bytes).min(99)
+        ),
+        (true, _) => format!("{} (persisting)", r.status),
+        _ => r.status.to_string(),
+    }
 }
 
 /// The `snapshot list` table.
@@ -74,7 +92,7 @@ pub fn records_table(records: &[Record]) -> String {
             r.name.clone().unwrap_or_else(|| "-".into()),
             r.pid.to_string(),
             r.comm.clone(),
-            r.status.to_string(),
+            status_text(r),
             human_bytes(r.bytes),
             ms(r.frozen_ms),
             r.created_at.clone(),
@@ -89,7 +107,7 @@ pub fn record_text(r: &Record) -> String {
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12}{v}\n"));
     line("id", r.id.clone());
     line("name", r.name.clone().unwrap_or_else(|| "-".into()));
-    line("status", r.status.to_string());
+    line("status", status_text(r));
     if let Some(reason) = &r.reason {
         line("reason", reason.clone());
     }
@@ -97,7 +115,11 @@ pub fn record_text(r: &Record) -> String {
     line("created", r.created_at.clone());
     line("memory", human_bytes(r.bytes));
     line("frozen", ms(r.frozen_ms));
-    line("capture", ms(r.capture_ms));
+    line("to created", ms(r.capture_ms));
+    line(
+        "to persisted",
+        ms(r.persisted_ms.map(|p| p + r.capture_ms.unwrap_or(0.0))),
+    );
     out
 }
 

@@ -15,6 +15,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             shell_job,
             file_locks,
             tcp_established,
+            wait,
         } => {
             let opts = CaptureOptions {
                 pid: *pid,
@@ -23,7 +24,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
                 file_locks: *file_locks,
                 tcp_established: *tcp_established,
             };
-            let r = worker::capture(store, &opts)?.record;
+            let r = worker::capture(store, &opts, *wait)?.record;
             if cli.json {
                 output::print_json(&output::record_json(&r));
             } else {

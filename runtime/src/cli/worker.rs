@@ -3,15 +3,28 @@
 //! notices at its next checkpoint, lets the target run on exactly as before, and marks the
 //! snapshot failed. (Killing the worker itself is safe too, except in the few hundred
 //! microseconds while its system calls run inside the target with borrowed registers.)
+//!
+//! Once the snapshot is created the worker goes on alone, in a session of its own and
+//! without the command's stdin/stdout/stderr: it makes the snapshot durable (`persisted`)
+//! whether the command waits for that (`--wait persisted`) or has already returned.
+//! It reports on a pipe, one JSON line per result.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 
 use nix::sys::signal::{signal, SigHandler, Signal};
-use nix::sys::wait::waitpid;
 use nix::unistd::{fork, getppid, pipe, ForkResult};
 use serde::{Deserialize, Serialize};
 use snapshot::{CaptureOptions, CaptureReport, Checkpoints, Error, ErrorKind, Record, Store};
+
+/// What a capture command waits for before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wait {
+    /// The snapshot is restorable (its pages are in the pool).
+    Created,
+    /// Its pages are durable too.
+    Persisted,
+}
 
 #[derive(Serialize, Deserialize)]
 enum Outcome {
@@ -21,6 +34,57 @@ enum Outcome {
         message: String,
         remedy: Option<String>,
     },
+}
+
+impl Outcome {
+    fn of(result: Result<Record, Error>) -> Outcome {
+        match result {
+            Ok(record) => Outcome::Done(record),
+            Err(e) => Outcome::Failed {
+                kind: e.kind(),
+                message: e.message(),
+                remedy: e.remedy().map(str::to_string),
+            },
+        }
+    }
+
+    fn into_result(self) -> Result<Record, Error> {
+        match self {
+            Outcome::Done(record) => Ok(record),
+            Outcome::Failed {
+                kind,
+                message,
+                remedy,
+            } => {
+                let e = Error::new(kind, message);
+                Err(match remedy {
+                    Some(r) => e.with_remedy(r),
+                    None => e,
+                })
+            }
+        }
+    }
+}
+
+fn send(out: &mut std::fs::File, outcome: &Outcome) {
+    let mut line = serde_json::to_vec(outcome).expect("outcome serializes");
+    line.push(b'\n');
+    let _ = out.write_all(&line);
+}
+
+/// Leaves the command's session and terminal, and its stdin/stdout/stderr (so that whoever
+/// waits for the command's output is not kept waiting by the worker).
+fn go_alone() {
+    let _ = nix::unistd::setsid();
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
 }
 
 fn work(store: &Store, opts: &CaptureOptions, out: OwnedFd, parent: nix::unistd::Pid) -> ! {
@@ -35,22 +99,30 @@ fn work(store: &Store, opts: &CaptureOptions, out: OwnedFd, parent: nix::unistd:
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
     let abort = || getppid() != parent;
-    let outcome = match snapshot::capture(store, opts, &Checkpoints::with_abort(&abort)) {
-        Ok(report) => Outcome::Done(report.record),
-        Err(e) => Outcome::Failed {
-            kind: e.kind(),
-            message: e.message(),
-            remedy: e.remedy().map(str::to_string),
-        },
-    };
+    let captured =
+        snapshot::capture(store, opts, &Checkpoints::with_abort(&abort)).map(|r| r.record);
     let mut out = std::fs::File::from(out);
-    let _ = out.write_all(&serde_json::to_vec(&outcome).expect("outcome serializes"));
-    drop(out);
+    let id = captured.as_ref().ok().map(|r| r.id.clone());
+    if id.is_some() {
+        go_alone();
+    }
+    send(&mut out, &Outcome::of(captured));
+    if let Some(id) = id {
+        let mut last = 0;
+        let persisted = snapshot::persist(store, &id, &Checkpoints::none(), |done, _total| {
+            if done - last >= 64 << 20 {
+                last = done;
+                let _ = store.set_persist_progress(&id, done);
+            }
+        });
+        send(&mut out, &Outcome::of(persisted));
+    }
     std::process::exit(0)
 }
 
-/// Runs a capture in a forked worker and returns its result.
-pub fn capture(store: &Store, opts: &CaptureOptions) -> Result<CaptureReport, Error> {
+/// Runs a capture in a forked worker and returns its result once the snapshot is created,
+/// or once it is persisted too (`wait`).
+pub fn capture(store: &Store, opts: &CaptureOptions, wait: Wait) -> Result<CaptureReport, Error> {
     let (read_end, write_end) = pipe().map_err(|e| Error::sys("creating a pipe", e))?;
     let me = nix::unistd::getpid();
     // SAFETY: the CLI is single-threaded here, so the child may run normal Rust code.
@@ -59,26 +131,27 @@ pub fn capture(store: &Store, opts: &CaptureOptions) -> Result<CaptureReport, Er
             drop(read_end);
             work(store, opts, write_end, me)
         }
-        ForkResult::Parent { child } => {
+        ForkResult::Parent { .. } => {
             drop(write_end);
-            let mut text = Vec::new();
-            let read = std::fs::File::from(read_end).read_to_end(&mut text);
-            let _ = waitpid(child, None);
-            read.map_err(|e| Error::io("reading the capture worker's result", e))?;
-            match serde_json::from_slice::<Outcome>(&text) {
-                Ok(Outcome::Done(record)) => Ok(CaptureReport { record }),
-                Ok(Outcome::Failed { kind, message, remedy }) => {
-                    let e = Error::new(kind, message);
-                    Err(match remedy {
-                        Some(r) => e.with_remedy(r),
-                        None => e,
-                    })
+            let mut lines = BufReader::new(std::fs::File::from(read_end));
+            let mut next = || -> Result<Record, Error> {
+                let mut line = String::new();
+                lines
+                    .read_line(&mut line)
+                    .map_err(|e| Error::io("reading the capture worker's result", e))?;
+                match serde_json::from_str::<Outcome>(&line) {
+                    Ok(outcome) => outcome.into_result(),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::System,
+                        "the capture worker died without a result (see `dolly snapshot list` for the snapshot's status)",
+                    )),
                 }
-                Err(_) => Err(Error::new(
-                    ErrorKind::System,
-                    "the capture worker died without a result (see `dolly snapshot list` for the snapshot's status)",
-                )),
+            };
+            let mut record = next()?;
+            if wait == Wait::Persisted {
+                record = next()?;
             }
+            Ok(CaptureReport { record })
         }
     }
 }

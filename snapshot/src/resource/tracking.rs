@@ -189,39 +189,44 @@ impl Tracked {
     pub fn copy_round(&mut self, first: bool) -> Result<u64> {
         let filter = if first { OWN_PAGES } else { WRITTEN_PAGES };
         let mut bytes = 0;
-        for area in &mut self.areas {
+        let mut dropped = Vec::new();
+        for (i, area) in self.areas.iter_mut().enumerate() {
             // Write-protect, then read: a write that comes after shows as written.
-            let ranges =
-                match pagemap::scan_and_protect(&self.pagemap, area.start, area.end, filter) {
-                    Ok(r) => r,
-                    // The area changed (unmapped, remapped) since it was registered: the
-                    // freeze copies what is there then.
-                    Err(_) => {
-                        area.copied.clear();
-                        continue;
-                    }
-                };
-            if ranges.is_empty() {
-                continue;
+            let copied = pagemap::scan_and_protect(&self.pagemap, area.start, area.end, filter)
+                .ok()
+                .and_then(|ranges| {
+                    // A page may go away under the copy (the program unmaps it).
+                    let runs = page_runs(&ranges, area.start);
+                    copy_runs(
+                        self.pid,
+                        &self.mem,
+                        &self.writer,
+                        area.slot,
+                        area.start,
+                        &runs,
+                    )
+                    .ok()
+                    .map(|_| ranges)
+                });
+            match copied {
+                Some(ranges) => {
+                    bytes += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
+                    area.copied = merge_ranges(area.copied.drain(..).chain(ranges).collect());
+                }
+                // The area changed under the tracking (unmapped, mapped over): it is no
+                // longer tracked, its slot is emptied, and the freeze copies what is there.
+                None => dropped.push(i),
             }
-            let runs = page_runs(&ranges, area.start);
-            // A page may go away under the copy (the program unmaps it): then it is not
-            // part of the area at the freeze either, and the freeze sees the change.
-            if copy_runs(
-                self.pid,
-                &self.mem,
-                &self.writer,
-                area.slot,
-                area.start,
-                &runs,
-            )
-            .is_err()
-            {
-                area.copied.clear();
-                continue;
-            }
-            bytes += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
-            area.copied = merge_ranges(area.copied.drain(..).chain(ranges).collect());
+        }
+        for i in dropped.into_iter().rev() {
+            let area = self.areas.remove(i);
+            let _ = nix::fcntl::fallocate(
+                self.writer.file(),
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                pool::slot_offset(area.slot) as i64,
+                (area.end - area.start) as i64,
+            );
         }
         Ok(bytes)
     }
