@@ -504,6 +504,29 @@ impl Store {
         Ok((manifest, SnapshotLock { _lock: lock }))
     }
 
+    /// Whether snapshot `id`'s pool can be put back from the durable tier (it is persisted
+    /// and has a durable copy of its pages).
+    pub fn can_repair_pool(&self, id: &str) -> bool {
+        self.record(id).is_ok_and(|r| r.status == Status::Persisted)
+            && crate::persist::has_durable_copy(self, id)
+    }
+
+    /// Replaces snapshot `id`'s damaged pool (truncated, punched, files missing) with the
+    /// pages of its durable copy. Processes already mapping the old files keep them.
+    pub fn repair_pool(&self, id: &str) -> Result<()> {
+        let pool = self.pool_dir(id);
+        let damaged = self
+            .pool()
+            .join(format!(".damaged-{id}-{}", std::process::id()));
+        if pool.exists() {
+            std::fs::rename(&pool, &damaged)
+                .with_context(|| format!("moving the damaged {} aside", pool.display()))?;
+        }
+        let repaired = crate::persist::rehydrate(self, id);
+        let _ = std::fs::remove_dir_all(&damaged);
+        repaired
+    }
+
     /// Deletes a snapshot (manifest, record and pages). Refuses while it is being captured
     /// or restored.
     pub fn delete(&self, id: &str) -> Result<()> {

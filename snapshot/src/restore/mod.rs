@@ -17,6 +17,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -111,33 +112,14 @@ pub fn restore(
         check_pid_free(pid)?;
     }
     let pool_dir = store.pool_dir(&manifest.id);
-    let open_pool = |pf: &crate::image::PoolFile,
-                     pages: &mut dyn Iterator<Item = &crate::image::Pages>|
-     -> Result<File> {
-        let f = memory::open_pool(&pool_dir, &pf.name)?;
-        memory::check_pool(pages, pf, &f, &pool_dir.join(&pf.name))?;
-        Ok(f)
+    let (pools, shmem_pool) = match open_pools(&manifest, &pool_dir) {
+        Err(e) if e.kind() == ErrorKind::Corrupt && store.can_repair_pool(id) => {
+            // The memory tier lost pages of a persisted snapshot: put them back.
+            store.repair_pool(id)?;
+            open_pools(&manifest, &pool_dir)?
+        }
+        opened => opened?,
     };
-    let pools: Vec<Option<File>> = manifest
-        .processes
-        .iter()
-        .map(|p| {
-            p.pool
-                .as_ref()
-                .map(|pf| open_pool(pf, &mut p.areas.iter().filter_map(|a| a.pages.as_ref())))
-                .transpose()
-        })
-        .collect::<Result<_>>()?;
-    let shmem_pool = manifest
-        .shmem_pool
-        .as_ref()
-        .map(|pf| {
-            open_pool(
-                pf,
-                &mut manifest.shmem.iter().filter_map(|o| o.pages.as_ref()),
-            )
-        })
-        .transpose()?;
     raise_nofile();
     let prepared = files::prepare(&manifest, &pool_dir)?;
     let shmem: Vec<OwnedFd> = manifest
@@ -160,6 +142,39 @@ pub fn restore(
         &exes,
         checkpoints,
     )
+}
+
+/// Opens and checks each pool file of `manifest`: one per process (if it stored pages) and
+/// one for the shared memory objects.
+fn open_pools(manifest: &Manifest, pool_dir: &Path) -> Result<(Vec<Option<File>>, Option<File>)> {
+    let open_pool = |pf: &crate::image::PoolFile,
+                     pages: &mut dyn Iterator<Item = &crate::image::Pages>|
+     -> Result<File> {
+        let f = memory::open_pool(pool_dir, &pf.name)?;
+        memory::check_pool(pages, pf, &f, &pool_dir.join(&pf.name))?;
+        Ok(f)
+    };
+    let pools = manifest
+        .processes
+        .iter()
+        .map(|p| {
+            p.pool
+                .as_ref()
+                .map(|pf| open_pool(pf, &mut p.areas.iter().filter_map(|a| a.pages.as_ref())))
+                .transpose()
+        })
+        .collect::<Result<_>>()?;
+    let shmem_pool = manifest
+        .shmem_pool
+        .as_ref()
+        .map(|pf| {
+            open_pool(
+                pf,
+                &mut manifest.shmem.iter().filter_map(|o| o.pages.as_ref()),
+            )
+        })
+        .transpose()?;
+    Ok((pools, shmem_pool))
 }
 
 /// The order a parent creates its children in: group leaders first, so the others can join.
