@@ -3,13 +3,16 @@
 //! so a restored copy can check that every page is the one of a single instant.
 //!
 //! ```text
-//! scribbler --dir DIR --mib N [--quiet-after-ms MS]
+//! scribbler --dir DIR --mib N [--hot-mib H] [--quiet-after-ms MS]
 //! ```
 //!
 //! It maps N MiB and loops: each turn writes one page with a pattern of the turn number
 //! (and records it), now and then drops a run of pages (`MADV_DONTNEED`, recorded as zero)
 //! or maps a fresh 1 MiB over part of the buffer (`MAP_FIXED`, recorded as zero). It reads
 //! the clock every turn and keeps the longest gap between two turns: how long it was stopped.
+//!
+//! With `--hot-mib`, only the first H MiB are rewritten (a hot set; the rest keeps what it
+//! was first written with).
 //!
 //! After `--quiet-after-ms` it stops writing and only watches the clock (for benchmarks that
 //! want a settled process). Once DIR/steady exists it no longer drops or maps over pages
@@ -77,6 +80,10 @@ fn main() {
     }
     let len = mib << 20;
     let pages = len / PAGE;
+    let hot = arg("--hot-mib").map_or(pages, |v| {
+        (v.parse::<usize>().expect("--hot-mib H") << 20) / PAGE
+    });
+    let hot = hot.clamp(1, pages);
     // SAFETY: a fresh private anonymous mapping, used only through `buf` below.
     let base = unsafe {
         libc::mmap(
@@ -147,7 +154,7 @@ fn main() {
             // Just before a drop: a restored copy must not drop a page (see above).
             steady = steady_path.exists();
         }
-        let p = (turn.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 17) as usize % pages;
+        let p = (turn.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 17) as usize % hot;
         match if steady { 1 } else { turn % 1024 } {
             0 => {
                 // Drop a run of pages: they read as zeros from now on.

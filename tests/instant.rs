@@ -29,6 +29,17 @@ fn verify(pid: i32, log: &Path) -> String {
         .to_string()
 }
 
+/// Starts the scribbler example in `dir` with `args`, once it is ready.
+fn start_scribbler(dir: &Path, args: &[&str]) -> Spawned {
+    let mut cmd = Command::new(example_bin("scribbler"));
+    cmd.arg("--dir").arg(dir).args(args);
+    let prog = Spawned(spawn_detached(&mut cmd, &dir.join("out")));
+    wait_until("the scribbler", Duration::from_secs(20), || {
+        read(&dir.join("log")).contains("ready")
+    });
+    prog
+}
+
 /// A process that rewrites its memory as fast as it can while it is captured (pages written,
 /// dropped with MADV_DONTNEED, mapped over with MAP_FIXED during the pre-copy): the restored
 /// copy and a clone hold every page as it was at one single instant, and go on writing.
@@ -37,12 +48,7 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     let dolly = Dolly::new();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let mut cmd = Command::new(example_bin("scribbler"));
-    cmd.args(["--dir", dir.path().to_str().unwrap(), "--mib", "64"]);
-    let mut prog = Spawned(spawn_detached(&mut cmd, &dir.path().join("out")));
-    wait_until("the scribbler", Duration::from_secs(20), || {
-        read(&log).contains("ready")
-    });
+    let mut prog = start_scribbler(dir.path(), &["--mib", "64"]);
     let pid = prog.pid();
     assert!(verify(pid, &log).starts_with("verify ok"));
     std::thread::sleep(Duration::from_millis(300)); // well into its scribbling
@@ -145,4 +151,104 @@ fn statuses_created_then_persisted_and_what_a_wiped_memory_tier_leaves() {
     let restored = dolly.restore(&id_p);
     assert_report_ok(&w.report(pid));
     drop(restored);
+}
+
+/// `--parent`: a second capture of a process stores only the pages that changed since the
+/// first and shares the rest; its parent deleted (and, once persisted, the memory tier
+/// wiped), it restores with every page of its own instant, and a chain goes on.
+#[test]
+fn incremental_snapshots_store_what_changed_and_outlive_their_parent() {
+    let dolly = Dolly::new();
+    let w = Workload::start(32);
+    let pid = w.pid();
+    let err = dolly.refused(&[
+        "snapshot",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+        "--parent",
+        "nope",
+    ]);
+    assert!(
+        err.contains("nope") && err.contains("snapshot list"),
+        "{err}"
+    );
+    assert!(dolly.list().is_empty(), "a refused capture leaves nothing");
+    let full = dolly.capture_with(pid, &[]);
+    let id_full = full["id"].as_str().unwrap().to_string();
+    w.wait_ticks(2);
+    let inc = dolly.capture_with(pid, &["--parent", &id_full, "--wait", "persisted"]);
+    let id_inc = inc["id"].as_str().unwrap().to_string();
+    assert_eq!(inc["parent"], id_full.as_str(), "{inc}");
+    let (full_bytes, inc_bytes) = (
+        full["bytes"].as_u64().unwrap(),
+        inc["bytes"].as_u64().unwrap(),
+    );
+    let shared = inc["shared_bytes"].as_u64().unwrap();
+    assert!(
+        inc_bytes * 10 < full_bytes,
+        "the child stores what changed: {inc_bytes} of {full_bytes} bytes"
+    );
+    assert!(
+        shared + inc_bytes >= full_bytes * 9 / 10,
+        "and shares the rest: {shared} + {inc_bytes} of {full_bytes}"
+    );
+    let at_capture = w.last_tick();
+
+    // The parent deleted: the child restores, and carries on from its own instant.
+    dolly.ok(&["snapshot", "delete", &id_full]);
+    let mut w = w;
+    w.proc.kill_and_reap();
+    reap_until_gone(pid);
+    let restored = dolly.restore(&id_inc);
+    assert_report_ok(&w.report(pid));
+    w.wait_ticks(1);
+    let ticks = w.ticks();
+    let after: Vec<_> = ticks.iter().filter(|t| t.2 == pid).collect();
+    assert!(
+        ticks.iter().any(|t| t.0 > at_capture),
+        "it goes on ticking after the capture"
+    );
+    assert!(after.len() > 1);
+
+    // A grandchild of the restored process, then the memory tier wiped: restorable from the
+    // durable tier (the shared pages' durable copies included).
+    let grand = dolly.capture_with(pid, &["--parent", &id_inc, "--wait", "persisted"]);
+    let id_grand = grand["id"].as_str().unwrap().to_string();
+    drop(restored);
+    reap_until_gone(pid);
+    dolly.ok(&["snapshot", "delete", &id_inc]);
+    std::fs::remove_dir_all(dolly.pool_dir(&id_grand)).unwrap();
+    assert_eq!(info(&dolly, &id_grand)["status"], "persisted");
+    let restored = dolly.restore(&id_grand);
+    assert_report_ok(&w.report(pid));
+    drop(restored);
+}
+
+/// An incremental capture of a process rewriting its memory during both captures holds
+/// every page as of its own instant: pages found equal to the parent's are shared, pages
+/// written after that comparison are copied again at the freeze.
+#[test]
+fn incremental_capture_of_memory_being_rewritten_is_of_one_instant() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    // 64 MiB, of which 8 are rewritten all the time.
+    let mut prog = start_scribbler(dir.path(), &["--mib", "64", "--hot-mib", "8"]);
+    let pid = prog.pid();
+    let parent = dolly.capture(pid);
+    std::thread::sleep(Duration::from_millis(200));
+    let child = dolly.capture_with(pid, &["--parent", &parent]);
+    assert!(
+        child["shared_bytes"].as_u64().unwrap() > 48 << 20,
+        "{child}"
+    );
+    assert!(child["bytes"].as_u64().unwrap() <= 9 << 20, "{child}");
+    std::fs::write(dir.path().join("steady"), b"").unwrap();
+    prog.kill_and_reap();
+    dolly.ok(&["snapshot", "delete", &parent]);
+
+    let _restored = dolly.restore(child["id"].as_str().unwrap());
+    let verdict = verify(pid, &log);
+    assert!(verdict.starts_with("verify ok"), "{verdict}");
 }

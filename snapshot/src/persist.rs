@@ -146,7 +146,16 @@ fn copy_to_durable(
     let mut files = Vec::new();
     let mut sources = Vec::new();
     let mut total = 0;
+    let parent = store.record(id).ok().and_then(|r| r.parent);
+    let mut linked = Vec::new();
     for name in names {
+        // A pool file shared with an earlier snapshot shares its durable copy too.
+        if let Some((path, entry)) = durable_twin(store, parent.as_deref(), name) {
+            if std::fs::hard_link(&path, dest.join(name)).is_ok() {
+                linked.push(entry);
+                continue;
+            }
+        }
         let file = File::open(pool.join(name))
             .with_context(|| format!("opening {}", pool.join(name).display()))?;
         let size = file.metadata().context("reading a pool file's size")?.len();
@@ -193,8 +202,37 @@ fn copy_to_durable(
             .with_context(|| format!("syncing {}", path.display()))?;
         entry.blake3 = hash.finalize().to_hex().to_string();
     }
+    files.extend(linked);
+    files.sort_by(|a, b| a.name.cmp(&b.name));
     let index = serde_json::to_vec_pretty(&DurableIndex { files }).expect("index serializes");
     crate::store::write_atomic(&dest.join("index.json"), &index)
+}
+
+/// The durable copy an earlier snapshot made of pool file `name` of an incremental snapshot
+/// whose parent is `parent`: the file is named `ORIGIN-FILE` after the snapshot that wrote
+/// it, and is `FILE` in ORIGIN's durable copy, or `name` in the parent's (which shares it).
+fn durable_twin(
+    store: &Store,
+    parent: Option<&str>,
+    name: &str,
+) -> Option<(std::path::PathBuf, DurableFile)> {
+    // (Own pool files, `PID.dolly-pages`, have no twin: they are this snapshot's.)
+    let (origin, file) = crate::resource::incremental::shared_file_origin(name)?;
+    let candidates = [Some((origin, file)), parent.map(|p| (p, name))];
+    candidates
+        .into_iter()
+        .flatten()
+        .find_map(|(snapshot, file)| {
+            let dir = store.snapshot_dir(snapshot).join("pages");
+            let index: DurableIndex =
+                serde_json::from_slice(&std::fs::read(dir.join("index.json")).ok()?).ok()?;
+            let mut entry = index.files.into_iter().find(|f| f.name == file)?;
+            let path = dir.join(file);
+            path.is_file().then(|| {
+                entry.name = name.to_string();
+                (path, entry)
+            })
+        })
 }
 
 /// Puts a persisted snapshot's pages back into the pool from the durable tier (after the

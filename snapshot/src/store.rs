@@ -88,8 +88,15 @@ pub struct Record {
     pub frozen_ms: Option<f64>,
     /// How long the whole capture took, in milliseconds.
     pub capture_ms: Option<f64>,
-    /// Bytes of memory stored in the pool.
+    /// Bytes of memory stored in the pool (for an incremental snapshot: those that changed
+    /// since its parent).
     pub bytes: u64,
+    /// Bytes of memory shared with earlier snapshots (an incremental snapshot).
+    #[serde(default)]
+    pub shared_bytes: u64,
+    /// The snapshot it was captured against (`--parent`).
+    #[serde(default)]
+    pub parent: Option<String>,
     /// Number of processes.
     pub processes: u32,
     /// BLAKE3 of manifest.json.
@@ -258,6 +265,8 @@ impl Store {
             frozen_ms: None,
             capture_ms: None,
             bytes: 0,
+            shared_bytes: 0,
+            parent: None,
             processes: 0,
             manifest_hash: None,
             persisted_ms: None,
@@ -622,6 +631,8 @@ impl Draft {
         self.record.frozen_ms = Some(frozen_ms);
         self.record.capture_ms = Some(capture_ms);
         self.record.bytes = manifest.stored_bytes();
+        self.record.shared_bytes = manifest.shared_bytes();
+        self.record.parent = manifest.parent.clone();
         self.record.processes = manifest.processes.len() as u32;
         self.write_record()?;
         self.done = true;

@@ -140,6 +140,11 @@ pub enum SnapshotCommand {
         /// holding one is refused.
         #[arg(long)]
         tcp_established: bool,
+        /// Capture incrementally against an earlier snapshot (id, id prefix or name) of the
+        /// same program: only pages that changed since it are stored, the rest is shared
+        /// with it (deleting it later keeps this one restorable).
+        #[arg(long, value_name = "ID")]
+        parent: Option<String>,
         /// Return once the snapshot is `created` (restorable; the default) or `persisted`
         /// (durable too). Making it durable goes on in the background either way.
         #[arg(long, value_enum, default_value = "created")]

@@ -55,6 +55,8 @@ pub fn record_json(r: &Record) -> serde_json::Value {
         "reason": r.reason,
         "created_at": r.created_at,
         "bytes": r.bytes,
+        "shared_bytes": r.shared_bytes,
+        "parent": r.parent,
         "processes": r.processes,
         "frozen_ms": r.frozen_ms,
         "capture_ms": r.capture_ms,
@@ -114,6 +116,10 @@ pub fn record_text(r: &Record) -> String {
     line("process", format!("{} ({})", r.pid, r.comm));
     line("created", r.created_at.clone());
     line("memory", human_bytes(r.bytes));
+    if let Some(parent) = &r.parent {
+        line("parent", parent.clone());
+        line("shared", human_bytes(r.shared_bytes));
+    }
     line("frozen", ms(r.frozen_ms));
     line("to created", ms(r.capture_ms));
     line(

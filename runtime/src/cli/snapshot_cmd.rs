@@ -15,6 +15,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             shell_job,
             file_locks,
             tcp_established,
+            parent,
             wait,
         } => {
             let opts = CaptureOptions {
@@ -23,6 +24,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
                 shell_job: *shell_job,
                 file_locks: *file_locks,
                 tcp_established: *tcp_established,
+                parent: parent.as_deref().map(|p| store.resolve(p)).transpose()?,
             };
             let r = worker::capture(store, &opts, *wait)?.record;
             if cli.json {

@@ -28,7 +28,7 @@ pub enum Wait {
 
 #[derive(Serialize, Deserialize)]
 enum Outcome {
-    Done(Record),
+    Done(Box<Record>),
     Failed {
         kind: ErrorKind,
         message: String,
@@ -39,7 +39,7 @@ enum Outcome {
 impl Outcome {
     fn of(result: Result<Record, Error>) -> Outcome {
         match result {
-            Ok(record) => Outcome::Done(record),
+            Ok(record) => Outcome::Done(Box::new(record)),
             Err(e) => Outcome::Failed {
                 kind: e.kind(),
                 message: e.message(),
@@ -50,7 +50,7 @@ impl Outcome {
 
     fn into_result(self) -> Result<Record, Error> {
         match self {
-            Outcome::Done(record) => Ok(record),
+            Outcome::Done(record) => Ok(*record),
             Outcome::Failed {
                 kind,
                 message,

@@ -3,6 +3,7 @@
 //! this only orchestrates.
 
 mod checks;
+mod parent;
 mod precopy;
 mod process;
 mod tree;
@@ -34,6 +35,9 @@ pub struct CaptureOptions {
     /// Capture established TCP connections whose both ends are in the tree (TCP repair
     /// mode); without it they are refused.
     pub tcp_established: bool,
+    /// Capture incrementally against this snapshot: only pages that differ from its pages
+    /// at the same addresses are stored, the others are shared with it.
+    pub parent: Option<String>,
 }
 
 /// What became of a capture.
@@ -65,10 +69,16 @@ pub fn capture(
     let root = Pid::from_raw(opts.pid);
     let status = checks::preflight(&ProcDir::new(root))?;
     let _pid_lock = store.lock_pid(opts.pid)?;
+    // Held (against deletion) until the capture is over.
+    let parent = opts
+        .parent
+        .as_deref()
+        .map(|id| parent::Parent::load(store, id))
+        .transpose()?;
     let draft = store.begin(opts.name.as_deref(), opts.pid, &status.name)?;
     let frozen: Result<(TreeImage, f64)> = (|| {
         checkpoints.reach("capture:locked")?;
-        let mut precopy = precopy::run(root, &draft.pool_dir())?;
+        let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref())?;
         checkpoints.reach("capture:precopied")?;
         let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
@@ -98,6 +108,7 @@ pub fn capture(
         version: VERSION,
         id: draft.id().to_string(),
         name: opts.name.clone(),
+        parent: opts.parent.clone(),
         created_at: draft.created_at().to_string(),
         host: Host {
             kernel: kernel_release(),

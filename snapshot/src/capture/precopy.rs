@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use nix::unistd::Pid;
 
+use super::parent::Parent;
 use super::tree::{self, Member};
 use crate::error::{Error, Result};
 use crate::resource::memory::POOL_FILE_SUFFIX;
@@ -96,13 +97,14 @@ fn make_uffd(member: &mut Member) -> Result<std::os::fd::OwnedFd> {
 /// Sets up write tracking on the tree under `root` (a brief freeze) and copies its private
 /// memory into `pool_dir` while it runs, in rounds, until what changes between two rounds
 /// is small. A process whose tracking cannot be set up is simply copied at the freeze.
-pub fn run(root: Pid, pool_dir: &Path) -> Result<Precopy> {
+/// With a `parent`, pages equal to its pages are shared rather than copied.
+pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precopy> {
     let mut frozen = tree::freeze(root)?;
     let frozen_at = Instant::now();
     let mut fds = Vec::new();
-    for member in &mut frozen.members {
+    for (index, member) in frozen.members.iter_mut().enumerate() {
         if let Ok(fd) = make_uffd(member) {
-            fds.push((member.proc.pid(), fd));
+            fds.push((index, member.proc.pid(), fd));
         }
     }
     let thawed = frozen.thaw();
@@ -112,13 +114,17 @@ pub fn run(root: Pid, pool_dir: &Path) -> Result<Precopy> {
     };
     thawed?;
     crate::checkpoint::mark("precopy: tracking set up");
-    for (pid, fd) in fds {
+    for (index, pid, fd) in fds {
+        let base = match parent {
+            Some(p) => p.pages_of(pid.as_raw(), index)?,
+            None => None,
+        };
         let maps = match crate::proc::ProcDir::new(pid).maps_without_flags() {
             Ok(m) => m,
             Err(_) => continue, // gone
         };
         let path = pool_dir.join(format!("{pid}{POOL_FILE_SUFFIX}"));
-        match Tracked::start(pid, fd, &maps, &path) {
+        match Tracked::start(pid, fd, &maps, &path, base) {
             Ok(t) => {
                 pre.tracked.insert(pid.as_raw(), t);
             }

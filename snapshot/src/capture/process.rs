@@ -384,7 +384,17 @@ pub fn dump(
         others,
     } = inspected;
     let pool_name = format!("{pid}{}", memory::POOL_FILE_SUFFIX);
-    let stats = memory::dump(pid, &mut memory, &pool_dir.join(&pool_name), tracked)?;
+    let mut tracked = tracked;
+    let stats = memory::dump(
+        pid,
+        &mut memory,
+        &pool_dir.join(&pool_name),
+        tracked.as_deref_mut(),
+    )?;
+    let base_pools = match tracked {
+        Some(t) => t.link_bases(pool_dir)?,
+        None => Vec::new(),
+    };
     let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
     let mut flags = hidden.flags;
     flags.coredump_filter = process::capture_coredump_filter(proc)?;
@@ -417,6 +427,7 @@ pub fn dump(
             name: pool_name,
             size: stats.pool_size,
         }),
+        base_pools,
         fds,
         locks,
         signals: Signals {

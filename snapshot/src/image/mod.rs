@@ -22,7 +22,10 @@ use crate::error::{Error, Result};
 pub const FORMAT: &str = "dolly-snapshot";
 
 /// The manifest version this build writes and the only one it reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest manifest version this dolly still reads (version 1 had no incremental
+/// snapshots: no `parent`, `base_pools` or shared runs).
+pub const OLDEST_VERSION: u32 = 1;
 
 /// A snapshot of a process tree: everything a restore needs except the page contents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -36,6 +39,10 @@ pub struct Manifest {
     pub id: String,
     /// Optional name the user gave.
     pub name: Option<String>,
+    /// The snapshot this one was captured against (`--parent`): pages that had not changed
+    /// since are shared with it rather than stored again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
     /// When the capture began (RFC 3339, UTC).
     pub created_at: String,
     /// The machine the snapshot was taken on.
@@ -134,6 +141,11 @@ pub struct Process {
     pub areas: Vec<Area>,
     /// Pool file (in the snapshot's pool directory) holding this process's pages.
     pub pool: Option<PoolFile>,
+    /// Pool files of earlier snapshots whose pages this one shares (an incremental
+    /// snapshot): hard links in this snapshot's pool directory, named
+    /// `SNAPSHOT-PID.dolly-pages` after the snapshot and process that wrote them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base_pools: Vec<PoolFile>,
     /// The fd table.
     pub fds: Vec<Fd>,
     /// File locks it holds (captured with `--file-locks`).
@@ -355,16 +367,36 @@ pub struct Pages {
     /// Slot of the pool file: page `n` of the area is at byte `(slot << 47) + n * 4096`.
     pub slot: u32,
     /// Runs of stored pages as `[first page, page count]`, page numbers counted from the
-    /// start of the area; pages outside every run were never touched (read as zeros, or
-    /// come from the mapped file for file areas).
+    /// start of the area; pages outside every run (and every shared run) were never touched
+    /// (read as zeros, or come from the mapped file for file areas).
     pub runs: Vec<[u64; 2]>,
+    /// Pages an incremental snapshot shares with earlier ones: runs in the process's
+    /// `base_pools`. Disjoint from `runs`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared: Vec<SharedRuns>,
 }
 
 impl Pages {
-    /// Number of pages stored.
+    /// Number of pages stored in the snapshot's own pool file.
     pub fn page_count(&self) -> u64 {
         self.runs.iter().map(|r| r[1]).sum()
     }
+
+    /// Number of pages shared with earlier snapshots.
+    pub fn shared_page_count(&self) -> u64 {
+        self.shared.iter().flat_map(|s| &s.runs).map(|r| r[1]).sum()
+    }
+}
+
+/// Pages an area shares with an earlier snapshot, all in one of its pool files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SharedRuns {
+    /// Index in the process's `base_pools`.
+    pub pool: u32,
+    /// Runs as `[first page in the area, page count, first page in the pool file]` (a page
+    /// of the file is at byte `page * 4096`).
+    pub runs: Vec<[u64; 3]>,
 }
 
 /// A shared anonymous memory object (`mmap(MAP_SHARED|MAP_ANONYMOUS)`).
@@ -779,10 +811,10 @@ impl Manifest {
             ));
         }
         let version = value.get("version").and_then(|v| v.as_u64());
-        if version != Some(VERSION as u64) {
+        if !version.is_some_and(|v| (OLDEST_VERSION as u64..=VERSION as u64).contains(&v)) {
             return Err(Error::corrupt(
                 format!(
-                    "the manifest has version {}, this dolly reads version {VERSION}",
+                    "the manifest has version {}, this dolly reads versions {OLDEST_VERSION} to {VERSION}",
                     version.map_or("(none)".to_string(), |v| v.to_string())
                 ),
                 "use the dolly that wrote the snapshot, or capture it again with this one",
@@ -846,7 +878,7 @@ impl Manifest {
         for pf in self
             .processes
             .iter()
-            .filter_map(|p| p.pool.as_ref())
+            .flat_map(|p| p.pool.iter().chain(&p.base_pools))
             .chain(self.shmem_pool.as_ref())
         {
             if !plain(&pf.name) {
@@ -896,9 +928,31 @@ impl Manifest {
                     {
                         return Err(bad(format!("area {:#x} has pages outside it", a.start)));
                     }
+                    for shared in &pages.shared {
+                        if shared.pool as usize >= p.base_pools.len() {
+                            return Err(bad(format!(
+                                "area {:#x} shares pages of a pool file that does not exist",
+                                a.start
+                            )));
+                        }
+                        if shared
+                            .runs
+                            .iter()
+                            .any(|r| r[1] == 0 || (r[0] + r[1]) * page > a.len())
+                        {
+                            return Err(bad(format!(
+                                "area {:#x} shares pages outside it",
+                                a.start
+                            )));
+                        }
+                    }
                 }
             }
-            if p.areas.iter().any(|a| a.pages.is_some()) && p.pool.is_none() {
+            if p.areas
+                .iter()
+                .any(|a| a.pages.as_ref().is_some_and(|p| !p.runs.is_empty()))
+                && p.pool.is_none()
+            {
                 return Err(bad(format!(
                     "process {} stores pages but has no pool file",
                     p.pid
@@ -950,6 +1004,17 @@ impl Manifest {
             .sum();
         let shm: u64 = self.shmem.iter().map(|o| pages(&o.pages)).sum();
         (areas + shm) * crate::sys::PAGE_SIZE
+    }
+
+    /// Bytes of memory shared with earlier snapshots (an incremental snapshot).
+    pub fn shared_bytes(&self) -> u64 {
+        self.processes
+            .iter()
+            .flat_map(|p| &p.areas)
+            .filter_map(|a| a.pages.as_ref())
+            .map(Pages::shared_page_count)
+            .sum::<u64>()
+            * crate::sys::PAGE_SIZE
     }
 }
 

@@ -6,6 +6,7 @@ fn sample() -> Manifest {
         version: VERSION,
         id: "0123456789abcdef".into(),
         name: Some("demo".into()),
+        parent: None,
         created_at: "2026-01-01T00:00:00Z".into(),
         host: Host {
             kernel: "6.18.0".into(),

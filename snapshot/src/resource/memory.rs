@@ -139,7 +139,11 @@ impl ShmemTable {
                 file.read_exact_at(&mut dst, run[0] * PAGE_SIZE)
                     .context("reading shared memory")?;
             }
-            object.pages = Some(Pages { slot, runs });
+            object.pages = Some(Pages {
+                slot,
+                runs,
+                shared: Vec::new(),
+            });
         }
         Ok((self.objects, writer.size()))
     }
@@ -426,7 +430,7 @@ pub fn dump(
     for (area, source) in plan.areas.iter_mut().zip(&plan.sources) {
         if let (Some(t), Source::Private) = (tracked.as_deref_mut(), source) {
             if let Some(pages) = t.finish_area(area.start, area.end)? {
-                area.pages = (!pages.runs.is_empty()).then_some(pages);
+                area.pages = (!pages.runs.is_empty() || !pages.shared.is_empty()).then_some(pages);
                 continue;
             }
         }
@@ -456,7 +460,11 @@ pub fn dump(
         let slot = writer.new_slot()?;
         let runs = page_runs(&ranges, area.start);
         copy_runs(pid, &mem, writer, slot, area.start, &runs)?;
-        area.pages = Some(Pages { slot, runs });
+        area.pages = Some(Pages {
+            slot,
+            runs,
+            shared: Vec::new(),
+        });
     }
     stats.pool_size = match (&own_writer, tracked) {
         (Some(w), _) => w.size(),
@@ -466,8 +474,7 @@ pub fn dump(
     Ok(stats)
 }
 
-/// Copies runs of a process's memory into the pool: `process_vm_readv` where the memory is
-/// readable, `/proc/PID/mem` (which reads any protection) for the rest.
+/// Copies runs of a process's memory into the pool.
 pub(crate) fn copy_runs(
     pid: Pid,
     mem: &File,
@@ -476,54 +483,137 @@ pub(crate) fn copy_runs(
     base: u64,
     runs: &[[u64; 2]],
 ) -> Result<()> {
-    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
-    use std::io::IoSliceMut;
     for run in runs {
         let len = run[1] * PAGE_SIZE;
-        let addr = base + run[0] * PAGE_SIZE;
         let mut dst = writer.map(pool::page_offset(slot, run[0]), len)?;
-        let mut done = 0usize;
-        while (done as u64) < len {
-            let remote = [RemoteIoVec {
-                base: addr as usize + done,
-                len: len as usize - done,
-            }];
-            let mut local = [IoSliceMut::new(&mut dst[done..])];
-            match process_vm_readv(pid, &mut local, &remote) {
-                Ok(n) if n > 0 => done += n,
-                _ => break,
-            }
-        }
-        if (done as u64) < len {
-            mem.read_exact_at(&mut dst[done..], addr + done as u64)
-                .with_context(|| {
-                    format!(
-                        "reading memory of process {pid} at {:#x}",
-                        addr + done as u64
-                    )
-                })?;
-        }
+        read_memory(pid, mem, base + run[0] * PAGE_SIZE, &mut dst)?;
     }
     Ok(())
 }
 
-/// Runs of pages to map from the pool for an area: its stored runs, with short gaps folded
-/// in for anonymous areas (file areas must take their gaps from the file).
-pub fn mapped_runs(area: &Area) -> Vec<[u64; 2]> {
+/// Reads a process's memory at `addr` into `dst`: `process_vm_readv` where it is readable,
+/// `/proc/PID/mem` (`mem`, which reads any protection) for the rest.
+pub(crate) fn read_memory(pid: Pid, mem: &File, addr: u64, dst: &mut [u8]) -> Result<()> {
+    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+    use std::io::IoSliceMut;
+    let mut done = 0usize;
+    while done < dst.len() {
+        let remote = [RemoteIoVec {
+            base: addr as usize + done,
+            len: dst.len() - done,
+        }];
+        let mut local = [IoSliceMut::new(&mut dst[done..])];
+        match process_vm_readv(pid, &mut local, &remote) {
+            Ok(n) if n > 0 => done += n,
+            _ => break,
+        }
+    }
+    if done < dst.len() {
+        mem.read_exact_at(&mut dst[done..], addr + done as u64)
+            .with_context(|| {
+                format!(
+                    "reading memory of process {pid} at {:#x}",
+                    addr + done as u64
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Which pool file a run of pages is in: the process's own, or one of its `base_pools`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSource {
+    /// The snapshot's own pool file of the process.
+    Own,
+    /// The process's `base_pools[n]` (pages shared with an earlier snapshot).
+    Base(u32),
+}
+
+/// An area's stored pages by pool file: `(source, runs)` with runs as `[first page in the
+/// area, page count, first page in the file]`.
+fn layers(pages: &Pages) -> Vec<(PoolSource, Vec<[u64; 3]>)> {
+    let first = pool::slot_offset(pages.slot) / PAGE_SIZE;
+    std::iter::once((
+        PoolSource::Own,
+        pages
+            .runs
+            .iter()
+            .map(|r| [r[0], r[1], first + r[0]])
+            .collect(),
+    ))
+    .chain(
+        pages
+            .shared
+            .iter()
+            .map(|s| (PoolSource::Base(s.pool), s.runs.clone())),
+    )
+    .filter(|(_, runs)| !runs.is_empty())
+    .collect()
+}
+
+/// The mappings that put an area's stored pages in place, in the order to make them: the
+/// pool file with the most runs first, its runs joined across short gaps of anonymous areas
+/// (read as zeros from the file's holes) and across gaps the other files fill; then the
+/// others' runs, each mapped over it as it is. An area of a full snapshot is one file.
+pub fn pool_mappings(area: &Area) -> Vec<(PoolSource, [u64; 3])> {
     let Some(pages) = &area.pages else {
         return Vec::new();
     };
-    let coalesce = !matches!(area.kind, AreaKind::File { .. });
-    let mut out: Vec<[u64; 2]> = Vec::new();
-    for run in &pages.runs {
-        match out.last_mut() {
-            Some(last) if coalesce && run[0] - (last[0] + last[1]) < COALESCE_GAP_PAGES => {
-                last[1] = run[0] + run[1] - last[0];
+    let mut layers = layers(pages);
+    layers.sort_by_key(|(_, runs)| std::cmp::Reverse(runs.len()));
+    let anonymous = !matches!(area.kind, AreaKind::File { .. });
+    // Pages the other files fill, as sorted page ranges.
+    let filled: Vec<(u64, u64)> = merge_ranges(
+        layers
+            .iter()
+            .skip(1)
+            .flat_map(|(_, runs)| runs.iter().map(|r| (r[0], r[0] + r[1])))
+            .collect(),
+    );
+    let covered = |from: u64, to: u64| {
+        let i = filled.partition_point(|r| r.1 <= from);
+        filled.get(i).is_some_and(|r| r.0 <= from && r.1 >= to)
+    };
+    let mut out: Vec<(PoolSource, [u64; 3])> = Vec::new();
+    let mut layers = layers.into_iter();
+    if let Some((source, runs)) = layers.next() {
+        for run in runs {
+            match out.last_mut() {
+                Some((_, last))
+                    if run[2] - last[2] == run[0] - last[0] && {
+                        let (gap_from, gap_to) = (last[0] + last[1], run[0]);
+                        gap_to == gap_from
+                            || (anonymous && gap_to - gap_from < COALESCE_GAP_PAGES)
+                            || covered(gap_from, gap_to)
+                    } =>
+                {
+                    last[1] = run[0] + run[1] - last[0];
+                }
+                _ => out.push((source, run)),
             }
-            _ => out.push(*run),
         }
     }
+    out.extend(layers.flat_map(|(source, runs)| runs.into_iter().map(move |r| (source, r))));
     out
+}
+
+/// The pool files of one process, open in dolly.
+#[derive(Debug, Default)]
+pub struct ProcessPools {
+    /// Its own pool file.
+    pub own: Option<File>,
+    /// Its `base_pools`, in order.
+    pub bases: Vec<File>,
+}
+
+impl ProcessPools {
+    fn get(&self, source: PoolSource) -> &File {
+        match source {
+            PoolSource::Own => self.own.as_ref(),
+            PoolSource::Base(n) => self.bases.get(n as usize),
+        }
+        .expect("a pool file for every stored page (the manifest was validated)")
+    }
 }
 
 /// File descriptors, inside the process being rebuilt, of what its areas map.
@@ -531,6 +621,8 @@ pub fn mapped_runs(area: &Area) -> Vec<[u64; 2]> {
 pub struct MapSources {
     /// The process's pool file.
     pub pool: Option<i32>,
+    /// Its `base_pools`, in order.
+    pub bases: Vec<i32>,
     /// Per file index: fd opened read-only, and read-write (for writable shared mappings).
     pub files: HashMap<(u32, bool), i32>,
     /// Per shared-memory object index.
@@ -576,7 +668,7 @@ pub fn map_areas(
     remote: &mut Remote,
     proc: &Process,
     sources: &MapSources,
-    pool_file: Option<&File>,
+    pools: &ProcessPools,
 ) -> Result<()> {
     let mmap = libc::SYS_mmap;
     for area in &proc.areas {
@@ -655,18 +747,24 @@ pub fn map_areas(
         };
         if stays_anonymous(area) {
             // Copied in, not mapped: this area must remain anonymous memory.
-            let pool_file = pool_file.expect("a pool file when pages are stored");
-            for run in &pages.runs {
-                let mut buf = vec![0u8; (run[1] * PAGE_SIZE) as usize];
-                pool_file
-                    .read_exact_at(&mut buf, pool::page_offset(pages.slot, run[0]))
-                    .context("reading pages from the pool")?;
-                remote.write_mem(area.start + run[0] * PAGE_SIZE, &buf)?;
+            for (source, runs) in layers(pages) {
+                for run in runs {
+                    let mut buf = vec![0u8; (run[1] * PAGE_SIZE) as usize];
+                    pools
+                        .get(source)
+                        .read_exact_at(&mut buf, run[2] * PAGE_SIZE)
+                        .context("reading pages from the pool")?;
+                    remote.write_mem(area.start + run[0] * PAGE_SIZE, &buf)?;
+                }
             }
             continue;
         }
-        let pool_fd = sources.pool.expect("a pool fd when pages are stored");
-        for run in mapped_runs(area) {
+        for (source, run) in pool_mappings(area) {
+            let fd = match source {
+                PoolSource::Own => sources.pool,
+                PoolSource::Base(n) => sources.bases.get(n as usize).copied(),
+            }
+            .expect("a pool fd for every stored page");
             let addr = area.start + run[0] * PAGE_SIZE;
             remote.call(
                 &format!("mapping pool pages at {addr:#x}"),
@@ -676,8 +774,8 @@ pub fn map_areas(
                     run[1] * PAGE_SIZE,
                     prot,
                     libc::MAP_PRIVATE as u64 | fixed,
-                    pool_fd as u64,
-                    pool::page_offset(pages.slot, run[0]),
+                    fd as u64,
+                    run[2] * PAGE_SIZE,
                 ],
             )?;
         }
@@ -773,6 +871,38 @@ pub fn check_pool<'a>(
     pool::check_file(pool_file, path, pool.size, count)
 }
 
+/// Opens the pool files of process `proc` (its own and its `base_pools`) in `dir`, checking
+/// each holds the pages the manifest takes from it.
+pub fn open_process_pools(proc: &Process, dir: &std::path::Path) -> Result<ProcessPools> {
+    let pages: Vec<&Pages> = proc.areas.iter().filter_map(|a| a.pages.as_ref()).collect();
+    let own = proc
+        .pool
+        .as_ref()
+        .map(|pf| {
+            let f = open_pool(dir, &pf.name)?;
+            check_pool(pages.iter().copied(), pf, &f, &dir.join(&pf.name))?;
+            Ok::<_, Error>(f)
+        })
+        .transpose()?;
+    let bases = proc
+        .base_pools
+        .iter()
+        .enumerate()
+        .map(|(n, pf)| {
+            let runs = pages
+                .iter()
+                .flat_map(|p| &p.shared)
+                .filter(|s| s.pool as usize == n)
+                .flat_map(|s| &s.runs);
+            let (count, end) = runs.fold((0, 0), |(c, e), r| (c + r[1], e.max(r[2] + r[1])));
+            let f = open_pool(dir, &pf.name)?;
+            pool::check_file(&f, &dir.join(&pf.name), end * PAGE_SIZE, count)?;
+            Ok(f)
+        })
+        .collect::<Result<_>>()?;
+    Ok(ProcessPools { own, bases })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -796,12 +926,46 @@ mod tests {
         let pages = Pages {
             slot: 0,
             runs: vec![[0, 2], [5, 1], [60, 3]],
+            shared: Vec::new(),
+        };
+        let runs = |a: &Area| -> Vec<[u64; 3]> {
+            pool_mappings(a)
+                .into_iter()
+                .map(|(s, r)| {
+                    assert_eq!(s, PoolSource::Own);
+                    r
+                })
+                .collect()
         };
         let a = anon(Some(pages.clone()));
-        assert_eq!(mapped_runs(&a), vec![[0, 6], [60, 3]]);
+        assert_eq!(runs(&a), vec![[0, 6, 0], [60, 3, 60]]);
         let mut f = anon(Some(pages));
         f.kind = AreaKind::File { file: 0, offset: 0 };
-        assert_eq!(mapped_runs(&f), vec![[0, 2], [5, 1], [60, 3]]);
+        assert_eq!(runs(&f), vec![[0, 2, 0], [5, 1, 5], [60, 3, 60]]);
+    }
+
+    #[test]
+    fn shared_pages_go_first_when_they_are_the_more_fragmented_and_own_pages_over_them() {
+        // A file area whose pages 10 and 20 changed since the parent: the parent's runs
+        // join across them, the two changed pages are mapped over.
+        let mut f = anon(Some(Pages {
+            slot: 1,
+            runs: vec![[10, 1], [20, 1]],
+            shared: vec![crate::image::SharedRuns {
+                pool: 0,
+                runs: vec![[0, 10, 100], [11, 9, 111], [21, 9, 121]],
+            }],
+        }));
+        f.kind = AreaKind::File { file: 0, offset: 0 };
+        let slot1 = pool::slot_offset(1) / PAGE_SIZE;
+        assert_eq!(
+            pool_mappings(&f),
+            vec![
+                (PoolSource::Base(0), [0, 30, 100]),
+                (PoolSource::Own, [10, 1, slot1 + 10]),
+                (PoolSource::Own, [20, 1, slot1 + 20]),
+            ]
+        );
     }
 
     #[test]

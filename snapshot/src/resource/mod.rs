@@ -3,6 +3,7 @@
 
 pub mod creds;
 pub mod files;
+pub mod incremental;
 pub mod inet;
 pub mod inotify;
 pub mod memory;

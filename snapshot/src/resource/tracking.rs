@@ -10,9 +10,10 @@ use std::path::Path;
 
 use nix::unistd::Pid;
 
-use super::memory::{copy_runs, merge_ranges, page_runs, subtract_ranges};
+use super::incremental::ParentPages;
+use super::memory::{copy_runs, merge_ranges, page_runs, read_memory, subtract_ranges};
 use crate::error::{Context, Result};
-use crate::image::Pages;
+use crate::image::{Pages, PoolFile};
 use crate::pool::{self, PoolWriter};
 use crate::proc::{MapsEntry, ProcDir};
 use crate::sys::pagemap::{self, ScanFilter};
@@ -108,6 +109,9 @@ struct TrackedArea {
     slot: u32,
     /// Address ranges whose pages are in the slot.
     copied: Vec<(u64, u64)>,
+    /// Address ranges whose pages are the parent snapshot's (not in the slot); disjoint
+    /// from `copied`.
+    same: Vec<(u64, u64)>,
 }
 
 /// A running process whose memory is being pre-copied.
@@ -124,6 +128,8 @@ pub struct Tracked {
     /// [`Tracked::read_flags`]).
     pub known_maps: Option<Vec<MapsEntry>>,
     areas: Vec<TrackedArea>,
+    /// For an incremental capture: the parent's pages of this process.
+    parent: Option<ParentPages>,
 }
 
 /// Whether pre-copy applies to an area: private memory whose pages dolly stores (not the
@@ -141,7 +147,15 @@ impl Tracked {
     /// Starts tracking process `pid` through `uffd` (a userfaultfd made inside it): every
     /// trackable area of `maps` that can be registered is. The process should be stopped,
     /// so the areas are those it has.
-    pub fn start(pid: Pid, uffd: OwnedFd, maps: &[MapsEntry], pool_path: &Path) -> Result<Tracked> {
+    /// With `parent`, pages equal to the parent's at the same address are shared, not
+    /// copied.
+    pub fn start(
+        pid: Pid,
+        uffd: OwnedFd,
+        maps: &[MapsEntry],
+        pool_path: &Path,
+        parent: Option<ParentPages>,
+    ) -> Result<Tracked> {
         uffd::enable_async_wp(&uffd).map_err(|e| {
             crate::Error::sys(
                 "enabling write tracking (userfaultfd async write-protect)",
@@ -164,6 +178,7 @@ impl Tracked {
                 end: m.end,
                 slot: writer.new_slot()?,
                 copied: Vec::new(),
+                same: Vec::new(),
             });
         }
         Ok(Tracked {
@@ -174,6 +189,7 @@ impl Tracked {
             writer,
             known_maps: None,
             areas,
+            parent,
         })
     }
 
@@ -190,6 +206,7 @@ impl Tracked {
         let filter = if first { OWN_PAGES } else { WRITTEN_PAGES };
         let mut bytes = 0;
         let mut dropped = Vec::new();
+        let mut scratch = (Vec::new(), Vec::new());
         for (i, area) in self.areas.iter_mut().enumerate() {
             // Write-protect, then read: a write that comes after shows as written.
             let copied = pagemap::scan_and_protect(&self.pagemap, area.start, area.end, filter)
@@ -197,21 +214,49 @@ impl Tracked {
                 .and_then(|ranges| {
                     // A page may go away under the copy (the program unmaps it).
                     let runs = page_runs(&ranges, area.start);
-                    copy_runs(
-                        self.pid,
-                        &self.mem,
-                        &self.writer,
-                        area.slot,
-                        area.start,
-                        &runs,
-                    )
-                    .ok()
-                    .map(|_| ranges)
+                    let same = match &self.parent {
+                        None => copy_runs(
+                            self.pid,
+                            &self.mem,
+                            &self.writer,
+                            area.slot,
+                            area.start,
+                            &runs,
+                        )
+                        .map(|_| Vec::new()),
+                        Some(parent) => copy_changed_runs(
+                            self.pid,
+                            &self.mem,
+                            &self.writer,
+                            (area.slot, area.start),
+                            &runs,
+                            parent,
+                            &mut scratch,
+                        ),
+                    }
+                    .ok()?;
+                    Some((ranges, same))
                 });
             match copied {
-                Some(ranges) => {
+                Some((ranges, same)) => {
                     bytes += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
-                    area.copied = merge_ranges(area.copied.drain(..).chain(ranges).collect());
+                    let changed = subtract_ranges(&ranges, &same);
+                    // Pages now equal to the parent's that the slot held: freed.
+                    for (s, e) in intersect(&area.copied, &same) {
+                        punch(&self.writer, area.slot, (s - area.start) / PAGE_SIZE, e - s);
+                    }
+                    area.copied = merge_ranges(
+                        subtract_ranges(&area.copied, &same)
+                            .into_iter()
+                            .chain(changed.iter().copied())
+                            .collect(),
+                    );
+                    area.same = merge_ranges(
+                        subtract_ranges(&area.same, &changed)
+                            .into_iter()
+                            .chain(same)
+                            .collect(),
+                    );
                 }
                 // The area changed under the tracking (unmapped, mapped over): it is no
                 // longer tracked, its slot is emptied, and the freeze copies what is there.
@@ -220,13 +265,7 @@ impl Tracked {
         }
         for i in dropped.into_iter().rev() {
             let area = self.areas.remove(i);
-            let _ = nix::fcntl::fallocate(
-                self.writer.file(),
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                pool::slot_offset(area.slot) as i64,
-                (area.end - area.start) as i64,
-            );
+            punch(&self.writer, area.slot, 0, area.end - area.start);
         }
         Ok(bytes)
     }
@@ -257,8 +296,10 @@ impl Tracked {
             .iter()
             .filter(|r| r.2 & pagemap::PAGE_IS_WRITTEN != 0)
             .map(|r| (r.0, r.1));
-        // Copy what was written since, and what is here but was never copied.
-        let missing = subtract_ranges(&present, &area.copied);
+        // Copy what was written since, and what is here but was neither copied nor found
+        // equal to the parent's.
+        let held = merge_ranges(area.copied.iter().chain(&area.same).copied().collect());
+        let missing = subtract_ranges(&present, &held);
         let to_copy = intersect(&present, &merge_ranges(written.chain(missing).collect()));
         copy_runs(
             self.pid,
@@ -268,25 +309,98 @@ impl Tracked {
             start,
             &page_runs(&to_copy, start),
         )?;
+        let copied = merge_ranges(
+            area.copied
+                .drain(..)
+                .chain(to_copy.iter().copied())
+                .collect(),
+        );
+        let same = subtract_ranges(&area.same, &to_copy);
         // Pages copied early but gone since are not part of the snapshot: free them.
-        for (s, e) in subtract_ranges(&area.copied, &present) {
-            let at = pool::page_offset(area.slot, (s - start) / PAGE_SIZE);
-            let _ = nix::fcntl::fallocate(
-                self.writer.file(),
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                at as i64,
-                (e - s) as i64,
-            );
+        for (s, e) in subtract_ranges(&copied, &present) {
+            punch(&self.writer, area.slot, (s - start) / PAGE_SIZE, e - s);
         }
-        let runs = page_runs(&present, start);
-        area.copied = present;
+        let own = intersect(&present, &copied);
+        let same = intersect(&present, &same);
+        let shared = match &mut self.parent {
+            Some(parent) => parent.shared_runs(start, &same),
+            None => Vec::new(),
+        };
+        let runs = page_runs(&own, start);
+        area.copied = own;
+        area.same = same;
         area.end = area.end.max(end);
         Ok(Some(Pages {
             slot: area.slot,
             runs,
+            shared,
         }))
     }
+
+    /// Links the parent's pool files this process shares pages with into `pool_dir`; returns
+    /// them as its `base_pools`.
+    pub fn link_bases(&self, pool_dir: &Path) -> Result<Vec<PoolFile>> {
+        match &self.parent {
+            Some(parent) => parent.link_into(pool_dir),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Frees `len` bytes of a slot's pages from page `page` on.
+fn punch(writer: &PoolWriter, slot: u32, page: u64, len: u64) {
+    let _ = nix::fcntl::fallocate(
+        writer.file(),
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        pool::page_offset(slot, page) as i64,
+        len as i64,
+    );
+}
+
+/// Bytes read from a process at a time when comparing with a parent snapshot.
+const CHUNK: u64 = 2 << 20;
+
+/// Like `copy_runs`, for an incremental capture: reads the runs of the area at
+/// `slot_and_base.1`, compares each page with the parent's at the same address, and writes
+/// into the slot only those that differ. Returns the address ranges that were equal.
+fn copy_changed_runs(
+    pid: Pid,
+    mem: &File,
+    writer: &PoolWriter,
+    (slot, base): (u32, u64),
+    runs: &[[u64; 2]],
+    parent: &ParentPages,
+    (data, theirs): &mut (Vec<u8>, Vec<u8>),
+) -> Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    let mut same_all = Vec::new();
+    for run in runs {
+        let (start, end) = (
+            base + run[0] * PAGE_SIZE,
+            base + (run[0] + run[1]) * PAGE_SIZE,
+        );
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(CHUNK);
+            data.resize(len as usize, 0);
+            read_memory(pid, mem, at, data)?;
+            let same = parent.same_ranges(at, data, theirs)?;
+            for (s, e) in subtract_ranges(&[(at, at + len)], &same) {
+                let page = (s - base) / PAGE_SIZE;
+                writer
+                    .file()
+                    .write_all_at(
+                        &data[(s - at) as usize..(e - at) as usize],
+                        pool::page_offset(slot, page),
+                    )
+                    .context("writing the pool")?;
+            }
+            same_all.extend(same);
+            at += len;
+        }
+    }
+    Ok(merge_ranges(same_all))
 }
 
 /// The parts of `a` also in `b` (both sorted and merged).

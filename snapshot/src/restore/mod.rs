@@ -144,34 +144,25 @@ pub fn restore(
     )
 }
 
-/// Opens and checks each pool file of `manifest`: one per process (if it stored pages) and
-/// one for the shared memory objects.
-fn open_pools(manifest: &Manifest, pool_dir: &Path) -> Result<(Vec<Option<File>>, Option<File>)> {
-    let open_pool = |pf: &crate::image::PoolFile,
-                     pages: &mut dyn Iterator<Item = &crate::image::Pages>|
-     -> Result<File> {
-        let f = memory::open_pool(pool_dir, &pf.name)?;
-        memory::check_pool(pages, pf, &f, &pool_dir.join(&pf.name))?;
-        Ok(f)
-    };
+/// Opens and checks each pool file of `manifest`: those of each process (its own, and
+/// those it shares with earlier snapshots), and the one of the shared memory objects.
+fn open_pools(
+    manifest: &Manifest,
+    pool_dir: &Path,
+) -> Result<(Vec<memory::ProcessPools>, Option<File>)> {
     let pools = manifest
         .processes
         .iter()
-        .map(|p| {
-            p.pool
-                .as_ref()
-                .map(|pf| open_pool(pf, &mut p.areas.iter().filter_map(|a| a.pages.as_ref())))
-                .transpose()
-        })
+        .map(|p| memory::open_process_pools(p, pool_dir))
         .collect::<Result<_>>()?;
     let shmem_pool = manifest
         .shmem_pool
         .as_ref()
         .map(|pf| {
-            open_pool(
-                pf,
-                &mut manifest.shmem.iter().filter_map(|o| o.pages.as_ref()),
-            )
+            let f = memory::open_pool(pool_dir, &pf.name)?;
+            let pages = manifest.shmem.iter().filter_map(|o| o.pages.as_ref());
+            memory::check_pool(pages, pf, &f, &pool_dir.join(&pf.name))?;
+            Ok::<_, Error>(f)
         })
         .transpose()?;
     Ok((pools, shmem_pool))
@@ -213,7 +204,7 @@ fn build(
     opts: &RestoreOptions,
     prepared: &PreparedFiles,
     shmem: &[OwnedFd],
-    pools: &[Option<File>],
+    pools: &[memory::ProcessPools],
     exes: &[OwnedFd],
     checkpoints: &Checkpoints,
 ) -> Result<Restored> {
@@ -258,11 +249,21 @@ fn build(
         helpers.push(fd.as_raw_fd());
     }
     let mut pool_at = Vec::new();
+    let mut bases_at = Vec::new();
     for pool in pools {
-        pool_at.push(pool.as_ref().map(|f| {
+        pool_at.push(pool.own.as_ref().map(|f| {
             helpers.push(f.as_raw_fd());
             helpers.len() - 1
         }));
+        bases_at.push(
+            pool.bases
+                .iter()
+                .map(|f| {
+                    helpers.push(f.as_raw_fd());
+                    helpers.len() - 1
+                })
+                .collect::<Vec<_>>(),
+        );
     }
     let exe_base = helpers.len();
     helpers.extend(exes.iter().map(|fd| fd.as_raw_fd()));
@@ -421,6 +422,7 @@ fn build(
         for (i, p) in procs.iter().enumerate() {
             let mut maps = MapSources {
                 pool: pool_at[i].map(parked),
+                bases: bases_at[i].iter().map(|&at| parked(at)).collect(),
                 ..Default::default()
             };
             for (key, &at) in &mapping_at {
@@ -444,7 +446,7 @@ fn build(
             let sources = rebuild::Sources {
                 maps,
                 exe: parked(exe_base + i),
-                pool_file: pools[i].as_ref(),
+                pools: &pools[i],
                 high,
                 epolls: epolls[i].clone(),
                 ctty,

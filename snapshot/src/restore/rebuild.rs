@@ -2,7 +2,6 @@
 //! calls: its memory, layout, registrations, timers, credentials, and finally its registers.
 
 use std::collections::HashMap;
-use std::fs::File;
 
 use nix::sys::ptrace;
 use nix::sys::signal::{kill, Signal};
@@ -27,8 +26,8 @@ pub struct Sources<'a> {
     pub maps: MapSources,
     /// Its executable, as an fd inside the stub.
     pub exe: i32,
-    /// Its pool file, open in dolly (pages to copy rather than map are read from it).
-    pub pool_file: Option<&'a File>,
+    /// Its pool files, open in dolly (pages to copy rather than map are read from them).
+    pub pools: &'a memory::ProcessPools,
     /// First fd number above the process's own: dolly's parked fds, closed at the end.
     pub high: i32,
     /// Epoll instances this process registers the watched fds of: (its epoll fd, items).
@@ -91,7 +90,7 @@ pub fn rebuild(
             0,
         ],
     )?;
-    memory::map_areas(&mut remote, proc, &sources.maps, sources.pool_file)?;
+    memory::map_areas(&mut remote, proc, &sources.maps, sources.pools)?;
     memory::apply_flags(&mut remote, proc, scratch)?;
     process::set_mm_map(&mut remote, scratch, &proc.mm, Some(sources.exe))?;
     // Before dolly's fds go: the pty slave is one of them.

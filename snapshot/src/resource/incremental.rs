@@ -1,0 +1,294 @@
+//! Incremental capture (`--parent`): what a parent snapshot holds of a process, so that a
+//! capture compares each page it copies with the parent's page at the same address and
+//! stores only those that differ. The others are shared: the new snapshot's pool directory
+//! gets a hard link to the parent's pool file, so deleting the parent keeps them.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Context, Result};
+use crate::image::{PoolFile, Process, SharedRuns};
+use crate::pool;
+use crate::sys::PAGE_SIZE;
+
+/// A pool file of the parent that a process's pages may be shared with.
+#[derive(Debug)]
+struct ParentFile {
+    /// Its name in the new snapshot's pool directory.
+    name: String,
+    /// Where it is now (in the parent's pool directory).
+    path: PathBuf,
+    file: File,
+    /// Its index in the new process's `base_pools`, once a page is shared with it.
+    base: Option<u32>,
+}
+
+/// Addresses `[start, end)` whose parent pages are in file `file` from page `file_page`.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    start: u64,
+    end: u64,
+    file: usize,
+    file_page: u64,
+}
+
+/// The pages a parent snapshot stored for one process, by address.
+#[derive(Debug)]
+pub struct ParentPages {
+    files: Vec<ParentFile>,
+    /// Sorted by address, disjoint.
+    segments: Vec<Segment>,
+    /// Shared pool files in the order of the new process's `base_pools`.
+    bases: Vec<usize>,
+}
+
+impl ParentPages {
+    /// The pages process `proc` of snapshot `parent_id` (pool directory `parent_pool`)
+    /// stored, or `None` if it stored none.
+    pub fn of(proc: &Process, parent_id: &str, parent_pool: &Path) -> Result<Option<ParentPages>> {
+        let mut files = Vec::new();
+        let mut open = |name: String, stored: &str| -> Result<()> {
+            let path = parent_pool.join(stored);
+            let file = File::open(&path).with_context(|| {
+                format!("opening {} of parent snapshot {parent_id}", path.display())
+            })?;
+            files.push(ParentFile {
+                name,
+                path,
+                file,
+                base: None,
+            });
+            Ok(())
+        };
+        // Its own file first (named after the parent in the new snapshot), then those it
+        // shares with its own parents (the names stay).
+        let own = proc.pool.as_ref().map(|pf| &pf.name);
+        if let Some(name) = own {
+            open(format!("{parent_id}-{name}"), name)?;
+        }
+        for pf in &proc.base_pools {
+            open(pf.name.clone(), &pf.name)?;
+        }
+        let first_base = usize::from(own.is_some());
+        let mut segments = Vec::new();
+        for area in &proc.areas {
+            let Some(pages) = &area.pages else { continue };
+            let at = |page: u64| area.start + page * PAGE_SIZE;
+            if own.is_some() {
+                for r in &pages.runs {
+                    segments.push(Segment {
+                        start: at(r[0]),
+                        end: at(r[0] + r[1]),
+                        file: 0,
+                        file_page: pool::page_offset(pages.slot, r[0]) / PAGE_SIZE,
+                    });
+                }
+            }
+            for shared in &pages.shared {
+                for r in &shared.runs {
+                    segments.push(Segment {
+                        start: at(r[0]),
+                        end: at(r[0] + r[1]),
+                        file: first_base + shared.pool as usize,
+                        file_page: r[2],
+                    });
+                }
+            }
+        }
+        if segments.is_empty() {
+            return Ok(None);
+        }
+        segments.sort_by_key(|s| s.start);
+        Ok(Some(ParentPages {
+            files,
+            segments,
+            bases: Vec::new(),
+        }))
+    }
+
+    /// The segments overlapping `[start, end)`, each cut to it.
+    fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = Segment> + '_ {
+        let first = self.segments.partition_point(|s| s.end <= start);
+        self.segments[first..]
+            .iter()
+            .take_while(move |s| s.start < end)
+            .map(move |s| {
+                let cut = start.max(s.start);
+                Segment {
+                    start: cut,
+                    end: end.min(s.end),
+                    file: s.file,
+                    file_page: s.file_page + (cut - s.start) / PAGE_SIZE,
+                }
+            })
+    }
+
+    /// The page ranges of `data` (the process's memory at `addr`, whole pages) that equal
+    /// the parent's pages at the same addresses. `scratch` is a buffer to reuse.
+    pub fn same_ranges(
+        &self,
+        addr: u64,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<Vec<(u64, u64)>> {
+        let page = PAGE_SIZE as usize;
+        let mut same: Vec<(u64, u64)> = Vec::new();
+        for seg in self.overlapping(addr, addr + data.len() as u64) {
+            let len = (seg.end - seg.start) as usize;
+            scratch.resize(len, 0);
+            self.files[seg.file]
+                .file
+                .read_exact_at(scratch, seg.file_page * PAGE_SIZE)
+                .with_context(|| {
+                    format!(
+                        "reading parent pages from {}",
+                        self.files[seg.file].path.display()
+                    )
+                })?;
+            let from = (seg.start - addr) as usize;
+            for (i, (ours, theirs)) in data[from..from + len]
+                .chunks_exact(page)
+                .zip(scratch.chunks_exact(page))
+                .enumerate()
+            {
+                if ours != theirs {
+                    continue;
+                }
+                let p = seg.start + (i * page) as u64;
+                match same.last_mut() {
+                    Some(last) if last.1 == p => last.1 = p + PAGE_SIZE,
+                    _ => same.push((p, p + PAGE_SIZE)),
+                }
+            }
+        }
+        Ok(same)
+    }
+
+    /// Where the parent holds the pages of `ranges` (addresses, sorted, all pages the parent
+    /// has) of the area starting at `area_start`, as shared runs of the new process.
+    pub fn shared_runs(&mut self, area_start: u64, ranges: &[(u64, u64)]) -> Vec<SharedRuns> {
+        let mut out: Vec<SharedRuns> = Vec::new();
+        for &(start, end) in ranges {
+            let pieces: Vec<Segment> = self.overlapping(start, end).collect();
+            for seg in pieces {
+                let base = self.base_index(seg.file);
+                let run = [
+                    (seg.start - area_start) / PAGE_SIZE,
+                    (seg.end - seg.start) / PAGE_SIZE,
+                    seg.file_page,
+                ];
+                match out.iter_mut().find(|s| s.pool == base) {
+                    Some(shared) => match shared.runs.last_mut() {
+                        Some(last)
+                            if last[0] + last[1] == run[0] && last[2] + last[1] == run[2] =>
+                        {
+                            last[1] += run[1]
+                        }
+                        _ => shared.runs.push(run),
+                    },
+                    None => out.push(SharedRuns {
+                        pool: base,
+                        runs: vec![run],
+                    }),
+                }
+            }
+        }
+        out
+    }
+
+    fn base_index(&mut self, file: usize) -> u32 {
+        if let Some(b) = self.files[file].base {
+            return b;
+        }
+        let b = self.bases.len() as u32;
+        self.bases.push(file);
+        self.files[file].base = Some(b);
+        b
+    }
+
+    /// Links the parent files pages are shared with into `pool_dir`, and returns them in the
+    /// order of the process's `base_pools`.
+    pub fn link_into(&self, pool_dir: &Path) -> Result<Vec<PoolFile>> {
+        self.bases
+            .iter()
+            .map(|&i| {
+                let f = &self.files[i];
+                let to = pool_dir.join(&f.name);
+                std::fs::hard_link(&f.path, &to)
+                    .with_context(|| format!("linking {} to {}", f.path.display(), to.display()))?;
+                let size = f
+                    .file
+                    .metadata()
+                    .with_context(|| format!("reading {}", f.path.display()))?
+                    .len();
+                Ok(PoolFile {
+                    name: f.name.clone(),
+                    size,
+                })
+            })
+            .collect()
+    }
+}
+
+/// For the name of a pool file shared with an earlier snapshot (`SNAPSHOT-FILE`): the
+/// snapshot that wrote it and the file's name there. `None` for a snapshot's own files.
+pub fn shared_file_origin(name: &str) -> Option<(&str, &str)> {
+    let (origin, file) = name.split_once('-')?;
+    (origin.len() == 16 && origin.bytes().all(|b| b.is_ascii_hexdigit())).then_some((origin, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent(segments: Vec<Segment>) -> ParentPages {
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&[7u8; 8 * 4096], 0).unwrap();
+        ParentPages {
+            files: vec![ParentFile {
+                name: "p-1.dolly-pages".into(),
+                path: "/nonexistent".into(),
+                file,
+                base: None,
+            }],
+            segments,
+            bases: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn tells_shared_files_from_own_ones() {
+        assert_eq!(
+            shared_file_origin("0123456789abcdef-42.dolly-pages"),
+            Some(("0123456789abcdef", "42.dolly-pages"))
+        );
+        assert_eq!(shared_file_origin("42.dolly-pages"), None);
+        assert_eq!(shared_file_origin("shmem.dolly-pages"), None);
+    }
+
+    #[test]
+    fn finds_equal_pages_and_turns_them_into_shared_runs() {
+        let page = PAGE_SIZE;
+        // The parent holds pages at 0x10000..0x14000 (file pages 2..6).
+        let mut p = parent(vec![Segment {
+            start: 0x10000,
+            end: 0x10000 + 4 * page,
+            file: 0,
+            file_page: 2,
+        }]);
+        // Ours: 6 pages from 0xf000; the second parent page differs.
+        let mut data = vec![7u8; 6 * page as usize];
+        data[2 * page as usize] = 1;
+        let same = p.same_ranges(0xf000, &data, &mut Vec::new()).unwrap();
+        assert_eq!(
+            same,
+            vec![(0x10000, 0x11000), (0x12000, 0x14000)],
+            "the page before the parent's, and the changed one, are not the same"
+        );
+        let shared = p.shared_runs(0xf000, &same);
+        assert_eq!(shared.len(), 1);
+        assert_eq!(shared[0].pool, 0);
+        assert_eq!(shared[0].runs, vec![[1, 1, 2], [3, 2, 4]]);
+    }
+}
