@@ -12,7 +12,8 @@
 //! the clock every turn and keeps the longest gap between two turns: how long it was stopped.
 //!
 //! With `--hot-mib`, only the first H MiB are rewritten (a hot set; the rest keeps what it
-//! was first written with).
+//! was first written with). Once DIR/drop exists it drops its last MiB (`MADV_DONTNEED`,
+//! recorded as zero; outside the hot set, nothing writes it again) and logs `dropped`.
 //!
 //! After `--quiet-after-ms` it stops writing and only watches the clock (for benchmarks that
 //! want a settled process). Once DIR/steady exists it no longer drops or maps over pages
@@ -112,6 +113,8 @@ fn main() {
     let mut max_stall = Duration::ZERO;
     let steady_path = dir.join("steady");
     let mut steady = false;
+    let drop_path = dir.join("drop");
+    let mut dropped = false;
     loop {
         let now = Instant::now();
         max_stall = max_stall.max(now - last);
@@ -153,6 +156,20 @@ fn main() {
         if !steady && turn.is_multiple_of(512) {
             // Just before a drop: a restored copy must not drop a page (see above).
             steady = steady_path.exists();
+        }
+        if !dropped && turn.is_multiple_of(512) && drop_path.exists() && pages > hot + 256 {
+            let first = pages - 256;
+            // SAFETY: the last MiB of our own mapping.
+            unsafe {
+                libc::madvise(
+                    base.cast::<u8>().add(first * PAGE).cast(),
+                    256 * PAGE,
+                    libc::MADV_DONTNEED,
+                );
+            }
+            written[first..].fill(0);
+            dropped = true;
+            say(&mut log, "dropped".into());
         }
         let p = (turn.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 17) as usize % hot;
         match if steady { 1 } else { turn % 1024 } {

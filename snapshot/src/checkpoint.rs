@@ -9,20 +9,35 @@ use crate::error::{Error, ErrorKind, Result};
 /// Environment variable naming a checkpoint at which to pause until aborted.
 pub const PAUSE_ENV: &str = "DOLLY_PAUSE_AT";
 
+/// Environment variable naming a file whose appearance ends a pause at `DOLLY_PAUSE_AT`
+/// (which otherwise lasts until dolly is aborted): for tests that act while dolly waits.
+pub const PAUSE_UNTIL_ENV: &str = "DOLLY_PAUSE_UNTIL";
+
 /// Environment variable that makes every checkpoint (and [`mark`]) print the time since
 /// dolly started, to stderr: where a capture or restore spends its time.
 pub const TRACE_ENV: &str = "DOLLY_TRACE";
 
-/// With `DOLLY_TRACE` set, prints `what` and the milliseconds since the first mark.
+/// With `DOLLY_TRACE` set, notes `what` with the milliseconds since the first mark, to be
+/// printed by [`flush_marks`] (printing right away would slow what is measured).
 pub fn mark(what: &str) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os(TRACE_ENV).is_some()) {
         let start = START.get_or_init(std::time::Instant::now);
-        eprintln!(
+        let line = format!(
             "dolly: {:9.3} ms  {what}",
             start.elapsed().as_secs_f64() * 1e3
         );
+        MARKS.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+    }
+}
+
+static MARKS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Prints the marks noted so far on stderr (see [`mark`]).
+pub fn flush_marks() {
+    for line in MARKS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        eprintln!("{line}");
     }
 }
 
@@ -57,7 +72,8 @@ impl<'a> Checkpoints<'a> {
         mark(name);
         if std::env::var(PAUSE_ENV).is_ok_and(|v| v == name) {
             eprintln!("dolly: paused at {name} (pid {})", std::process::id());
-            while !self.aborted() {
+            let until = std::env::var_os(PAUSE_UNTIL_ENV).map(std::path::PathBuf::from);
+            while !self.aborted() && !until.as_ref().is_some_and(|p| p.exists()) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }

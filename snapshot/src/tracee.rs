@@ -156,8 +156,17 @@ fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
     }
 }
 
-/// Waits for the next stop or end of `pid`.
+/// Waits for the next stop or end of `pid`: polled without sleeping for a while (a stop
+/// after a system call or a step comes within microseconds, and being woken from a sleep
+/// can cost far more on a virtual machine), then blocking.
 fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
+    let spin_until = Instant::now() + Duration::from_millis(1);
+    while Instant::now() < spin_until {
+        match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::hint::spin_loop(),
+            other => return other.with_context(|| format!("waiting for {pid}")),
+        }
+    }
     loop {
         match waitpid(pid, Some(WaitPidFlag::__WALL)) {
             Err(Errno::EINTR) => continue,
@@ -495,8 +504,14 @@ impl Remote<'_> {
                 0,
             ],
         )?;
-        self.write_mem(page, &RUN_CALLS)?;
+        self.write_call_runner(page)?;
         Ok(page)
+    }
+
+    /// Writes [`Remote::run`]'s code at `at`, in executable memory of the tracee (through
+    /// /proc/PID/mem, which writes whatever the protection).
+    pub fn write_call_runner(&self, at: u64) -> Result<()> {
+        self.write_mem(at, &RUN_CALLS)
     }
 
     /// Runs every call of `calls` inside the tracee with a single stop, through the code
@@ -620,7 +635,7 @@ pub fn vdso_syscall_offset() -> Result<Option<u64>> {
 
 /// The vDSO of the calling process: its address and bytes.
 pub fn own_vdso() -> Result<(u64, Vec<u8>)> {
-    let maps = crate::proc::ProcDir::new(nix::unistd::getpid()).maps()?;
+    let maps = crate::proc::ProcDir::new(nix::unistd::getpid()).maps_without_flags()?;
     let vdso = maps.iter().find(|m| m.path == "[vdso]").ok_or_else(|| {
         Error::refused(
             "this process has no vDSO",

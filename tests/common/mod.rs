@@ -442,10 +442,22 @@ pub fn assert_report_ok(report: &Value) {
 /// the PID of the process that paused (the CLI, or its capture worker).
 #[allow(clippy::zombie_processes)] // the caller kills and waits for it
 pub fn start_paused(dolly: &Dolly, args: &[&str], at: &str) -> (Child, i32) {
+    start_paused_with(dolly, args, at, &[])
+}
+
+/// Like [`start_paused`], with more environment variables (e.g. `DOLLY_PAUSE_UNTIL`).
+#[allow(clippy::zombie_processes)] // the caller kills and waits for it
+pub fn start_paused_with(
+    dolly: &Dolly,
+    args: &[&str],
+    at: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (Child, i32) {
     use std::io::{BufRead, BufReader};
     let mut child = dolly
         .cmd()
         .args(args)
+        .envs(env.iter().copied())
         .env("DOLLY_PAUSE_AT", at)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -183,13 +183,15 @@ pub fn main() -> i32 {
     // SAFETY: restores the default disposition; no handler code is involved.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    match run(&cli) {
+    let code = match run(&cli) {
         Ok(code) => code,
         Err(e) => {
             output::error(&e, cli.json);
             EXIT_FAILURE
         }
-    }
+    };
+    snapshot::checkpoint::flush_marks();
+    code
 }
 
 fn open_store(cli: &Cli) -> Result<Store, Error> {

@@ -103,6 +103,8 @@ fn work(store: &Store, opts: &CaptureOptions, out: OwnedFd, parent: nix::unistd:
         snapshot::capture(store, opts, &Checkpoints::with_abort(&abort)).map(|r| r.record);
     let mut out = std::fs::File::from(out);
     let id = captured.as_ref().ok().map(|r| r.id.clone());
+    // (The capture's trace, before stderr goes.)
+    snapshot::checkpoint::flush_marks();
     if id.is_some() {
         go_alone();
     }

@@ -28,6 +28,9 @@ fn refuse_busy_tracer(pid: Pid, tracer: i32) -> Error {
     }
 }
 
+/// The namespaces a captured process must share with dolly.
+const NAMESPACES: [&str; 8] = ["pid", "mnt", "net", "ipc", "uts", "user", "cgroup", "time"];
+
 /// Refusals for every process of the tree: run before it is frozen and again once it is,
 /// since things change.
 pub fn check_member(proc: &ProcDir, status: &Status) -> Result<()> {
@@ -64,10 +67,16 @@ pub fn check_member(proc: &ProcDir, status: &Status) -> Result<()> {
         ));
     }
     // A restore puts the process in dolly's namespaces: it must be in them already.
-    for ns in ["pid", "mnt", "net", "ipc", "uts", "user", "cgroup", "time"] {
+    static OURS: std::sync::OnceLock<Vec<Option<std::path::PathBuf>>> = std::sync::OnceLock::new();
+    let ours = OURS.get_or_init(|| {
+        NAMESPACES
+            .iter()
+            .map(|ns| std::fs::read_link(format!("/proc/self/ns/{ns}")).ok())
+            .collect()
+    });
+    for (ns, ours) in NAMESPACES.iter().zip(ours) {
         let theirs = std::fs::read_link(proc.path(&format!("ns/{ns}"))).ok();
-        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).ok();
-        if theirs.is_some() && theirs != ours {
+        if theirs.is_some() && theirs != *ours {
             return Err(Error::refused(
                 format!("process {pid} is in another {ns} namespace than dolly: not supported yet"),
                 "run dolly in the process's namespaces (e.g. with nsenter), or capture a process in dolly's",

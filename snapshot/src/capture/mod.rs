@@ -82,12 +82,17 @@ pub fn capture(
         checkpoints.reach("capture:precopied")?;
         let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
-        let frozen_at = Instant::now();
+        let frozen_at = tree.since;
         let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy);
         let thawed = tree.thaw();
         crate::checkpoint::mark("capture: thawed");
         // Both freezes: the one that set up write tracking, and this one.
-        let frozen_ms = precopy.frozen_ms + frozen_at.elapsed().as_secs_f64() * 1e3;
+        let final_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+        let frozen_ms = precopy.frozen_ms + final_ms;
+        crate::checkpoint::mark(&format!(
+            "capture: frozen {:.3} ms to set up tracking + {final_ms:.3} ms",
+            precopy.frozen_ms
+        ));
         precopy.finish(&draft.pool_dir());
         let image = image?;
         thawed?;
@@ -140,6 +145,7 @@ fn capture_frozen(
     precopy: &mut precopy::Precopy,
 ) -> Result<TreeImage> {
     checkpoints.reach("capture:frozen")?;
+    precopy.note_lost();
     let pool_dir = draft.pool_dir();
     let mut shared = process::Shared {
         files: FileTable::new(&pool_dir),

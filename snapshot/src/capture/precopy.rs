@@ -6,13 +6,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Instant;
 
 use nix::unistd::Pid;
 
 use super::parent::Parent;
 use super::tree::{self, Member};
 use crate::error::{Error, Result};
+use crate::resource::lost_pages::LostPages;
 use crate::resource::memory::POOL_FILE_SUFFIX;
 use crate::resource::tracking::Tracked;
 use crate::sys::socket::borrow_fd;
@@ -27,6 +27,8 @@ const MAX_ROUNDS: usize = 4;
 /// A tree being pre-copied.
 #[derive(Debug, Default)]
 pub struct Precopy {
+    /// Reads the userfaultfds' events; declared first, so it stops before they close.
+    lost_pages: Option<LostPages>,
     tracked: HashMap<i32, Tracked>,
     used: Vec<i32>,
     /// How long the tree was frozen to set up the tracking.
@@ -45,6 +47,19 @@ impl Precopy {
     /// The areas of process `pid` with their flags as read after pre-copy, if it was.
     pub fn known_maps(&self, pid: Pid) -> Option<Vec<crate::proc::MapsEntry>> {
         self.tracked.get(&pid.as_raw())?.known_maps.clone()
+    }
+
+    /// At the freeze: gives each tracked process the ranges whose pages may have gone
+    /// since its tracking began.
+    pub fn note_lost(&mut self) {
+        let Some(reader) = &self.lost_pages else {
+            return;
+        };
+        for (pid, ranges) in reader.take() {
+            if let Some(t) = self.tracked.get_mut(&pid) {
+                t.note_lost(ranges);
+            }
+        }
     }
 
     /// Ends the tracking (closing the userfaultfds: the kernel then unprotects the pages,
@@ -99,8 +114,13 @@ fn make_uffd(member: &mut Member) -> Result<std::os::fd::OwnedFd> {
 /// is small. A process whose tracking cannot be set up is simply copied at the freeze.
 /// With a `parent`, pages equal to its pages are shared rather than copied.
 pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precopy> {
+    // Found before the freeze (it is dolly's own vDSO: the same for every process), and
+    // the reading of a process's areas warmed up: the freeze is short.
+    tracee::vdso_syscall_offset()?;
+    crate::sys::process::populate_own_code();
+    crate::proc::ProcDir::new(root).maps_without_flags()?;
     let mut frozen = tree::freeze(root)?;
-    let frozen_at = Instant::now();
+    let frozen_at = frozen.since;
     let mut fds = Vec::new();
     for (index, member) in frozen.members.iter_mut().enumerate() {
         if let Ok(fd) = make_uffd(member) {
@@ -134,6 +154,14 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
                 let _ = std::fs::remove_file(&path);
             }
         }
+    }
+    let event_fds: Vec<(i32, std::os::fd::RawFd)> = pre
+        .tracked
+        .iter()
+        .filter_map(|(&pid, t)| Some((pid, t.event_fd()?)))
+        .collect();
+    if !event_fds.is_empty() {
+        pre.lost_pages = Some(LostPages::start(event_fds)?);
     }
     for round in 0..MAX_ROUNDS {
         let mut bytes = 0;

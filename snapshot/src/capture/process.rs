@@ -93,19 +93,36 @@ const OUT: u64 = 8 * crate::sys::PAGE_SIZE / 2;
 /// Reads what only the process itself can tell, with one batch of system calls run inside
 /// it (one stop, not one per call).
 fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Result<Hidden> {
-    let scratch = remote.call(
-        "mapping a scratch page",
-        libc::SYS_mmap,
-        &[
-            0,
-            SCRATCH_LEN,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
-    let runner = remote.map_call_runner();
+    let page = crate::sys::PAGE_SIZE;
+    let map = |remote: &mut tracee::Remote, len: u64, prot: i32| {
+        remote.call(
+            "mapping a scratch page",
+            libc::SYS_mmap,
+            &[
+                0,
+                len,
+                prot as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )
+    };
+    // The scratch area and the code page in one mapping (one stop less to map it and one
+    // to unmap it), unless the process may not have writable and executable memory.
+    let rwx = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+    let (scratch, runner, together) = match map(remote, SCRATCH_LEN + page, rwx) {
+        Ok(at) => {
+            let runner = remote
+                .write_call_runner(at + SCRATCH_LEN)
+                .map(|_| at + SCRATCH_LEN);
+            (at, runner, true)
+        }
+        Err(_) => {
+            let scratch = map(remote, SCRATCH_LEN, libc::PROT_READ | libc::PROT_WRITE)?;
+            (scratch, remote.map_call_runner(), false)
+        }
+    };
     let result = match &runner {
         Err(e) => Err(Error::new(e.kind(), e.message())),
         Ok(runner) => Ok(*runner),
@@ -210,17 +227,22 @@ fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Resul
             securebits: results[securebits] as u32,
         })
     });
-    if let Ok(runner) = runner {
+    if let (Ok(runner), false) = (runner, together) {
         let _ = remote.call(
             "unmapping dolly's code page",
             libc::SYS_munmap,
-            &[runner, crate::sys::PAGE_SIZE],
+            &[runner, page],
         );
     }
+    let len = if together {
+        SCRATCH_LEN + page
+    } else {
+        SCRATCH_LEN
+    };
     let unmapped = remote.call(
         "unmapping the scratch page",
         libc::SYS_munmap,
-        &[scratch, SCRATCH_LEN],
+        &[scratch, len],
     );
     let hidden = result?;
     unmapped?;

@@ -29,6 +29,8 @@ pub struct Frozen {
     pub members: Vec<Member>,
     /// Children that had exited and were not yet reaped.
     pub zombies: Vec<Zombie>,
+    /// When the first of its threads was stopped: the freeze lasts from then.
+    pub since: std::time::Instant,
 }
 
 impl Frozen {
@@ -97,6 +99,7 @@ fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
 pub fn freeze(root: Pid) -> Result<Frozen> {
     let mut members: Vec<Member> = Vec::new();
     let mut frozen: HashSet<Pid> = HashSet::new();
+    let mut since = None;
     loop {
         let mut new = false;
         for pid in tree_order(root) {
@@ -111,6 +114,7 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
                 continue; // a zombie: recorded below
             }
             checks::check_member(&proc, &status)?;
+            since.get_or_insert_with(std::time::Instant::now);
             let threads = match freeze_threads(&proc) {
                 Ok(t) => t,
                 Err(e) if e.kind() == ErrorKind::NotFound && pid != root => continue,
@@ -165,5 +169,9 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
             });
         }
     }
-    Ok(Frozen { members, zombies })
+    Ok(Frozen {
+        members,
+        zombies,
+        since: since.unwrap_or_else(std::time::Instant::now),
+    })
 }

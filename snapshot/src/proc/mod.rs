@@ -42,14 +42,43 @@ impl ProcDir {
 
     /// Reads a file of this directory as text.
     pub fn read(&self, name: &str) -> Result<String> {
-        let path = self.path(name);
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+        let bytes = self.read_bytes(name)?;
+        String::from_utf8(bytes).map_err(|_| {
+            Error::corrupt(
+                format!("{} is not text", self.path(name).display()),
+                "report this: the kernel's file format was not expected",
+            )
+        })
     }
 
-    /// Reads a file of this directory as bytes.
+    /// Reads a file of this directory as bytes. (procfs files report no size: reading them
+    /// in large chunks saves the many small reads `std::fs::read` would make, which count
+    /// while a process is frozen.)
     pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        use std::io::Read;
         let path = self.path(name);
-        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+        let mut file =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut out = Vec::with_capacity(16 << 10);
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(out.capacity());
+            }
+            let len = out.len();
+            let spare = out.capacity() - len;
+            out.resize(len + spare, 0);
+            match file.read(&mut out[len..]) {
+                Ok(0) => {
+                    out.truncate(len);
+                    return Ok(out);
+                }
+                Ok(n) => out.truncate(len + n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => out.truncate(len),
+                Err(e) => {
+                    return Err(Error::io(format!("reading {}", path.display()), e));
+                }
+            }
+        }
     }
 
     /// Reads a symlink of this directory (`exe`, `cwd`, `fd/3` ...).

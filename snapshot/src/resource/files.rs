@@ -53,6 +53,9 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
 pub struct FileTable {
     files: Vec<File>,
     by_inode: HashMap<(u64, u64), u32>,
+    /// Mapped files found already, by what `/proc/PID/maps` says of them (device, inode,
+    /// path): the areas of one file need only one look at it.
+    by_mapping: HashMap<(u64, u64, String), u32>,
     pool_dir: PathBuf,
 }
 
@@ -62,6 +65,7 @@ impl FileTable {
         FileTable {
             files: Vec::new(),
             by_inode: HashMap::new(),
+            by_mapping: HashMap::new(),
             pool_dir: pool_dir.to_path_buf(),
         }
     }
@@ -137,6 +141,16 @@ impl FileTable {
 
     /// Adds the file a memory area maps.
     pub fn intern_mapping(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
+        let key = (m.dev, m.inode, m.path.clone());
+        if let Some(&id) = self.by_mapping.get(&key) {
+            return Ok(id);
+        }
+        let id = self.look_at_mapping(proc, m)?;
+        self.by_mapping.insert(key, id);
+        Ok(id)
+    }
+
+    fn look_at_mapping(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
         let link = proc.path(&format!("map_files/{}", m.map_files_name()));
         let meta = std::fs::metadata(&link)
             .with_context(|| format!("reading the file mapped at {:#x} ({})", m.start, m.path))?;

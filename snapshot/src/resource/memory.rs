@@ -417,8 +417,9 @@ pub fn dump(
     let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
     let mem = File::open(proc.path("mem")).context("opening process memory")?;
     let mut own_writer = None;
-    if tracked.is_none() {
-        own_writer = Some(PoolWriter::create(pool_path)?);
+    match tracked.as_deref_mut() {
+        Some(t) => t.scan_frozen(),
+        None => own_writer = Some(PoolWriter::create(pool_path)?),
     }
     let mut stats = DumpStats::default();
     let own_pages = super::tracking::OWN_PAGES;

@@ -6,6 +6,7 @@ pub mod files;
 pub mod incremental;
 pub mod inet;
 pub mod inotify;
+pub mod lost_pages;
 pub mod memory;
 pub mod process;
 pub mod signals;

@@ -4,6 +4,7 @@
 //! stored is exactly the memory at the freeze: a page copied early and not written since is
 //! unchanged; one written since is copied again; one dropped since is left out.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -63,7 +64,7 @@ fn marker_type() -> Option<u8> {
             }
             // SAFETY: the kernel just gave us this fd.
             let uffd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-            uffd::enable_async_wp(&uffd).ok()?;
+            uffd::enable_async_wp(&uffd, false).ok()?;
             uffd::register_wp(&uffd, start, start + PAGE_SIZE).ok()?;
             // SAFETY: writes within our page.
             unsafe { *(addr as *mut u8) = 1 };
@@ -130,6 +131,45 @@ pub struct Tracked {
     areas: Vec<TrackedArea>,
     /// For an incremental capture: the parent's pages of this process.
     parent: Option<ParentPages>,
+    /// The walk of the page tables made at the freeze ([`Tracked::scan_frozen`]), by area
+    /// start: the area's end then, and what it found.
+    scanned: HashMap<u64, (u64, Scanned)>,
+    /// The userfaultfd reports the ranges whose pages go (see [`uffd::read_lost`]).
+    events: bool,
+    /// Ranges whose pages may have gone since the tracking began (from those events).
+    lost: Vec<(u64, u64)>,
+}
+
+/// What the walk at the freeze found in one area.
+#[derive(Debug)]
+enum Scanned {
+    /// Every own page with its categories (the full walk).
+    All(Vec<Region>),
+    /// Only the ranges not write-protected any more: written, or holes (the quick walk).
+    Touched(Vec<(u64, u64)>),
+}
+
+/// Pages not write-protected: the filter `PAGEMAP_SCAN` walks quickly (it only looks at the
+/// protection bit of each entry, not at the page).
+const TOUCHED: ScanFilter = ScanFilter {
+    inverted: 0,
+    required: pagemap::PAGE_IS_WRITTEN,
+    any_of: 0,
+};
+
+/// A run of pages with their categories: `(start, end, categories)`.
+type Region = (u64, u64, u64);
+
+/// The walk [`Tracked::finish_area`] needs: own pages, with whether each is present,
+/// swapped, written.
+fn scan_own(pagemap: &File, start: u64, end: u64) -> Result<Vec<Region>, nix::errno::Errno> {
+    pagemap::scan_regions(
+        pagemap,
+        start,
+        end,
+        OWN_PAGES,
+        pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED | pagemap::PAGE_IS_WRITTEN,
+    )
 }
 
 /// Whether pre-copy applies to an area: private memory whose pages dolly stores (not the
@@ -156,7 +196,7 @@ impl Tracked {
         pool_path: &Path,
         parent: Option<ParentPages>,
     ) -> Result<Tracked> {
-        uffd::enable_async_wp(&uffd).map_err(|e| {
+        let events = uffd::enable_async_wp(&uffd, true).map_err(|e| {
             crate::Error::sys(
                 "enabling write tracking (userfaultfd async write-protect)",
                 e,
@@ -190,7 +230,22 @@ impl Tracked {
             known_maps: None,
             areas,
             parent,
+            scanned: HashMap::new(),
+            events,
+            lost: Vec::new(),
         })
+    }
+
+    /// The userfaultfd, for reading its events, if it reports them.
+    pub fn event_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.events.then(|| self._uffd.as_raw_fd())
+    }
+
+    /// Records ranges whose pages may have gone (events of its userfaultfd): the freeze
+    /// looks at them page by page.
+    pub fn note_lost(&mut self, ranges: Vec<(u64, u64)>) {
+        self.lost = merge_ranges(self.lost.drain(..).chain(ranges).collect());
     }
 
     /// Reads the process's areas with their flags (smaps) while it runs, for the freeze to
@@ -270,6 +325,52 @@ impl Tracked {
         Ok(bytes)
     }
 
+    /// At the freeze, before [`Tracked::finish_area`]: walks the page tables of every tracked
+    /// area with one system call (rather than one per area), from the first to the last.
+    /// With the userfaultfd's events on, the quick walk: only which pages are no longer
+    /// write-protected (every page that went is in the events' ranges).
+    pub fn scan_frozen(&mut self) {
+        let mut bounds: Vec<(u64, u64)> = self.areas.iter().map(|a| (a.start, a.end)).collect();
+        bounds.sort_unstable();
+        let (Some(first), Some(last)) = (bounds.first(), bounds.iter().map(|b| b.1).max()) else {
+            return;
+        };
+        crate::checkpoint::mark(&format!(
+            "freeze walk of {}: {}, {} ranges lost",
+            self.pid,
+            if self.events { "quick" } else { "full" },
+            self.lost.len()
+        ));
+        let walked = if self.events {
+            pagemap::scan_regions(
+                &self.pagemap,
+                first.0,
+                last,
+                TOUCHED,
+                pagemap::PAGE_IS_WRITTEN,
+            )
+        } else {
+            scan_own(&self.pagemap, first.0, last)
+        };
+        // On failure each area is walked on its own.
+        let Ok(regions) = walked else {
+            return;
+        };
+        for (start, end) in bounds {
+            let from = regions.partition_point(|r| r.1 <= start);
+            let mine = regions[from..]
+                .iter()
+                .take_while(|r| r.0 < end)
+                .map(|&(s, e, c)| (s.max(start), e.min(end), c));
+            let found = if self.events {
+                Scanned::Touched(mine.map(|r| (r.0, r.1)).collect())
+            } else {
+                Scanned::All(mine.collect())
+            };
+            self.scanned.insert(start, (end, found));
+        }
+    }
+
     /// At the freeze: stores the pages of area `[start, end)` of the stopped process,
     /// reusing what was pre-copied if an area was tracked at `start`. Returns where they
     /// are, or `None` if no area was tracked there.
@@ -281,25 +382,52 @@ impl Tracked {
         let Some(area) = self.areas.iter_mut().find(|a| a.start == start) else {
             return Ok(None);
         };
-        // One walk of the page tables: the pages of its own, with whether each was written.
-        let regions = pagemap::scan_regions(
-            &self.pagemap,
-            start,
-            end,
-            OWN_PAGES,
-            pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED | pagemap::PAGE_IS_WRITTEN,
-        )
-        .with_context(|| format!("scanning pages of {} at {start:#x}", self.pid))?;
+        let held = merge_ranges(area.copied.iter().chain(&area.same).copied().collect());
+        // Where to look page by page (`scope`), and the walk there: the pages of its own,
+        // with whether each was written. The whole area, unless the quick walk was made:
+        // then only what it found touched, the ranges the events say lost pages, and what
+        // the area grew by since it was protected. Elsewhere every page is as it was
+        // copied (or found equal to the parent's).
+        let whole = vec![(start, end)];
+        let (scope, regions) = match self.scanned.remove(&start) {
+            Some((e, Scanned::All(regions))) if e == end => (whole, regions),
+            Some((protected, Scanned::Touched(touched))) => {
+                let mut scope = touched;
+                scope.extend(self.lost.iter().copied());
+                if end > protected {
+                    scope.push((protected, end));
+                }
+                let scope = intersect(&merge_ranges(scope), &whole);
+                let mut regions = Vec::new();
+                for &(s, e) in &scope {
+                    regions
+                        .extend(scan_own(&self.pagemap, s, e).with_context(|| {
+                            format!("scanning pages of {} at {s:#x}", self.pid)
+                        })?);
+                }
+                (scope, regions)
+            }
+            _ => (
+                whole,
+                scan_own(&self.pagemap, start, end)
+                    .with_context(|| format!("scanning pages of {} at {start:#x}", self.pid))?,
+            ),
+        };
         let all: Vec<(u64, u64)> = merge_ranges(regions.iter().map(|r| (r.0, r.1)).collect());
-        let present = subtract_ranges(&all, &markers(&self.pagemap, &regions)?);
+        let present_in_scope = subtract_ranges(&all, &markers(&self.pagemap, &regions)?);
+        let present = merge_ranges(
+            subtract_ranges(&intersect(&held, &[(start, end)]), &scope)
+                .into_iter()
+                .chain(present_in_scope.iter().copied())
+                .collect(),
+        );
         let written = regions
             .iter()
             .filter(|r| r.2 & pagemap::PAGE_IS_WRITTEN != 0)
             .map(|r| (r.0, r.1));
         // Copy what was written since, and what is here but was neither copied nor found
         // equal to the parent's.
-        let held = merge_ranges(area.copied.iter().chain(&area.same).copied().collect());
-        let missing = subtract_ranges(&present, &held);
+        let missing = subtract_ranges(&present_in_scope, &held);
         let to_copy = intersect(&present, &merge_ranges(written.chain(missing).collect()));
         copy_runs(
             self.pid,

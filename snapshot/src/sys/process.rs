@@ -428,3 +428,22 @@ pub fn set_lock(
     // SAFETY: the kernel reads one struct flock.
     check(unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), cmd, &lock) } as libc::c_long).map(drop)
 }
+
+/// Faults in dolly's own code (its executable mappings) ahead of time, so that a freeze does
+/// not wait for page faults on code run for the first time. Best effort.
+pub fn populate_own_code() {
+    const MADV_POPULATE_READ: i32 = 22;
+    let Ok(maps) = crate::proc::ProcDir::new(nix::unistd::getpid()).maps_without_flags() else {
+        return;
+    };
+    for m in maps.iter().filter(|m| m.exec && !m.path.starts_with('[')) {
+        // SAFETY: populating page tables of an existing mapping changes no memory contents.
+        unsafe {
+            libc::madvise(
+                m.start as *mut libc::c_void,
+                m.len() as usize,
+                MADV_POPULATE_READ,
+            );
+        }
+    }
+}
