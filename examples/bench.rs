@@ -1,6 +1,9 @@
-//! The benchmark: capture (frozen time and total) and restore time for processes with
-//! 64 MiB, 512 MiB and 2 GiB of touched memory, beside fork() of a process with the same
-//! memory and a memcpy of the same bytes, all measured in this run.
+//! The benchmark: for processes with 64 MiB, 512 MiB, 2 GiB and 4 GiB of touched memory,
+//! full and incremental captures (frozen time, time to created and to persisted, bytes
+//! written), the longest stall a process spinning on the clock sees while it is captured,
+//! and restores, beside fork() of a process with the same memory and a memcpy of the same
+//! bytes, all measured in this run; then captures of a process tree and of many threads,
+//! and clones.
 //!
 //! ```text
 //! cargo build --release --bin dolly --examples && target/release/examples/bench [MiB ...]
@@ -137,13 +140,77 @@ fn end(pid: Pid) {
     }
 }
 
+/// One capture as `--json` reports it.
+#[derive(Default, Clone, Copy)]
+struct Capture {
+    frozen: f64,
+    created: f64,
+    persisted: f64,
+    bytes: f64,
+    shared: f64,
+}
+
+impl Capture {
+    fn of(record: &serde_json::Value) -> Capture {
+        let f = |k: &str| record[k].as_f64().unwrap_or(0.0);
+        Capture {
+            frozen: f("frozen_ms"),
+            created: f("created_ms"),
+            persisted: f("persisted_ms"),
+            bytes: f("bytes"),
+            shared: f("shared_bytes"),
+        }
+    }
+
+    /// The median of each figure.
+    fn median(all: &[Capture]) -> Capture {
+        let m = |f: fn(&Capture) -> f64| median(all.iter().map(f).collect());
+        Capture {
+            frozen: m(|c| c.frozen),
+            created: m(|c| c.created),
+            persisted: m(|c| c.persisted),
+            bytes: m(|c| c.bytes),
+            shared: m(|c| c.shared),
+        }
+    }
+}
+
 struct Row {
     mib: usize,
     fork: f64,
     memcpy: f64,
-    frozen: f64,
-    capture: f64,
-    restore: f64,
+    full: Capture,
+    incremental: Capture,
+    restore_full: f64,
+    restore_incremental: f64,
+    stall_ms: f64,
+}
+
+/// Captures `pid` (with `extra` options, waiting until persisted); returns the record.
+fn capture(store: &Store, pid: Pid, extra: &[&str]) -> serde_json::Value {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "--json",
+        "snapshot",
+        "capture",
+        "--pid",
+        &pid,
+        "--wait",
+        "persisted",
+    ];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&store.dolly(&args).0).unwrap()
+}
+
+/// Restores `id` in place (its process must be gone); returns the wall time.
+fn restore_ms(store: &Store, id: &str, pid: Pid) -> f64 {
+    let (_, ms) = store.dolly(&["snapshot", "restore", id]);
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the restored process runs"
+    );
+    end(pid);
+    ms
 }
 
 fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
@@ -157,33 +224,109 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
         (fork, memcpy_ms(&src, &mut dst, runs))
     };
     let reps = if mib >= 1024 { 1 } else { 3 };
-    let (mut frozen, mut capture, mut restore) = (vec![], vec![], vec![]);
+    let (mut full, mut incremental) = (vec![], vec![]);
+    let (mut restore_full, mut restore_incremental) = (vec![], vec![]);
     for _ in 0..reps {
         let pid = start_memhog(mib, dir);
-        let (out, total) =
-            store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
-        let record: serde_json::Value = serde_json::from_str(&out).unwrap();
-        frozen.push(record["frozen_ms"].as_f64().unwrap());
-        capture.push(total);
+        let parent = capture(store, pid, &[]);
+        let parent_id = parent["id"].as_str().unwrap().to_string();
+        // memhog writes a word every 10 ms: the child has a few pages of its own.
+        std::thread::sleep(Duration::from_millis(200));
+        let child = capture(store, pid, &["--parent", &parent_id]);
+        let child_id = child["id"].as_str().unwrap();
+        full.push(Capture::of(&parent));
+        incremental.push(Capture::of(&child));
         end(pid);
-        let id = record["id"].as_str().unwrap();
-        let (_, ms) = store.dolly(&["snapshot", "restore", id]);
-        restore.push(ms);
-        assert!(
-            Path::new(&format!("/proc/{pid}")).exists(),
-            "the restored process runs"
-        );
-        end(pid);
-        store.dolly(&["snapshot", "delete", id]);
+        restore_full.push(restore_ms(store, &parent_id, pid));
+        restore_incremental.push(restore_ms(store, child_id, pid));
+        store.dolly(&["snapshot", "delete", child_id]);
+        store.dolly(&["snapshot", "delete", &parent_id]);
     }
     Row {
         mib,
         fork,
         memcpy,
-        frozen: median(frozen),
-        capture: median(capture),
-        restore: median(restore),
+        full: Capture::median(&full),
+        incremental: Capture::median(&incremental),
+        restore_full: median(restore_full),
+        restore_incremental: median(restore_incremental),
+        stall_ms: longest_stall(mib, store, dir),
     }
+}
+
+/// The longest time a process spinning on the clock saw go by between two of its turns
+/// while it was captured (examples/scribbler, which holds `mib` of touched memory and, in
+/// quiet mode, does nothing but read the clock).
+fn longest_stall(mib: usize, store: &Store, dir: &Path) -> f64 {
+    let at = dir.join(format!("scribbler-{mib}"));
+    std::fs::create_dir_all(&at).unwrap();
+    let log = at.join("log");
+    let mut cmd = Command::new(bin("scribbler"));
+    cmd.arg("--dir")
+        .arg(&at)
+        .args(["--mib", &mib.to_string(), "--quiet-after-ms", "0"]);
+    let pid = start_ready_in(&mut cmd, &at.join("out"), &log);
+    let stalls = || -> Vec<f64> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("stall max_us="))
+            .map(|v| v.parse::<f64>().unwrap() / 1e3)
+            .collect()
+    };
+    let report = || {
+        let before = stalls().len();
+        kill(pid, Signal::SIGUSR2).unwrap();
+        let t = Instant::now();
+        while stalls().len() == before {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "scribbler did not report"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *stalls().last().unwrap()
+    };
+    let reps = if mib >= 1024 { 1 } else { 3 };
+    let mut seen = Vec::new();
+    for _ in 0..reps {
+        report(); // starts a new measurement
+        let record = capture(store, pid, &[]);
+        seen.push(report());
+        store.dolly(&["snapshot", "delete", record["id"].as_str().unwrap()]);
+    }
+    end(pid);
+    median(seen)
+}
+
+/// Starts `cmd` in its own session, stdout to `out`, and waits until `log` says `ready`.
+fn start_ready_in(cmd: &mut Command, out: &Path, log: &Path) -> Pid {
+    cmd.stdin(Stdio::null())
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(Stdio::null());
+    // SAFETY: setsid and close_range are async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            libc::setsid();
+            libc::close_range(3, u32::MAX, 0);
+            Ok(())
+        });
+    }
+    // Reaped by PID (`end`).
+    #[allow(clippy::zombie_processes)]
+    let child = cmd.spawn().unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "{cmd:?} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Pid::from_raw(child.id() as i32)
 }
 
 /// Starts a program in its own session with stdout to `out`, waits until it printed
@@ -312,21 +455,67 @@ fn size_label(mib: usize) -> String {
     }
 }
 
+fn mib_of(bytes: f64) -> String {
+    let mib = bytes / (1 << 20) as f64;
+    if mib >= 10.0 {
+        format!("{mib:.0} MiB")
+    } else {
+        format!("{mib:.2} MiB")
+    }
+}
+
 fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
     let rows: Vec<Row> = sizes.iter().map(|&mib| measure(mib, store, dir)).collect();
-    println!("| touched memory | fork() | memcpy | capture: frozen | capture: total | restore | frozen / fork | restore / fork |");
+    println!("Freeze: how long the process is stopped (full capture, and incremental against it), beside fork() of a process with as much memory, a memcpy of it, and the longest stall a process spinning on the clock saw during a capture.");
+    println!();
+    println!("| touched memory | fork() | memcpy | frozen: full | frozen: incremental | full / fork | incremental / fork | longest stall seen |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for r in rows {
+    for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1}× | {:.1}× |",
+            "| {} | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms |",
             size_label(r.mib),
             r.fork,
             r.memcpy,
-            r.frozen,
-            r.capture,
-            r.restore,
-            r.frozen / r.fork,
-            r.restore / r.fork
+            r.full.frozen,
+            r.incremental.frozen,
+            r.full.frozen / r.fork,
+            r.incremental.frozen / r.fork,
+            r.stall_ms,
+        );
+    }
+    println!();
+    println!("Statuses and bytes: from the start of `capture` to `created` (restorable) and to `persisted` (durable: copied from tmpfs to disk), and the bytes each capture wrote (an incremental one shares the rest with its parent).");
+    println!();
+    println!("| touched memory | full: created | full: persisted | full: written | incremental: created | incremental: persisted | incremental: written | incremental: shared | memcpy |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} ms | {:.0} ms | {} | {:.0} ms | {:.0} ms | {} | {} | {:.1} ms |",
+            size_label(r.mib),
+            r.full.created,
+            r.full.persisted,
+            mib_of(r.full.bytes),
+            r.incremental.created,
+            r.incremental.persisted,
+            mib_of(r.incremental.bytes),
+            mib_of(r.incremental.shared),
+            r.memcpy,
+        );
+    }
+    println!();
+    println!("Restore in place (wall time of `dolly snapshot restore`), of the full snapshot and of the incremental one.");
+    println!();
+    println!("| touched memory | fork() | restore: full | restore: incremental | full / fork | incremental / fork |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} ms | {:.1} ms | {:.1} ms | {:.1}× | {:.1}× |",
+            size_label(r.mib),
+            r.fork,
+            r.restore_full,
+            r.restore_incremental,
+            r.restore_full / r.fork,
+            r.restore_incremental / r.fork,
         );
     }
 }
@@ -506,7 +695,7 @@ fn main() {
         .map(|a| a.parse().expect("sizes in MiB"))
         .collect();
     let sizes = if sizes.is_empty() {
-        vec![64, 512, 2048]
+        vec![64, 512, 2048, 4096]
     } else {
         sizes
     };
@@ -523,6 +712,8 @@ fn main() {
         println!();
     }
     if what == "clone" || what == "all" {
+        // (Clones of 4 GiB would only repeat what 2 GiB shows, at length.)
+        let sizes: Vec<usize> = sizes.into_iter().filter(|&m| m <= 2048).collect();
         clone_tables(&sizes, &store, dir.path());
     }
 }

@@ -177,7 +177,8 @@ fn incremental_snapshots_store_what_changed_and_outlive_their_parent() {
     let full = dolly.capture_with(pid, &[]);
     let id_full = full["id"].as_str().unwrap().to_string();
     w.wait_ticks(2);
-    let inc = dolly.capture_with(pid, &["--parent", &id_full, "--wait", "persisted"]);
+    // (`auto`: the newest snapshot of the same process.)
+    let inc = dolly.capture_with(pid, &["--parent", "auto", "--wait", "persisted"]);
     let id_inc = inc["id"].as_str().unwrap().to_string();
     assert_eq!(inc["parent"], id_full.as_str(), "{inc}");
     let (full_bytes, inc_bytes) = (
@@ -233,8 +234,10 @@ fn incremental_capture_of_memory_being_rewritten_is_of_one_instant() {
     let dolly = Dolly::new();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    // 64 MiB, of which 8 are rewritten all the time.
+    // 64 MiB, of which 8 are rewritten all the time (page writes only: a mapping made over
+    // part of an area splits it, and the part after the split is copied whole).
     let mut prog = start_scribbler(dir.path(), &["--mib", "64", "--hot-mib", "8"]);
+    std::fs::write(dir.path().join("steady"), b"").unwrap();
     let pid = prog.pid();
     let parent = dolly.capture(pid);
     std::thread::sleep(Duration::from_millis(200));
@@ -244,7 +247,6 @@ fn incremental_capture_of_memory_being_rewritten_is_of_one_instant() {
         "{child}"
     );
     assert!(child["bytes"].as_u64().unwrap() <= 9 << 20, "{child}");
-    std::fs::write(dir.path().join("steady"), b"").unwrap();
     prog.kill_and_reap();
     dolly.ok(&["snapshot", "delete", &parent]);
 

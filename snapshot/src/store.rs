@@ -296,6 +296,16 @@ impl Store {
         Ok(ids)
     }
 
+    /// The newest restorable snapshot of process `pid` running `comm` (a parent for an
+    /// incremental capture of it), if any.
+    pub fn latest_of(&self, pid: i32, comm: &str) -> Result<Option<String>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .rfind(|r| r.pid == pid && r.comm == comm && r.status.is_restorable())
+            .map(|r| r.id))
+    }
+
     /// Every snapshot, with its current status, oldest first.
     pub fn list(&self) -> Result<Vec<Record>> {
         let mut out = Vec::new();

@@ -142,8 +142,9 @@ pub enum SnapshotCommand {
         tcp_established: bool,
         /// Capture incrementally against an earlier snapshot (id, id prefix or name) of the
         /// same program: only pages that changed since it are stored, the rest is shared
-        /// with it (deleting it later keeps this one restorable).
-        #[arg(long, value_name = "ID")]
+        /// with it (deleting it later keeps this one restorable). `auto`: the newest
+        /// restorable snapshot of the same process (PID and command), if there is one.
+        #[arg(long, value_name = "ID|auto")]
         parent: Option<String>,
         /// Return once the snapshot is `created` (restorable; the default) or `persisted`
         /// (durable too). Making it durable goes on in the background either way.

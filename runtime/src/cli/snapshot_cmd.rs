@@ -24,7 +24,17 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
                 shell_job: *shell_job,
                 file_locks: *file_locks,
                 tcp_established: *tcp_established,
-                parent: parent.as_deref().map(|p| store.resolve(p)).transpose()?,
+                parent: match parent.as_deref() {
+                    None => None,
+                    Some("auto") => {
+                        let comm = snapshot::proc::ProcDir::new(nix::unistd::Pid::from_raw(*pid))
+                            .stat()
+                            .map(|s| s.comm)
+                            .unwrap_or_default();
+                        store.latest_of(*pid, &comm)?
+                    }
+                    Some(p) => Some(store.resolve(p)?),
+                },
             };
             let r = worker::capture(store, &opts, *wait)?.record;
             if cli.json {

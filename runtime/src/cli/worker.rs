@@ -110,6 +110,8 @@ fn work(store: &Store, opts: &CaptureOptions, out: OwnedFd, parent: nix::unistd:
     }
     send(&mut out, &Outcome::of(captured));
     if let Some(id) = id {
+        // Making it durable yields the CPU to the processes just captured.
+        let _lowered = snapshot::sys::process::Lowered::by(10);
         let mut last = 0;
         let persisted = snapshot::persist(store, &id, &Checkpoints::none(), |done, _total| {
             if done - last >= 64 << 20 {

@@ -163,6 +163,9 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     if !event_fds.is_empty() {
         pre.lost_pages = Some(LostPages::start(event_fds)?);
     }
+    // The copy yields the CPU to the tree it copies (the freeze then runs at the usual
+    // priority again, to be short).
+    let _lowered = crate::sys::process::Lowered::by(10);
     for round in 0..MAX_ROUNDS {
         let mut bytes = 0;
         for t in pre.tracked.values_mut() {

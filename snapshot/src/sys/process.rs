@@ -447,3 +447,38 @@ pub fn populate_own_code() {
         }
     }
 }
+
+/// Lowers the calling thread's scheduling priority (its nice value, per thread on Linux)
+/// by `by` until dropped: work that runs beside the processes it serves (copying their
+/// memory while they run) then yields the CPU to them rather than delaying them.
+#[derive(Debug)]
+pub struct Lowered {
+    was: Option<i32>,
+}
+
+impl Lowered {
+    /// Lowers the priority; best effort.
+    pub fn by(by: i32) -> Lowered {
+        // SAFETY: getpriority/setpriority read and set the calling thread's nice value.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let was = libc::getpriority(libc::PRIO_PROCESS, 0);
+            if *libc::__errno_location() != 0 {
+                return Lowered { was: None };
+            }
+            let lowered = libc::setpriority(libc::PRIO_PROCESS, 0, (was + by).min(19)) == 0;
+            Lowered {
+                was: lowered.then_some(was),
+            }
+        }
+    }
+}
+
+impl Drop for Lowered {
+    fn drop(&mut self) {
+        if let Some(was) = self.was {
+            // SAFETY: as above. (Raising it back needs CAP_SYS_NICE, which root has.)
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, was) };
+        }
+    }
+}
