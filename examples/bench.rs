@@ -287,13 +287,27 @@ fn longest_stall(mib: usize, store: &Store, dir: &Path) -> f64 {
         }
         *stalls().last().unwrap()
     };
-    let reps = if mib >= 1024 { 1 } else { 3 };
     let mut seen = Vec::new();
-    for _ in 0..reps {
+    for _ in 0..3 {
+        // Settled: no writeback or persister of earlier work left running.
+        nix::unistd::sync();
+        std::thread::sleep(Duration::from_millis(500));
         report(); // starts a new measurement
-        let record = capture(store, pid, &[]);
+        let (out, _) = store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
         seen.push(report());
-        store.dolly(&["snapshot", "delete", record["id"].as_str().unwrap()]);
+        let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let id = record["id"].as_str().unwrap();
+        // The persister goes on in the background: wait for it before the next capture.
+        let t = Instant::now();
+        while !store
+            .dolly(&["--json", "snapshot", "info", id])
+            .0
+            .contains("\"persisted\"")
+        {
+            assert!(t.elapsed() < Duration::from_secs(300), "not persisted");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        store.dolly(&["snapshot", "delete", id]);
     }
     end(pid);
     median(seen)
@@ -332,36 +346,9 @@ fn start_ready_in(cmd: &mut Command, out: &Path, log: &Path) -> Pid {
 /// Starts a program in its own session with stdout to `out`, waits until it printed
 /// `ready`, and returns its PID.
 fn start_ready(cmd: &mut Command, out: &Path) -> Pid {
-    cmd.stdin(Stdio::null())
-        .stdout(std::fs::File::create(out).unwrap())
-        .stderr(Stdio::null());
-    // SAFETY: setsid and close_range are async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, || {
-            libc::setsid();
-            libc::close_range(3, u32::MAX, 0);
-            Ok(())
-        });
-    }
-    // Reaped by PID (`end`), with the trees it is measured in.
-    #[allow(clippy::zombie_processes)]
-    let child = cmd.spawn().unwrap();
-    let t = Instant::now();
-    while !std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .contains("ready")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{cmd:?} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Pid::from_raw(child.id() as i32)
+    start_ready_in(cmd, out, out)
 }
 
-/// Kills every process of a tree, then waits until every PID is free (a child is reaped by
-/// its parent's death, or by us as a subreaper).
 fn end_tree(pids: &[Pid]) {
     for p in pids.iter().rev() {
         let _ = kill(*p, Signal::SIGKILL);

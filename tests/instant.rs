@@ -201,16 +201,27 @@ fn incremental_snapshots_store_what_changed_and_outlive_their_parent() {
     let mut w = w;
     w.proc.kill_and_reap();
     reap_until_gone(pid);
+    let seen = w.ticks().len();
     let restored = dolly.restore(&id_inc);
     assert_report_ok(&w.report(pid));
-    w.wait_ticks(1);
-    let ticks = w.ticks();
-    let after: Vec<_> = ticks.iter().filter(|t| t.2 == pid).collect();
-    assert!(
-        ticks.iter().any(|t| t.0 > at_capture),
-        "it goes on ticking after the capture"
+    // It resumes from the tick it was captured at, with the digest the original had there.
+    wait_until(
+        "a tick of the restored process",
+        Duration::from_secs(20),
+        || w.ticks().len() > seen,
     );
-    assert!(after.len() > 1);
+    let ticks = w.ticks();
+    let (tick, digest, _) = &ticks[seen];
+    assert!(
+        *tick <= at_capture + 1,
+        "resumed at tick {tick}, captured at {at_capture}"
+    );
+    if let Some(original) = ticks[..seen].iter().find(|t| t.0 == *tick) {
+        assert_eq!(
+            &original.1, digest,
+            "the same state as the original at tick {tick}"
+        );
+    }
 
     // A grandchild of the restored process, then the memory tier wiped: restorable from the
     // durable tier (the shared pages' durable copies included).

@@ -207,7 +207,9 @@ fn restore_refuses_unknown_and_unrestorable_snapshots() {
 
 fn captured_and_killed(dolly: &Dolly) -> (Workload, String) {
     let mut w = Workload::start(2);
-    let id = dolly.capture(w.pid());
+    // Persisted: no persister left to rewrite the record the tests tamper with.
+    let record = dolly.capture_with(w.pid(), &["--wait", "persisted"]);
+    let id = record["id"].as_str().unwrap().to_string();
     w.proc.kill_and_reap();
     (w, id)
 }

@@ -670,8 +670,12 @@ pub fn map_areas(
     proc: &Process,
     sources: &MapSources,
     pools: &ProcessPools,
+    batch: Option<Batch>,
 ) -> Result<()> {
     let mmap = libc::SYS_mmap;
+    // The mappings of stored pages, made once every area is in place: in batches of
+    // system calls run with one stop each where a batch runner is given.
+    let mut pool_maps: Vec<[u64; 6]> = Vec::new();
     for area in &proc.areas {
         let what = || format!("mapping {:#x}-{:#x}", area.start, area.end);
         let prot = prot(area);
@@ -766,22 +770,64 @@ pub fn map_areas(
                 PoolSource::Base(n) => sources.bases.get(n as usize).copied(),
             }
             .expect("a pool fd for every stored page");
-            let addr = area.start + run[0] * PAGE_SIZE;
-            remote.call(
-                &format!("mapping pool pages at {addr:#x}"),
-                mmap,
-                &[
-                    addr,
-                    run[1] * PAGE_SIZE,
-                    prot,
-                    libc::MAP_PRIVATE as u64 | fixed,
-                    fd as u64,
-                    run[2] * PAGE_SIZE,
-                ],
-            )?;
+            pool_maps.push([
+                area.start + run[0] * PAGE_SIZE,
+                run[1] * PAGE_SIZE,
+                prot,
+                libc::MAP_PRIVATE as u64 | fixed,
+                fd as u64,
+                run[2] * PAGE_SIZE,
+            ]);
+        }
+    }
+    let failed = |args: &[u64; 6], rc: i64| {
+        Error::sys(
+            format!("mapping pool pages at {:#x}", args[0]),
+            nix::errno::Errno::from_raw(-rc as i32),
+        )
+    };
+    match batch {
+        Some(b) => {
+            for chunk in pool_maps.chunks(b.calls_per_run()) {
+                let mut calls = crate::tracee::Calls::default();
+                for args in chunk {
+                    calls.add(mmap, args);
+                }
+                let results = remote.run(&calls, b.runner, b.table)?;
+                if let Some((args, &rc)) = chunk
+                    .iter()
+                    .zip(&results)
+                    .find(|(_, &rc)| (-4095..0).contains(&rc))
+                {
+                    return Err(failed(args, rc));
+                }
+            }
+        }
+        None => {
+            for args in &pool_maps {
+                remote.call(&format!("mapping pool pages at {:#x}", args[0]), mmap, args)?;
+            }
         }
     }
     Ok(())
+}
+
+/// Where [`Remote::run`] batches go inside a process being rebuilt: its code page and a
+/// writable table.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch {
+    /// The code page ([`Remote::write_call_runner`]).
+    pub runner: u64,
+    /// The call table.
+    pub table: u64,
+    /// The table's size in bytes.
+    pub table_len: u64,
+}
+
+impl Batch {
+    fn calls_per_run(&self) -> usize {
+        (self.table_len / 64).saturating_sub(1).max(1) as usize
+    }
 }
 
 /// Gives back each area's `madvise`/`mlock` state and anonymous names. `scratch` is a page

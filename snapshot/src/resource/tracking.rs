@@ -379,9 +379,17 @@ impl Tracked {
     /// write-protect shows as written (the kernel also clears the protection of pages
     /// `mremap` moves), so only pages that stayed where they were copied are reused.
     pub fn finish_area(&mut self, start: u64, end: u64) -> Result<Option<Pages>> {
-        let Some(area) = self.areas.iter_mut().find(|a| a.start == start) else {
+        let Some(i) = self.areas.iter().position(|a| a.start == start) else {
             return Ok(None);
         };
+        // A mapping made over the tracked one (at the same start) is not tracked: its pages
+        // are copied whole, and the slot emptied.
+        if !pagemap::wp_async_at(&self.pagemap, start) {
+            let area = self.areas.remove(i);
+            punch(&self.writer, area.slot, 0, area.end - area.start);
+            return Ok(None);
+        }
+        let area = &mut self.areas[i];
         let held = merge_ranges(area.copied.iter().chain(&area.same).copied().collect());
         // Where to look page by page (`scope`), and the walk there: the pages of its own,
         // with whether each was written. The whole area, unless the quick walk was made:

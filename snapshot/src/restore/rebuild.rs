@@ -72,25 +72,34 @@ pub fn rebuild(
     replace_address_space(&mut remote, pid, proc, vdso_syscall)?;
     checkpoints.reach("restore:rebuilding")?;
     let scratch_len = SCRATCH_MIN.max(page_ceil(creds::scratch_needed(&proc.creds) + PAGE_SIZE));
-    let scratch_at = memory::free_range(&proc.areas, &[], scratch_len).ok_or_else(|| {
-        Error::refused(
-            "the snapshot's address space has no room left for dolly's scratch page",
-            "this process cannot be restored by dolly",
-        )
-    })?;
+    let scratch_at =
+        memory::free_range(&proc.areas, &[], scratch_len + PAGE_SIZE).ok_or_else(|| {
+            Error::refused(
+                "the snapshot's address space has no room left for dolly's scratch page",
+                "this process cannot be restored by dolly",
+            )
+        })?;
+    // The scratch area, and after it a page for the code that runs batches of system calls
+    // (the stub, a fork of dolly, may have writable and executable memory).
     let scratch = remote.call(
         "mapping a scratch page",
         libc::SYS_mmap,
         &[
             scratch_at,
-            scratch_len,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            scratch_len + PAGE_SIZE,
+            (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
             (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
             u64::MAX,
             0,
         ],
     )?;
-    memory::map_areas(&mut remote, proc, &sources.maps, sources.pools)?;
+    remote.write_call_runner(scratch + scratch_len)?;
+    let batch = memory::Batch {
+        runner: scratch + scratch_len,
+        table: scratch,
+        table_len: scratch_len,
+    };
+    memory::map_areas(&mut remote, proc, &sources.maps, sources.pools, Some(batch))?;
     memory::apply_flags(&mut remote, proc, scratch)?;
     process::set_mm_map(&mut remote, scratch, &proc.mm, Some(sources.exe))?;
     // Before dolly's fds go: the pty slave is one of them.
@@ -149,7 +158,7 @@ pub fn rebuild(
     remote.call(
         "unmapping the scratch page",
         libc::SYS_munmap,
-        &[scratch, scratch_len],
+        &[scratch, scratch_len + PAGE_SIZE],
     )?;
     Ok(others)
 }

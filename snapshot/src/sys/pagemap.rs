@@ -95,6 +95,25 @@ pub fn scan_and_protect(
     )
 }
 
+/// Whether the area holding `addr` is registered for userfaultfd asynchronous
+/// write-protection (a mapping made over a registered one is not).
+pub fn wp_async_at(pagemap: &impl AsRawFd, addr: u64) -> bool {
+    let any = ScanFilter {
+        inverted: 0,
+        required: 0,
+        any_of: 0,
+    };
+    walk(
+        pagemap,
+        addr,
+        addr + super::PAGE_SIZE,
+        any,
+        PAGE_IS_WPALLOWED,
+        0,
+    )
+    .is_ok_and(|r| r.first().is_some_and(|r| r.2 & PAGE_IS_WPALLOWED != 0))
+}
+
 /// Like [`scan`], but returns each run with the categories of its pages (`return_mask` of
 /// them): `(start, end, categories)`.
 pub fn scan_regions(
