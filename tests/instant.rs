@@ -245,10 +245,9 @@ fn incremental_capture_of_memory_being_rewritten_is_of_one_instant() {
     let dolly = Dolly::new();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    // 64 MiB, of which 8 are rewritten all the time (page writes only: a mapping made over
-    // part of an area splits it, and the part after the split is copied whole).
+    // 64 MiB, of which 8 are rewritten all the time (pages written, dropped, mapped over:
+    // the area is split, and its pieces stay tracked).
     let mut prog = start_scribbler(dir.path(), &["--mib", "64", "--hot-mib", "8"]);
-    std::fs::write(dir.path().join("steady"), b"").unwrap();
     let pid = prog.pid();
     let parent = dolly.capture(pid);
     std::thread::sleep(Duration::from_millis(200));
@@ -258,6 +257,7 @@ fn incremental_capture_of_memory_being_rewritten_is_of_one_instant() {
         "{child}"
     );
     assert!(child["bytes"].as_u64().unwrap() <= 9 << 20, "{child}");
+    std::fs::write(dir.path().join("steady"), b"").unwrap();
     prog.kill_and_reap();
     dolly.ok(&["snapshot", "delete", &parent]);
 

@@ -364,8 +364,13 @@ pub struct AreaFlags {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pages {
-    /// Slot of the pool file: page `n` of the area is at byte `(slot << 47) + n * 4096`.
+    /// Slot of the pool file: page `n` of the area is at byte
+    /// `(slot << 47) + (offset + n) * 4096`.
     pub slot: u32,
+    /// Pages of the slot before the area's first (an area split off a larger one that was
+    /// copied into the slot while the process ran).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub offset: u64,
     /// Runs of stored pages as `[first page, page count]`, page numbers counted from the
     /// start of the area; pages outside every run (and every shared run) were never touched
     /// (read as zeros, or come from the mapped file for file areas).
@@ -376,7 +381,16 @@ pub struct Pages {
     pub shared: Vec<SharedRuns>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Pages {
+    /// Byte offset in the pool file of page `page` of the area.
+    pub fn byte_offset(&self, page: u64) -> u64 {
+        crate::pool::page_offset(self.slot, self.offset + page)
+    }
+
     /// Number of pages stored in the snapshot's own pool file.
     pub fn page_count(&self) -> u64 {
         self.runs.iter().map(|r| r[1]).sum()

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Result};
 use crate::image::{PoolFile, Process, SharedRuns};
-use crate::pool;
 use crate::sys::PAGE_SIZE;
 
 /// A pool file of the parent that a process's pages may be shared with.
@@ -81,7 +80,7 @@ impl ParentPages {
                         start: at(r[0]),
                         end: at(r[0] + r[1]),
                         file: 0,
-                        file_page: pool::page_offset(pages.slot, r[0]) / PAGE_SIZE,
+                        file_page: pages.byte_offset(r[0]) / PAGE_SIZE,
                     });
                 }
             }

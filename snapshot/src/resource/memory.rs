@@ -140,6 +140,7 @@ impl ShmemTable {
                     .context("reading shared memory")?;
             }
             object.pages = Some(Pages {
+                offset: 0,
                 slot,
                 runs,
                 shared: Vec::new(),
@@ -462,10 +463,14 @@ pub fn dump(
         let runs = page_runs(&ranges, area.start);
         copy_runs(pid, &mem, writer, slot, area.start, &runs)?;
         area.pages = Some(Pages {
+            offset: 0,
             slot,
             runs,
             shared: Vec::new(),
         });
+    }
+    if let Some(t) = tracked.as_deref_mut() {
+        t.free_unused();
     }
     stats.pool_size = match (&own_writer, tracked) {
         (Some(w), _) => w.size(),
@@ -533,7 +538,7 @@ pub enum PoolSource {
 /// An area's stored pages by pool file: `(source, runs)` with runs as `[first page in the
 /// area, page count, first page in the file]`.
 fn layers(pages: &Pages) -> Vec<(PoolSource, Vec<[u64; 3]>)> {
-    let first = pool::slot_offset(pages.slot) / PAGE_SIZE;
+    let first = pages.byte_offset(0) / PAGE_SIZE;
     std::iter::once((
         PoolSource::Own,
         pages
@@ -971,6 +976,7 @@ mod tests {
     #[test]
     fn short_gaps_fold_into_one_mapping_for_anonymous_memory_only() {
         let pages = Pages {
+            offset: 0,
             slot: 0,
             runs: vec![[0, 2], [5, 1], [60, 3]],
             shared: Vec::new(),
@@ -996,6 +1002,7 @@ mod tests {
         // A file area whose pages 10 and 20 changed since the parent: the parent's runs
         // join across them, the two changed pages are mapped over.
         let mut f = anon(Some(Pages {
+            offset: 0,
             slot: 1,
             runs: vec![[10, 1], [20, 1]],
             shared: vec![crate::image::SharedRuns {

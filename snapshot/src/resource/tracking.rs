@@ -113,6 +113,8 @@ struct TrackedArea {
     /// Address ranges whose pages are the parent snapshot's (not in the slot); disjoint
     /// from `copied`.
     same: Vec<(u64, u64)>,
+    /// The parts of it the freeze stored (see [`Tracked::free_unused`]).
+    finished: Vec<(u64, u64)>,
 }
 
 /// A running process whose memory is being pre-copied.
@@ -219,6 +221,7 @@ impl Tracked {
                 slot: writer.new_slot()?,
                 copied: Vec::new(),
                 same: Vec::new(),
+                finished: Vec::new(),
             });
         }
         Ok(Tracked {
@@ -260,69 +263,107 @@ impl Tracked {
     pub fn copy_round(&mut self, first: bool) -> Result<u64> {
         let filter = if first { OWN_PAGES } else { WRITTEN_PAGES };
         let mut bytes = 0;
-        let mut dropped = Vec::new();
         let mut scratch = (Vec::new(), Vec::new());
-        for (i, area) in self.areas.iter_mut().enumerate() {
-            // Write-protect, then read: a write that comes after shows as written.
-            let copied = pagemap::scan_and_protect(&self.pagemap, area.start, area.end, filter)
-                .ok()
-                .and_then(|ranges| {
-                    // A page may go away under the copy (the program unmaps it).
-                    let runs = page_runs(&ranges, area.start);
-                    let same = match &self.parent {
-                        None => copy_runs(
-                            self.pid,
-                            &self.mem,
-                            &self.writer,
-                            area.slot,
-                            area.start,
-                            &runs,
-                        )
-                        .map(|_| Vec::new()),
-                        Some(parent) => copy_changed_runs(
-                            self.pid,
-                            &self.mem,
-                            &self.writer,
-                            (area.slot, area.start),
-                            &runs,
-                            parent,
-                            &mut scratch,
-                        ),
-                    }
-                    .ok()?;
-                    Some((ranges, same))
-                });
-            match copied {
-                Some((ranges, same)) => {
-                    bytes += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
-                    let changed = subtract_ranges(&ranges, &same);
-                    // Pages now equal to the parent's that the slot held: freed.
-                    for (s, e) in intersect(&area.copied, &same) {
-                        punch(&self.writer, area.slot, (s - area.start) / PAGE_SIZE, e - s);
-                    }
-                    area.copied = merge_ranges(
-                        subtract_ranges(&area.copied, &same)
-                            .into_iter()
-                            .chain(changed.iter().copied())
-                            .collect(),
+        let mut maps: Option<Vec<MapsEntry>> = None;
+        for area in &mut self.areas {
+            let mut pieces = vec![(area.start, area.end)];
+            let mut whole = true;
+            while let Some((start, end)) = pieces.pop() {
+                // Write-protect, then read: a write that comes after shows as written.
+                let copied = pagemap::scan_and_protect(&self.pagemap, start, end, filter)
+                    .ok()
+                    .and_then(|ranges| {
+                        // A page may go away under the copy (the program unmaps it).
+                        let runs = page_runs(&ranges, area.start);
+                        let same = match &self.parent {
+                            None => copy_runs(
+                                self.pid,
+                                &self.mem,
+                                &self.writer,
+                                area.slot,
+                                area.start,
+                                &runs,
+                            )
+                            .map(|_| Vec::new()),
+                            Some(parent) => copy_changed_runs(
+                                self.pid,
+                                &self.mem,
+                                &self.writer,
+                                (area.slot, area.start),
+                                &runs,
+                                parent,
+                                &mut scratch,
+                            ),
+                        }
+                        .ok()?;
+                        Some((ranges, same))
+                    });
+                let Some((ranges, same)) = copied else {
+                    // The failed walk may have protected pages it did not copy, hiding that
+                    // they were written: none of the range counts as copied any more, and
+                    // the freeze looks at it page by page.
+                    // (Its pages in the slot are freed too: a restore may map the slot
+                    // across short gaps, which must read as zeros.)
+                    area.copied = subtract_ranges(&area.copied, &[(start, end)]);
+                    area.same = subtract_ranges(&area.same, &[(start, end)]);
+                    punch(
+                        &self.writer,
+                        area.slot,
+                        (start - area.start) / PAGE_SIZE,
+                        end - start,
                     );
-                    area.same = merge_ranges(
-                        subtract_ranges(&area.same, &changed)
-                            .into_iter()
-                            .chain(same)
-                            .collect(),
-                    );
+                    self.lost =
+                        merge_ranges(self.lost.iter().copied().chain([(start, end)]).collect());
+                    if whole {
+                        // The area changed under the tracking (split by a mapping made over
+                        // part of it, partly unmapped): each piece of it still mapped is
+                        // copied on its own (a piece not tracked any more fails again).
+                        whole = false;
+                        let maps = maps.get_or_insert_with(|| {
+                            ProcDir::new(self.pid)
+                                .maps_without_flags()
+                                .unwrap_or_default()
+                        });
+                        pieces.extend(
+                            maps.iter()
+                                .filter(|m| m.start < end && m.end > start)
+                                .map(|m| (m.start.max(start), m.end.min(end))),
+                        );
+                    }
+                    continue;
+                };
+                bytes += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
+                let changed = subtract_ranges(&ranges, &same);
+                // Pages now equal to the parent's that the slot held: freed.
+                for (s, e) in intersect(&area.copied, &same) {
+                    punch(&self.writer, area.slot, (s - area.start) / PAGE_SIZE, e - s);
                 }
-                // The area changed under the tracking (unmapped, mapped over): it is no
-                // longer tracked, its slot is emptied, and the freeze copies what is there.
-                None => dropped.push(i),
+                area.copied = merge_ranges(
+                    subtract_ranges(&area.copied, &same)
+                        .into_iter()
+                        .chain(changed.iter().copied())
+                        .collect(),
+                );
+                area.same = merge_ranges(
+                    subtract_ranges(&area.same, &changed)
+                        .into_iter()
+                        .chain(same)
+                        .collect(),
+                );
             }
         }
-        for i in dropped.into_iter().rev() {
-            let area = self.areas.remove(i);
-            punch(&self.writer, area.slot, 0, area.end - area.start);
-        }
         Ok(bytes)
+    }
+
+    /// After the freeze: frees the pages of the slots that no area of the snapshot uses (an
+    /// area unmapped, or split and partly unmapped or mapped over, since it was copied).
+    pub fn free_unused(&mut self) {
+        for area in &mut self.areas {
+            let used = merge_ranges(std::mem::take(&mut area.finished));
+            for (s, e) in subtract_ranges(&area.copied, &used) {
+                punch(&self.writer, area.slot, (s - area.start) / PAGE_SIZE, e - s);
+            }
+        }
     }
 
     /// At the freeze, before [`Tracked::finish_area`]: walks the page tables of every tracked
@@ -379,33 +420,44 @@ impl Tracked {
     /// write-protect shows as written (the kernel also clears the protection of pages
     /// `mremap` moves), so only pages that stayed where they were copied are reused.
     pub fn finish_area(&mut self, start: u64, end: u64) -> Result<Option<Pages>> {
-        let Some(i) = self.areas.iter().position(|a| a.start == start) else {
+        // The tracked area holding `start`: the same, or one the area was split off (by
+        // mprotect, or a mapping made over part of it): page protections outlive the split.
+        let Some(i) = self
+            .areas
+            .iter()
+            .position(|a| a.start <= start && start < a.end)
+        else {
             return Ok(None);
         };
-        // A mapping made over the tracked one (at the same start) is not tracked: its pages
-        // are copied whole, and the slot emptied.
+        // A mapping made over part of a tracked one is not tracked: its pages are copied
+        // whole (the slot's pages there are freed by `free_unused`).
         if !pagemap::wp_async_at(&self.pagemap, start) {
-            let area = self.areas.remove(i);
-            punch(&self.writer, area.slot, 0, area.end - area.start);
             return Ok(None);
         }
         let area = &mut self.areas[i];
-        let held = merge_ranges(area.copied.iter().chain(&area.same).copied().collect());
+        let base = area.start;
+        let piece = [(start, end)];
+        let held = intersect(
+            &merge_ranges(area.copied.iter().chain(&area.same).copied().collect()),
+            &piece,
+        );
         // Where to look page by page (`scope`), and the walk there: the pages of its own,
         // with whether each was written. The whole area, unless the quick walk was made:
         // then only what it found touched, the ranges the events say lost pages, and what
         // the area grew by since it was protected. Elsewhere every page is as it was
         // copied (or found equal to the parent's).
-        let whole = vec![(start, end)];
-        let (scope, regions) = match self.scanned.remove(&start) {
-            Some((e, Scanned::All(regions))) if e == end => (whole, regions),
+        let whole = piece.to_vec();
+        let (scope, regions) = match self.scanned.get(&base) {
+            Some((e, Scanned::All(regions))) if base == start && *e == end => {
+                (whole, regions.clone())
+            }
             Some((protected, Scanned::Touched(touched))) => {
-                let mut scope = touched;
-                scope.extend(self.lost.iter().copied());
-                if end > protected {
-                    scope.push((protected, end));
+                let mut scope = intersect(touched, &whole);
+                scope.extend(intersect(&self.lost, &whole));
+                if end > *protected {
+                    scope.push(((*protected).max(start), end));
                 }
-                let scope = intersect(&merge_ranges(scope), &whole);
+                let scope = merge_ranges(scope);
                 let mut regions = Vec::new();
                 for &(s, e) in &scope {
                     regions
@@ -424,7 +476,7 @@ impl Tracked {
         let all: Vec<(u64, u64)> = merge_ranges(regions.iter().map(|r| (r.0, r.1)).collect());
         let present_in_scope = subtract_ranges(&all, &markers(&self.pagemap, &regions)?);
         let present = merge_ranges(
-            subtract_ranges(&intersect(&held, &[(start, end)]), &scope)
+            subtract_ranges(&held, &scope)
                 .into_iter()
                 .chain(present_in_scope.iter().copied())
                 .collect(),
@@ -442,19 +494,19 @@ impl Tracked {
             &self.mem,
             &self.writer,
             area.slot,
-            start,
-            &page_runs(&to_copy, start),
+            base,
+            &page_runs(&to_copy, base),
         )?;
         let copied = merge_ranges(
-            area.copied
-                .drain(..)
+            intersect(&area.copied, &piece)
+                .into_iter()
                 .chain(to_copy.iter().copied())
                 .collect(),
         );
-        let same = subtract_ranges(&area.same, &to_copy);
+        let same = subtract_ranges(&intersect(&area.same, &piece), &to_copy);
         // Pages copied early but gone since are not part of the snapshot: free them.
         for (s, e) in subtract_ranges(&copied, &present) {
-            punch(&self.writer, area.slot, (s - start) / PAGE_SIZE, e - s);
+            punch(&self.writer, area.slot, (s - base) / PAGE_SIZE, e - s);
         }
         let own = intersect(&present, &copied);
         let same = intersect(&present, &same);
@@ -463,11 +515,23 @@ impl Tracked {
             None => Vec::new(),
         };
         let runs = page_runs(&own, start);
-        area.copied = own;
-        area.same = same;
+        area.copied = merge_ranges(
+            subtract_ranges(&area.copied, &piece)
+                .into_iter()
+                .chain(own)
+                .collect(),
+        );
+        area.same = merge_ranges(
+            subtract_ranges(&area.same, &piece)
+                .into_iter()
+                .chain(same)
+                .collect(),
+        );
         area.end = area.end.max(end);
+        area.finished.push((start, end));
         Ok(Some(Pages {
             slot: area.slot,
+            offset: (start - base) / PAGE_SIZE,
             runs,
             shared,
         }))

@@ -29,7 +29,6 @@ use nix::unistd::Pid;
 use crate::checkpoint::Checkpoints;
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::image::{EpollItem, FileKind, Manifest, Process, ShmemObject};
-use crate::pool;
 use crate::proc::ProcDir;
 use crate::resource::files::{self, PreparedFiles};
 use crate::resource::memory::{self, MapSources};
@@ -592,7 +591,7 @@ fn make_shmem(object: &ShmemObject, pool_file: Option<&File>) -> Result<OwnedFd>
             while done < total {
                 let n = (total - done).min(buf.len() as u64) as usize;
                 pool_file
-                    .read_exact_at(&mut buf[..n], pool::page_offset(pages.slot, run[0]) + done)
+                    .read_exact_at(&mut buf[..n], pages.byte_offset(run[0]) + done)
                     .context("reading shared memory from the pool")?;
                 file.write_all_at(&buf[..n], run[0] * PAGE_SIZE + done)
                     .context("filling shared memory")?;

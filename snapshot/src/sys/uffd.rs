@@ -75,7 +75,8 @@ pub fn enable_async_wp(uffd: &OwnedFd, events: bool) -> Result<bool, Errno> {
 }
 
 /// Reads the pending events of a userfaultfd opened `O_NONBLOCK`, returning the address
-/// ranges whose pages may have gone (`madvise` drops, `munmap`, the source of an `mremap`).
+/// ranges whose pages may have gone or changed (`madvise` drops, `munmap`, both ends of an
+/// `mremap`).
 /// Reading an event lets the process go on.
 pub fn read_lost(uffd: &impl AsRawFd) -> Result<Vec<(u64, u64)>, Errno> {
     let mut out = Vec::new();
@@ -97,7 +98,12 @@ pub fn read_lost(uffd: &impl AsRawFd) -> Result<Vec<(u64, u64)>, Errno> {
             let word = |at: usize| u64::from_ne_bytes(msg[at..at + 8].try_into().expect("8 bytes"));
             match msg[0] {
                 UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => out.push((word(8), word(16))),
-                UFFD_EVENT_REMAP => out.push((word(8), word(8) + word(24))),
+                // Both ends: the pages left the source, and replaced what the
+                // destination held.
+                UFFD_EVENT_REMAP => {
+                    out.push((word(8), word(8) + word(24)));
+                    out.push((word(16), word(16) + word(24)));
+                }
                 _ => {}
             }
         }
