@@ -66,6 +66,17 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     let turns = |l: &str| l.rsplit('=').next().unwrap().parse::<u64>().unwrap();
     assert!(turns(&second) > turns(&first), "it goes on writing");
 
+    // The restored copy, still writing, captured against the snapshot it came from: what it
+    // did not write since is shared with it, and the next restore holds one instant again.
+    let again = dolly.capture_with(pid, &["--parent", "auto"]);
+    assert_eq!(again["parent"], id.as_str(), "{again}");
+    assert!(again["shared_bytes"].as_u64().unwrap() > 0, "{again}");
+    drop(restored);
+    reap_until_gone(pid);
+    let restored = dolly.restore(again["id"].as_str().unwrap());
+    let third = verify(pid, &log);
+    assert!(third.starts_with("verify ok"), "{third}");
+
     let clone = dolly.clone_over(&["--snapshot", &id], dir.path());
     let inside = clone.inside(&log);
     let verdict = verify(clone.host, &inside);
@@ -225,8 +236,16 @@ fn incremental_snapshots_store_what_changed_and_outlive_their_parent() {
 
     // A grandchild of the restored process, then the memory tier wiped: restorable from the
     // durable tier (the shared pages' durable copies included).
-    let grand = dolly.capture_with(pid, &["--parent", &id_inc, "--wait", "persisted"]);
+    // (`auto`: the snapshot it was restored from. Its memory still read from that
+    // snapshot's pool is shared, not copied.)
+    let grand = dolly.capture_with(pid, &["--parent", "auto", "--wait", "persisted"]);
     let id_grand = grand["id"].as_str().unwrap().to_string();
+    assert_eq!(grand["parent"], id_inc.as_str(), "{grand}");
+    assert!(
+        grand["shared_bytes"].as_u64().unwrap() > full_bytes / 2
+            && grand["bytes"].as_u64().unwrap() < full_bytes / 4,
+        "{grand}"
+    );
     drop(restored);
     reap_until_gone(pid);
     dolly.ok(&["snapshot", "delete", &id_inc]);

@@ -26,13 +26,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
                 tcp_established: *tcp_established,
                 parent: match parent.as_deref() {
                     None => None,
-                    Some("auto") => {
-                        let comm = snapshot::proc::ProcDir::new(nix::unistd::Pid::from_raw(*pid))
-                            .stat()
-                            .map(|s| s.comm)
-                            .unwrap_or_default();
-                        store.latest_of(*pid, &comm)?
-                    }
+                    Some("auto") => snapshot::capture::auto_parent(store, *pid)?,
                     Some(p) => Some(store.resolve(p)?),
                 },
             };

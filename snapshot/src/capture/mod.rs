@@ -4,6 +4,7 @@
 
 mod checks;
 mod parent;
+pub use parent::auto_parent;
 mod precopy;
 mod process;
 mod tree;

@@ -49,3 +49,34 @@ impl Parent {
         ParentPages::of(proc, &self.id, &self.pool_dir)
     }
 }
+
+/// The parent `--parent auto` picks for process `pid`: the snapshot it was restored from
+/// (whose pool it still maps), else the newest snapshot of the same process (PID and
+/// command); `None` for a full capture.
+pub fn auto_parent(store: &Store, pid: i32) -> Result<Option<String>> {
+    let proc = crate::proc::ProcDir::new(nix::unistd::Pid::from_raw(pid));
+    let pool = store
+        .pool()
+        .canonicalize()
+        .unwrap_or_else(|_| store.pool().to_path_buf());
+    let restored_from = proc.maps_without_flags().ok().and_then(|maps| {
+        maps.iter().find_map(|m| {
+            let path = std::path::Path::new(&m.path);
+            if !m.path.ends_with(crate::resource::memory::POOL_FILE_SUFFIX)
+                || !path.starts_with(&pool)
+            {
+                return None;
+            }
+            let id = path.parent()?.file_name()?.to_str()?.to_string();
+            store
+                .record(&id)
+                .is_ok_and(|r| r.status.is_restorable())
+                .then_some(id)
+        })
+    });
+    if restored_from.is_some() {
+        return Ok(restored_from);
+    }
+    let comm = proc.stat().map(|s| s.comm).unwrap_or_default();
+    store.latest_of(pid, &comm)
+}

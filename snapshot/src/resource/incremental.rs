@@ -106,6 +106,27 @@ impl ParentPages {
         }))
     }
 
+    /// For an area mapping a pool file of the parent (a process restored from it): the
+    /// address ranges whose pages the mapping reads from the very file page the parent
+    /// stored there. Those pages are the parent's as long as the process did not write them.
+    pub fn mapped_from_parent(&self, m: &crate::proc::MapsEntry) -> Vec<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(file) = self
+            .files
+            .iter()
+            .position(|f| f.file.metadata().is_ok_and(|meta| meta.ino() == m.inode))
+        else {
+            return Vec::new();
+        };
+        let first_page = m.offset / PAGE_SIZE;
+        self.overlapping(m.start, m.end)
+            .filter(|s| {
+                s.file == file && s.file_page == first_page + (s.start - m.start) / PAGE_SIZE
+            })
+            .map(|s| (s.start, s.end))
+            .collect()
+    }
+
     /// The segments overlapping `[start, end)`, each cut to it.
     fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = Segment> + '_ {
         let first = self.segments.partition_point(|s| s.end <= start);

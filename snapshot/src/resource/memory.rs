@@ -430,7 +430,8 @@ pub fn dump(
         any_of: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
     };
     for (area, source) in plan.areas.iter_mut().zip(&plan.sources) {
-        if let (Some(t), Source::Private) = (tracked.as_deref_mut(), source) {
+        // (A tracked mapping of a pool file is one of the parent's: see `Tracked::start`.)
+        if let (Some(t), Source::Private | Source::Pool { .. }) = (tracked.as_deref_mut(), source) {
             if let Some(pages) = t.finish_area(area.start, area.end)? {
                 area.pages = (!pages.runs.is_empty() || !pages.shared.is_empty()).then_some(pages);
                 continue;

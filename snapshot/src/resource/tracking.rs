@@ -115,6 +115,10 @@ struct TrackedArea {
     same: Vec<(u64, u64)>,
     /// The parts of it the freeze stored (see [`Tracked::free_unused`]).
     finished: Vec<(u64, u64)>,
+    /// For an area mapping the parent's pool file (a process restored from the parent):
+    /// the ranges still reading the parent's pages, unless written (see
+    /// [`ParentPages::mapped_from_parent`]).
+    from_parent: Vec<(u64, u64)>,
 }
 
 /// A running process whose memory is being pre-copied.
@@ -209,7 +213,18 @@ impl Tracked {
         let mem = File::open(proc.path("mem")).context("opening process memory")?;
         let mut writer = PoolWriter::create(pool_path)?;
         let mut areas = Vec::new();
-        for m in maps.iter().filter(|m| trackable(m)) {
+        for m in maps {
+            // Memory a restored process still maps from its snapshot's pool is tracked when
+            // that snapshot is the parent: what it did not write is the parent's.
+            let from_parent = match &parent {
+                Some(p) if m.path.ends_with(super::memory::POOL_FILE_SUFFIX) && !m.shared => {
+                    p.mapped_from_parent(m)
+                }
+                _ => Vec::new(),
+            };
+            if !trackable(m) && from_parent.is_empty() {
+                continue;
+            }
             // An area the program registered with a userfaultfd of its own is busy: the
             // freeze copies it whole.
             if uffd::register_wp(&uffd, m.start, m.end).is_err() {
@@ -222,6 +237,7 @@ impl Tracked {
                 copied: Vec::new(),
                 same: Vec::new(),
                 finished: Vec::new(),
+                from_parent,
             });
         }
         Ok(Tracked {
@@ -509,11 +525,53 @@ impl Tracked {
             punch(&self.writer, area.slot, (s - base) / PAGE_SIZE, e - s);
         }
         let own = intersect(&present, &copied);
-        let same = intersect(&present, &same);
+        let mut same = intersect(&present, &same);
+        if !area.from_parent.is_empty() {
+            // Pages read from the parent's pool file and not written are the parent's, unless
+            // an event says the range changed: those are read now.
+            let mapped = subtract_ranges(&intersect(&area.from_parent, &piece), &own);
+            let doubtful = intersect(&mapped, &self.lost);
+            copy_runs(
+                self.pid,
+                &self.mem,
+                &self.writer,
+                area.slot,
+                base,
+                &page_runs(&doubtful, base),
+            )?;
+            let own_now = merge_ranges(
+                own.iter()
+                    .copied()
+                    .chain(doubtful.iter().copied())
+                    .collect(),
+            );
+            same = merge_ranges(
+                same.into_iter()
+                    .chain(subtract_ranges(&mapped, &doubtful))
+                    .collect(),
+            );
+            return self.finish_piece(i, start, end, own_now, same);
+        }
+        self.finish_piece(i, start, end, own, same)
+    }
+
+    /// Records what the freeze stored of piece `[start, end)` of tracked area `i`: `own`
+    /// pages in the slot, `same` ones shared with the parent.
+    fn finish_piece(
+        &mut self,
+        i: usize,
+        start: u64,
+        end: u64,
+        own: Vec<(u64, u64)>,
+        same: Vec<(u64, u64)>,
+    ) -> Result<Option<Pages>> {
+        let piece = [(start, end)];
         let shared = match &mut self.parent {
             Some(parent) => parent.shared_runs(start, &same),
             None => Vec::new(),
         };
+        let area = &mut self.areas[i];
+        let base = area.start;
         let runs = page_runs(&own, start);
         area.copied = merge_ranges(
             subtract_ranges(&area.copied, &piece)
@@ -530,8 +588,8 @@ impl Tracked {
         area.end = area.end.max(end);
         area.finished.push((start, end));
         Ok(Some(Pages {
-            slot: area.slot,
             offset: (start - base) / PAGE_SIZE,
+            slot: area.slot,
             runs,
             shared,
         }))
