@@ -505,14 +505,11 @@ impl Tracked {
         // equal to the parent's.
         let missing = subtract_ranges(&present_in_scope, &held);
         let to_copy = intersect(&present, &merge_ranges(written.chain(missing).collect()));
-        copy_runs(
-            self.pid,
-            &self.mem,
-            &self.writer,
-            area.slot,
-            base,
-            &page_runs(&to_copy, base),
-        )?;
+        let (pid, mem, writer, slot) = (self.pid, &self.mem, &self.writer, area.slot);
+        let copy = |ranges: &[(u64, u64)]| {
+            copy_runs(pid, mem, writer, slot, base, &page_runs(ranges, base))
+        };
+        copy(&to_copy)?;
         let copied = merge_ranges(
             intersect(&area.copied, &piece)
                 .into_iter()
@@ -531,14 +528,7 @@ impl Tracked {
             // an event says the range changed: those are read now.
             let mapped = subtract_ranges(&intersect(&area.from_parent, &piece), &own);
             let doubtful = intersect(&mapped, &self.lost);
-            copy_runs(
-                self.pid,
-                &self.mem,
-                &self.writer,
-                area.slot,
-                base,
-                &page_runs(&doubtful, base),
-            )?;
+            copy(&doubtful)?;
             let own_now = merge_ranges(
                 own.iter()
                     .copied()
