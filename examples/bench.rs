@@ -183,6 +183,8 @@ struct Row {
     incremental: Capture,
     restore_full: f64,
     restore_incremental: f64,
+    /// A capture of the restored process, against the snapshot it came from.
+    of_restored: Capture,
     stall_ms: f64,
 }
 
@@ -202,14 +204,14 @@ fn capture(store: &Store, pid: Pid, extra: &[&str]) -> serde_json::Value {
     serde_json::from_str(&store.dolly(&args).0).unwrap()
 }
 
-/// Restores `id` in place (its process must be gone); returns the wall time.
+/// Restores `id` in place (its process must be gone); returns the wall time. The restored
+/// process runs on.
 fn restore_ms(store: &Store, id: &str, pid: Pid) -> f64 {
     let (_, ms) = store.dolly(&["snapshot", "restore", id]);
     assert!(
         Path::new(&format!("/proc/{pid}")).exists(),
         "the restored process runs"
     );
-    end(pid);
     ms
 }
 
@@ -226,6 +228,7 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     let reps = if mib >= 1024 { 1 } else { 3 };
     let (mut full, mut incremental) = (vec![], vec![]);
     let (mut restore_full, mut restore_incremental) = (vec![], vec![]);
+    let mut of_restored = vec![];
     for _ in 0..reps {
         let pid = start_memhog(mib, dir);
         let parent = capture(store, pid, &[]);
@@ -238,7 +241,13 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
         incremental.push(Capture::of(&child));
         end(pid);
         restore_full.push(restore_ms(store, &parent_id, pid));
+        std::thread::sleep(Duration::from_millis(200));
+        let again = capture(store, pid, &["--parent", "auto"]);
+        of_restored.push(Capture::of(&again));
+        store.dolly(&["snapshot", "delete", again["id"].as_str().unwrap()]);
+        end(pid);
         restore_incremental.push(restore_ms(store, child_id, pid));
+        end(pid);
         store.dolly(&["snapshot", "delete", child_id]);
         store.dolly(&["snapshot", "delete", &parent_id]);
     }
@@ -250,6 +259,7 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
         incremental: Capture::median(&incremental),
         restore_full: median(restore_full),
         restore_incremental: median(restore_incremental),
+        of_restored: Capture::median(&of_restored),
         stall_ms: longest_stall(mib, store, dir),
     }
 }
@@ -490,19 +500,22 @@ fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
         );
     }
     println!();
-    println!("Restore in place (wall time of `dolly snapshot restore`), of the full snapshot and of the incremental one.");
+    println!("Restore in place (wall time of `dolly snapshot restore`), of the full snapshot and of the incremental one; then the process restored from the full one, captured again 200 ms later with `--parent auto` (the snapshot it came from).");
     println!();
-    println!("| touched memory | fork() | restore: full | restore: incremental | full / fork | incremental / fork |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| touched memory | fork() | restore: full | restore: incremental | full / fork | incremental / fork | restored, captured again: frozen | written | shared |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.1} ms | {:.1} ms | {:.1}× | {:.1}× |",
+            "| {} | {:.2} ms | {:.1} ms | {:.1} ms | {:.1}× | {:.1}× | {:.2} ms | {} | {} |",
             size_label(r.mib),
             r.fork,
             r.restore_full,
             r.restore_incremental,
             r.restore_full / r.fork,
             r.restore_incremental / r.fork,
+            r.of_restored.frozen,
+            mib_of(r.of_restored.bytes),
+            mib_of(r.of_restored.shared),
         );
     }
 }
