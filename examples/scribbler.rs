@@ -3,7 +3,7 @@
 //! so a restored copy can check that every page is the one of a single instant.
 //!
 //! ```text
-//! scribbler --dir DIR --mib N [--hot-mib H] [--quiet-after-ms MS]
+//! scribbler --dir DIR --mib N [--hot-mib H] [--quiet-after-ms MS] [--gaps-ms G]
 //! ```
 //!
 //! It maps N MiB and loops: each turn writes one page with a pattern of the turn number
@@ -22,7 +22,9 @@
 //!
 //! DIR/log gets `ready` once the buffer is written, then `turn=N` lines; on SIGUSR1 it checks
 //! every page against its records and appends `verify ok turns=N` or `verify BAD page=P ...`;
-//! on SIGUSR2 it appends `stall max_us=U` and starts a new measurement.
+//! on SIGUSR2 it appends `stall max_us=U` and starts a new measurement. With `--gaps-ms`,
+//! every gap longer than G ms is logged as `gap us=U ended_at_ns=T` (CLOCK_MONOTONIC, as
+//! the start of a `DOLLY_TRACE` trace).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,6 +54,17 @@ fn fill(page: &mut [u64], turn: u64) {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds (to compare with `DOLLY_TRACE`'s marks).
+fn monotonic_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
 fn say(log: &mut std::fs::File, line: String) {
     log.write_all(format!("{line}\n").as_bytes())
         .expect("writing the log");
@@ -69,6 +82,7 @@ fn main() {
     let mib: usize = arg("--mib").map_or(64, |v| v.parse().expect("--mib N"));
     let quiet_after =
         arg("--quiet-after-ms").map(|v| Duration::from_millis(v.parse().expect("MS")));
+    let gaps_over = arg("--gaps-ms").map(|v| Duration::from_millis(v.parse().expect("MS")));
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -118,6 +132,16 @@ fn main() {
     loop {
         let now = Instant::now();
         max_stall = max_stall.max(now - last);
+        if gaps_over.is_some_and(|g| now - last > g) {
+            say(
+                &mut log,
+                format!(
+                    "gap us={} ended_at_ns={}",
+                    (now - last).as_micros(),
+                    monotonic_ns()
+                ),
+            );
+        }
         last = now;
         if STALL.swap(false, Ordering::SeqCst) {
             say(&mut log, format!("stall max_us={}", max_stall.as_micros()));

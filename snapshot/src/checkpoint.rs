@@ -23,7 +23,12 @@ pub fn mark(what: &str) {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var_os(TRACE_ENV).is_some()) {
-        let start = START.get_or_init(std::time::Instant::now);
+        let start = START.get_or_init(|| {
+            let at = std::time::Instant::now();
+            let line = format!("dolly: marks from CLOCK_MONOTONIC {} ns", monotonic_ns());
+            MARKS.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            at
+        });
         let line = format!(
             "dolly: {:9.3} ms  {what}",
             start.elapsed().as_secs_f64() * 1e3
@@ -39,6 +44,13 @@ pub fn flush_marks() {
     for line in MARKS.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
         eprintln!("{line}");
     }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds.
+fn monotonic_ns() -> u128 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u128 * 1_000_000_000 + t.tv_nsec() as u128)
+        .unwrap_or(0)
 }
 
 /// Checks for abort requests at named points.
