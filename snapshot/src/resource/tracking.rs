@@ -169,6 +169,10 @@ const TOUCHED: ScanFilter = ScanFilter {
     any_of: 0,
 };
 
+/// Ranges to look at page by page at the freeze that are closer than this are walked as
+/// one.
+const SCOPE_JOIN_GAP: u64 = 64 * PAGE_SIZE;
+
 /// A run of pages with their categories: `(start, end, categories)`.
 type Region = (u64, u64, u64);
 
@@ -451,11 +455,6 @@ impl Tracked {
         else {
             return Ok(None);
         };
-        // A mapping made over part of a tracked one is not tracked: its pages are copied
-        // whole (the slot's pages there are freed by `free_unused`).
-        if !pagemap::wp_async_at(&self.pagemap, start) {
-            return Ok(None);
-        }
         let area = &mut self.areas[i];
         let base = area.start;
         let piece = [(start, end)];
@@ -463,6 +462,13 @@ impl Tracked {
             &merge_ranges(area.copied.iter().chain(&area.same).copied().collect()),
             &piece,
         );
+        // A mapping made over (part of) a tracked one is not tracked: its pages are copied
+        // whole (the slot's pages there are freed by `free_unused`). (Where nothing was
+        // copied, nothing could be taken for what it is not: no need to look.)
+        let from_parent = !intersect(&area.from_parent, &piece).is_empty();
+        if (!held.is_empty() || from_parent) && !pagemap::wp_async_at(&self.pagemap, start) {
+            return Ok(None);
+        }
         // Where to look page by page (`scope`), and the walk there: the pages of its own,
         // with whether each was written. The whole area, unless the quick walk was made:
         // then only what it found touched, the ranges the events say lost pages, and what
@@ -479,7 +485,16 @@ impl Tracked {
                 if end > *protected {
                     scope.push(((*protected).max(start), end));
                 }
-                let scope = merge_ranges(scope);
+                // Ranges close together are walked as one (one system call; looking page by
+                // page at a few more pages is exact too).
+                let mut scope = merge_ranges(scope);
+                scope.dedup_by(|next, prev| {
+                    let close = next.0 - prev.1 <= SCOPE_JOIN_GAP;
+                    if close {
+                        prev.1 = next.1;
+                    }
+                    close
+                });
                 let mut regions = Vec::new();
                 for &(s, e) in &scope {
                     regions

@@ -91,7 +91,9 @@ pub fn scan_and_protect(
         start,
         end,
         filter,
-        PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+        // (Without PM_SCAN_CHECK_WPASYNC: a mapping made over part of a registered range
+        // is skipped, not an error that would leave the rest unprotected.)
+        PM_SCAN_WP_MATCHING,
     )
 }
 
