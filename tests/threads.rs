@@ -62,13 +62,15 @@ fn rust_threads_come_back_with_their_state() {
         8,
         "main, 4 workers, 2 ping-pong, joined: {threads:?}"
     );
-    let id = dolly.capture(pid);
-    let at_capture = *positions(&read(&log), 0).last().unwrap();
+    // (Read before the capture: the restored copy goes on from the capture's instant, which
+    // the original may have passed by the time the capture returns.)
     let pings_before: u64 = read(&log)
         .lines()
         .filter_map(|l| l.strip_prefix("pingpong=")?.parse().ok())
         .next_back()
         .unwrap();
+    let id = dolly.capture(pid);
+    let at_capture = *positions(&read(&log), 0).last().unwrap();
     wait_until("the original to run on", Duration::from_secs(10), || {
         positions(&read(&log), 0).last().unwrap() > &(at_capture + 30)
     });

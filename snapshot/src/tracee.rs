@@ -214,6 +214,14 @@ impl Tracee {
                 WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => {
                     ptrace::cont(pid, None).with_context(|| format!("resuming process {pid}"))?;
                 }
+                // It was exiting: it ends instead of stopping (a freeze skips it and finds
+                // its zombie).
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                    return Err(Error::not_found(
+                        format!("process {pid} ended before it stopped"),
+                        "capture it again",
+                    ))
+                }
                 other => return Err(gone(pid, &other)),
             }
         }
@@ -245,7 +253,15 @@ impl Tracee {
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
-            .with_context(|| format!("opening /proc/{pid}/mem"))?;
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ESRCH) || e.kind() == std::io::ErrorKind::NotFound
+                {
+                    // It ended meanwhile (a freeze skips such a process).
+                    Error::not_found(format!("process {pid} ended"), "capture it again")
+                } else {
+                    Error::io(format!("opening /proc/{pid}/mem"), e)
+                }
+            })?;
         Ok(Tracee {
             pid,
             mem,
