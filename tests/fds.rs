@@ -11,10 +11,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 /// `key=value` of the last log line starting with `prefix`.
 fn field(log: &str, prefix: &str, key: &str) -> Option<u64> {
     let line = log.lines().rfind(|l| l.starts_with(prefix))?;

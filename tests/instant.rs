@@ -11,10 +11,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 /// Asks the scribbler at `pid` to check its memory; returns the verdict line.
 fn verify(pid: i32, log: &Path) -> String {
     let before = read(log).matches("verify").count();

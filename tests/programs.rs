@@ -10,32 +10,6 @@ use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// Every PID of the tree under `root`, parents first.
-fn tree(root: i32) -> Vec<i32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let kids = read(Path::new(&format!("/proc/{0}/task/{0}/children", out[i])));
-        out.extend(kids.split_whitespace().map(|k| k.parse::<i32>().unwrap()));
-        i += 1;
-    }
-    out
-}
-
-/// Kills a whole tree and waits until every PID is free.
-fn kill_tree(pids: &[i32]) {
-    for &p in pids.iter().rev() {
-        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-    }
-    for &p in pids {
-        reap_until_gone(p);
-    }
-}
-
 /// A shell feeding an interactive program the commands dropped into DIR/cmd, one batch at
 /// a time, through a pipe inside the tree.
 struct Fed {

@@ -10,10 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 /// `tid -> name` of every thread of a process.
 fn threads_of(pid: i32) -> Vec<(i32, String)> {
     let mut out: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))

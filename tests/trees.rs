@@ -8,12 +8,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
 
 /// `(pid, ppid, pgid, sid)` of a process, from /proc/PID/stat.
 fn family(pid: i32) -> (i32, i32, i32, i32) {
@@ -27,28 +21,6 @@ fn family(pid: i32) -> (i32, i32, i32, i32) {
         rest[2].parse().unwrap(),
         rest[3].parse().unwrap(),
     )
-}
-
-/// The tree under `root`, parents first.
-fn tree(root: i32) -> Vec<i32> {
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let kids = read(Path::new(&format!("/proc/{0}/task/{0}/children", out[i])));
-        out.extend(kids.split_whitespace().map(|k| k.parse::<i32>().unwrap()));
-        i += 1;
-    }
-    out
-}
-
-/// Kills a whole tree (children first) and waits until every PID is free.
-fn kill_tree(pids: &[i32]) {
-    for &p in pids.iter().rev() {
-        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-    }
-    for &p in pids {
-        reap_until_gone(p);
-    }
 }
 
 /// A shell pipeline with data in flight: `sh -c 'producer | consumer'`. The producer writes

@@ -245,9 +245,40 @@ impl Restored {
 }
 
 impl Drop for Restored {
+    /// Kills the restored process and all its descendants (killed alone, a restored shell
+    /// would leave its pipeline running, reparented away from the test).
     fn drop(&mut self) {
-        let _ = kill(self.pid(), Signal::SIGKILL);
-        let _ = waitpid(self.pid(), Some(WaitPidFlag::__WALL));
+        kill_tree(&tree(self.0));
+    }
+}
+
+/// A file's text, or nothing if it cannot be read (a process gone meanwhile).
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Every PID of the tree under `root`, parents first.
+pub fn tree(root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let kids = read(Path::new(&format!("/proc/{0}/task/{0}/children", out[i])));
+        out.extend(
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok()),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// Kills a whole tree (children first) and waits until every PID is free.
+pub fn kill_tree(pids: &[i32]) {
+    for &p in pids.iter().rev() {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+    for &p in pids {
+        reap_until_gone(p);
     }
 }
 
