@@ -118,6 +118,7 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     // the reading of a process's areas warmed up: the freeze is short.
     tracee::vdso_syscall_offset()?;
     crate::sys::process::populate_own_code();
+    crate::resource::tracking::warm_up();
     crate::proc::ProcDir::new(root).maps_without_flags()?;
     let mut frozen = tree::freeze(root)?;
     let frozen_at = frozen.since;
