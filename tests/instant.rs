@@ -380,3 +380,74 @@ while True:
         String::from_utf8_lossy(&seen)
     );
 }
+
+/// Identical pages of two instances of one program are stored once: a second python3
+/// holding the same 16 MiB at other addresses, captured with `--parent auto` (the newest
+/// snapshot of the same command), shares them with the first one's snapshot, found by
+/// content; it restores with them after that snapshot is deleted.
+#[test]
+fn pages_of_another_instance_of_the_program_are_found_by_content() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let script = |pad_mib: u32| {
+        format!(
+            r#"import hashlib, random, signal, time
+pad = bytearray({pad_mib} << 20)  # puts what follows elsewhere
+data = bytearray(random.Random(7).randbytes(16 << 20))
+def report(*_):
+    print('digest', hex(id(data)), hashlib.sha256(data).hexdigest(), flush=True)
+signal.signal(signal.SIGUSR1, report)
+print('ready', flush=True)
+while True:
+    time.sleep(1)
+"#
+        )
+    };
+    // The digest line of the process at `pid` writing to `out`: (address, digest).
+    let digest = |pid: i32, out: &Path| -> (String, String) {
+        let before = read(out).matches("digest").count();
+        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+        wait_until("the digest", Duration::from_secs(20), || {
+            read(out).matches("digest").count() > before
+        });
+        let text = read(out);
+        let line: Vec<&str> = text
+            .lines()
+            .rfind(|l| l.starts_with("digest"))
+            .unwrap()
+            .split(' ')
+            .collect();
+        (line[1].to_string(), line[2].to_string())
+    };
+    let (out_a, out_b) = (dir.path().join("a"), dir.path().join("b"));
+    let a = python_ready(&script(0), &out_a);
+    let id_a = dolly.capture_with(a.pid(), &["--wait", "created"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = python_ready(&script(3), &out_b);
+    let (at_a, digest_a) = digest(a.pid(), &out_a);
+    let (at_b, digest_b) = digest(b.pid(), &out_b);
+    assert_eq!(digest_a, digest_b);
+    assert_ne!(at_a, at_b, "the same bytes at other addresses");
+
+    let inc = dolly.capture_with(b.pid(), &["--parent", "auto", "--wait", "created"]);
+    assert_eq!(inc["parent"], id_a.as_str(), "{inc}");
+    let shared = inc["shared_bytes"].as_u64().unwrap();
+    assert!(
+        shared >= 15 << 20,
+        "the 16 MiB are the parent's already: {shared} bytes shared, {} stored",
+        inc["bytes"]
+    );
+
+    let id_b = inc["id"].as_str().unwrap().to_string();
+    dolly.ok(&["snapshot", "delete", &id_a]);
+    drop(a);
+    dolly.end_originals(&id_b);
+    let _restored = dolly.restore(&id_b);
+    assert_eq!(
+        digest(b.pid(), &out_b),
+        (at_b, digest_b),
+        "the restored copy holds the same bytes where they were"
+    );
+}

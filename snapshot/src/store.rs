@@ -296,14 +296,17 @@ impl Store {
         Ok(ids)
     }
 
-    /// The newest restorable snapshot of process `pid` running `comm` (a parent for an
-    /// incremental capture of it), if any.
+    /// The newest restorable snapshot of process `pid` running `comm`, else of any process
+    /// running `comm` (another instance of the program): a parent for an incremental
+    /// capture of it, if any.
     pub fn latest_of(&self, pid: i32, comm: &str) -> Result<Option<String>> {
-        Ok(self
-            .list()?
-            .into_iter()
-            .rfind(|r| r.pid == pid && r.comm == comm && r.status.is_restorable())
-            .map(|r| r.id))
+        let list = self.list()?;
+        let same_program = |r: &&Record| r.comm == comm && r.status.is_restorable();
+        Ok(list
+            .iter()
+            .rfind(|r| r.pid == pid && same_program(r))
+            .or_else(|| list.iter().rfind(same_program))
+            .map(|r| r.id.clone()))
     }
 
     /// Every snapshot, with its current status, oldest first.

@@ -141,9 +141,11 @@ pub enum SnapshotCommand {
         #[arg(long)]
         tcp_established: bool,
         /// Capture incrementally against an earlier snapshot (id, id prefix or name) of the
-        /// same program: only pages that changed since it are stored, the rest is shared
-        /// with it (deleting it later keeps this one restorable). `auto`: the newest
-        /// restorable snapshot of the same process (PID and command), if there is one.
+        /// same program: only pages found nowhere in it (at the same address, or anywhere
+        /// by content) are stored, the rest is shared with it (deleting it later keeps this
+        /// one restorable). `auto`: the snapshot the process was restored from, else the
+        /// newest restorable one of the same process (PID and command), else of the same
+        /// command, if there is one.
         #[arg(long, value_name = "ID|auto")]
         parent: Option<String>,
         /// Return once the snapshot is `created` (restorable; the default) or `persisted`

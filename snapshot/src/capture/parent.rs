@@ -52,7 +52,7 @@ impl Parent {
 
 /// The parent `--parent auto` picks for process `pid`: the snapshot it was restored from
 /// (whose pool it still maps), else the newest snapshot of the same process (PID and
-/// command); `None` for a full capture.
+/// command), else of the same command; `None` for a full capture.
 pub fn auto_parent(store: &Store, pid: i32) -> Result<Option<String>> {
     let proc = crate::proc::ProcDir::new(nix::unistd::Pid::from_raw(pid));
     let pool = store

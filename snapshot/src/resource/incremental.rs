@@ -1,15 +1,21 @@
 //! Incremental capture (`--parent`): what a parent snapshot holds of a process, so that a
-//! capture compares each page it copies with the parent's page at the same address and
-//! stores only those that differ. The others are shared: the new snapshot's pool directory
-//! gets a hard link to the parent's pool file, so deleting the parent keeps them.
+//! capture compares each page it copies with the parent's page at the same address, then
+//! (if that differs) with any page of the parent's of the same content, found by hash, and
+//! stores only those found nowhere. The others are shared: the new snapshot's pool
+//! directory gets a hard link to the parent's pool file, so deleting the parent keeps them.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Result};
 use crate::image::{PoolFile, Process, SharedRuns};
+use crate::resource::memory::{merge_ranges, subtract_ranges};
 use crate::sys::PAGE_SIZE;
+
+/// Bytes of the parent's pool files read at a time while they are hashed.
+const HASH_CHUNK: usize = 1 << 20;
 
 /// A pool file of the parent that a process's pages may be shared with.
 #[derive(Debug)]
@@ -40,6 +46,12 @@ pub struct ParentPages {
     segments: Vec<Segment>,
     /// Shared pool files in the order of the new process's `base_pools`.
     bases: Vec<usize>,
+    /// Where a page of each content is in the parent's files (hash of the page to file and
+    /// page): made the first time a page differs from the parent's at its address.
+    by_content: Option<HashMap<u64, (usize, u64)>>,
+    /// Pages of the process equal to a parent page at another address (a page that moved,
+    /// or one of another process of the same program): address to file and page.
+    moved: BTreeMap<u64, (usize, u64)>,
 }
 
 impl ParentPages {
@@ -103,6 +115,8 @@ impl ParentPages {
             files,
             segments,
             bases: Vec::new(),
+            by_content: None,
+            moved: BTreeMap::new(),
         }))
     }
 
@@ -145,27 +159,21 @@ impl ParentPages {
     }
 
     /// The page ranges of `data` (the process's memory at `addr`, whole pages) that equal
-    /// the parent's pages at the same addresses. `scratch` is a buffer to reuse.
+    /// a page of the parent's: the one at the same address, or any of the same content
+    /// (remembered for [`ParentPages::shared_runs`]). `scratch` is a buffer to reuse.
     pub fn same_ranges(
-        &self,
+        &mut self,
         addr: u64,
         data: &[u8],
         scratch: &mut Vec<u8>,
     ) -> Result<Vec<(u64, u64)>> {
         let page = PAGE_SIZE as usize;
+        let end = addr + data.len() as u64;
         let mut same: Vec<(u64, u64)> = Vec::new();
-        for seg in self.overlapping(addr, addr + data.len() as u64) {
+        for seg in self.overlapping(addr, end) {
             let len = (seg.end - seg.start) as usize;
             scratch.resize(len, 0);
-            self.files[seg.file]
-                .file
-                .read_exact_at(scratch, seg.file_page * PAGE_SIZE)
-                .with_context(|| {
-                    format!(
-                        "reading parent pages from {}",
-                        self.files[seg.file].path.display()
-                    )
-                })?;
+            self.read_pages(seg.file, seg.file_page, scratch)?;
             let from = (seg.start - addr) as usize;
             for (i, (ours, theirs)) in data[from..from + len]
                 .chunks_exact(page)
@@ -182,7 +190,74 @@ impl ParentPages {
                 }
             }
         }
-        Ok(same)
+        // What these pages were found equal to before no longer holds: look again.
+        let before: Vec<u64> = self.moved.range(addr..end).map(|(a, _)| *a).collect();
+        for a in before {
+            self.moved.remove(&a);
+        }
+        let elsewhere = subtract_ranges(&[(addr, end)], &same);
+        if elsewhere.is_empty() {
+            return Ok(same);
+        }
+        self.index_content()?;
+        let mut found = Vec::new();
+        for (s, e) in elsewhere {
+            for p in (s..e).step_by(page) {
+                let ours = &data[(p - addr) as usize..][..page];
+                let by_content = self.by_content.as_ref().expect("made above");
+                let Some(&(file, file_page)) = by_content.get(&xxhash_rust::xxh3::xxh3_64(ours))
+                else {
+                    continue;
+                };
+                scratch.resize(page, 0);
+                self.read_pages(file, file_page, scratch)?;
+                if scratch.as_slice() == ours {
+                    self.moved.insert(p, (file, file_page));
+                    found.push((p, p + PAGE_SIZE));
+                }
+            }
+        }
+        same.extend(found);
+        Ok(merge_ranges(same))
+    }
+
+    /// Reads pages of parent file `file` from page `file_page` into `buf`.
+    fn read_pages(&self, file: usize, file_page: u64, buf: &mut [u8]) -> Result<()> {
+        self.files[file]
+            .file
+            .read_exact_at(buf, file_page * PAGE_SIZE)
+            .with_context(|| {
+                format!(
+                    "reading parent pages from {}",
+                    self.files[file].path.display()
+                )
+            })
+    }
+
+    /// Hashes every page the parent stored of the process, once.
+    fn index_content(&mut self) -> Result<()> {
+        if self.by_content.is_some() {
+            return Ok(());
+        }
+        let page = PAGE_SIZE as usize;
+        let mut index = HashMap::new();
+        let mut buf = vec![0u8; HASH_CHUNK];
+        for seg in &self.segments {
+            let mut at = seg.file_page;
+            let last = seg.file_page + (seg.end - seg.start) / PAGE_SIZE;
+            while at < last {
+                let n = ((last - at) as usize * page).min(HASH_CHUNK);
+                self.read_pages(seg.file, at, &mut buf[..n])?;
+                for (i, content) in buf[..n].chunks_exact(page).enumerate() {
+                    index
+                        .entry(xxhash_rust::xxh3::xxh3_64(content))
+                        .or_insert((seg.file, at + i as u64));
+                }
+                at += (n / page) as u64;
+            }
+        }
+        self.by_content = Some(index);
+        Ok(())
     }
 
     /// Where the parent holds the pages of `ranges` (addresses, sorted, all pages the parent
@@ -190,8 +265,7 @@ impl ParentPages {
     pub fn shared_runs(&mut self, area_start: u64, ranges: &[(u64, u64)]) -> Vec<SharedRuns> {
         let mut out: Vec<SharedRuns> = Vec::new();
         for &(start, end) in ranges {
-            let pieces: Vec<Segment> = self.overlapping(start, end).collect();
-            for seg in pieces {
+            for seg in self.pieces(start, end) {
                 let base = self.base_index(seg.file);
                 let run = [
                     (seg.start - area_start) / PAGE_SIZE,
@@ -214,6 +288,31 @@ impl ParentPages {
                 }
             }
         }
+        out
+    }
+
+    /// Where the parent holds the pages of `[start, end)`, in address order: pages found
+    /// by content where they were, the parent's pages at the same address elsewhere.
+    fn pieces(&self, start: u64, end: u64) -> Vec<Segment> {
+        let moved: Vec<(u64, u64)> = merge_ranges(
+            self.moved
+                .range(start..end)
+                .map(|(&a, _)| (a, a + PAGE_SIZE))
+                .collect(),
+        );
+        let mut out: Vec<Segment> = Vec::new();
+        for (s, e) in subtract_ranges(&[(start, end)], &moved) {
+            out.extend(self.overlapping(s, e));
+        }
+        for (&a, &(file, file_page)) in self.moved.range(start..end) {
+            out.push(Segment {
+                start: a,
+                end: a + PAGE_SIZE,
+                file,
+                file_page,
+            });
+        }
+        out.sort_by_key(|s| s.start);
         out
     }
 
@@ -262,9 +361,12 @@ pub fn shared_file_origin(name: &str) -> Option<(&str, &str)> {
 mod tests {
     use super::*;
 
+    /// A parent whose file holds 8 pages, page `k` filled with byte `k + 1`.
     fn parent(segments: Vec<Segment>) -> ParentPages {
         let file = tempfile::tempfile().unwrap();
-        file.write_all_at(&[7u8; 8 * 4096], 0).unwrap();
+        for k in 0..8u8 {
+            file.write_all_at(&[k + 1; 4096], k as u64 * 4096).unwrap();
+        }
         ParentPages {
             files: vec![ParentFile {
                 name: "p-1.dolly-pages".into(),
@@ -274,7 +376,24 @@ mod tests {
             }],
             segments,
             bases: Vec::new(),
+            by_content: None,
+            moved: BTreeMap::new(),
         }
+    }
+
+    /// A parent holding pages at 0x10000..0x14000: file pages 2..6, bytes 3, 4, 5, 6.
+    fn four_pages_at_0x10000() -> ParentPages {
+        parent(vec![Segment {
+            start: 0x10000,
+            end: 0x10000 + 4 * PAGE_SIZE,
+            file: 0,
+            file_page: 2,
+        }])
+    }
+
+    /// Pages filled with the given bytes.
+    fn pages(fill: &[u8]) -> Vec<u8> {
+        fill.iter().flat_map(|&b| [b; 4096]).collect()
     }
 
     #[test]
@@ -289,26 +408,40 @@ mod tests {
 
     #[test]
     fn finds_equal_pages_and_turns_them_into_shared_runs() {
-        let page = PAGE_SIZE;
-        // The parent holds pages at 0x10000..0x14000 (file pages 2..6).
-        let mut p = parent(vec![Segment {
-            start: 0x10000,
-            end: 0x10000 + 4 * page,
-            file: 0,
-            file_page: 2,
-        }]);
-        // Ours: 6 pages from 0xf000; the second parent page differs.
-        let mut data = vec![7u8; 6 * page as usize];
-        data[2 * page as usize] = 1;
+        let mut p = four_pages_at_0x10000();
+        // Ours: 6 pages from 0xf000; the second parent page differs, and the pages around
+        // are found nowhere in the parent.
+        let data = pages(&[0xee, 3, 0xee, 5, 6, 0xee]);
         let same = p.same_ranges(0xf000, &data, &mut Vec::new()).unwrap();
         assert_eq!(
             same,
             vec![(0x10000, 0x11000), (0x12000, 0x14000)],
-            "the page before the parent's, and the changed one, are not the same"
+            "the pages found nowhere, and the changed one, are not the same"
         );
         let shared = p.shared_runs(0xf000, &same);
         assert_eq!(shared.len(), 1);
         assert_eq!(shared[0].pool, 0);
         assert_eq!(shared[0].runs, vec![[1, 1, 2], [3, 2, 4]]);
+    }
+
+    #[test]
+    fn finds_pages_that_moved_by_their_content() {
+        let mut p = four_pages_at_0x10000();
+        // At another address: the parent's pages 5 and 6 (file pages 4, 5), then a page
+        // whose content is in the file but not among the process's pages (file page 0),
+        // then the parent's first page again.
+        let data = pages(&[5, 6, 1, 3]);
+        let same = p.same_ranges(0x40000, &data, &mut Vec::new()).unwrap();
+        assert_eq!(same, vec![(0x40000, 0x42000), (0x43000, 0x44000)]);
+        let shared = p.shared_runs(0x40000, &same);
+        assert_eq!(shared[0].runs, vec![[0, 2, 4], [3, 1, 2]]);
+
+        // Later the first of them is the parent's page at the same address... of nothing:
+        // it changed, and is found nowhere.
+        let data = pages(&[0xee]);
+        let same = p.same_ranges(0x40000, &data, &mut Vec::new()).unwrap();
+        assert!(same.is_empty());
+        let shared = p.shared_runs(0x41000, &[(0x41000, 0x42000)]);
+        assert_eq!(shared[0].runs, vec![[0, 1, 5]], "the others stay found");
     }
 }

@@ -307,7 +307,7 @@ impl Tracked {
                     .and_then(|ranges| {
                         // A page may go away under the copy (the program unmaps it).
                         let runs = page_runs(&ranges, area.start);
-                        let same = match &self.parent {
+                        let same = match &mut self.parent {
                             None => copy_runs(
                                 self.pid,
                                 &self.mem,
@@ -637,15 +637,16 @@ fn punch(writer: &PoolWriter, slot: u32, page: u64, len: u64) {
 const CHUNK: u64 = 2 << 20;
 
 /// Like `copy_runs`, for an incremental capture: reads the runs of the area at
-/// `slot_and_base.1`, compares each page with the parent's at the same address, and writes
-/// into the slot only those that differ. Returns the address ranges that were equal.
+/// `slot_and_base.1`, compares each page with the parent's (see
+/// [`ParentPages::same_ranges`]), and writes into the slot only those found nowhere there.
+/// Returns the address ranges that were equal.
 fn copy_changed_runs(
     pid: Pid,
     mem: &File,
     writer: &PoolWriter,
     (slot, base): (u32, u64),
     runs: &[[u64; 2]],
-    parent: &ParentPages,
+    parent: &mut ParentPages,
     (data, theirs): &mut (Vec<u8>, Vec<u8>),
 ) -> Result<Vec<(u64, u64)>> {
     use std::os::unix::fs::FileExt;
