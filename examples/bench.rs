@@ -129,7 +129,33 @@ fn start_memhog(mib: usize, dir: &Path) -> Pid {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Pid::from_raw(child.id() as i32)
+    started(child.id())
+}
+
+/// Every process the bench started, in its own session (restored ones keep their PIDs):
+/// killed with their sessions if the bench panics, so that no workload outlives it to
+/// load the machine.
+static STARTED: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a started process; returns its PID.
+fn started(pid: u32) -> Pid {
+    STARTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(pid as i32);
+    Pid::from_raw(pid as i32)
+}
+
+/// Kills what the bench started, then panics on as before.
+fn kill_started_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        for &pid in STARTED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        report(info);
+    }));
 }
 
 fn end(pid: Pid) {
@@ -350,7 +376,7 @@ fn start_ready_in(cmd: &mut Command, out: &Path, log: &Path) -> Pid {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Pid::from_raw(child.id() as i32)
+    started(child.id())
 }
 
 /// Starts a program in its own session with stdout to `out`, waits until it printed
@@ -684,6 +710,7 @@ fn clone_tables(sizes: &[usize], store: &Store, dir: &Path) {
 /// `bench [capture|clone|all] [MiB ...]`
 fn main() {
     nix::sys::prctl::set_child_subreaper(true).unwrap();
+    kill_started_on_panic();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let what = if args.first().is_some_and(|a| a.parse::<usize>().is_err()) {
         args.remove(0)

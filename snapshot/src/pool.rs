@@ -88,6 +88,22 @@ impl PoolWriter {
         slot_offset(self.slots)
     }
 
+    /// Writes `data` into the file at byte `offset`.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset).map_err(|e| {
+            let full = e.raw_os_error() == Some(libc::ENOSPC);
+            let err = Error::io(format!("writing pool file {}", self.path.display()), e);
+            if full {
+                err.with_remedy(
+                    "the memory tier is full: free space in the pool (--pool) or delete snapshots",
+                )
+            } else {
+                err
+            }
+        })
+    }
+
     /// Allocates `len` bytes of the file at byte `offset` and maps them for writing. (A
     /// full pool is an error here, not a SIGBUS while copying.)
     pub fn map(&self, offset: u64, len: u64) -> Result<MmapMut> {

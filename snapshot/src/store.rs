@@ -296,6 +296,13 @@ impl Store {
         Ok(ids)
     }
 
+    /// Whether snapshot `id` is being persisted, or still being captured (its worker about
+    /// to commit it): work that ends by itself soon.
+    fn finishing(&self, id: &str) -> Result<bool> {
+        let record = self.record(id)?;
+        Ok(record.persisting || record.status == Status::Capturing)
+    }
+
     /// The newest restorable snapshot of process `pid` running `comm`, else of any process
     /// running `comm` (another instance of the program): a parent for an incremental
     /// capture of it, if any.
@@ -559,7 +566,8 @@ impl Store {
                 "run `dolly snapshot list` to see the snapshots",
             ));
         }
-        // A persister stops at its next chunk when it sees the mark; wait for it a little.
+        // A persister stops at its next chunk when it sees the mark, and a capture that
+        // has let the tree go ends soon: wait for them a little.
         let doomed_mark = dir.join(".doomed");
         let _ = std::fs::write(&doomed_mark, b"");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -570,7 +578,7 @@ impl Store {
             )?;
             match lock {
                 Some(l) => break l,
-                None if std::time::Instant::now() < deadline && self.record(id)?.persisting => {
+                None if std::time::Instant::now() < deadline && self.finishing(id)? => {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
                 None => {

@@ -481,6 +481,10 @@ pub fn dump(
     Ok(stats)
 }
 
+/// Runs of up to this many bytes are read into a buffer and written into the pool file:
+/// two system calls, rather than four to allocate, map, read into and unmap the pool.
+const SMALL_RUN: u64 = 256 << 10;
+
 /// Copies runs of a process's memory into the pool.
 pub(crate) fn copy_runs(
     pid: Pid,
@@ -490,10 +494,18 @@ pub(crate) fn copy_runs(
     base: u64,
     runs: &[[u64; 2]],
 ) -> Result<()> {
+    let mut buf = Vec::new();
     for run in runs {
         let len = run[1] * PAGE_SIZE;
-        let mut dst = writer.map(pool::page_offset(slot, run[0]), len)?;
-        read_memory(pid, mem, base + run[0] * PAGE_SIZE, &mut dst)?;
+        let (addr, offset) = (base + run[0] * PAGE_SIZE, pool::page_offset(slot, run[0]));
+        if len <= SMALL_RUN {
+            buf.resize(len as usize, 0);
+            read_memory(pid, mem, addr, &mut buf)?;
+            writer.write_at(offset, &buf)?;
+        } else {
+            let mut dst = writer.map(offset, len)?;
+            read_memory(pid, mem, addr, &mut dst)?;
+        }
     }
     Ok(())
 }
