@@ -62,9 +62,14 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     let turns = |l: &str| l.rsplit('=').next().unwrap().parse::<u64>().unwrap();
     assert!(turns(&second) > turns(&first), "it goes on writing");
 
-    // The restored copy, still writing, captured against the snapshot it came from: what it
-    // did not write since is shared with it, and the next restore holds one instant again.
-    let again = dolly.capture_with(pid, &["--parent", "auto"]);
+    // The restored copy, still writing, captured (by default) against the snapshot it came
+    // from: what it did not write since is shared with it, and the next restore holds one
+    // instant again. `--parent none` stores it all.
+    let whole = dolly.capture_with(pid, &["--parent", "none"]);
+    assert!(whole["parent"].is_null(), "{whole}");
+    assert_eq!(whole["shared_bytes"].as_u64().unwrap_or(0), 0, "{whole}");
+    assert!(whole["bytes"].as_u64().unwrap() >= 64 << 20, "{whole}");
+    let again = dolly.capture_with(pid, &[]);
     assert_eq!(again["parent"], id.as_str(), "{again}");
     assert!(again["shared_bytes"].as_u64().unwrap() > 0, "{again}");
     drop(restored);

@@ -145,8 +145,9 @@ pub enum SnapshotCommand {
         /// by content) are stored, the rest is shared with it (deleting it later keeps this
         /// one restorable). `auto`: the snapshot the process was restored from, else the
         /// newest restorable one of the same process (PID and command), else of the same
-        /// command, if there is one.
-        #[arg(long, value_name = "ID|auto")]
+        /// command, if there is one. Without --parent: the snapshot the process was
+        /// restored or cloned from, if it still maps its pool; `none`: a full capture.
+        #[arg(long, value_name = "ID|auto|none")]
         parent: Option<String>,
         /// Return once the snapshot is `created` (restorable; the default) or `persisted`
         /// (durable too). Making it durable goes on in the background either way.

@@ -25,10 +25,11 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
                 file_locks: *file_locks,
                 tcp_established: *tcp_established,
                 parent: match parent.as_deref() {
-                    None => None,
+                    None | Some("none") => None,
                     Some("auto") => snapshot::capture::auto_parent(store, *pid)?,
                     Some(p) => Some(store.resolve(p)?),
                 },
+                full: parent.as_deref() == Some("none"),
             };
             let r = worker::capture(store, &opts, *wait)?.record;
             if cli.json {

@@ -4,7 +4,7 @@
 
 mod checks;
 mod parent;
-pub use parent::auto_parent;
+pub use parent::{auto_parent, restored_from};
 mod precopy;
 mod process;
 mod tree;
@@ -36,9 +36,13 @@ pub struct CaptureOptions {
     /// Capture established TCP connections whose both ends are in the tree (TCP repair
     /// mode); without it they are refused.
     pub tcp_established: bool,
-    /// Capture incrementally against this snapshot: only pages that differ from its pages
-    /// at the same addresses are stored, the others are shared with it.
+    /// Capture incrementally against this snapshot: only pages found nowhere in it are
+    /// stored, the others are shared with it. Without one, the capture is made against
+    /// the snapshot the process was restored or cloned from, if it still maps its pool
+    /// ([`restored_from`]), unless `full`.
     pub parent: Option<String>,
+    /// Without `parent`, store every page, even of a process restored from a snapshot.
+    pub full: bool,
 }
 
 /// What became of a capture.
@@ -70,9 +74,13 @@ pub fn capture(
     let root = Pid::from_raw(opts.pid);
     let status = checks::preflight(&ProcDir::new(root))?;
     let _pid_lock = store.lock_pid(opts.pid)?;
+    let parent_id = match (&opts.parent, opts.full) {
+        (Some(id), _) => Some(id.clone()),
+        (None, true) => None,
+        (None, false) => parent::restored_from(store, opts.pid),
+    };
     // Held (against deletion) until the capture is over.
-    let parent = opts
-        .parent
+    let parent = parent_id
         .as_deref()
         .map(|id| parent::Parent::load(store, id))
         .transpose()?;
@@ -114,7 +122,7 @@ pub fn capture(
         version: VERSION,
         id: draft.id().to_string(),
         name: opts.name.clone(),
-        parent: opts.parent.clone(),
+        parent: parent_id,
         created_at: draft.created_at().to_string(),
         host: Host {
             kernel: kernel_release(),

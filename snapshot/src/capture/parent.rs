@@ -50,16 +50,16 @@ impl Parent {
     }
 }
 
-/// The parent `--parent auto` picks for process `pid`: the snapshot it was restored from
-/// (whose pool it still maps), else the newest snapshot of the same process (PID and
-/// command), else of the same command; `None` for a full capture.
-pub fn auto_parent(store: &Store, pid: i32) -> Result<Option<String>> {
+/// The snapshot process `pid` was restored or cloned from, if it still maps that
+/// snapshot's pool and the snapshot is restorable: what a capture of it is made against by
+/// default (its memory read from that pool is then shared, not read again).
+pub fn restored_from(store: &Store, pid: i32) -> Option<String> {
     let proc = crate::proc::ProcDir::new(nix::unistd::Pid::from_raw(pid));
     let pool = store
         .pool()
         .canonicalize()
         .unwrap_or_else(|_| store.pool().to_path_buf());
-    let restored_from = proc.maps_without_flags().ok().and_then(|maps| {
+    proc.maps_without_flags().ok().and_then(|maps| {
         maps.iter().find_map(|m| {
             let path = std::path::Path::new(&m.path);
             if !m.path.ends_with(crate::resource::memory::POOL_FILE_SUFFIX)
@@ -73,10 +73,17 @@ pub fn auto_parent(store: &Store, pid: i32) -> Result<Option<String>> {
                 .is_ok_and(|r| r.status.is_restorable())
                 .then_some(id)
         })
-    });
-    if restored_from.is_some() {
-        return Ok(restored_from);
+    })
+}
+
+/// The parent `--parent auto` picks for process `pid`: the snapshot it was restored from
+/// ([`restored_from`]), else the newest snapshot of the same process (PID and command),
+/// else of the same command; `None` for a full capture.
+pub fn auto_parent(store: &Store, pid: i32) -> Result<Option<String>> {
+    if let Some(id) = restored_from(store, pid) {
+        return Ok(Some(id));
     }
+    let proc = crate::proc::ProcDir::new(nix::unistd::Pid::from_raw(pid));
     let comm = proc.stat().map(|s| s.comm).unwrap_or_default();
     store.latest_of(pid, &comm)
 }
