@@ -1,7 +1,8 @@
 //! Incremental capture (`--parent`): what a parent snapshot holds of a process, so that a
 //! capture compares each page it copies with the parent's page at the same address, then
-//! (if that differs) with any page of the parent's of the same content, found by hash, and
-//! stores only those found nowhere. The others are shared: the new snapshot's pool
+//! (if that differs) with any page of the parent's of the same content, found by hash (the
+//! parent's pages not found at their address are indexed after the first pass), and stores
+//! only those found nowhere. The others are shared: the new snapshot's pool
 //! directory gets a hard link to the parent's pool file, so deleting the parent keeps them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -159,8 +160,9 @@ impl ParentPages {
     }
 
     /// The page ranges of `data` (the process's memory at `addr`, whole pages) that equal
-    /// a page of the parent's: the one at the same address, or any of the same content
-    /// (remembered for [`ParentPages::shared_runs`]). `scratch` is a buffer to reuse.
+    /// a page of the parent's: the one at the same address, or, once the parent is indexed
+    /// ([`ParentPages::index_content`]), any of the same content (remembered for
+    /// [`ParentPages::shared_runs`]). `scratch` is a buffer to reuse.
     pub fn same_ranges(
         &mut self,
         addr: u64,
@@ -195,30 +197,50 @@ impl ParentPages {
         for a in before {
             self.moved.remove(&a);
         }
-        let elsewhere = subtract_ranges(&[(addr, end)], &same);
-        if elsewhere.is_empty() {
+        if self.by_content.is_none() {
             return Ok(same);
         }
-        self.index_content()?;
-        let mut found = Vec::new();
-        for (s, e) in elsewhere {
+        let elsewhere = subtract_ranges(&[(addr, end)], &same);
+        same.extend(self.find_by_content(&elsewhere, addr, data, scratch)?);
+        Ok(merge_ranges(same))
+    }
+
+    /// The page ranges of `within` (inside `data`, the process's memory at `addr`) whose
+    /// content is a page of the parent's (remembered for [`ParentPages::shared_runs`]).
+    /// Finds nothing before [`ParentPages::index_content`].
+    pub fn find_by_content(
+        &mut self,
+        within: &[(u64, u64)],
+        addr: u64,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<Vec<(u64, u64)>> {
+        let page = PAGE_SIZE as usize;
+        let mut found: Vec<(u64, u64)> = Vec::new();
+        let Some(by_content) = &self.by_content else {
+            return Ok(found);
+        };
+        let mut hits = Vec::new();
+        for &(s, e) in within {
             for p in (s..e).step_by(page) {
                 let ours = &data[(p - addr) as usize..][..page];
-                let by_content = self.by_content.as_ref().expect("made above");
-                let Some(&(file, file_page)) = by_content.get(&xxhash_rust::xxh3::xxh3_64(ours))
-                else {
-                    continue;
-                };
-                scratch.resize(page, 0);
-                self.read_pages(file, file_page, scratch)?;
-                if scratch.as_slice() == ours {
-                    self.moved.insert(p, (file, file_page));
-                    found.push((p, p + PAGE_SIZE));
+                if let Some(&at) = by_content.get(&xxhash_rust::xxh3::xxh3_64(ours)) {
+                    hits.push((p, at));
                 }
             }
         }
-        same.extend(found);
-        Ok(merge_ranges(same))
+        for (p, (file, file_page)) in hits {
+            scratch.resize(page, 0);
+            self.read_pages(file, file_page, scratch)?;
+            if scratch.as_slice() == &data[(p - addr) as usize..][..page] {
+                self.moved.insert(p, (file, file_page));
+                match found.last_mut() {
+                    Some(last) if last.1 == p => last.1 = p + PAGE_SIZE,
+                    _ => found.push((p, p + PAGE_SIZE)),
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Reads pages of parent file `file` from page `file_page` into `buf`.
@@ -234,8 +256,10 @@ impl ParentPages {
             })
     }
 
-    /// Hashes every page the parent stored of the process, once.
-    fn index_content(&mut self) -> Result<()> {
+    /// Hashes the pages the parent stored of the process, but those at addresses in
+    /// `matched` (found equal where they are: a page that moved is elsewhere), once. Until
+    /// then pages are compared by address only.
+    pub fn index_content(&mut self, matched: &[(u64, u64)]) -> Result<()> {
         if self.by_content.is_some() {
             return Ok(());
         }
@@ -243,17 +267,19 @@ impl ParentPages {
         let mut index = HashMap::new();
         let mut buf = vec![0u8; HASH_CHUNK];
         for seg in &self.segments {
-            let mut at = seg.file_page;
-            let last = seg.file_page + (seg.end - seg.start) / PAGE_SIZE;
-            while at < last {
-                let n = ((last - at) as usize * page).min(HASH_CHUNK);
-                self.read_pages(seg.file, at, &mut buf[..n])?;
-                for (i, content) in buf[..n].chunks_exact(page).enumerate() {
-                    index
-                        .entry(xxhash_rust::xxh3::xxh3_64(content))
-                        .or_insert((seg.file, at + i as u64));
+            for (s, e) in subtract_ranges(&[(seg.start, seg.end)], matched) {
+                let mut at = seg.file_page + (s - seg.start) / PAGE_SIZE;
+                let last = at + (e - s) / PAGE_SIZE;
+                while at < last {
+                    let n = ((last - at) as usize * page).min(HASH_CHUNK);
+                    self.read_pages(seg.file, at, &mut buf[..n])?;
+                    for (i, content) in buf[..n].chunks_exact(page).enumerate() {
+                        index
+                            .entry(xxhash_rust::xxh3::xxh3_64(content))
+                            .or_insert((seg.file, at + i as u64));
+                    }
+                    at += (n / page) as u64;
                 }
-                at += (n / page) as u64;
             }
         }
         self.by_content = Some(index);
@@ -431,6 +457,12 @@ mod tests {
         // whose content is in the file but not among the process's pages (file page 0),
         // then the parent's first page again.
         let data = pages(&[5, 6, 1, 3]);
+        let same = p.same_ranges(0x40000, &data, &mut Vec::new()).unwrap();
+        assert!(
+            same.is_empty(),
+            "by address only until the parent is indexed"
+        );
+        p.index_content(&[]).unwrap();
         let same = p.same_ranges(0x40000, &data, &mut Vec::new()).unwrap();
         assert_eq!(same, vec![(0x40000, 0x42000), (0x43000, 0x44000)]);
         let shared = p.shared_runs(0x40000, &same);

@@ -384,7 +384,58 @@ impl Tracked {
                 );
             }
         }
+        if first {
+            self.find_moved_pages()?;
+        }
         Ok(bytes)
+    }
+
+    /// After the first round of an incremental capture: indexes the parent's pages that
+    /// were not found where they were, and looks up by content the pages copied because
+    /// they differed from the parent's at their address. Those found (pages that moved, or
+    /// of another instance of the program) are shared, and freed from the slot. (Pages
+    /// written later are looked up as they are copied.)
+    fn find_moved_pages(&mut self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let Some(parent) = &mut self.parent else {
+            return Ok(());
+        };
+        let matched = merge_ranges(
+            self.areas
+                .iter()
+                .flat_map(|a| a.same.iter().copied())
+                .collect(),
+        );
+        parent.index_content(&matched)?;
+        let (mut data, mut scratch) = (Vec::new(), Vec::new());
+        for area in &mut self.areas {
+            let mut found = Vec::new();
+            for &(start, end) in &area.copied {
+                let mut at = start;
+                while at < end {
+                    let len = (end - at).min(CHUNK);
+                    data.resize(len as usize, 0);
+                    let offset = pool::page_offset(area.slot, (at - area.start) / PAGE_SIZE);
+                    self.writer
+                        .file()
+                        .read_exact_at(&mut data, offset)
+                        .context("reading back the pool")?;
+                    found.extend(parent.find_by_content(
+                        &[(at, at + len)],
+                        at,
+                        &data,
+                        &mut scratch,
+                    )?);
+                    at += len;
+                }
+            }
+            for &(s, e) in &found {
+                punch(&self.writer, area.slot, (s - area.start) / PAGE_SIZE, e - s);
+            }
+            area.copied = subtract_ranges(&area.copied, &found);
+            area.same = merge_ranges(area.same.iter().copied().chain(found).collect());
+        }
+        Ok(())
     }
 
     /// After the freeze: frees the pages of the slots that no area of the snapshot uses (an
