@@ -186,6 +186,8 @@ pub fn main() -> i32 {
     // quietly instead of with a panic.
     // SAFETY: restores the default disposition; no handler code is involved.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    // (With DOLLY_TRACE, the marks count from here.)
+    snapshot::checkpoint::mark("dolly: started");
     let cli = Cli::parse();
     let code = match run(&cli) {
         Ok(code) => code,
