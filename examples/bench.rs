@@ -251,7 +251,13 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
         let mut dst = vec![1u64; words];
         (fork, memcpy_ms(&src, &mut dst, runs))
     };
-    let reps = if mib >= 1024 { 1 } else { 3 };
+    let reps = if mib >= 1024 {
+        1
+    } else if mib >= 512 {
+        3
+    } else {
+        5
+    };
     let (mut full, mut incremental) = (vec![], vec![]);
     let (mut restore_full, mut restore_incremental) = (vec![], vec![]);
     let mut of_restored = vec![];
