@@ -388,9 +388,15 @@ fn clone_refusals() {
     );
     let err = dolly.refused(&["clone", "kill", "feedfacefeedface"]);
     assert!(err.contains("no clone"), "{err}");
-    // An incomplete snapshot (its pool wiped) is never cloned.
+    // An incomplete snapshot (its pool wiped, and no durable copy to put it back from) is
+    // never cloned. (Persisted first: a persister that finished after the wipe would have
+    // made it restorable again from the durable tier.)
     let w = Workload::start(1);
-    let id = dolly.capture(w.pid());
+    let id = dolly.capture_with(w.pid(), &["--wait", "persisted"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_dir_all(dolly.snapshot_dir(&id).join("pages")).unwrap();
     std::fs::remove_dir_all(dolly.pool_dir(&id)).unwrap();
     let err = dolly.refused(&["clone", "--snapshot", &id]);
     assert!(err.contains("incomplete"), "{err}");

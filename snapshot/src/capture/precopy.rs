@@ -170,6 +170,9 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     for round in 0..MAX_ROUNDS {
         let mut bytes = 0;
         for t in pre.tracked.values_mut() {
+            if round > 0 {
+                t.track_new_areas()?;
+            }
             bytes += t.copy_round(round == 0)?;
         }
         pre.bytes += bytes;

@@ -131,6 +131,9 @@ struct TrackedArea {
     /// the ranges still reading the parent's pages, unless written (see
     /// [`ParentPages::mapped_from_parent`]).
     from_parent: Vec<(u64, u64)>,
+    /// Tracked since the last round (mapped after the tracking began): its next round
+    /// copies all its pages, not only those written.
+    fresh: bool,
 }
 
 /// A running process whose memory is being pre-copied.
@@ -254,6 +257,7 @@ impl Tracked {
                 same: Vec::new(),
                 finished: Vec::new(),
                 from_parent,
+                fresh: false,
             });
         }
         Ok(Tracked {
@@ -289,16 +293,69 @@ impl Tracked {
         self.known_maps = ProcDir::new(self.pid).maps().ok();
     }
 
+    /// Between pre-copy rounds: tracks the areas mapped since the tracking began (a fresh
+    /// mapping, or one made over part of a tracked area), which the freeze would otherwise
+    /// copy whole. The next round copies them all; a newer area shadows the part of an
+    /// older one it lies over.
+    pub fn track_new_areas(&mut self) -> Result<()> {
+        let Ok(maps) = ProcDir::new(self.pid).maps_without_flags() else {
+            return Ok(());
+        };
+        for m in maps.iter().filter(|m| trackable(m)) {
+            // Tracked already: registered, at a place an area covers (a part split off by
+            // mprotect, or grown: the freeze looks at what an area grew by).
+            if self
+                .areas
+                .iter()
+                .any(|a| a.start <= m.start && m.start < a.end)
+                && pagemap::wp_async_at(&self.pagemap, m.start)
+            {
+                continue;
+            }
+            if uffd::register_wp(&self._uffd, m.start, m.end).is_err() {
+                continue;
+            }
+            self.areas.push(TrackedArea {
+                start: m.start,
+                end: m.end,
+                slot: self.writer.new_slot()?,
+                copied: Vec::new(),
+                same: Vec::new(),
+                finished: Vec::new(),
+                from_parent: Vec::new(),
+                fresh: true,
+            });
+        }
+        Ok(())
+    }
+
     /// One pre-copy round while the process runs: write-protects and copies every page of
     /// the tracked areas (the first round), or those written since the last round. Returns
     /// the bytes copied.
     pub fn copy_round(&mut self, first: bool) -> Result<u64> {
-        let filter = if first { OWN_PAGES } else { WRITTEN_PAGES };
         let mut bytes = 0;
         let mut scratch = (Vec::new(), Vec::new());
         let mut maps: Option<Vec<MapsEntry>> = None;
-        for area in &mut self.areas {
-            let mut pieces = vec![(area.start, area.end)];
+        // An area tracked later lies over part of an earlier one (a mapping made over it):
+        // that part is the later one's to walk.
+        let shadows: Vec<Vec<(u64, u64)>> = (0..self.areas.len())
+            .map(|i| {
+                merge_ranges(
+                    self.areas[i + 1..]
+                        .iter()
+                        .map(|a| (a.start, a.end))
+                        .collect(),
+                )
+            })
+            .collect();
+        for (area, shadow) in self.areas.iter_mut().zip(&shadows) {
+            let filter = if first || area.fresh {
+                OWN_PAGES
+            } else {
+                WRITTEN_PAGES
+            };
+            area.fresh = false;
+            let mut pieces = subtract_ranges(&[(area.start, area.end)], shadow);
             let mut whole = true;
             while let Some((start, end)) = pieces.pop() {
                 // Write-protect, then read: a write that comes after shows as written.
@@ -505,10 +562,11 @@ impl Tracked {
     pub fn finish_area(&mut self, start: u64, end: u64) -> Result<Option<Pages>> {
         // The tracked area holding `start`: the same, or one the area was split off (by
         // mprotect, or a mapping made over part of it): page protections outlive the split.
+        // (The newest: an area tracked later lies over what it covers of an older one.)
         let Some(i) = self
             .areas
             .iter()
-            .position(|a| a.start <= start && start < a.end)
+            .rposition(|a| a.start <= start && start < a.end)
         else {
             return Ok(None);
         };
