@@ -585,18 +585,7 @@ while True:
         .map(|v| v.parse().unwrap())
         .collect();
     let (keyed, gone) = (ids[0], ids[1]);
-    let report = |pid: i32, out: &Path| -> String {
-        let before = read(out).matches("report").count();
-        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
-        wait_until("the report", Duration::from_secs(10), || {
-            read(out).matches("report").count() > before
-        });
-        read(out)
-            .lines()
-            .rfind(|l| l.starts_with("report"))
-            .unwrap()
-            .to_string()
-    };
+    let report = |pid: i32, out: &Path| ask(pid, out, "report");
     let check = |pid: i32, out: &Path| {
         let first = report(pid, out);
         std::thread::sleep(Duration::from_millis(100));

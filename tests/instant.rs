@@ -13,16 +13,7 @@ use nix::unistd::Pid;
 
 /// Asks the scribbler at `pid` to check its memory; returns the verdict line.
 fn verify(pid: i32, log: &Path) -> String {
-    let before = read(log).matches("verify").count();
-    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
-    wait_until("the check", Duration::from_secs(20), || {
-        read(log).matches("verify").count() > before
-    });
-    read(log)
-        .lines()
-        .rfind(|l| l.starts_with("verify"))
-        .unwrap()
-        .to_string()
+    ask(pid, log, "verify")
 }
 
 /// Starts the scribbler example in `dir` with `args`, once it is ready.
@@ -410,19 +401,9 @@ while True:
     };
     // The digest line of the process at `pid` writing to `out`: (address, digest).
     let digest = |pid: i32, out: &Path| -> (String, String) {
-        let before = read(out).matches("digest").count();
-        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
-        wait_until("the digest", Duration::from_secs(20), || {
-            read(out).matches("digest").count() > before
-        });
-        let text = read(out);
-        let line: Vec<&str> = text
-            .lines()
-            .rfind(|l| l.starts_with("digest"))
-            .unwrap()
-            .split(' ')
-            .collect();
-        (line[1].to_string(), line[2].to_string())
+        let line = ask(pid, out, "digest");
+        let words: Vec<&str> = line.split(' ').collect();
+        (words[1].to_string(), words[2].to_string())
     };
     let (out_a, out_b) = (dir.path().join("a"), dir.path().join("b"));
     let a = python_ready(&script(0), &out_a);
@@ -489,18 +470,7 @@ while True:
 "#;
     let py = python_ready(script, &out);
     let pid = py.pid();
-    let checked = |pid: i32, out: &Path| -> String {
-        let before = read(out).matches("check").count();
-        kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
-        wait_until("the check", Duration::from_secs(20), || {
-            read(out).matches("check").count() > before
-        });
-        read(out)
-            .lines()
-            .rfind(|l| l.starts_with("check"))
-            .unwrap()
-            .to_string()
-    };
+    let checked = |pid: i32, out: &Path| ask(pid, out, "check");
     assert_eq!(checked(pid, &out), "check 12 bad 0");
     let id = dolly.capture(pid);
     dolly.end_originals(&id);

@@ -252,6 +252,21 @@ impl Drop for Restored {
     }
 }
 
+/// Sends SIGUSR1 to `pid` and waits for a new line starting with `what` in `out` (a
+/// process reporting on its state); returns that line.
+pub fn ask(pid: i32, out: &Path, what: &str) -> String {
+    let before = read(out).matches(what).count();
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    wait_until(what, Duration::from_secs(20), || {
+        read(out).matches(what).count() > before
+    });
+    read(out)
+        .lines()
+        .rfind(|l| l.starts_with(what))
+        .unwrap()
+        .to_string()
+}
+
 /// A file's text, or nothing if it cannot be read (a process gone meanwhile).
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
