@@ -72,17 +72,16 @@ impl Precopy {
     }
 }
 
+/// Where the vDSO is in `maps`.
+fn vdso_in(maps: &[crate::proc::MapsEntry]) -> Option<u64> {
+    maps.iter().find(|m| m.path == "[vdso]").map(|m| m.start)
+}
+
 /// Makes a userfaultfd inside stopped process `member` and returns dolly's copy of it (the
-/// process's own fd is closed again).
-fn make_uffd(member: &mut Member) -> Result<std::os::fd::OwnedFd> {
+/// process's own fd is closed again). `vdso`: where its vDSO was a moment before the
+/// freeze, if known (checked, else its areas are read).
+fn make_uffd(member: &mut Member, vdso: Option<u64>) -> Result<std::os::fd::OwnedFd> {
     let pid = member.proc.pid();
-    let maps = member.proc.maps_without_flags()?;
-    let vdso = maps.iter().find(|m| m.path == "[vdso]").ok_or_else(|| {
-        Error::refused(
-            format!("process {pid} has no vDSO"),
-            "capture a process that keeps its vDSO mapped",
-        )
-    })?;
     let offset = tracee::vdso_syscall_offset()?.ok_or_else(|| {
         Error::refused(
             "no syscall instruction found in the vDSO",
@@ -90,10 +89,23 @@ fn make_uffd(member: &mut Member) -> Result<std::os::fd::OwnedFd> {
         )
     })?;
     let leader = &mut member.threads[0];
+    let is_syscall = |at: u64| {
+        let mut insn = [0u8; 2];
+        leader.read_mem(at + offset, &mut insn).is_ok() && insn == [0x0f, 0x05]
+    };
+    let vdso = match vdso.filter(|&at| is_syscall(at)) {
+        Some(at) => at,
+        None => vdso_in(&member.proc.maps_without_flags()?).ok_or_else(|| {
+            Error::refused(
+                format!("process {pid} has no vDSO"),
+                "capture a process that keeps its vDSO mapped",
+            )
+        })?,
+    };
     let regs = leader.regs()?;
     let mask = leader.sigmask()?;
     leader.set_sigmask(ALL_SIGNALS)?;
-    let made = leader.remote(vdso.start + offset).and_then(|mut remote| {
+    let made = leader.remote(vdso + offset).and_then(|mut remote| {
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
         let fd = remote.call("making a userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
         let ours = borrow_fd(pid, fd).map_err(|e| Error::sys("taking the userfaultfd", e));
@@ -119,12 +131,13 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     tracee::vdso_syscall_offset()?;
     crate::sys::process::populate_own_code();
     crate::resource::tracking::warm_up();
-    crate::proc::ProcDir::new(root).maps_without_flags()?;
+    let root_vdso = vdso_in(&crate::proc::ProcDir::new(root).maps_without_flags()?);
     let mut frozen = tree::freeze(root)?;
     let frozen_at = frozen.since;
     let mut fds = Vec::new();
     for (index, member) in frozen.members.iter_mut().enumerate() {
-        if let Ok(fd) = make_uffd(member) {
+        let known = root_vdso.filter(|_| member.proc.pid() == root);
+        if let Ok(fd) = make_uffd(member, known) {
             fds.push((index, member.proc.pid(), fd));
         }
     }

@@ -100,9 +100,10 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
     let mut members: Vec<Member> = Vec::new();
     let mut frozen: HashSet<Pid> = HashSet::new();
     let mut since = None;
-    loop {
+    let order = loop {
         let mut new = false;
-        for pid in tree_order(root) {
+        let order = tree_order(root);
+        for &pid in &order {
             if frozen.contains(&pid) {
                 continue;
             }
@@ -140,11 +141,11 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
             new = true;
         }
         if !new {
-            break;
+            // Read with every process frozen: none can fork or reap any more.
+            break order;
         }
-    }
-    // Frozen, none can fork or reap any more: put them in tree order and find the zombies.
-    let order = tree_order(root);
+    };
+    // Put them in tree order and find the zombies.
     members.sort_by_key(|m| {
         order
             .iter()
