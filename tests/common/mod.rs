@@ -257,9 +257,12 @@ impl Drop for Restored {
 pub fn ask(pid: i32, out: &Path, what: &str) -> String {
     let before = read(out).matches(what).count();
     kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
-    wait_until(what, Duration::from_secs(20), || {
-        read(out).matches(what).count() > before
-    });
+    // The whole line (a program may write it in pieces: python with PYTHONUNBUFFERED).
+    let complete = |text: &str| {
+        text.matches(what).count() > before
+            && text.rfind(what).is_some_and(|at| text[at..].contains('\n'))
+    };
+    wait_until(what, Duration::from_secs(20), || complete(&read(out)));
     read(out)
         .lines()
         .rfind(|l| l.starts_with(what))
@@ -546,8 +549,10 @@ pub fn python_ready(script: &str, out: &Path) -> Spawned {
         Command::new("python3").args(["-c", script]),
         out,
     ));
+    // The whole line: with PYTHONUNBUFFERED set, print writes it in pieces.
     wait_until("python to be ready", Duration::from_secs(10), || {
-        std::fs::read_to_string(out).is_ok_and(|s| s.contains("ready"))
+        std::fs::read_to_string(out)
+            .is_ok_and(|s| s.find("ready").is_some_and(|at| s[at..].contains('\n')))
     });
     p
 }

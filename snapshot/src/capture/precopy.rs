@@ -79,8 +79,16 @@ fn vdso_in(maps: &[crate::proc::MapsEntry]) -> Option<u64> {
 
 /// Makes a userfaultfd inside stopped process `member` and returns dolly's copy of it (the
 /// process's own fd is closed again). `vdso`: where its vDSO was a moment before the
-/// freeze, if known (checked, else its areas are read).
-fn make_uffd(member: &mut Member, vdso: Option<u64>) -> Result<std::os::fd::OwnedFd> {
+/// freeze, if known (checked, else its areas are read). `detached_next`: the tree is thawed
+/// right after (one stop less: no need to move the process out of the trap the calls left
+/// it in, which only matters should dolly die before the thaw; a job-stopped process is
+/// moved anyway, so that the thaw leaves it stopped).
+fn make_uffd(
+    member: &mut Member,
+    vdso: Option<u64>,
+    detached_next: bool,
+) -> Result<std::os::fd::OwnedFd> {
+    let park = !detached_next || member.stopped;
     let pid = member.proc.pid();
     let offset = tracee::vdso_syscall_offset()?.ok_or_else(|| {
         Error::refused(
@@ -115,7 +123,7 @@ fn make_uffd(member: &mut Member, vdso: Option<u64>) -> Result<std::os::fd::Owne
     let put_back = leader
         .set_regs(&regs)
         .and_then(|_| leader.set_sigmask(mask))
-        .and_then(|_| leader.park());
+        .and_then(|_| if park { leader.park() } else { Ok(()) });
     let made = made?;
     put_back?;
     Ok(made)
@@ -135,9 +143,10 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     let mut frozen = tree::freeze(root)?;
     let frozen_at = frozen.since;
     let mut fds = Vec::new();
+    let last = frozen.members.len().saturating_sub(1);
     for (index, member) in frozen.members.iter_mut().enumerate() {
         let known = root_vdso.filter(|_| member.proc.pid() == root);
-        if let Ok(fd) = make_uffd(member, known) {
+        if let Ok(fd) = make_uffd(member, known, index == last) {
             fds.push((index, member.proc.pid(), fd));
         }
     }

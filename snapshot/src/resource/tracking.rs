@@ -293,22 +293,22 @@ impl Tracked {
         self.known_maps = ProcDir::new(self.pid).maps().ok();
     }
 
-    /// Between pre-copy rounds: tracks the areas mapped since the tracking began (a fresh
-    /// mapping, or one made over part of a tracked area), which the freeze would otherwise
-    /// copy whole. The next round copies them all; a newer area shadows the part of an
-    /// older one it lies over.
+    /// Between pre-copy rounds: tracks the areas mapped since the tracking began at places
+    /// no tracked area covers (fresh mappings), which the freeze would otherwise copy whole.
+    /// The next round copies them all.
+    ///
+    /// (Not a mapping made over part of a tracked area: registered, it may merge with the
+    /// older area's pieces around it into one area whose pages the older area's records
+    /// would then answer for, stale where the new mapping lies. The freeze copies those.)
     pub fn track_new_areas(&mut self) -> Result<()> {
         let Ok(maps) = ProcDir::new(self.pid).maps_without_flags() else {
             return Ok(());
         };
         for m in maps.iter().filter(|m| trackable(m)) {
-            // Tracked already: registered, at a place an area covers (a part split off by
-            // mprotect, or grown: the freeze looks at what an area grew by).
             if self
                 .areas
                 .iter()
-                .any(|a| a.start <= m.start && m.start < a.end)
-                && pagemap::wp_async_at(&self.pagemap, m.start)
+                .any(|a| a.start < m.end && m.start < a.end)
             {
                 continue;
             }
@@ -336,26 +336,14 @@ impl Tracked {
         let mut bytes = 0;
         let mut scratch = (Vec::new(), Vec::new());
         let mut maps: Option<Vec<MapsEntry>> = None;
-        // An area tracked later lies over part of an earlier one (a mapping made over it):
-        // that part is the later one's to walk.
-        let shadows: Vec<Vec<(u64, u64)>> = (0..self.areas.len())
-            .map(|i| {
-                merge_ranges(
-                    self.areas[i + 1..]
-                        .iter()
-                        .map(|a| (a.start, a.end))
-                        .collect(),
-                )
-            })
-            .collect();
-        for (area, shadow) in self.areas.iter_mut().zip(&shadows) {
+        for area in &mut self.areas {
             let filter = if first || area.fresh {
                 OWN_PAGES
             } else {
                 WRITTEN_PAGES
             };
             area.fresh = false;
-            let mut pieces = subtract_ranges(&[(area.start, area.end)], shadow);
+            let mut pieces = vec![(area.start, area.end)];
             let mut whole = true;
             while let Some((start, end)) = pieces.pop() {
                 // Write-protect, then read: a write that comes after shows as written.
@@ -562,11 +550,10 @@ impl Tracked {
     pub fn finish_area(&mut self, start: u64, end: u64) -> Result<Option<Pages>> {
         // The tracked area holding `start`: the same, or one the area was split off (by
         // mprotect, or a mapping made over part of it): page protections outlive the split.
-        // (The newest: an area tracked later lies over what it covers of an older one.)
         let Some(i) = self
             .areas
             .iter()
-            .rposition(|a| a.start <= start && start < a.end)
+            .position(|a| a.start <= start && start < a.end)
         else {
             return Ok(None);
         };
