@@ -455,14 +455,17 @@ pub fn dump(
         if ranges.is_empty() {
             continue;
         }
-        let writer = match (&mut own_writer, tracked.as_deref_mut()) {
-            (Some(w), _) => w,
-            (None, Some(t)) => &mut t.writer,
+        let runs = page_runs(&ranges, area.start);
+        let slot = match (&mut own_writer, tracked.as_deref_mut()) {
+            (Some(w), _) => {
+                let slot = w.new_slot()?;
+                copy_runs(pid, &mem, w, slot, area.start, &runs)?;
+                slot
+            }
+            // With the other copies of the freeze (see `Tracked::copy_deferred`).
+            (None, Some(t)) => t.defer_new_slot(area.start, runs.clone())?,
             (None, None) => unreachable!("one writer or the other"),
         };
-        let slot = writer.new_slot()?;
-        let runs = page_runs(&ranges, area.start);
-        copy_runs(pid, &mem, writer, slot, area.start, &runs)?;
         area.pages = Some(Pages {
             offset: 0,
             slot,
@@ -471,6 +474,7 @@ pub fn dump(
         });
     }
     if let Some(t) = tracked.as_deref_mut() {
+        t.copy_deferred()?;
         t.free_unused();
     }
     stats.pool_size = match (&own_writer, tracked) {

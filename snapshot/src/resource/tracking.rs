@@ -159,7 +159,16 @@ pub struct Tracked {
     events: bool,
     /// Ranges whose pages may have gone since the tracking began (from those events).
     lost: Vec<(u64, u64)>,
+    /// Copies the freeze decided on, made together by [`Tracked::copy_deferred`].
+    deferred: Vec<Deferred>,
 }
+
+/// A copy the freeze decided on: slot, the address its page 0 stands for, runs of pages.
+type Deferred = (u32, u64, Vec<[u64; 2]>);
+
+/// At least this many bytes to copy at the freeze are copied by two threads (the tree is
+/// stopped: both cores are dolly's).
+const PARALLEL_COPY_BYTES: u64 = 4 << 20;
 
 /// What the walk at the freeze found in one area.
 #[derive(Debug)]
@@ -272,6 +281,7 @@ impl Tracked {
             scanned: HashMap::new(),
             events,
             lost: Vec::new(),
+            deferred: Vec::new(),
         })
     }
 
@@ -483,6 +493,63 @@ impl Tracked {
         Ok(())
     }
 
+    /// At the freeze: takes a new slot of the pool file for an area not tracked, whose
+    /// `runs` (pages from `base`) [`Tracked::copy_deferred`] copies with the others.
+    pub fn defer_new_slot(&mut self, base: u64, runs: Vec<[u64; 2]>) -> Result<u32> {
+        let slot = self.writer.new_slot()?;
+        self.deferred.push((slot, base, runs));
+        Ok(slot)
+    }
+
+    /// At the freeze, after every area is finished: makes the copies they decided on, with
+    /// two threads when there is much to copy (a process that writes faster than pre-copy
+    /// copies).
+    pub fn copy_deferred(&mut self) -> Result<()> {
+        let jobs = std::mem::take(&mut self.deferred);
+        let bytes = |job: &Deferred| -> u64 { job.2.iter().map(|r| r[1] * PAGE_SIZE).sum() };
+        let total: u64 = jobs.iter().map(bytes).sum();
+        let (pid, mem, writer) = (self.pid, &self.mem, &self.writer);
+        let run = |jobs: &[Deferred]| -> Result<()> {
+            for (slot, base, runs) in jobs {
+                copy_runs(pid, mem, writer, *slot, *base, runs)?;
+            }
+            Ok(())
+        };
+        if total < PARALLEL_COPY_BYTES {
+            return run(&jobs);
+        }
+        // Two halves of about the same size (runs split where needed).
+        let mut halves: [Vec<Deferred>; 2] = [Vec::new(), Vec::new()];
+        let mut first_left = total / 2;
+        for (slot, base, runs) in jobs {
+            for run in runs {
+                let len = run[1] * PAGE_SIZE;
+                if first_left >= len {
+                    first_left -= len;
+                    halves[0].push((slot, base, vec![run]));
+                } else if first_left > 0 {
+                    let head = first_left / PAGE_SIZE;
+                    first_left = 0;
+                    if head > 0 {
+                        halves[0].push((slot, base, vec![[run[0], head]]));
+                    }
+                    halves[1].push((slot, base, vec![[run[0] + head, run[1] - head]]));
+                } else {
+                    halves[1].push((slot, base, vec![run]));
+                }
+            }
+        }
+        let [first, second] = &halves;
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| run(second));
+            let mine = run(first);
+            let theirs = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            mine.and(theirs)
+        })
+    }
+
     /// After the freeze: frees the pages of the slots that no area of the snapshot uses (an
     /// area unmapped, or split and partly unmapped or mapped over, since it was copied).
     pub fn free_unused(&mut self) {
@@ -628,11 +695,13 @@ impl Tracked {
         // equal to the parent's.
         let missing = subtract_ranges(&present_in_scope, &held);
         let to_copy = intersect(&present, &merge_ranges(written.chain(missing).collect()));
-        let (pid, mem, writer, slot) = (self.pid, &self.mem, &self.writer, area.slot);
-        let copy = |ranges: &[(u64, u64)]| {
-            copy_runs(pid, mem, writer, slot, base, &page_runs(ranges, base))
+        let (deferred, slot) = (&mut self.deferred, area.slot);
+        let mut copy = |ranges: &[(u64, u64)]| {
+            if !ranges.is_empty() {
+                deferred.push((slot, base, page_runs(ranges, base)));
+            }
         };
-        copy(&to_copy)?;
+        copy(&to_copy);
         let copied = merge_ranges(
             intersect(&area.copied, &piece)
                 .into_iter()
@@ -651,7 +720,7 @@ impl Tracked {
             // an event says the range changed: those are read now.
             let mapped = subtract_ranges(&intersect(&area.from_parent, &piece), &own);
             let doubtful = intersect(&mapped, &self.lost);
-            copy(&doubtful)?;
+            copy(&doubtful);
             let own_now = merge_ranges(
                 own.iter()
                     .copied()
