@@ -212,6 +212,8 @@ struct Row {
     /// A capture of the restored process, against the snapshot it came from.
     of_restored: Capture,
     stall_ms: f64,
+    /// Frozen time of a process rewriting all its memory at full speed.
+    rewriting_frozen: f64,
 }
 
 /// Captures `pid` (with `extra` options, waiting until persisted); returns the record.
@@ -292,21 +294,24 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
         restore_full: median(restore_full),
         restore_incremental: median(restore_incremental),
         of_restored: Capture::median(&of_restored),
-        stall_ms: longest_stall(mib, store, dir),
+        stall_ms: scribbler_captures(mib, store, dir, true),
+        rewriting_frozen: scribbler_captures(mib, store, dir, false),
     }
 }
 
-/// The longest time a process spinning on the clock saw go by between two of its turns
-/// while it was captured (examples/scribbler, which holds `mib` of touched memory and, in
-/// quiet mode, does nothing but read the clock).
-fn longest_stall(mib: usize, store: &Store, dir: &Path) -> f64 {
-    let at = dir.join(format!("scribbler-{mib}"));
+/// Captures examples/scribbler holding `mib` of touched memory, 3 times: in quiet mode (it
+/// does nothing but read the clock) the median of the longest time it saw go by between
+/// two of its turns during a capture; rewriting its memory at full speed (`quiet` false),
+/// the median time it was frozen.
+fn scribbler_captures(mib: usize, store: &Store, dir: &Path, quiet: bool) -> f64 {
+    let at = dir.join(format!("scribbler-{mib}-{quiet}"));
     std::fs::create_dir_all(&at).unwrap();
     let log = at.join("log");
     let mut cmd = Command::new(bin("scribbler"));
-    cmd.arg("--dir")
-        .arg(&at)
-        .args(["--mib", &mib.to_string(), "--quiet-after-ms", "0"]);
+    cmd.arg("--dir").arg(&at).args(["--mib", &mib.to_string()]);
+    if quiet {
+        cmd.args(["--quiet-after-ms", "0"]);
+    }
     let pid = start_ready_in(&mut cmd, &at.join("out"), &log);
     let stalls = || -> Vec<f64> {
         std::fs::read_to_string(&log)
@@ -336,8 +341,13 @@ fn longest_stall(mib: usize, store: &Store, dir: &Path) -> f64 {
         std::thread::sleep(Duration::from_millis(500));
         report(); // starts a new measurement
         let (out, _) = store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
-        seen.push(report());
+        let stall = report();
         let record: serde_json::Value = serde_json::from_str(&out).unwrap();
+        seen.push(if quiet {
+            stall
+        } else {
+            record["frozen_ms"].as_f64().unwrap()
+        });
         let id = record["id"].as_str().unwrap();
         // The persister goes on in the background: wait for it before the next capture.
         let t = Instant::now();
@@ -495,13 +505,13 @@ fn mib_of(bytes: f64) -> String {
 
 fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
     let rows: Vec<Row> = sizes.iter().map(|&mib| measure(mib, store, dir)).collect();
-    println!("Freeze: how long the process is stopped (full capture, and incremental against it), beside fork() of a process with as much memory, a memcpy of it, and the longest stall a process spinning on the clock saw during a capture.");
+    println!("Freeze: how long the process is stopped (full capture, and incremental against it), beside fork() of a process with as much memory, a memcpy of it, and the longest stall a process spinning on the clock saw during a capture; then how long a process rewriting all its memory at full speed is frozen (pre-copy cannot keep up with it).");
     println!();
-    println!("| touched memory | fork() | memcpy | frozen: full | frozen: incremental | full / fork | incremental / fork | longest stall seen |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| touched memory | fork() | memcpy | frozen: full | frozen: incremental | full / fork | incremental / fork | longest stall seen | frozen, rewriting it all | rewriting / fork |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms |",
+            "| {} | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms | {:.2} ms | {:.2}× |",
             size_label(r.mib),
             r.fork,
             r.memcpy,
@@ -510,6 +520,8 @@ fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
             r.full.frozen / r.fork,
             r.incremental.frozen / r.fork,
             r.stall_ms,
+            r.rewriting_frozen,
+            r.rewriting_frozen / r.fork,
         );
     }
     println!();

@@ -21,8 +21,13 @@ use crate::tracee::{self, ALL_SIGNALS};
 
 /// Later rounds stop once a round copies less than this (what the freeze then copies).
 const ROUND_DONE_BYTES: u64 = 8 << 20;
-/// Pre-copy rounds at most (the first copies everything).
-const MAX_ROUNDS: usize = 4;
+/// At most this many rounds: a process that writes faster than they copy is then copied
+/// at the freeze for what it wrote during the last one.
+const MAX_ROUNDS: usize = 12;
+
+/// A round is worth another after it only if it copied at most this share of what the one
+/// before copied (in tenths): the amount written between rounds still shrinks.
+const SHRINKING_TENTHS: u64 = 8;
 
 /// A tree being pre-copied.
 #[derive(Debug, Default)]
@@ -189,6 +194,7 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     // The copy yields the CPU to the tree it copies (the freeze then runs at the usual
     // priority again, to be short).
     let _lowered = crate::sys::process::Lowered::by(10);
+    let mut last = u64::MAX;
     for round in 0..MAX_ROUNDS {
         let mut bytes = 0;
         for t in pre.tracked.values_mut() {
@@ -199,7 +205,9 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
         }
         pre.bytes += bytes;
         crate::checkpoint::mark(&format!("precopy: round {round}: {bytes} bytes"));
-        if round > 0 && bytes < ROUND_DONE_BYTES {
+        let shrinking = bytes.saturating_mul(10) <= last.saturating_mul(SHRINKING_TENTHS);
+        last = bytes;
+        if round > 0 && (bytes < ROUND_DONE_BYTES || !shrinking) {
             break;
         }
     }
