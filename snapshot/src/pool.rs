@@ -42,6 +42,10 @@ pub struct PoolWriter {
     slots: u32,
 }
 
+/// What to do when the memory tier is full.
+const POOL_FULL: &str =
+    "the memory tier is full: free space in the pool (--pool) or delete snapshots";
+
 impl PoolWriter {
     /// Creates a new, empty pool file (it must not exist).
     pub fn create(path: &Path) -> Result<PoolWriter> {
@@ -95,9 +99,7 @@ impl PoolWriter {
             let full = e.raw_os_error() == Some(libc::ENOSPC);
             let err = Error::io(format!("writing pool file {}", self.path.display()), e);
             if full {
-                err.with_remedy(
-                    "the memory tier is full: free space in the pool (--pool) or delete snapshots",
-                )
+                err.with_remedy(POOL_FULL)
             } else {
                 err
             }
@@ -121,9 +123,7 @@ impl PoolWriter {
                 ),
                 e,
             )
-            .with_remedy(
-                "the memory tier is full: free space in the pool (--pool) or delete snapshots",
-            )
+            .with_remedy(POOL_FULL)
         })?;
         // SAFETY: the pool file is private to this capture until the manifest names it;
         // nothing else truncates or writes it while the map lives.

@@ -312,6 +312,13 @@ impl Tracee {
             .with_context(|| format!("writing signal mask of {}", self.pid))
     }
 
+    /// Whether a `syscall` instruction is at `ip` in its memory (where dolly can make it run
+    /// system calls).
+    pub fn has_syscall_at(&self, ip: u64) -> bool {
+        let mut insn = [0u8; 2];
+        self.read_mem(ip, &mut insn).is_ok() && insn == [0x0f, 0x05]
+    }
+
     /// Reads its memory (any protection).
     pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         self.mem

@@ -102,11 +102,7 @@ fn make_uffd(
         )
     })?;
     let leader = &mut member.threads[0];
-    let is_syscall = |at: u64| {
-        let mut insn = [0u8; 2];
-        leader.read_mem(at + offset, &mut insn).is_ok() && insn == [0x0f, 0x05]
-    };
-    let vdso = match vdso.filter(|&at| is_syscall(at)) {
+    let vdso = match vdso.filter(|&at| leader.has_syscall_at(at + offset)) {
         Some(at) => at,
         None => vdso_in(&member.proc.maps_without_flags()?).ok_or_else(|| {
             Error::refused(

@@ -72,8 +72,7 @@ fn syscall_ip(tracee: &Tracee, memory: &MemoryPlan, regs: &RawRegs) -> Result<u6
         candidates.push(regs.rip - 2);
     }
     for ip in candidates {
-        let mut insn = [0u8; 2];
-        if tracee.read_mem(ip, &mut insn).is_ok() && insn == [0x0f, 0x05] {
+        if tracee.has_syscall_at(ip) {
             return Ok(ip);
         }
     }

@@ -48,7 +48,7 @@ pub struct ParentPages {
     /// Shared pool files in the order of the new process's `base_pools`.
     bases: Vec<usize>,
     /// Where a page of each content is in the parent's files (hash of the page to file and
-    /// page): made the first time a page differs from the parent's at its address.
+    /// page): made after the first pre-copy pass ([`ParentPages::index_content`]).
     by_content: Option<HashMap<u64, (usize, u64)>>,
     /// Pages of the process equal to a parent page at another address (a page that moved,
     /// or one of another process of the same program): address to file and page.
@@ -185,11 +185,7 @@ impl ParentPages {
                 if ours != theirs {
                     continue;
                 }
-                let p = seg.start + (i * page) as u64;
-                match same.last_mut() {
-                    Some(last) if last.1 == p => last.1 = p + PAGE_SIZE,
-                    _ => same.push((p, p + PAGE_SIZE)),
-                }
+                add_page(&mut same, seg.start + (i * page) as u64);
             }
         }
         // What these pages were found equal to before no longer holds: look again.
@@ -234,10 +230,7 @@ impl ParentPages {
             self.read_pages(file, file_page, scratch)?;
             if scratch.as_slice() == &data[(p - addr) as usize..][..page] {
                 self.moved.insert(p, (file, file_page));
-                match found.last_mut() {
-                    Some(last) if last.1 == p => last.1 = p + PAGE_SIZE,
-                    _ => found.push((p, p + PAGE_SIZE)),
-                }
+                add_page(&mut found, p);
             }
         }
         Ok(found)
@@ -373,6 +366,14 @@ impl ParentPages {
                 })
             })
             .collect()
+    }
+}
+
+/// Adds the page at `p` to `ranges`, sorted ranges that end at or before it.
+fn add_page(ranges: &mut Vec<(u64, u64)>, p: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.1 == p => last.1 = p + PAGE_SIZE,
+        _ => ranges.push((p, p + PAGE_SIZE)),
     }
 }
 
