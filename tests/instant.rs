@@ -39,7 +39,18 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     let pid = prog.pid();
     assert!(verify(pid, &log).starts_with("verify ok"));
     std::thread::sleep(Duration::from_millis(300)); // well into its scribbling
-    let id = dolly.capture(pid);
+    let first = dolly.capture_with(pid, &[]);
+    let id = first["id"].as_str().unwrap().to_string();
+    // It writes faster than pre-copy copies: the freeze forked it to read its last pages
+    // from the fork after the thaw. The fork is gone, and the process goes on unharmed.
+    assert_eq!(first["forked"], 1, "{first}");
+    assert!(first["forked_bytes"].as_u64().unwrap() > 0, "{first}");
+    assert_eq!(tree(pid), vec![pid], "no child left behind");
+    let after = verify(pid, &log);
+    assert!(after.starts_with("verify ok"), "{after}");
+    // Without the fork, the freeze copies those pages itself (one instant too).
+    let unforked = dolly.capture_with(pid, &["--fork", "never", "--parent", "none"]);
+    assert_eq!(unforked["forked"], 0, "{unforked}");
     // From now on it only writes pages (see examples/scribbler.rs on MADV_DONTNEED).
     std::fs::write(dir.path().join("steady"), b"").unwrap();
     prog.kill_and_reap();
@@ -75,6 +86,55 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     assert!(verdict.starts_with("verify ok"), "{verdict}");
     dolly.kill_clones(&clone);
     drop(restored);
+    reap_until_gone(pid);
+
+    let unforked_id = unforked["id"].as_str().unwrap();
+    let _restored = dolly.restore(unforked_id);
+    let verdict = verify(pid, &log);
+    assert!(verdict.starts_with("verify ok"), "{verdict}");
+}
+
+/// A tree whose processes the freeze forks (`--fork always`) to read their pages after the
+/// thaw: neither process sees a trace of its fork (no SIGCHLD, no child, no zombie), the
+/// child it has is still its only one, and the snapshot holds the memory of the freeze.
+#[test]
+fn processes_forked_at_the_freeze_see_no_trace_of_it() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = r#"import hashlib, os, random, signal, time
+got = []
+signal.signal(signal.SIGCHLD, lambda *_: got.append(1))
+data = bytearray(random.Random(5).randbytes(8 << 20))
+kid = os.fork()
+if kid == 0:
+    data[0] = 1
+    while True:
+        time.sleep(1)
+def report(*_):
+    print('state', len(got), hashlib.sha256(data).hexdigest(), flush=True)
+signal.signal(signal.SIGUSR1, report)
+print('ready', flush=True)
+while True:
+    time.sleep(1)
+"#;
+    let prog = python_ready(script, &out);
+    let pid = prog.pid();
+    let before = tree(pid);
+    assert_eq!(before.len(), 2, "python and its child");
+    let state = ask(pid, &out, "state");
+    let cap = dolly.capture_with(pid, &["--fork", "always"]);
+    assert_eq!(cap["forked"], 2, "{cap}");
+    assert_eq!(cap["processes"], 2, "{cap}");
+    // No SIGCHLD, the same digest, and no other child (nor zombie) than the one it made.
+    assert_eq!(ask(pid, &out, "state"), state);
+    assert_eq!(tree(pid), before);
+
+    dolly.end_originals(cap["id"].as_str().unwrap());
+    drop(prog);
+    let _restored = dolly.restore(cap["id"].as_str().unwrap());
+    assert_eq!(ask(pid, &out, "state"), state, "the memory of the freeze");
+    assert_eq!(tree(pid), before);
 }
 
 /// `snapshot info --json` of a snapshot.

@@ -114,6 +114,26 @@ pub struct Record {
     /// That dolly's PID.
     #[serde(default)]
     pub persister: Option<i32>,
+    /// Processes the freeze forked (copy-on-write, from inside) to read their last pages
+    /// from after they ran on; 0: the freeze copied every page itself.
+    #[serde(default)]
+    pub forked: u32,
+    /// Bytes read from those forks.
+    #[serde(default)]
+    pub forked_bytes: u64,
+}
+
+/// How a capture went, for its record.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureTimes {
+    /// How long the processes were stopped, in milliseconds.
+    pub frozen_ms: f64,
+    /// How long the whole capture took, in milliseconds.
+    pub capture_ms: f64,
+    /// Processes forked at the freeze (see [`Record::forked`]).
+    pub forked: u32,
+    /// Bytes read from those forks after the thaw.
+    pub forked_bytes: u64,
 }
 
 /// The catalog over a durable root and a memory-tier pool.
@@ -273,6 +293,8 @@ impl Store {
             persist_done: None,
             persisting: false,
             persister: None,
+            forked: 0,
+            forked_bytes: 0,
         };
         let draft = Draft {
             store: self.clone(),
@@ -638,19 +660,16 @@ impl Draft {
     }
 
     /// Writes the manifest and makes the snapshot `created` (restorable).
-    pub fn commit(
-        mut self,
-        manifest: &Manifest,
-        frozen_ms: f64,
-        capture_ms: f64,
-    ) -> Result<Record> {
+    pub fn commit(mut self, manifest: &Manifest, times: CaptureTimes) -> Result<Record> {
         let text = manifest.to_json();
         let dir = self.store.snapshot_dir(&self.record.id);
         write_atomic(&dir.join("manifest.json"), &text)?;
         self.record.manifest_hash = Some(blake3::hash(&text).to_hex().to_string());
         self.record.status = Status::Created;
-        self.record.frozen_ms = Some(frozen_ms);
-        self.record.capture_ms = Some(capture_ms);
+        self.record.frozen_ms = Some(times.frozen_ms);
+        self.record.capture_ms = Some(times.capture_ms);
+        self.record.forked = times.forked;
+        self.record.forked_bytes = times.forked_bytes;
         self.record.bytes = manifest.stored_bytes();
         self.record.shared_bytes = manifest.shared_bytes();
         self.record.parent = manifest.parent.clone();
@@ -704,6 +723,13 @@ mod tests {
         (dir, store)
     }
 
+    const TIMES: CaptureTimes = CaptureTimes {
+        frozen_ms: 1.0,
+        capture_ms: 2.0,
+        forked: 0,
+        forked_bytes: 0,
+    };
+
     fn manifest(id: &str) -> Manifest {
         crate::image::tests::valid_manifest(id)
     }
@@ -714,7 +740,7 @@ mod tests {
         let draft = store.begin(Some("warm"), 7, "sleep").unwrap();
         let id = draft.id().to_string();
         assert_eq!(store.record(&id).unwrap().status, Status::Capturing);
-        draft.commit(&manifest(&id), 1.0, 2.0).unwrap();
+        draft.commit(&manifest(&id), TIMES).unwrap();
         assert_eq!(store.record(&id).unwrap().status, Status::Created);
         assert_eq!(store.resolve("warm").unwrap(), id);
         store.load(&id).unwrap();
@@ -738,7 +764,7 @@ mod tests {
 
         let draft = store.begin(None, 8, "sleep").unwrap();
         let id = draft.id().to_string();
-        draft.commit(&manifest(&id), 1.0, 2.0).unwrap();
+        draft.commit(&manifest(&id), TIMES).unwrap();
         std::fs::remove_dir_all(store.pool_dir(&id)).unwrap();
         assert_eq!(store.record(&id).unwrap().status, Status::Incomplete);
         assert_eq!(
@@ -752,7 +778,7 @@ mod tests {
         let (_d, store) = store();
         let draft = store.begin(None, 7, "sleep").unwrap();
         let id = draft.id().to_string();
-        draft.commit(&manifest(&id), 1.0, 2.0).unwrap();
+        draft.commit(&manifest(&id), TIMES).unwrap();
         let (_m, lock) = store.load(&id).unwrap();
         assert_eq!(
             store.delete(&id).unwrap_err().kind(),

@@ -98,6 +98,11 @@ pub struct Tracee {
     in_trap: bool,
     /// What dropping the tracee without `detach` does.
     on_drop: OnDrop,
+    /// The process its last remote call made, when it traces the calls' children
+    /// ([`Remote::fork_held`]).
+    new_child: Option<Pid>,
+    /// Waits for its stops poll before they block (see [`wait_next`]).
+    spin: bool,
 }
 
 /// What happens to a tracee dolly lets go of without [`Tracee::detach`] (an error path).
@@ -160,7 +165,13 @@ fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
 /// after a system call or a step comes within microseconds, and being woken from a sleep
 /// can cost far more on a virtual machine), then blocking.
 fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
-    let spin_until = Instant::now() + Duration::from_millis(1);
+    wait_next(pid, true)
+}
+
+/// [`wait_blocking`], polling first only if `spin` (not when the tracee's call waits for
+/// another of dolly's threads, which needs the CPU).
+fn wait_next(pid: Pid, spin: bool) -> Result<WaitStatus> {
+    let spin_until = Instant::now() + Duration::from_millis(if spin { 1 } else { 0 });
     while Instant::now() < spin_until {
         match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::hint::spin_loop(),
@@ -269,6 +280,8 @@ impl Tracee {
             seized: false,
             in_trap: false,
             on_drop,
+            new_child: None,
+            spin: true,
         })
     }
 
@@ -350,6 +363,21 @@ impl Tracee {
         Ok(())
     }
 
+    /// Kills a tracee and waits for its end (for a process dolly made: a copy held by
+    /// [`Remote::fork_held`], which its parent then reaps).
+    pub fn kill_and_wait(mut self) -> Result<()> {
+        self.on_drop = OnDrop::Nothing;
+        let pid = self.pid;
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        loop {
+            match wait_blocking(pid)? {
+                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Ok(()),
+                // Stops reported before the kill took effect.
+                _ => continue,
+            }
+        }
+    }
+
     /// Moves a seized tracee from the SIGTRAP stop that remote calls leave it in to a
     /// `PTRACE_EVENT_STOP`. Should dolly die while the tracee waits there, the kernel lets it
     /// run on; from the SIGTRAP stop it would deliver the SIGTRAP, which kills it.
@@ -396,7 +424,7 @@ impl Tracee {
         let pid = self.pid;
         ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
         loop {
-            let status = wait_blocking(pid)?;
+            let status = wait_next(pid, self.spin)?;
             match status {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                     self.in_trap = true;
@@ -410,7 +438,12 @@ impl Tracee {
                     }
                     ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
                 }
-                WaitStatus::PtraceEvent(..) => {
+                WaitStatus::PtraceEvent(_, _, event) => {
+                    if event == libc::PTRACE_EVENT_CLONE {
+                        let child = ptrace::getevent(pid)
+                            .with_context(|| format!("reading the child {pid} made"))?;
+                        self.new_child = Some(Pid::from_raw(child as i32));
+                    }
                     ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
                 }
                 other => return Err(gone(pid, &other)),
@@ -509,6 +542,63 @@ impl Remote<'_> {
             ));
         }
         Ok(after.rax as i64)
+    }
+
+    /// Makes a copy-on-write copy of the tracee's process with a `clone` run inside it, held
+    /// stopped under dolly's ptrace before it runs a single instruction; returns it and its
+    /// PID as the tracee sees it. The copy shares the process's file descriptor table and
+    /// filesystem context (so it holds no file open on its own) and sends no signal when it
+    /// ends; it dies with dolly (`PTRACE_O_EXITKILL`). Every signal must be blocked in the
+    /// tracee.
+    pub fn fork_held(&mut self) -> Result<(Tracee, i32)> {
+        use ptrace::Options;
+        let pid = self.tracee.pid;
+        self.tracee
+            .set_options(Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_EXITKILL)?;
+        self.tracee.new_child = None;
+        let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64;
+        // The fork waits for dolly's thread reading the userfaultfd's events (its fork
+        // event): leave it the CPU.
+        self.tracee.spin = false;
+        let made = self.raw(libc::SYS_clone, &[flags, 0, 0, 0, 0]);
+        self.tracee.spin = true;
+        let child = self.tracee.new_child.take();
+        let reset = self.tracee.set_options(Options::empty());
+        let (child, ns_pid) = match (made, child) {
+            (Ok(rc), Some(child)) if rc > 0 => (child, rc as i32),
+            (Ok(rc), child) => {
+                if let Some(child) = child {
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                }
+                return Err(Error::sys(
+                    format!("forking process {pid} from inside it"),
+                    Errno::from_raw(if rc < 0 { -rc as i32 } else { libc::EIO }),
+                ));
+            }
+            (Err(e), child) => {
+                if let Some(child) = child {
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                }
+                return Err(e);
+            }
+        };
+        // Held from here: dropped, it is killed.
+        let held = Tracee::open(child, OnDrop::Kill);
+        // Its first stop (it starts stopped, as a child of a seized tracee).
+        let first = loop {
+            match waitpid(child, Some(WaitPidFlag::__WALL)) {
+                Err(Errno::EINTR) => continue,
+                other => break other.with_context(|| format!("waiting for {child}")),
+            }
+        };
+        let held = held?;
+        reset?;
+        match first? {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
+            | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
+            other => return Err(gone(child, &other)),
+        }
+        Ok((held, ns_pid))
     }
 
     /// Maps a page for [`Remote::run`]'s code inside the tracee (read and execute only: it

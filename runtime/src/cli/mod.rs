@@ -116,6 +116,27 @@ pub enum NetArg {
     None,
 }
 
+/// `--fork` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ForkArg {
+    /// When the pages written since the pre-copy would take longer to copy than a fork.
+    Auto,
+    /// Whenever the freeze has pages to copy.
+    Always,
+    /// Never: the freeze copies every page while the processes are stopped.
+    Never,
+}
+
+impl From<ForkArg> for snapshot::capture::ForkPolicy {
+    fn from(arg: ForkArg) -> Self {
+        match arg {
+            ForkArg::Auto => Self::Auto,
+            ForkArg::Always => Self::Always,
+            ForkArg::Never => Self::Never,
+        }
+    }
+}
+
 /// `dolly snapshot ...`
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -149,6 +170,13 @@ pub enum SnapshotCommand {
         /// restored or cloned from, if it still maps its pool; `none`: a full capture.
         #[arg(long, value_name = "ID|auto|none")]
         parent: Option<String>,
+        /// At the freeze, copy the pages a process wrote since the pre-copy from a
+        /// copy-on-write fork of it made inside it, after it runs on: it is then stopped
+        /// about as long as a fork() takes, however fast it writes. The fork never runs,
+        /// holds no file open, and is reaped by the process (one more brief stop) when the
+        /// capture is over.
+        #[arg(long, value_enum, default_value = "auto")]
+        fork: ForkArg,
         /// Return once the snapshot is `created` (restorable; the default) or `persisted`
         /// (durable too). Making it durable goes on in the background either way.
         #[arg(long, value_enum, default_value = "created")]

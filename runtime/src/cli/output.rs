@@ -56,6 +56,8 @@ pub fn record_json(r: &Record) -> serde_json::Value {
         "created_at": r.created_at,
         "bytes": r.bytes,
         "shared_bytes": r.shared_bytes,
+        "forked": r.forked,
+        "forked_bytes": r.forked_bytes,
         "parent": r.parent,
         "processes": r.processes,
         "frozen_ms": r.frozen_ms,

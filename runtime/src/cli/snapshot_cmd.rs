@@ -16,6 +16,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             file_locks,
             tcp_established,
             parent,
+            fork,
             wait,
         } => {
             let opts = CaptureOptions {
@@ -30,6 +31,7 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
                     Some(p) => Some(store.resolve(p)?),
                 },
                 full: parent.as_deref() == Some("none"),
+                fork: (*fork).into(),
             };
             let r = worker::capture(store, &opts, *wait)?.record;
             if cli.json {

@@ -3,6 +3,8 @@
 //! this only orchestrates.
 
 mod checks;
+mod cow;
+pub use cow::ForkPolicy;
 mod parent;
 pub use parent::{auto_parent, restored_from};
 mod precopy;
@@ -43,6 +45,9 @@ pub struct CaptureOptions {
     pub parent: Option<String>,
     /// Without `parent`, store every page, even of a process restored from a snapshot.
     pub full: bool,
+    /// When the freeze copies a process's last pages from a copy-on-write fork of it made
+    /// inside it, after the thaw, rather than while it is stopped.
+    pub fork: ForkPolicy,
 }
 
 /// What became of a capture.
@@ -60,6 +65,13 @@ struct TreeImage {
     open_files: Vec<crate::image::OpenFile>,
     shmem: Vec<crate::image::ShmemObject>,
     shmem_pool: Option<PoolFile>,
+    /// Processes forked at the freeze, whose pages are read from their forks after the
+    /// thaw (their images then join `processes`, in tree order).
+    left: Vec<(cow::Held, process::Inspected)>,
+    /// How many processes were forked.
+    forked: u32,
+    /// The bytes read from their forks.
+    forked_bytes: u64,
 }
 
 /// Captures process `opts.pid` and its descendants into a new snapshot of `store`. The tree
@@ -92,6 +104,7 @@ pub fn capture(
         let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
         let frozen_at = tree.since;
+        let order: Vec<i32> = tree.members.iter().map(|m| m.proc.pid().as_raw()).collect();
         let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy);
         let thawed = tree.thaw();
         crate::checkpoint::mark("capture: thawed");
@@ -102,10 +115,21 @@ pub fn capture(
             "capture: frozen {:.3} ms to set up tracking + {final_ms:.3} ms",
             precopy.frozen_ms
         ));
-        precopy.finish(&draft.pool_dir());
-        let image = image?;
+        let mut image = image?;
         thawed?;
-        Ok((image, frozen_ms))
+        let (forked, bytes, reap_ms) = dump_forked(
+            std::mem::take(&mut image.left),
+            &draft.pool_dir(),
+            &mut precopy,
+        )?;
+        image.forked = forked.len() as u32;
+        image.processes.extend(forked);
+        image
+            .processes
+            .sort_by_key(|p| order.iter().position(|&o| o == p.pid));
+        image.forked_bytes = bytes;
+        precopy.finish(&draft.pool_dir());
+        Ok((image, frozen_ms + reap_ms))
     })();
     let (image, frozen_ms) = match frozen {
         Ok(v) => v,
@@ -140,12 +164,21 @@ pub fn capture(
         shmem_pool: image.shmem_pool,
     };
     checkpoints.reach("capture:commit")?;
-    let record = draft.commit(&manifest, frozen_ms, started.elapsed().as_secs_f64() * 1e3)?;
+    let record = draft.commit(
+        &manifest,
+        crate::store::CaptureTimes {
+            frozen_ms,
+            capture_ms: started.elapsed().as_secs_f64() * 1e3,
+            forked: image.forked,
+            forked_bytes: image.forked_bytes,
+        },
+    )?;
     Ok(CaptureReport { record })
 }
 
 /// Reads the frozen tree: every process's state (refusing before any page is copied), then
-/// every process's pages and the shared memory.
+/// every process's pages and the shared memory. The pages of a process forked for them
+/// (see [`cow`]) are left for [`dump_forked`], after the thaw.
 fn capture_frozen(
     tree: &mut tree::Frozen,
     opts: &CaptureOptions,
@@ -179,10 +212,18 @@ fn capture_frozen(
     }
     shared.shmem.check_sysv_private()?;
     checkpoints.reach("capture:pages")?;
+    let forks = fork_writers(tree, &inspected, precopy, opts.fork);
     let mut processes = Vec::with_capacity(inspected.len());
-    for (member, inspected) in tree.members.iter().zip(inspected) {
-        let tracked = precopy.tracked(member.proc.pid());
-        processes.push(process::dump(member, inspected, &pool_dir, tracked)?);
+    let mut left = Vec::new();
+    for ((member, inspected), fork) in tree.members.iter().zip(inspected).zip(forks) {
+        let pid = member.proc.pid();
+        match fork {
+            Some(held) => left.push((held, inspected)),
+            None => {
+                let tracked = precopy.tracked(pid);
+                processes.push(process::dump(pid, inspected, &pool_dir, tracked)?);
+            }
+        }
     }
     crate::checkpoint::mark("capture: pages dumped");
     let shmem_name = format!("shmem{}", memory::POOL_FILE_SUFFIX);
@@ -197,7 +238,72 @@ fn capture_frozen(
             name: shmem_name,
             size: shmem_size,
         }),
+        left,
+        forked: 0,
+        forked_bytes: 0,
     })
+}
+
+/// At the freeze, once every process is inspected: forks, from inside, each pre-copied
+/// process that wrote too much since the last round for the freeze to copy it quickly
+/// (see [`cow`]); its walk and copies then read the fork, after the thaw. One entry per
+/// member: its fork, if it was forked.
+fn fork_writers(
+    tree: &mut tree::Frozen,
+    inspected: &[process::Inspected],
+    precopy: &mut precopy::Precopy,
+    policy: ForkPolicy,
+) -> Vec<Option<cow::Held>> {
+    let mut forks = Vec::with_capacity(tree.members.len());
+    let mut kept = false;
+    for (member, inspected) in tree.members.iter_mut().zip(inspected) {
+        let pid = member.proc.pid();
+        let worth = precopy
+            .tracking_of(pid)
+            .is_some_and(|t| cow::worth_forking(policy, t, inspected.areas()));
+        if !worth {
+            forks.push(None);
+            continue;
+        }
+        if !kept {
+            precopy.keep_forks(true);
+            kept = true;
+        }
+        // If the fork fails (a limit on processes...), the freeze copies the pages itself.
+        let held = cow::fork(member, inspected.areas(), precopy).ok();
+        if let (Some(held), Some(t)) = (&held, precopy.tracking_of(pid)) {
+            if t.use_copy(held.pid()).is_err() {
+                forks.push(None);
+                continue;
+            }
+        }
+        forks.push(held);
+    }
+    if kept {
+        precopy.keep_forks(false);
+    }
+    forks
+}
+
+/// After the thaw: the pages of the processes forked at the freeze, read from their forks
+/// (which then go). Returns their images, the bytes copied from the forks, and how long the
+/// reaping of the forks stopped the processes, in ms.
+fn dump_forked(
+    forked: Vec<(cow::Held, process::Inspected)>,
+    pool_dir: &std::path::Path,
+    precopy: &mut precopy::Precopy,
+) -> Result<(Vec<crate::image::Process>, u64, f64)> {
+    let (mut processes, mut bytes, mut reap_ms) = (Vec::new(), 0, 0.0);
+    for (held, inspected) in forked {
+        let parent = held.parent();
+        let tracked = precopy.tracked(parent);
+        let process = process::dump(held.pid(), inspected, pool_dir, tracked)?;
+        bytes += precopy.tracking_of(parent).map_or(0, |t| t.freeze_bytes());
+        crate::checkpoint::mark(&format!("cow: pages of {parent} copied from its fork"));
+        reap_ms += held.release()?;
+        processes.push(process);
+    }
+    Ok((processes, bytes, reap_ms))
 }
 
 /// BLAKE3 of this kernel's vDSO image.

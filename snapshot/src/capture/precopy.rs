@@ -49,6 +49,11 @@ impl Precopy {
         self.tracked.get_mut(&pid.as_raw())
     }
 
+    /// The tracking of process `pid` (after [`Precopy::tracked`] took it for the freeze).
+    pub fn tracking_of(&mut self, pid: Pid) -> Option<&mut Tracked> {
+        self.tracked.get_mut(&pid.as_raw())
+    }
+
     /// The areas of process `pid` with their flags as read after pre-copy, if it was.
     pub fn known_maps(&self, pid: Pid) -> Option<Vec<crate::proc::MapsEntry>> {
         self.tracked.get(&pid.as_raw())?.known_maps.clone()
@@ -65,6 +70,20 @@ impl Precopy {
                 t.note_lost(ranges);
             }
         }
+    }
+
+    /// Around the forks the freeze makes (see `capture::cow`): keeps (`true`) the
+    /// userfaultfds their events bring, for [`Precopy::take_fork_uffd`].
+    pub fn keep_forks(&self, keep: bool) {
+        if let Some(reader) = &self.lost_pages {
+            reader.keep_forks(keep);
+        }
+    }
+
+    /// The userfaultfd of the child process `pid` was just forked into (while forks are
+    /// kept).
+    pub fn take_fork_uffd(&self, pid: Pid) -> Option<std::os::fd::OwnedFd> {
+        self.lost_pages.as_ref()?.take_fork(pid.as_raw())
     }
 
     /// Ends the tracking (closing the userfaultfds: the kernel then unprotects the pages,

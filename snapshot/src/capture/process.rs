@@ -5,12 +5,13 @@ use std::path::Path;
 
 use crate::checkpoint::Checkpoints;
 use crate::error::{Error, Result};
-use crate::image::{AreaKind, Fd, PoolFile, Process, Signals, Thread};
-use crate::proc::{ProcDir, Stat, Status};
+use crate::image::{AreaKind, PoolFile, Process, Signals, Thread};
+use crate::proc::ProcDir;
 use crate::resource::files::{FileTable, OpenFiles};
 use crate::resource::memory::{MemoryPlan, ShmemTable};
 use crate::resource::{creds, files, memory, process, signals, thread};
 use crate::tracee::{self, RawRegs, Tracee};
+use nix::unistd::Pid;
 
 use super::checks;
 use super::tree::Member;
@@ -44,19 +45,16 @@ struct Hidden {
 
 /// A process inspected, its pages not yet copied.
 pub struct Inspected {
-    stat: Stat,
-    status: Status,
-    stopped: bool,
-    regs: RawRegs,
-    xstate: Vec<u8>,
-    sigmask: u64,
-    fds: Vec<Fd>,
-    locks: Vec<crate::image::FileLock>,
+    /// Its image, but its memory's pages.
+    process: Process,
     memory: MemoryPlan,
-    cwd: String,
-    hidden: Hidden,
-    /// The other threads, captured whole.
-    others: Vec<Thread>,
+}
+
+impl Inspected {
+    /// The areas of its memory (their pages not yet assigned).
+    pub fn areas(&self) -> &[crate::image::Area] {
+        &self.memory.areas
+    }
 }
 
 /// Finds a `syscall` instruction the stopped process can execute: in its vDSO, or the one
@@ -306,24 +304,59 @@ pub fn inspect(
     let hidden = hidden?;
     put_back?;
     crate::checkpoint::mark("inspect: state from inside");
-    let mut others = Vec::new();
-    for t in &mut member.threads[1..] {
-        others.push(capture_thread(t, &memory)?);
-    }
-    Ok(Inspected {
-        stat,
-        status,
-        stopped: member.stopped,
-        regs,
+    let mut threads = vec![thread::capture(
+        &member.threads[0],
+        &regs,
         xstate,
         sigmask,
+        hidden.thread,
+        status.ns_pid.clone(),
+        stat.comm.clone(),
+    )?];
+    for t in &mut member.threads[1..] {
+        threads.push(capture_thread(t, &memory)?);
+    }
+    let proc = &member.proc;
+    let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
+    let mut flags = hidden.flags;
+    flags.coredump_filter = process::capture_coredump_filter(proc)?;
+    let mut mm = process::mm_layout(&stat, hidden.brk, proc.auxv()?);
+    mm.brk = hidden.brk;
+    let process = Process {
+        pid: pid.as_raw(),
+        ns_pids: status.ns_pid.clone(),
+        ppid: stat.ppid,
+        pgid: stat.pgid,
+        sid: stat.sid,
+        comm: stat.comm.clone(),
+        stopped: member.stopped,
+        exe: proc
+            .read_link("exe")?
+            .trim_end_matches(" (deleted)")
+            .to_string(),
+        personality: u32::from_str_radix(proc.read("personality")?.trim(), 16).unwrap_or(0),
+        umask: status.umask,
+        cwd,
+        root: proc.read_link("root")?,
+        rlimits: process::capture_rlimits(proc)?,
+        creds: creds::capture(&status, hidden.securebits),
+        flags,
+        sched,
+        oom_score_adj,
+        mm,
+        areas: Vec::new(),
+        pool: None,
+        base_pools: Vec::new(),
         fds,
         locks,
-        memory,
-        cwd,
-        hidden,
-        others,
-    })
+        signals: Signals {
+            actions: hidden.actions,
+            pending: signals::pending(pid, true)?,
+        },
+        itimers: hidden.itimers,
+        threads,
+    };
+    Ok(Inspected { process, memory })
 }
 
 /// Reads, from inside a stopped thread, what only it can tell (its alternate signal stack
@@ -381,91 +414,35 @@ fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan) -> Result<Thread> {
     thread::capture(tracee, &regs, xstate, sigmask, hidden, status.ns_pid, comm)
 }
 
-/// Copies the pages of an inspected process into its pool file and makes its image.
+/// Copies the pages of an inspected process into its pool file and makes its image. The
+/// pages are read from process `source`: the process itself, stopped, or a copy-on-write
+/// fork of it made at its freeze (see `cow`).
 pub fn dump(
-    member: &Member,
+    source: Pid,
     inspected: Inspected,
     pool_dir: &Path,
     tracked: Option<&mut crate::resource::tracking::Tracked>,
 ) -> Result<Process> {
-    let proc = &member.proc;
-    let pid = proc.pid();
     let Inspected {
-        stat,
-        status,
-        stopped,
-        regs,
-        xstate,
-        sigmask,
-        fds,
-        locks,
+        mut process,
         mut memory,
-        cwd,
-        hidden,
-        others,
     } = inspected;
-    let pool_name = format!("{pid}{}", memory::POOL_FILE_SUFFIX);
+    let pool_name = format!("{}{}", process.pid, memory::POOL_FILE_SUFFIX);
     let mut tracked = tracked;
     let stats = memory::dump(
-        pid,
+        source,
         &mut memory,
         &pool_dir.join(&pool_name),
         tracked.as_deref_mut(),
     )?;
-    let base_pools = match tracked {
-        Some(t) => t.link_bases(pool_dir)?,
-        None => Vec::new(),
-    };
-    let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
-    let mut flags = hidden.flags;
-    flags.coredump_filter = process::capture_coredump_filter(proc)?;
-    let mut mm = process::mm_layout(&stat, hidden.brk, proc.auxv()?);
-    mm.brk = hidden.brk;
-    Ok(Process {
-        pid: pid.as_raw(),
-        ns_pids: status.ns_pid.clone(),
-        ppid: stat.ppid,
-        pgid: stat.pgid,
-        sid: stat.sid,
-        comm: stat.comm.clone(),
-        stopped,
-        exe: proc
-            .read_link("exe")?
-            .trim_end_matches(" (deleted)")
-            .to_string(),
-        personality: u32::from_str_radix(proc.read("personality")?.trim(), 16).unwrap_or(0),
-        umask: status.umask,
-        cwd,
-        root: proc.read_link("root")?,
-        rlimits: process::capture_rlimits(proc)?,
-        creds: creds::capture(&status, hidden.securebits),
-        flags,
-        sched,
-        oom_score_adj,
-        mm,
-        areas: memory.into_areas(),
-        pool: (stats.pool_size > 0).then_some(PoolFile {
-            name: pool_name,
-            size: stats.pool_size,
-        }),
-        base_pools,
-        fds,
-        locks,
-        signals: Signals {
-            actions: hidden.actions,
-            pending: signals::pending(pid, true)?,
-        },
-        itimers: hidden.itimers,
-        threads: std::iter::once(thread::capture(
-            &member.threads[0],
-            &regs,
-            xstate,
-            sigmask,
-            hidden.thread,
-            status.ns_pid.clone(),
-            stat.comm.clone(),
-        ))
-        .chain(others.into_iter().map(Ok))
-        .collect::<Result<_>>()?,
-    })
+    if let Some(t) = tracked {
+        t.finish_copies()?;
+        process.base_pools = t.link_bases(pool_dir)?;
+    }
+    process.areas = memory.into_areas();
+    process.pool = (stats.pool_size > 0).then_some(PoolFile {
+        name: pool_name,
+        size: stats.pool_size,
+    });
+    Ok(process)
 }

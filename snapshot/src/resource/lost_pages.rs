@@ -1,12 +1,16 @@
 //! While processes are pre-copied, a thread reads the events of their userfaultfds: which
-//! tracked ranges lose their pages (`madvise` drops, `munmap`, `mremap`). The kernel holds
-//! the process's call until its event is read, so the thread reads at once; the freeze then
-//! looks page by page only at those ranges (and at what was written), not at every page.
+//! tracked ranges lose their pages (`madvise` drops, `munmap`, `mremap`), and the forks that
+//! copy them. The kernel holds the process's call until its event is read, so the thread
+//! reads at once; the freeze then looks page by page only at those ranges (and at what was
+//! written), not at every page. A fork's event brings a userfaultfd of the child: closed at
+//! once (the child's memory is then unprotected), unless the freeze made that fork to read
+//! the process's memory from it (see `capture::cow`).
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -14,16 +18,32 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use crate::error::{Context, Result};
 use crate::sys::uffd;
 
-type Lost = Arc<Mutex<HashMap<i32, Vec<(u64, u64)>>>>;
+/// What the thread found, shared with the capture.
+#[derive(Debug, Default)]
+struct Found {
+    /// Ranges whose pages may have gone, by PID.
+    lost: HashMap<i32, Vec<(u64, u64)>>,
+    /// Userfaultfds of children forked while `keep_forks`, by the parent's PID.
+    forks: HashMap<i32, Vec<OwnedFd>>,
+    /// Keep the userfaultfds of forks rather than close them.
+    keep_forks: bool,
+    /// The thread is to end.
+    stop: bool,
+}
+
+type Shared = Arc<(Mutex<Found>, Condvar)>;
 
 /// The reading thread. Dropping it stops the thread (do so before the userfaultfds close).
 #[derive(Debug)]
 pub struct LostPages {
     uffds: Vec<(i32, RawFd)>,
     wake: Arc<EventFd>,
-    lost: Lost,
+    found: Shared,
     thread: Option<JoinHandle<()>>,
 }
+
+/// How long a fork's event may take to be read once the fork returned.
+const FORK_EVENT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl LostPages {
     /// Starts reading the events of `uffds`, `(pid, userfaultfd)` pairs. The fds must stay
@@ -33,20 +53,24 @@ impl LostPages {
             EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .context("creating an eventfd")?,
         );
-        let lost: Lost = Arc::default();
+        let found: Shared = Arc::default();
         let thread = {
-            let (uffds, wake, lost) = (uffds.clone(), wake.clone(), lost.clone());
+            let (uffds, wake, found) = (uffds.clone(), wake.clone(), found.clone());
             std::thread::Builder::new()
                 .name("dolly-uffd-events".into())
-                .spawn(move || read_events(&uffds, &wake, &lost))
+                .spawn(move || read_all(&uffds, &wake, &found))
                 .context("starting a thread")?
         };
         Ok(LostPages {
             uffds,
             wake,
-            lost,
+            found,
             thread: Some(thread),
         })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Found> {
+        self.found.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every range reported so far, by PID, pending events included. (With the processes
@@ -54,18 +78,44 @@ impl LostPages {
     /// before it is.)
     pub fn take(&self) -> HashMap<i32, Vec<(u64, u64)>> {
         // The thread reads only while it holds the lock, so what it read is recorded.
-        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
-        drain(&self.uffds, &mut lost);
-        std::mem::take(&mut *lost)
+        let mut found = self.lock();
+        drain(&self.uffds, &mut found);
+        std::mem::take(&mut found.lost)
+    }
+
+    /// From now on (`true`), keeps the userfaultfds forks bring for [`LostPages::take_fork`]
+    /// rather than closing them.
+    pub fn keep_forks(&self, keep: bool) {
+        self.lock().keep_forks = keep;
+    }
+
+    /// The userfaultfd of the child process `pid` just forked (while forks are kept): its
+    /// memory write-protected as `pid`'s was at the fork. Waits for the event to be read.
+    pub fn take_fork(&self, pid: i32) -> Option<OwnedFd> {
+        let deadline = Instant::now() + FORK_EVENT_TIMEOUT;
+        let mut found = self.lock();
+        loop {
+            drain(&self.uffds, &mut found);
+            if let Some(fd) = found.forks.get_mut(&pid).and_then(Vec::pop) {
+                return Some(fd);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            found = self
+                .found
+                .1
+                .wait_timeout(found, left.min(Duration::from_millis(10)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 
 impl Drop for LostPages {
     fn drop(&mut self) {
-        self.lost
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(STOP, Vec::new());
+        self.lock().stop = true;
         let _ = self.wake.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -73,27 +123,25 @@ impl Drop for LostPages {
     }
 }
 
-/// The key that tells the thread to end.
-const STOP: i32 = -1;
-
-/// Reads every pending event of `uffds` into `lost`.
-fn drain(uffds: &[(i32, RawFd)], lost: &mut HashMap<i32, Vec<(u64, u64)>>) {
+/// Reads every pending event of `uffds` into `found`.
+fn drain(uffds: &[(i32, RawFd)], found: &mut Found) {
     for &(pid, fd) in uffds {
         // SAFETY: the owner keeps the fd open while a `LostPages` lives (see `start`).
         let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        if let Ok(ranges) = uffd::read_lost(&fd) {
-            if !ranges.is_empty() {
-                lost.entry(pid).or_default().extend(ranges);
-            }
+        let Ok(events) = uffd::read_events(&fd) else {
+            continue;
+        };
+        if !events.lost.is_empty() {
+            found.lost.entry(pid).or_default().extend(events.lost);
         }
+        if found.keep_forks && !events.forks.is_empty() {
+            found.forks.entry(pid).or_default().extend(events.forks);
+        }
+        // (Else dropped: closed.)
     }
 }
 
-fn read_events(
-    uffds: &[(i32, RawFd)],
-    wake: &EventFd,
-    lost: &Mutex<HashMap<i32, Vec<(u64, u64)>>>,
-) {
+fn read_all(uffds: &[(i32, RawFd)], wake: &EventFd, shared: &(Mutex<Found>, Condvar)) {
     loop {
         {
             let borrowed: Vec<BorrowedFd> = uffds
@@ -112,10 +160,11 @@ fn read_events(
             }
         }
         let _ = wake.read();
-        let mut lost = lost.lock().unwrap_or_else(|e| e.into_inner());
-        if lost.contains_key(&STOP) {
+        let mut found = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        if found.stop {
             return;
         }
-        drain(uffds, &mut lost);
+        drain(uffds, &mut found);
+        shared.1.notify_all();
     }
 }

@@ -407,7 +407,8 @@ impl MemoryPlan {
 
 /// Copies the pages to store of every area into the process's pool file (a new one, or the
 /// one pre-copy filled: then only what changed since is copied), filling in each area's
-/// `pages`. The process must be stopped.
+/// `pages`. The process must be stopped. With pre-copy, the copies are only decided on:
+/// [`super::tracking::Tracked::finish_copies`] makes them.
 pub fn dump(
     pid: Pid,
     plan: &mut MemoryPlan,
@@ -462,7 +463,7 @@ pub fn dump(
                 copy_runs(pid, &mem, w, slot, area.start, &runs)?;
                 slot
             }
-            // With the other copies of the freeze (see `Tracked::copy_deferred`).
+            // With the other copies of the freeze (see `Tracked::finish_copies`).
             (None, Some(t)) => t.defer_new_slot(area.start, runs.clone())?,
             (None, None) => unreachable!("one writer or the other"),
         };
@@ -472,10 +473,6 @@ pub fn dump(
             runs,
             shared: Vec::new(),
         });
-    }
-    if let Some(t) = tracked.as_deref_mut() {
-        t.copy_deferred()?;
-        t.free_unused();
     }
     stats.pool_size = match (&own_writer, tracked) {
         (Some(w), _) => w.size(),

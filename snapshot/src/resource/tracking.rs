@@ -159,8 +159,15 @@ pub struct Tracked {
     events: bool,
     /// Ranges whose pages may have gone since the tracking began (from those events).
     lost: Vec<(u64, u64)>,
-    /// Copies the freeze decided on, made together by [`Tracked::copy_deferred`].
+    /// Copies the freeze decided on, made together by [`Tracked::finish_copies`].
     deferred: Vec<Deferred>,
+    /// Bytes the last pre-copy round copied.
+    last_round: u64,
+    /// Bytes [`Tracked::finish_copies`] copied.
+    freeze_copied: u64,
+    /// Some area is registered with a userfaultfd of the program's own (a fork inside the
+    /// process could then wait on that userfaultfd's reader).
+    pub foreign_uffd: bool,
 }
 
 /// A copy the freeze decided on: slot, the address its page 0 stands for, runs of pages.
@@ -241,6 +248,7 @@ impl Tracked {
         let mem = File::open(proc.path("mem")).context("opening process memory")?;
         let mut writer = PoolWriter::create(pool_path)?;
         let mut areas = Vec::new();
+        let mut foreign_uffd = false;
         for m in maps {
             // Memory a restored process still maps from its snapshot's pool is tracked when
             // that snapshot is the parent: what it did not write is the parent's.
@@ -255,7 +263,8 @@ impl Tracked {
             }
             // An area the program registered with a userfaultfd of its own is busy: the
             // freeze copies it whole.
-            if uffd::register_wp(&uffd, m.start, m.end).is_err() {
+            if let Err(e) = uffd::register_wp(&uffd, m.start, m.end) {
+                foreign_uffd |= e == nix::errno::Errno::EBUSY;
                 continue;
             }
             areas.push(TrackedArea {
@@ -282,6 +291,9 @@ impl Tracked {
             events,
             lost: Vec::new(),
             deferred: Vec::new(),
+            last_round: 0,
+            freeze_copied: 0,
+            foreign_uffd,
         })
     }
 
@@ -322,7 +334,8 @@ impl Tracked {
             {
                 continue;
             }
-            if uffd::register_wp(&self._uffd, m.start, m.end).is_err() {
+            if let Err(e) = uffd::register_wp(&self._uffd, m.start, m.end) {
+                self.foreign_uffd |= e == nix::errno::Errno::EBUSY;
                 continue;
             }
             self.areas.push(TrackedArea {
@@ -442,6 +455,7 @@ impl Tracked {
         if first {
             self.find_moved_pages()?;
         }
+        self.last_round = bytes;
         Ok(bytes)
     }
 
@@ -494,29 +508,69 @@ impl Tracked {
     }
 
     /// At the freeze: takes a new slot of the pool file for an area not tracked, whose
-    /// `runs` (pages from `base`) [`Tracked::copy_deferred`] copies with the others.
+    /// `runs` (pages from `base`) [`Tracked::finish_copies`] copies with the others.
     pub fn defer_new_slot(&mut self, base: u64, runs: Vec<[u64; 2]>) -> Result<u32> {
         let slot = self.writer.new_slot()?;
         self.deferred.push((slot, base, runs));
         Ok(slot)
     }
 
-    /// At the freeze, after every area is finished: makes the copies they decided on, with
-    /// two threads when there is much to copy (a process that writes faster than pre-copy
-    /// copies).
-    pub fn copy_deferred(&mut self) -> Result<()> {
+    /// Bytes the freeze copied (what was written since the last pre-copy round, and areas
+    /// not tracked).
+    pub fn freeze_bytes(&self) -> u64 {
+        self.freeze_copied
+    }
+
+    /// Bytes the last pre-copy round copied (about what the process writes in the time of
+    /// a round).
+    pub fn last_round_bytes(&self) -> u64 {
+        self.last_round
+    }
+
+    /// Whether the userfaultfd reports events (lost pages, forks).
+    pub fn has_events(&self) -> bool {
+        self.events
+    }
+
+    /// At the freeze: reads the process's page tables and memory from `copy` from now on,
+    /// a copy-on-write fork of it made at the freeze whose memory is write-protected as
+    /// the process's was (the userfaultfd the fork's event brought, kept open meanwhile):
+    /// the walk and the copies of the freeze can then be made after the thaw.
+    pub fn use_copy(&mut self, copy: Pid) -> Result<()> {
+        let proc = ProcDir::new(copy);
+        self.pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
+        self.mem = File::open(proc.path("mem")).context("opening process memory")?;
+        self.pid = copy;
+        Ok(())
+    }
+
+    /// Bytes of private memory the process holds, as far as the tracking knows: pages
+    /// copied by pre-copy, or found equal to the parent's.
+    pub fn held_bytes(&self) -> u64 {
+        self.areas
+            .iter()
+            .flat_map(|a| a.copied.iter().chain(&a.same))
+            .map(|r| r.1 - r.0)
+            .sum()
+    }
+
+    /// Makes the copies the freeze decided on, with two threads when there is much to copy
+    /// (a process that writes faster than pre-copy copies), then frees the slot pages no
+    /// area uses. They are read from the stopped process itself, or from its copy (see
+    /// [`Tracked::use_copy`]).
+    pub fn finish_copies(&mut self) -> Result<()> {
         let jobs = std::mem::take(&mut self.deferred);
-        let bytes = |job: &Deferred| -> u64 { job.2.iter().map(|r| r[1] * PAGE_SIZE).sum() };
-        let total: u64 = jobs.iter().map(bytes).sum();
+        let total: u64 = jobs
+            .iter()
+            .flat_map(|job| &job.2)
+            .map(|r| r[1] * PAGE_SIZE)
+            .sum();
+        self.freeze_copied += total;
         let (pid, mem, writer) = (self.pid, &self.mem, &self.writer);
-        let run = |jobs: &[Deferred]| -> Result<()> {
-            for (slot, base, runs) in jobs {
-                copy_runs(pid, mem, writer, *slot, *base, runs)?;
-            }
-            Ok(())
-        };
         if total < PARALLEL_COPY_BYTES {
-            return run(&jobs);
+            copy_jobs(pid, mem, writer, &jobs)?;
+            self.free_unused();
+            return Ok(());
         }
         // Two halves of about the same size (runs split where needed).
         let mut halves: [Vec<Deferred>; 2] = [Vec::new(), Vec::new()];
@@ -541,18 +595,20 @@ impl Tracked {
         }
         let [first, second] = &halves;
         std::thread::scope(|scope| {
-            let other = scope.spawn(|| run(second));
-            let mine = run(first);
+            let other = scope.spawn(|| copy_jobs(pid, mem, writer, second));
+            let mine = copy_jobs(pid, mem, writer, first);
             let theirs = other
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             mine.and(theirs)
-        })
+        })?;
+        self.free_unused();
+        Ok(())
     }
 
-    /// After the freeze: frees the pages of the slots that no area of the snapshot uses (an
-    /// area unmapped, or split and partly unmapped or mapped over, since it was copied).
-    pub fn free_unused(&mut self) {
+    /// Frees the pages of the slots that no area of the snapshot uses (an area unmapped, or
+    /// split and partly unmapped or mapped over, since it was copied).
+    fn free_unused(&mut self) {
         for area in &mut self.areas {
             let used = merge_ranges(std::mem::take(&mut area.finished));
             for (s, e) in subtract_ranges(&area.copied, &used) {
@@ -785,6 +841,14 @@ impl Tracked {
             None => Ok(Vec::new()),
         }
     }
+}
+
+/// Makes copies decided on (see [`Deferred`]) from process `pid`.
+fn copy_jobs(pid: Pid, mem: &File, writer: &PoolWriter, jobs: &[Deferred]) -> Result<()> {
+    for (slot, base, runs) in jobs {
+        copy_runs(pid, mem, writer, *slot, *base, runs)?;
+    }
+    Ok(())
 }
 
 /// Frees `len` bytes of a slot's pages from page `page` on.

@@ -1,0 +1,229 @@
+//! Copy-on-write freeze. A process that wrote more since the last pre-copy round than the
+//! freeze could copy in about the time of a `fork()` is forked from inside (a `clone` run in
+//! it while it is stopped), and the pages the freeze decided on are read from that copy once
+//! the process runs on: the process is stopped for the fork, not for the copy. The copy is
+//! held stopped under dolly's ptrace and never runs a single instruction; it shares the
+//! process's file descriptor table (so it keeps no file open: a `close` in the process
+//! still closes), sends no signal when it ends (a plain `wait` never sees it), dies with
+//! dolly, and is reaped by the process, with one more brief stop of one of its threads,
+//! when the capture is over.
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use super::precopy::Precopy;
+use super::tree::Member;
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{Area, AreaKind};
+use crate::proc::ProcDir;
+use crate::resource::tracking::Tracked;
+use crate::tracee::{self, Tracee, ALL_SIGNALS};
+
+/// When the freeze forks a process to copy its pages after the thaw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForkPolicy {
+    /// When the pages to copy would take longer than the fork (see [`worth_forking`]).
+    #[default]
+    Auto,
+    /// Whenever there is a page to copy at the freeze.
+    Always,
+    /// Never: the freeze copies every page while the process is stopped.
+    Never,
+}
+
+/// Below this, the freeze copies the pages itself: a fork and the stop that reaps it cost
+/// more.
+const MIN_FORK_BYTES: u64 = 1 << 20;
+
+/// Copying a page costs about this many times what a fork spends on it (copying its page
+/// table entry): 20-40 on the machines measured, so a fork pays once the process writes a
+/// sixteenth of its memory in the time of a pre-copy round.
+const COPY_PER_FORK: u64 = 16;
+
+/// Whether the freeze of pre-copied process `tracked` (with memory `areas`) is shorter with
+/// a fork: what the last pre-copy round copied (about what the freeze would copy: what the
+/// process writes in the time of a round) weighed against the memory a fork walks (what the
+/// process holds).
+pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area]) -> bool {
+    // The fork must come with a userfaultfd of the child (its event), for the walk of its
+    // written pages. A fork inside a process whose program uses a userfaultfd of its own
+    // could wait for that userfaultfd's reader (its fork event), a thread frozen with it.
+    // Memory a fork does not copy must be read from the process itself.
+    if !tracked.has_events()
+        || tracked.foreign_uffd
+        || areas
+            .iter()
+            .any(|a| a.flags.dont_fork || a.flags.wipe_on_fork)
+    {
+        return false;
+    }
+    let writes = tracked.last_round_bytes();
+    match policy {
+        ForkPolicy::Never => false,
+        ForkPolicy::Always => true,
+        ForkPolicy::Auto => {
+            writes >= MIN_FORK_BYTES
+                && writes.saturating_mul(COPY_PER_FORK) >= tracked.held_bytes() + writes
+        }
+    }
+}
+
+/// A copy-on-write copy of a process, made at its freeze and held stopped: the process's
+/// memory as of the freeze, whatever the process writes since, write-protected as the
+/// process's was.
+#[derive(Debug)]
+pub struct Held {
+    parent: Pid,
+    /// Its PID inside the process's PID namespace (for the process's `wait4`).
+    ns_pid: i32,
+    /// Where the parent's vDSO was (to run the reaping `wait4` through).
+    vdso: Option<u64>,
+    copy: Option<Tracee>,
+    /// The userfaultfd of the copy: open, its memory stays write-protected as it was.
+    _uffd: Option<OwnedFd>,
+}
+
+/// Forks frozen, pre-copied process `member` (with memory `areas`) from inside, through
+/// the `syscall` instruction of its vDSO. The process is left as it was, stopped.
+pub fn fork(member: &mut Member, areas: &[Area], precopy: &Precopy) -> Result<Held> {
+    let parent = member.proc.pid();
+    let vdso = areas
+        .iter()
+        .find(|a| a.kind == AreaKind::Vdso)
+        .map(|a| a.start);
+    let ip = syscall_ip(&member.threads[0], vdso)?;
+    let leader = &mut member.threads[0];
+    let regs = leader.regs()?;
+    let mask = leader.sigmask()?;
+    leader.set_sigmask(ALL_SIGNALS)?;
+    let made = leader.remote(ip).and_then(|mut remote| remote.fork_held());
+    let put_back = leader
+        .set_regs(&regs)
+        .and_then(|_| leader.set_sigmask(mask))
+        .and_then(|_| leader.park());
+    let (copy, ns_pid) = made?;
+    let mut held = Held {
+        parent,
+        ns_pid,
+        vdso,
+        copy: Some(copy),
+        _uffd: None,
+    };
+    put_back?;
+    held._uffd = Some(precopy.take_fork_uffd(parent).ok_or_else(|| {
+        Error::new(
+            ErrorKind::System,
+            format!("the fork of process {parent} came without its userfaultfd"),
+        )
+    })?);
+    crate::checkpoint::mark(&format!("cow: {parent} forked as {}", held.pid()));
+    Ok(held)
+}
+
+/// The `syscall` instruction of the vDSO at `vdso` (else as the process's areas say).
+fn syscall_ip(thread: &Tracee, vdso: Option<u64>) -> Result<u64> {
+    let offset = tracee::vdso_syscall_offset()?.ok_or_else(|| {
+        Error::refused(
+            "no syscall instruction found in the vDSO",
+            "this kernel's vDSO is not supported",
+        )
+    })?;
+    if let Some(at) = vdso.filter(|&at| thread.has_syscall_at(at + offset)) {
+        return Ok(at + offset);
+    }
+    let pid = thread.pid();
+    let maps = ProcDir::new(pid).maps_without_flags()?;
+    maps.iter()
+        .find(|m| m.path == "[vdso]")
+        .map(|m| m.start + offset)
+        .filter(|&ip| thread.has_syscall_at(ip))
+        .ok_or_else(|| {
+            Error::refused(
+                format!("process {pid} has no vDSO"),
+                "capture it with --fork never",
+            )
+        })
+}
+
+impl Held {
+    /// The process it is a copy of.
+    pub fn parent(&self) -> Pid {
+        self.parent
+    }
+
+    /// The copy's PID.
+    pub fn pid(&self) -> Pid {
+        self.copy.as_ref().map_or(self.parent, |c| c.pid())
+    }
+
+    /// Ends the copy: kills it, then has its parent reap it (a `wait4` run inside one of
+    /// its threads, stopped for that). Returns how long that thread was stopped, in ms.
+    pub fn release(mut self) -> Result<f64> {
+        self.end()
+    }
+
+    fn end(&mut self) -> Result<f64> {
+        let Some(copy) = self.copy.take() else {
+            return Ok(0.0);
+        };
+        copy.kill_and_wait()?;
+        // (Closed after the kill: closed before, the kernel would unprotect its memory.)
+        self._uffd = None;
+        reap(self.parent, self.ns_pid, self.vdso)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}
+
+/// Has process `parent` reap its ended child `ns_pid` (a PID as it sees it). Returns how long
+/// the thread that did was stopped, in ms (0 if the process is gone: its children then go
+/// to a reaper that reaps them).
+fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
+    let proc = ProcDir::new(parent);
+    // A thread that can run the call: the leader, unless it has ended before the others.
+    let live = |tid: &Pid| {
+        ProcDir::new(*tid)
+            .stat()
+            .is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
+    };
+    let Some(tid) = proc.tasks().ok().and_then(|t| t.into_iter().find(live)) else {
+        return Ok(0.0);
+    };
+    let job_stopped = proc.stat().is_ok_and(|s| s.state == 'T');
+    let mut thread = match Tracee::seize(tid) {
+        Ok(t) => t,
+        Err(e) if e.kind() == crate::error::ErrorKind::NotFound => return Ok(0.0),
+        Err(e) => return Err(e),
+    };
+    let since = Instant::now();
+    let ip = syscall_ip(&thread, vdso)?;
+    let regs = thread.regs()?;
+    let mask = thread.sigmask()?;
+    thread.set_sigmask(ALL_SIGNALS)?;
+    let reaped = thread.remote(ip).and_then(|mut remote| {
+        remote.raw(libc::SYS_wait4, &[ns_pid as u64, 0, libc::__WALL as u64, 0])
+    });
+    let put_back = thread
+        .set_regs(&regs)
+        .and_then(|_| thread.set_sigmask(mask))
+        .and_then(|_| if job_stopped { thread.park() } else { Ok(()) });
+    let detached = put_back.and_then(|_| thread.detach());
+    let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
+    let rc = reaped?;
+    detached?;
+    // ECHILD: the process reaped it itself (a wait with __WALL).
+    if rc < 0 && rc != -(libc::ECHILD as i64) {
+        return Err(Error::sys(
+            format!("reaping dolly's copy of process {parent}"),
+            nix::errno::Errno::from_raw(-rc as i32),
+        ));
+    }
+    crate::checkpoint::mark(&format!("cow: {parent} reaped its copy"));
+    Ok(stopped_ms)
+}
