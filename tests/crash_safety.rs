@@ -80,6 +80,47 @@ fn kill_9_of_the_capture_worker_leaves_a_failed_snapshot() {
     }
 }
 
+/// The capture worker killed while it reads a process's last pages from the fork it made of
+/// it at the freeze: the fork dies with it (a zombie of the process, which no plain `wait`
+/// sees), and the listing that finds the capture interrupted has the process reap it. No
+/// child is left behind, and the process runs on.
+#[test]
+fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = "import signal, time\nn = 0\ndef report(*_):\n    print('count', n, flush=True)\nsignal.signal(signal.SIGUSR1, report)\nprint('ready', flush=True)\nwhile True:\n    n += 1\n    time.sleep(0.01)\n";
+    let prog = python_ready(script, &out);
+    let pid = prog.pid();
+    let (cli, worker) = start_paused(
+        &dolly,
+        &[
+            "snapshot",
+            "capture",
+            "--pid",
+            &pid.to_string(),
+            "--fork",
+            "always",
+        ],
+        "capture:forked",
+    );
+    assert_eq!(
+        tree(pid).len(),
+        2,
+        "the fork, held while its pages are read"
+    );
+    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    let output = cli.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let list = dolly.list();
+    assert_eq!(list[0]["status"], "failed", "{list:?}");
+    assert_eq!(tree(pid), vec![pid], "no child left behind");
+    let count = |line: String| line[6..].parse::<u64>().unwrap();
+    let first = count(ask(pid, &out, "count"));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(count(ask(pid, &out, "count")) > first, "it runs on");
+}
+
 /// Killed while rebuilding the process: nothing is left at the PID, and the snapshot
 /// restores fine afterwards.
 #[test]

@@ -539,3 +539,19 @@ while True:
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(checked(pid, &out), "check bad 0");
 }
+
+/// `--fork always` does not fork a process holding memory a fork would not copy
+/// (`MADV_DONTFORK`, which examples/workload has): the freeze copies it itself, and the
+/// restored process finds that memory as it was.
+#[test]
+fn memory_a_fork_would_not_copy_is_copied_at_the_freeze() {
+    let dolly = Dolly::new();
+    let mut w = Workload::start(2);
+    let pid = w.pid();
+    let cap = dolly.capture_with(pid, &["--fork", "always"]);
+    assert_eq!(cap["forked"], 0, "{cap}");
+    w.proc.kill_and_reap();
+    let _restored = dolly.restore(cap["id"].as_str().unwrap());
+    w.wait_ticks(2);
+    assert_report_ok(&w.report(pid));
+}

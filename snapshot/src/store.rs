@@ -410,6 +410,8 @@ impl Store {
                     FlockArg::LockSharedNonblock,
                 )?;
                 if free.is_some() {
+                    // Forks it held died with it: their processes reap them.
+                    crate::capture::reap_leftover_forks(&dir);
                     record.status = Status::Failed;
                     record.reason = Some("the capture was interrupted (dolly was killed)".into());
                     // Nobody captures it any more: its pages are garbage.
@@ -650,6 +652,11 @@ impl Draft {
     /// Directory for its pool files.
     pub fn pool_dir(&self) -> PathBuf {
         self.store.pool_dir(&self.record.id)
+    }
+
+    /// Its directory in the durable root (record, manifest).
+    pub fn dir(&self) -> PathBuf {
+        self.store.snapshot_dir(&self.record.id)
     }
 
     fn write_record(&self) -> Result<()> {

@@ -12,6 +12,7 @@ use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 
 use super::precopy::Precopy;
 use super::tree::Member;
@@ -147,7 +148,48 @@ fn syscall_ip(thread: &Tracee, vdso: Option<u64>) -> Result<u64> {
         })
 }
 
+/// A fork as recorded beside its snapshot while it lives, for [`reap_leftovers`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForkNote {
+    /// The process forked.
+    pub parent: i32,
+    /// The fork's PID.
+    pub pid: i32,
+    /// The fork's PID as the process sees it.
+    pub ns_pid: i32,
+    /// When the fork started (clock ticks after boot): tells it from a later process with
+    /// its PID.
+    pub start_time: u64,
+}
+
+/// After a capture worker was killed while it held forks (which then died with it): has
+/// each process noted in `notes` reap its fork, if it is still a zombie there.
+pub fn reap_leftovers(notes: &[ForkNote]) {
+    for note in notes {
+        let ours = ProcDir::new(Pid::from_raw(note.pid)).stat().is_ok_and(|s| {
+            s.state == 'Z'
+                && s.ppid == note.parent
+                && s.exit_signal == 0
+                && s.start_time == note.start_time
+        });
+        if ours {
+            let _ = reap(Pid::from_raw(note.parent), note.ns_pid, None);
+        }
+    }
+}
+
 impl Held {
+    /// What to note of it beside the snapshot while it lives (see [`reap_leftovers`]).
+    pub fn note(&self) -> ForkNote {
+        let pid = self.pid();
+        ForkNote {
+            parent: self.parent.as_raw(),
+            pid: pid.as_raw(),
+            ns_pid: self.ns_pid,
+            start_time: ProcDir::new(pid).stat().map_or(0, |s| s.start_time),
+        }
+    }
+
     /// The process it is a copy of.
     pub fn parent(&self) -> Pid {
         self.parent

@@ -117,6 +117,10 @@ pub fn capture(
         ));
         let mut image = image?;
         thawed?;
+        if !image.left.is_empty() {
+            note_forks(&draft.dir(), &image.left)?;
+            checkpoints.reach("capture:forked")?;
+        }
         let (forked, bytes, reap_ms) = dump_forked(
             std::mem::take(&mut image.left),
             &draft.pool_dir(),
@@ -131,6 +135,7 @@ pub fn capture(
         precopy.finish(&draft.pool_dir());
         Ok((image, frozen_ms + reap_ms))
     })();
+    let _ = std::fs::remove_file(draft.dir().join(FORKS_FILE));
     let (image, frozen_ms) = match frozen {
         Ok(v) => v,
         Err(e) => {
@@ -304,6 +309,32 @@ fn dump_forked(
         processes.push(process);
     }
     Ok((processes, bytes, reap_ms))
+}
+
+/// The file beside a snapshot's record that lists the forks its capture holds (see [`cow`]),
+/// while it holds them.
+const FORKS_FILE: &str = "forks.json";
+
+/// Notes the forks held beside the snapshot (in `dir`): should the capture be killed, they
+/// die with it, and [`reap_leftover_forks`] has their processes reap them.
+fn note_forks(dir: &std::path::Path, left: &[(cow::Held, process::Inspected)]) -> Result<()> {
+    let notes: Vec<cow::ForkNote> = left.iter().map(|(held, _)| held.note()).collect();
+    let text = serde_json::to_vec(&notes).expect("notes serialize");
+    let path = dir.join(FORKS_FILE);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// For a capture found interrupted (its worker killed) in snapshot directory `dir`: has
+/// the processes it forked reap those forks, left as zombies.
+pub fn reap_leftover_forks(dir: &std::path::Path) {
+    let path = dir.join(FORKS_FILE);
+    let Ok(text) = std::fs::read(&path) else {
+        return;
+    };
+    if let Ok(notes) = serde_json::from_slice::<Vec<cow::ForkNote>>(&text) {
+        cow::reap_leftovers(&notes);
+    }
+    let _ = std::fs::remove_file(path);
 }
 
 /// BLAKE3 of this kernel's vDSO image.

@@ -47,6 +47,10 @@ pub struct Stat {
     pub env_end: u64,
     /// Exit status (for zombies).
     pub exit_code: i32,
+    /// When it started, in clock ticks after boot.
+    pub start_time: u64,
+    /// The signal its parent gets when it ends (0: none, a "clone" child).
+    pub exit_signal: i32,
 }
 
 /// Parses `/proc/PID/stat`. The command name may hold spaces and parentheses, so it is
@@ -91,6 +95,8 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
         env_start: num(47)?,
         env_end: num(48)?,
         exit_code: int(49)?,
+        start_time: num(19)?,
+        exit_signal: int(35)?,
     })
 }
 
@@ -109,6 +115,7 @@ mod tests {
         assert_eq!(s.state, 'S');
         assert_eq!((s.ppid, s.pgid, s.sid), (1, 4242, 4242));
         assert_eq!(s.num_threads, 1);
+        assert_eq!((s.start_time, s.exit_signal), (123, 17));
         assert_eq!(
             (s.start_code, s.end_code, s.start_stack),
             (94000, 95000, 140000)
