@@ -1,7 +1,9 @@
 //! The benchmark: for processes with 64 MiB, 512 MiB, 2 GiB and 4 GiB of touched memory,
 //! full and incremental captures (frozen time, time to created and to persisted, bytes
-//! written), the longest stall a process spinning on the clock sees while it is captured,
-//! and restores, beside fork() of a process with the same memory and a memcpy of the same
+//! written), the longest stall a process spinning on the clock sees while it is captured
+//! (with the CPU time the host took from the VM meanwhile), the freeze of a process
+//! rewriting its memory at full speed (forked at the freeze, and not), and restores,
+//! beside fork() of a process with the same memory and a memcpy of the same
 //! bytes, all measured in this run; then captures of a process tree and of many threads,
 //! and clones.
 //!
@@ -211,9 +213,39 @@ struct Row {
     restore_incremental: f64,
     /// A capture of the restored process, against the snapshot it came from.
     of_restored: Capture,
-    stall_ms: f64,
-    /// Frozen time of a process rewriting all its memory at full speed.
-    rewriting_frozen: f64,
+    /// A process spinning on the clock, captured: the longest stall it saw.
+    quiet: Scribbled,
+    /// A process rewriting all its memory at full speed, captured (it is forked at the
+    /// freeze): how long it was frozen.
+    rewriting: Scribbled,
+    /// The same with `--fork never`.
+    rewriting_unforked: Scribbled,
+}
+
+/// Medians of 3 captures of examples/scribbler.
+struct Scribbled {
+    /// The longest stall it saw (quiet), or how long it was frozen (rewriting), in ms.
+    ms: f64,
+    /// CPU time the host took from this VM during the capture (steal), in ms.
+    steal_ms: f64,
+    /// Bytes read from its fork after the thaw.
+    forked_bytes: f64,
+    /// Its own fork() (median of 3, asked before the captures), in ms.
+    own_fork_ms: f64,
+}
+
+/// CPU time the hypervisor has taken from this machine so far (`steal` in /proc/stat), ms.
+fn steal_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: f64 = stat
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(8))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1e3 / hz
 }
 
 /// Captures `pid` (with `extra` options, waiting until persisted); returns the record.
@@ -294,17 +326,24 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
         restore_full: median(restore_full),
         restore_incremental: median(restore_incremental),
         of_restored: Capture::median(&of_restored),
-        stall_ms: scribbler_captures(mib, store, dir, true),
-        rewriting_frozen: scribbler_captures(mib, store, dir, false),
+        quiet: scribbler_captures(mib, store, dir, true, &[]),
+        rewriting: scribbler_captures(mib, store, dir, false, &[]),
+        rewriting_unforked: scribbler_captures(mib, store, dir, false, &["--fork", "never"]),
     }
 }
 
-/// Captures examples/scribbler holding `mib` of touched memory, 3 times: in quiet mode (it
-/// does nothing but read the clock) the median of the longest time it saw go by between
-/// two of its turns during a capture; rewriting its pages at full speed (`quiet` false),
-/// the median time it was frozen.
-fn scribbler_captures(mib: usize, store: &Store, dir: &Path, quiet: bool) -> f64 {
-    let at = dir.join(format!("scribbler-{mib}-{quiet}"));
+/// Captures examples/scribbler holding `mib` of touched memory, 3 times (with `extra`
+/// options): in quiet mode (it does nothing but read the clock) the median of the longest
+/// time it saw go by between two of its turns during a capture; rewriting its pages at full
+/// speed (`quiet` false), the median time it was frozen.
+fn scribbler_captures(
+    mib: usize,
+    store: &Store,
+    dir: &Path,
+    quiet: bool,
+    extra: &[&str],
+) -> Scribbled {
+    let at = dir.join(format!("scribbler-{mib}-{quiet}-{}", extra.len()));
     std::fs::create_dir_all(&at).unwrap();
     let log = at.join("log");
     let mut cmd = Command::new(bin("scribbler"));
@@ -316,11 +355,9 @@ fn scribbler_captures(mib: usize, store: &Store, dir: &Path, quiet: bool) -> f64
     // Rewriting pages only (no dropping or mapping over them: see examples/scribbler.rs).
     std::fs::write(at.join("steady"), b"").unwrap();
     let stalls = || -> Vec<f64> {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.strip_prefix("stall max_us="))
-            .map(|v| v.parse::<f64>().unwrap() / 1e3)
+        read_lines_with(&log, "stall max_us=")
+            .into_iter()
+            .map(|us| us / 1e3)
             .collect()
     };
     let report = || {
@@ -336,13 +373,30 @@ fn scribbler_captures(mib: usize, store: &Store, dir: &Path, quiet: bool) -> f64
         }
         *stalls().last().unwrap()
     };
-    let mut seen = Vec::new();
+    // Its own fork(), timed by itself: the fork the freeze makes inside it.
+    let own_fork_ms = {
+        let forks = || read_lines_with(&log, "fork us=");
+        let before = forks().len();
+        kill(pid, Signal::SIGWINCH).unwrap();
+        let t = Instant::now();
+        while forks().len() == before {
+            assert!(t.elapsed() < Duration::from_secs(20), "no fork time");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        forks().last().unwrap() / 1e3
+    };
+    let (mut seen, mut steal, mut forked) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         // Settled: no writeback or persister of earlier work left running.
         nix::unistd::sync();
         std::thread::sleep(Duration::from_millis(500));
         report(); // starts a new measurement
-        let (out, _) = store.dolly(&["--json", "snapshot", "capture", "--pid", &pid.to_string()]);
+        let pid_arg = pid.to_string();
+        let mut args = vec!["--json", "snapshot", "capture", "--pid", &pid_arg];
+        args.extend_from_slice(extra);
+        let stolen = steal_ms();
+        let (out, _) = store.dolly(&args);
+        steal.push(steal_ms() - stolen);
         let stall = report();
         let record: serde_json::Value = serde_json::from_str(&out).unwrap();
         seen.push(if quiet {
@@ -350,6 +404,7 @@ fn scribbler_captures(mib: usize, store: &Store, dir: &Path, quiet: bool) -> f64
         } else {
             record["frozen_ms"].as_f64().unwrap()
         });
+        forked.push(record["forked_bytes"].as_f64().unwrap_or(0.0));
         let id = record["id"].as_str().unwrap();
         // The persister goes on in the background: wait for it before the next capture.
         let t = Instant::now();
@@ -364,7 +419,21 @@ fn scribbler_captures(mib: usize, store: &Store, dir: &Path, quiet: bool) -> f64
         store.dolly(&["snapshot", "delete", id]);
     }
     end(pid);
-    median(seen)
+    Scribbled {
+        ms: median(seen),
+        steal_ms: median(steal),
+        forked_bytes: median(forked),
+        own_fork_ms,
+    }
+}
+
+/// The numbers after `prefix` on the lines of file `log` that start with it.
+fn read_lines_with(log: &Path, prefix: &str) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix)?.parse().ok())
+        .collect()
 }
 
 /// Starts `cmd` in its own session, stdout to `out`, and waits until `log` says `ready`.
@@ -507,13 +576,13 @@ fn mib_of(bytes: f64) -> String {
 
 fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
     let rows: Vec<Row> = sizes.iter().map(|&mib| measure(mib, store, dir)).collect();
-    println!("Freeze: how long the process is stopped (full capture, and incremental against it), beside fork() of a process with as much memory, a memcpy of it, and the longest stall a process spinning on the clock saw during a capture; then how long a process rewriting all its memory at full speed is frozen (pre-copy cannot keep up with it).");
+    println!("Freeze of a process that only reads memory: how long it is stopped (full capture, and incremental against it), beside fork() of a process with as much memory and a memcpy of it; then the longest stall a process spinning on the clock saw during a capture, and the CPU time the host took from this VM (steal) meanwhile.");
     println!();
-    println!("| touched memory | fork() | memcpy | frozen: full | frozen: incremental | full / fork | incremental / fork | longest stall seen | frozen, rewriting it all | rewriting / fork |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| touched memory | fork() | memcpy | frozen: full | frozen: incremental | full / fork | incremental / fork | longest stall seen | host steal during it |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms | {:.2} ms | {:.2}× |",
+            "| {} | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms |",
             size_label(r.mib),
             r.fork,
             r.memcpy,
@@ -521,9 +590,28 @@ fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
             r.incremental.frozen,
             r.full.frozen / r.fork,
             r.incremental.frozen / r.fork,
-            r.stall_ms,
-            r.rewriting_frozen,
-            r.rewriting_frozen / r.fork,
+            r.quiet.ms,
+            r.quiet.steal_ms,
+        );
+    }
+    println!();
+    println!("Freeze of a process rewriting pages all over its memory at full speed (faster than pre-copy copies): forked at the freeze and read from its fork after the thaw (`--fork auto`, the default), beside fork() of a process with as much memory and the fork() of the writer itself (timed by it); and without the fork (`--fork never`: the freeze copies what it wrote since the last round).");
+    println!();
+    println!("| touched memory | fork() | its own fork() | frozen (forked) | forked / fork | forked / its fork | host steal during it | read from the fork | frozen, --fork never | never / fork |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.0} ms | {:.0} MiB | {:.2} ms | {:.2}× |",
+            size_label(r.mib),
+            r.fork,
+            r.rewriting.own_fork_ms,
+            r.rewriting.ms,
+            r.rewriting.ms / r.fork,
+            r.rewriting.ms / r.rewriting.own_fork_ms,
+            r.rewriting.steal_ms,
+            r.rewriting.forked_bytes / (1 << 20) as f64,
+            r.rewriting_unforked.ms,
+            r.rewriting_unforked.ms / r.fork,
         );
     }
     println!();

@@ -22,7 +22,8 @@
 //!
 //! DIR/log gets `ready` once the buffer is written, then `turn=N` lines; on SIGUSR1 it checks
 //! every page against its records and appends `verify ok turns=N` or `verify BAD page=P ...`;
-//! on SIGUSR2 it appends `stall max_us=U` and starts a new measurement. With `--gaps-ms`,
+//! on SIGUSR2 it appends `stall max_us=U` and starts a new measurement; on SIGWINCH it
+//! forks 3 times and appends `fork us=U`, the median time of its own fork(). With `--gaps-ms`,
 //! every gap longer than G ms is logged as `gap us=U ended_at_ns=T` (CLOCK_MONOTONIC, as
 //! the start of a `DOLLY_TRACE` trace).
 
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant};
 
 static VERIFY: AtomicBool = AtomicBool::new(false);
 static STALL: AtomicBool = AtomicBool::new(false);
+static FORK_TIME: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_usr1(_: libc::c_int) {
     VERIFY.store(true, Ordering::SeqCst);
@@ -40,6 +42,31 @@ extern "C" fn on_usr1(_: libc::c_int) {
 
 extern "C" fn on_usr2(_: libc::c_int) {
     STALL.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_winch(_: libc::c_int) {
+    FORK_TIME.store(true, Ordering::SeqCst);
+}
+
+/// The median time of 3 fork()s of this process, in µs (the parent's side).
+fn fork_us() -> u128 {
+    let mut times: Vec<u128> = (0..3)
+        .map(|_| {
+            let at = Instant::now();
+            // SAFETY: the child only calls _exit.
+            let child = unsafe { libc::fork() };
+            if child == 0 {
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(0) };
+            }
+            let took = at.elapsed().as_micros();
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+            took
+        })
+        .collect();
+    times.sort_unstable();
+    times[1]
 }
 
 const PAGE: usize = 4096;
@@ -92,6 +119,7 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
         libc::signal(libc::SIGUSR2, on_usr2 as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGWINCH, on_winch as *const () as libc::sighandler_t);
     }
     let len = mib << 20;
     let pages = len / PAGE;
@@ -146,6 +174,10 @@ fn main() {
         if STALL.swap(false, Ordering::SeqCst) {
             say(&mut log, format!("stall max_us={}", max_stall.as_micros()));
             max_stall = Duration::ZERO;
+            last = Instant::now();
+        }
+        if FORK_TIME.swap(false, Ordering::SeqCst) {
+            say(&mut log, format!("fork us={}", fork_us()));
             last = Instant::now();
         }
         if VERIFY.swap(false, Ordering::SeqCst) {
