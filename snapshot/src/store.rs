@@ -322,7 +322,13 @@ impl Store {
     /// to commit it): work that ends by itself soon.
     fn finishing(&self, id: &str) -> Result<bool> {
         let record = self.record(id)?;
-        Ok(record.persisting || record.status == Status::Capturing)
+        // (A persister holds its lock a moment after it recorded `persisted`.)
+        let persister = try_flock(
+            open_lock_file(&self.snapshot_dir(id).join("persist.lock"))?,
+            FlockArg::LockSharedNonblock,
+        )?
+        .is_none();
+        Ok(persister || record.persisting || record.status == Status::Capturing)
     }
 
     /// The newest restorable snapshot of process `pid` running `comm`, else of any process
@@ -778,6 +784,23 @@ mod tests {
             store.load(&id).unwrap_err().kind(),
             crate::ErrorKind::Refused
         );
+    }
+
+    #[test]
+    fn delete_waits_for_a_persister_that_just_recorded_persisted() {
+        let (_d, store) = store();
+        let draft = store.begin(None, 7, "sleep").unwrap();
+        let id = draft.id().to_string();
+        draft.commit(&manifest(&id), TIMES).unwrap();
+        let guard = store.persisting(&id).unwrap();
+        store.set_persisted(&id, 1.0).unwrap();
+        let done = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(guard);
+        });
+        store.delete(&id).unwrap();
+        done.join().unwrap();
+        assert!(store.list().unwrap().is_empty());
     }
 
     #[test]

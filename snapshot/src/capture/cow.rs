@@ -87,40 +87,82 @@ pub struct Held {
 }
 
 /// Forks frozen, pre-copied process `member` (with memory `areas`) from inside, through
-/// the `syscall` instruction of its vDSO. The process is left as it was, stopped.
-pub fn fork(member: &mut Member, areas: &[Area], precopy: &Precopy) -> Result<Held> {
+/// the `syscall` instruction of its vDSO, and points its tracking at the fork (see
+/// [`Tracked::use_copy`]). The process is left as it was, stopped; if anything fails after
+/// the fork was made, the fork is ended and reaped at once.
+pub fn fork(member: &mut Member, areas: &[Area], precopy: &mut Precopy) -> Result<Held> {
     let parent = member.proc.pid();
     let vdso = areas
         .iter()
         .find(|a| a.kind == AreaKind::Vdso)
         .map(|a| a.start);
-    let ip = syscall_ip(&member.threads[0], vdso)?;
     let leader = &mut member.threads[0];
-    let regs = leader.regs()?;
-    let mask = leader.sigmask()?;
-    leader.set_sigmask(ALL_SIGNALS)?;
-    let made = leader.remote(ip).and_then(|mut remote| remote.fork_held());
-    let put_back = leader
+    let (copy, ns_pid) = run_inside(leader, vdso, true, |remote| remote.fork_held())?;
+    let ready = (|| {
+        let uffd = precopy.take_fork_uffd(parent).ok_or_else(|| {
+            Error::new(
+                ErrorKind::System,
+                format!("the fork of process {parent} came without its userfaultfd"),
+            )
+        })?;
+        if let Some(tracked) = precopy.tracking_of(parent) {
+            tracked.use_copy(copy.pid())?;
+        }
+        Ok(uffd)
+    })();
+    match ready {
+        Ok(uffd) => {
+            crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
+            Ok(Held {
+                parent,
+                ns_pid,
+                vdso,
+                copy: Some(copy),
+                _uffd: Some(uffd),
+            })
+        }
+        Err(e) => {
+            copy.kill_and_wait()?;
+            run_inside(leader, vdso, true, |remote| wait_for(remote, ns_pid))?;
+            Err(e)
+        }
+    }
+}
+
+/// Runs `call` inside stopped thread `thread` (through its vDSO at `vdso`), every signal
+/// blocked, then puts its registers and signal mask back (and, if `park`, moves it out of
+/// the trap the calls leave it in: see [`Tracee::park`]).
+fn run_inside<T>(
+    thread: &mut Tracee,
+    vdso: Option<u64>,
+    park: bool,
+    call: impl FnOnce(&mut crate::tracee::Remote<'_>) -> Result<T>,
+) -> Result<T> {
+    let ip = syscall_ip(thread, vdso)?;
+    let regs = thread.regs()?;
+    let mask = thread.sigmask()?;
+    thread.set_sigmask(ALL_SIGNALS)?;
+    let done = thread.remote(ip).and_then(|mut remote| call(&mut remote));
+    let put_back = thread
         .set_regs(&regs)
-        .and_then(|_| leader.set_sigmask(mask))
-        .and_then(|_| leader.park());
-    let (copy, ns_pid) = made?;
-    let mut held = Held {
-        parent,
-        ns_pid,
-        vdso,
-        copy: Some(copy),
-        _uffd: None,
-    };
+        .and_then(|_| thread.set_sigmask(mask))
+        .and_then(|_| if park { thread.park() } else { Ok(()) });
+    let done = done?;
     put_back?;
-    held._uffd = Some(precopy.take_fork_uffd(parent).ok_or_else(|| {
-        Error::new(
-            ErrorKind::System,
-            format!("the fork of process {parent} came without its userfaultfd"),
-        )
-    })?);
-    crate::checkpoint::mark(&format!("cow: {parent} forked as {}", held.pid()));
-    Ok(held)
+    Ok(done)
+}
+
+/// Reaps ended child `ns_pid` from inside its parent (`wait4`). A child already reaped (the
+/// process waited for it itself, with `__WALL`) is no error.
+fn wait_for(remote: &mut crate::tracee::Remote<'_>, ns_pid: i32) -> Result<()> {
+    let rc = remote.raw(libc::SYS_wait4, &[ns_pid as u64, 0, libc::__WALL as u64, 0])?;
+    if rc < 0 && rc != -(libc::ECHILD as i64) {
+        return Err(Error::sys(
+            "reaping dolly's fork of the process",
+            nix::errno::Errno::from_raw(-rc as i32),
+        ));
+    }
+    Ok(())
 }
 
 /// The `syscall` instruction of the vDSO at `vdso` (else as the process's areas say).
@@ -240,32 +282,17 @@ fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
     let job_stopped = proc.stat().is_ok_and(|s| s.state == 'T');
     let mut thread = match Tracee::seize(tid) {
         Ok(t) => t,
-        Err(e) if e.kind() == crate::error::ErrorKind::NotFound => return Ok(0.0),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0.0),
         Err(e) => return Err(e),
     };
     let since = Instant::now();
-    let ip = syscall_ip(&thread, vdso)?;
-    let regs = thread.regs()?;
-    let mask = thread.sigmask()?;
-    thread.set_sigmask(ALL_SIGNALS)?;
-    let reaped = thread.remote(ip).and_then(|mut remote| {
-        remote.raw(libc::SYS_wait4, &[ns_pid as u64, 0, libc::__WALL as u64, 0])
+    let reaped = run_inside(&mut thread, vdso, job_stopped, |remote| {
+        wait_for(remote, ns_pid)
     });
-    let put_back = thread
-        .set_regs(&regs)
-        .and_then(|_| thread.set_sigmask(mask))
-        .and_then(|_| if job_stopped { thread.park() } else { Ok(()) });
-    let detached = put_back.and_then(|_| thread.detach());
+    let detached = thread.detach();
     let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
-    let rc = reaped?;
+    reaped?;
     detached?;
-    // ECHILD: the process reaped it itself (a wait with __WALL).
-    if rc < 0 && rc != -(libc::ECHILD as i64) {
-        return Err(Error::sys(
-            format!("reaping dolly's copy of process {parent}"),
-            nix::errno::Errno::from_raw(-rc as i32),
-        ));
-    }
-    crate::checkpoint::mark(&format!("cow: {parent} reaped its copy"));
+    crate::checkpoint::mark(&format!("cow: {parent} reaped its fork"));
     Ok(stopped_ms)
 }

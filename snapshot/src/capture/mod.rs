@@ -275,14 +275,7 @@ fn fork_writers(
             kept = true;
         }
         // If the fork fails (a limit on processes...), the freeze copies the pages itself.
-        let held = cow::fork(member, inspected.areas(), precopy).ok();
-        if let (Some(held), Some(t)) = (&held, precopy.tracking_of(pid)) {
-            if t.use_copy(held.pid()).is_err() {
-                forks.push(None);
-                continue;
-            }
-        }
-        forks.push(held);
+        forks.push(cow::fork(member, inspected.areas(), precopy).ok());
     }
     if kept {
         precopy.keep_forks(false);
