@@ -80,6 +80,17 @@ fn kill_9_of_the_capture_worker_leaves_a_failed_snapshot() {
     }
 }
 
+/// A python3 that counts, and prints `count N` on SIGUSR1.
+const COUNTER: &str = "import signal, time\nn = 0\ndef report(*_):\n    print('count', n, flush=True)\nsignal.signal(signal.SIGUSR1, report)\nprint('ready', flush=True)\nwhile True:\n    n += 1\n    time.sleep(0.01)\n";
+
+/// Asserts that the [`COUNTER`] at `pid` (writing to `out`) counts on.
+fn assert_counts_on(pid: i32, out: &std::path::Path) {
+    let count = |line: String| line[6..].parse::<u64>().unwrap();
+    let first = count(ask(pid, out, "count"));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(count(ask(pid, out, "count")) > first, "it runs on");
+}
+
 /// The capture worker killed while it reads a process's last pages from the fork it made of
 /// it at the freeze: the fork dies with it (a zombie of the process, which no plain `wait`
 /// sees), and the listing that finds the capture interrupted has the process reap it. No
@@ -89,8 +100,7 @@ fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
     let dolly = Dolly::new();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let script = "import signal, time\nn = 0\ndef report(*_):\n    print('count', n, flush=True)\nsignal.signal(signal.SIGUSR1, report)\nprint('ready', flush=True)\nwhile True:\n    n += 1\n    time.sleep(0.01)\n";
-    let prog = python_ready(script, &out);
+    let prog = python_ready(COUNTER, &out);
     let pid = prog.pid();
     let (cli, worker) = start_paused(
         &dolly,
@@ -115,10 +125,7 @@ fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
     let list = dolly.list();
     assert_eq!(list[0]["status"], "failed", "{list:?}");
     assert_eq!(tree(pid), vec![pid], "no child left behind");
-    let count = |line: String| line[6..].parse::<u64>().unwrap();
-    let first = count(ask(pid, &out, "count"));
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(count(ask(pid, &out, "count")) > first, "it runs on");
+    assert_counts_on(pid, &out);
 }
 
 /// Killed while rebuilding the process: nothing is left at the PID, and the snapshot
@@ -184,4 +191,48 @@ fn a_second_capture_of_the_same_process_is_refused() {
     cli.kill().unwrap();
     cli.wait().unwrap();
     assert_runs_as_before(&w);
+}
+
+/// The fork a capture reads a process's last pages from, killed before it is read (as the
+/// kernel's out-of-memory killer would: it takes the fork first): the capture fails saying
+/// so, leaves no snapshot that looks usable and no child behind, and the process runs on.
+#[test]
+fn a_fork_killed_under_the_capture_fails_it_cleanly() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let prog = python_ready(COUNTER, &out);
+    let pid = prog.pid();
+    let go = dir.path().join("go");
+    let (cli, _) = start_paused_with(
+        &dolly,
+        &[
+            "--json",
+            "snapshot",
+            "capture",
+            "--pid",
+            &pid.to_string(),
+            "--fork",
+            "always",
+        ],
+        "capture:forked",
+        &[("DOLLY_PAUSE_UNTIL", go.as_os_str())],
+    );
+    let fork = tree(pid)[1];
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{fork}/oom_score_adj"))
+            .unwrap()
+            .trim(),
+        "1000",
+        "the out-of-memory killer takes the fork first"
+    );
+    kill(Pid::from_raw(fork), Signal::SIGKILL).unwrap();
+    std::fs::write(&go, b"").unwrap();
+    let output = cli.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(said.contains("killed before it was read"), "{said}");
+    assert!(usable(&dolly).is_empty(), "{:?}", dolly.list());
+    assert_eq!(tree(pid), vec![pid], "no child left behind");
+    assert_counts_on(pid, &out);
 }

@@ -61,14 +61,32 @@ pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area]) -> b
         return false;
     }
     let writes = tracked.last_round_bytes();
+    let held = tracked.held_bytes();
     match policy {
         ForkPolicy::Never => false,
         ForkPolicy::Always => true,
+        // While the fork lives, each page the process writes is copied: at worst all it
+        // holds. Not without that much memory to spare.
         ForkPolicy::Auto => {
             writes >= MIN_FORK_BYTES
-                && writes.saturating_mul(COPY_PER_FORK) >= tracked.held_bytes() + writes
+                && writes.saturating_mul(COPY_PER_FORK) >= held + writes
+                && available_memory().is_some_and(|free| free >= held)
         }
     }
+}
+
+/// Memory the system can still give without swapping (`MemAvailable`), in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib << 10)
 }
 
 /// A copy-on-write copy of a process, made at its freeze and held stopped: the process's
@@ -112,6 +130,9 @@ pub fn fork(member: &mut Member, areas: &[Area], precopy: &mut Precopy) -> Resul
     })();
     match ready {
         Ok(uffd) => {
+            // Should memory run out while it lives (each page the process writes is copied),
+            // the kernel kills the fork first, not the process: the capture then fails.
+            let _ = std::fs::write(format!("/proc/{}/oom_score_adj", copy.pid()), b"1000");
             crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
             Ok(Held {
                 parent,
@@ -235,6 +256,27 @@ impl Held {
     /// The process it is a copy of.
     pub fn parent(&self) -> Pid {
         self.parent
+    }
+
+    /// Says why reading the fork failed, if it is because the fork was killed (the kernel's
+    /// out-of-memory killer takes it first: see [`fork`]); else returns `e` as it is.
+    pub fn explain(&self, e: Error) -> Error {
+        let alive = ProcDir::new(self.pid())
+            .stat()
+            .is_ok_and(|s| !matches!(s.state, 'Z' | 'X'));
+        if alive {
+            return e;
+        }
+        Error::new(
+            ErrorKind::System,
+            format!(
+                "the fork dolly made of process {} at the freeze, to read its memory from, was \
+                 killed before it was read (out of memory? while it lives, each page the \
+                 process writes is copied)",
+                self.parent
+            ),
+        )
+        .with_remedy("free memory, or capture with --fork never")
     }
 
     /// The copy's PID.

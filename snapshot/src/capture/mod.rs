@@ -295,7 +295,8 @@ fn dump_forked(
     for (held, inspected) in forked {
         let parent = held.parent();
         let tracked = precopy.tracked(parent);
-        let process = process::dump(held.pid(), inspected, pool_dir, tracked)?;
+        let process =
+            process::dump(held.pid(), inspected, pool_dir, tracked).map_err(|e| held.explain(e))?;
         bytes += precopy.tracking_of(parent).map_or(0, |t| t.freeze_bytes());
         crate::checkpoint::mark(&format!("cow: pages of {parent} copied from its fork"));
         reap_ms += held.release()?;
