@@ -30,6 +30,8 @@ fn workload_restored_in_place_continues_with_all_its_state() {
         "--name",
         "warm",
         "--json",
+        "--wait",
+        "created",
     ]);
     let captured: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(captured["pid"], pid);

@@ -111,6 +111,8 @@ fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
             &pid.to_string(),
             "--fork",
             "always",
+            "--wait",
+            "created",
         ],
         "capture:forked",
     );
@@ -214,6 +216,8 @@ fn a_fork_killed_under_the_capture_fails_it_cleanly() {
             &pid.to_string(),
             "--fork",
             "always",
+            "--wait",
+            "created",
         ],
         "capture:forked",
         &[("DOLLY_PAUSE_UNTIL", go.as_os_str())],

@@ -346,9 +346,17 @@ fn capture_dropping_before_the_freeze(
     dropped: impl Fn() -> bool,
 ) -> String {
     let go = dir.join("go");
+    // (Until created: the fork a freeze may make of it is gone by then.)
     let (capture, _) = start_paused_with(
         dolly,
-        &["snapshot", "capture", "--pid", &pid.to_string()],
+        &[
+            "snapshot",
+            "capture",
+            "--pid",
+            &pid.to_string(),
+            "--wait",
+            "created",
+        ],
         "capture:precopied",
         &[("DOLLY_PAUSE_UNTIL", go.as_os_str())],
     );
@@ -554,4 +562,57 @@ fn memory_a_fork_would_not_copy_is_copied_at_the_freeze() {
     let _restored = dolly.restore(cap["id"].as_str().unwrap());
     w.wait_ticks(2);
     assert_report_ok(&w.report(pid));
+}
+
+/// By default `snapshot capture` returns as soon as the freeze is over: the snapshot reads
+/// `capturing` (its frozen time known) while the worker stores the last pages (here read
+/// from the fork of a process that rewrites its memory), then `created`. A restore asked
+/// for meanwhile waits for it, and brings back the memory of the freeze.
+#[test]
+fn capture_returns_when_the_freeze_is_over() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut prog = start_scribbler(dir.path(), &["--mib", "256"]);
+    let pid = prog.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid_arg = pid.to_string();
+    let out = dolly.ok(&["--json", "snapshot", "capture", "--pid", &pid_arg]);
+    let cap: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = cap["id"].as_str().unwrap().to_string();
+    assert_eq!(cap["status"], "capturing", "{cap}");
+    assert!(cap["frozen_ms"].as_f64().unwrap() > 0.0, "{cap}");
+    // The fork, if its pages are still being read.
+    let forks: Vec<i32> = tree(pid).into_iter().skip(1).collect();
+    std::fs::write(dir.path().join("steady"), b"").unwrap();
+    prog.kill_and_reap();
+
+    let mut restore = dolly
+        .cmd()
+        .args(["snapshot", "restore", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The fork outlives the original a moment: this test process, a subreaper, adopts it
+    // and must reap it (PID 1 would) for the restore to have the process group.
+    let status = loop {
+        for &f in &forks {
+            let _ = nix::sys::wait::waitpid(
+                Pid::from_raw(f),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+        if let Some(status) = restore.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success(), "{:?}", restore.wait_with_output());
+    let _restored = Restored(pid);
+    let record = info(&dolly, &id);
+    assert_eq!(record["forked"], 1, "{record}");
+    assert!(record["bytes"].as_u64().unwrap() > 128 << 20, "{record}");
+    let verdict = verify(pid, &log);
+    assert!(verdict.starts_with("verify ok"), "{verdict}");
 }

@@ -20,7 +20,7 @@ pub mod store;
 pub mod sys;
 pub mod tracee;
 
-pub use capture::{capture, CaptureOptions, CaptureReport};
+pub use capture::{capture, capture_observed, CaptureOptions, CaptureReport};
 pub use checkpoint::Checkpoints;
 pub use error::{Error, ErrorKind, Result};
 pub use persist::persist;

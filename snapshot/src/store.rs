@@ -136,6 +136,9 @@ pub struct CaptureTimes {
     pub forked_bytes: u64,
 }
 
+/// How long a restore waits for a snapshot still being captured.
+const CAPTURE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The catalog over a durable root and a memory-tier pool.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -523,18 +526,31 @@ impl Store {
     /// Opens a snapshot for restore: checks its status and manifest checksum, parses the
     /// manifest, and holds it against deletion until the returned lock is dropped.
     pub fn load(&self, id: &str) -> Result<(Manifest, SnapshotLock)> {
-        let record = self.record(id)?;
         let dir = self.snapshot_dir(id);
-        let lock = try_flock(
-            open_lock_file(&dir.join("lock"))?,
-            FlockArg::LockSharedNonblock,
-        )?
-        .ok_or_else(|| {
-            Error::busy(
-                format!("snapshot {id} is being captured or deleted"),
-                "wait for that to finish",
-            )
-        })?;
+        // A snapshot still being captured (its freeze is over, its pages are being stored) is
+        // waited for.
+        let deadline = std::time::Instant::now() + CAPTURE_WAIT;
+        let (record, lock) = loop {
+            let record = self.record(id)?;
+            let lock = try_flock(
+                open_lock_file(&dir.join("lock"))?,
+                FlockArg::LockSharedNonblock,
+            )?;
+            match lock {
+                Some(lock) => break (self.record(id)?, lock),
+                None if record.status == Status::Capturing
+                    && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                None => {
+                    return Err(Error::busy(
+                        format!("snapshot {id} is being captured or deleted"),
+                        "wait for that to finish",
+                    ))
+                }
+            }
+        };
         if !record.status.is_restorable() {
             let why = record
                 .reason
@@ -663,6 +679,14 @@ impl Draft {
     /// Its directory in the durable root (record, manifest).
     pub fn dir(&self) -> PathBuf {
         self.store.snapshot_dir(&self.record.id)
+    }
+
+    /// Records that the freeze is over (after `frozen_ms`): the snapshot stays `capturing`
+    /// while its pages are stored. Returns the record as it now reads.
+    pub fn note_frozen(&mut self, frozen_ms: f64) -> Result<Record> {
+        self.record.frozen_ms = Some(frozen_ms);
+        self.write_record()?;
+        Ok(self.record.clone())
     }
 
     fn write_record(&self) -> Result<()> {

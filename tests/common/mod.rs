@@ -98,17 +98,29 @@ impl Dolly {
         err
     }
 
-    /// Captures `pid`; returns the snapshot id (the last line of stdout).
+    /// Captures `pid` and waits until the snapshot is created; returns its id (the last line
+    /// of stdout).
     pub fn capture(&self, pid: i32) -> String {
-        let out = self.ok(&["snapshot", "capture", "--pid", &pid.to_string()]);
+        let out = self.ok(&[
+            "snapshot",
+            "capture",
+            "--pid",
+            &pid.to_string(),
+            "--wait",
+            "created",
+        ]);
         out.lines().last().unwrap().to_string()
     }
 
-    /// Captures `pid` with `extra` options; returns the `--json` record.
+    /// Captures `pid` with `extra` options (waiting until the snapshot is created, unless
+    /// they say `--wait`); returns the `--json` record.
     pub fn capture_with(&self, pid: i32, extra: &[&str]) -> Value {
         let pid = pid.to_string();
         let mut args = vec!["--json", "snapshot", "capture", "--pid", &pid];
         args.extend_from_slice(extra);
+        if !extra.contains(&"--wait") {
+            args.extend(["--wait", "created"]);
+        }
         serde_json::from_str(&self.ok(&args)).unwrap()
     }
 

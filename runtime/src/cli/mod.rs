@@ -177,9 +177,11 @@ pub enum SnapshotCommand {
         /// capture is over.
         #[arg(long, value_enum, default_value = "auto")]
         fork: ForkArg,
-        /// Return once the snapshot is `created` (restorable; the default) or `persisted`
-        /// (durable too). Making it durable goes on in the background either way.
-        #[arg(long, value_enum, default_value = "created")]
+        /// Return once the freeze is over (the default: the snapshot is `capturing` while
+        /// its last pages are stored, and a restore of it waits for that), once it is
+        /// `created` (restorable), or `persisted` (durable too). The rest goes on in the
+        /// background either way.
+        #[arg(long, value_enum, default_value = "frozen")]
         wait: worker::Wait,
     },
     /// List snapshots with their status.

@@ -36,6 +36,16 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             let r = worker::capture(store, &opts, *wait)?.record;
             if cli.json {
                 output::print_json(&output::record_json(&r));
+            } else if r.status == snapshot::Status::Capturing {
+                println!(
+                    "captured process {} ({}): frozen {:.1} ms, status capturing (its last pages \
+                     are being stored; `dolly snapshot info {}` tells when it is created)",
+                    r.pid,
+                    r.comm,
+                    r.frozen_ms.unwrap_or_default(),
+                    r.id
+                );
+                println!("{}", r.id);
             } else {
                 println!(
                     "captured process {} ({}): {} in the pool, frozen {:.1} ms, status {}",

@@ -4,10 +4,11 @@
 //! snapshot failed. (Killing the worker itself is safe too, except in the few hundred
 //! microseconds while its system calls run inside the target with borrowed registers.)
 //!
-//! Once the snapshot is created the worker goes on alone, in a session of its own and
-//! without the command's stdin/stdout/stderr: it makes the snapshot durable (`persisted`)
-//! whether the command waits for that (`--wait persisted`) or has already returned.
-//! It reports on a pipe, one JSON line per result.
+//! Once the command has what it waits for (the end of the freeze, the snapshot created, or
+//! persisted) the worker goes on alone, in a session of its own and without the command's
+//! stdin/stdout/stderr: it stores the last pages and makes the snapshot durable
+//! (`persisted`) whether the command has returned or not. It reports on a pipe, one JSON
+//! line per step (frozen, created, persisted) or failure.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
@@ -18,8 +19,11 @@ use serde::{Deserialize, Serialize};
 use snapshot::{CaptureOptions, CaptureReport, Checkpoints, Error, ErrorKind, Record, Store};
 
 /// What a capture command waits for before it returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Wait {
+    /// The freeze is over: the processes run on, the snapshot is `capturing` while its last
+    /// pages are stored (a restore of it waits for that).
+    Frozen,
     /// The snapshot is restorable (its pages are in the pool).
     Created,
     /// Its pages are durable too.
@@ -87,7 +91,13 @@ fn go_alone() {
     }
 }
 
-fn work(store: &Store, opts: &CaptureOptions, out: OwnedFd, parent: nix::unistd::Pid) -> ! {
+fn work(
+    store: &Store,
+    opts: &CaptureOptions,
+    wait: Wait,
+    out: OwnedFd,
+    parent: nix::unistd::Pid,
+) -> ! {
     // The terminal's signals are for the command; the worker finishes or rolls back.
     for sig in [
         Signal::SIGINT,
@@ -98,17 +108,40 @@ fn work(store: &Store, opts: &CaptureOptions, out: OwnedFd, parent: nix::unistd:
         // SAFETY: SIG_IGN installs no handler code.
         let _ = unsafe { signal(sig, SigHandler::SigIgn) };
     }
-    let abort = || getppid() != parent;
-    let captured =
-        snapshot::capture(store, opts, &Checkpoints::with_abort(&abort)).map(|r| r.record);
     let mut out = std::fs::File::from(out);
+    // Once the command has what it waits for, it may end: the capture goes on without it.
+    let alone = std::cell::Cell::new(false);
+    let abort = || !alone.get() && getppid() != parent;
+    let report = |out: &mut std::fs::File, step: Wait, outcome: Outcome| {
+        send(out, &outcome);
+        if step >= wait && !alone.get() {
+            // (The capture's trace, before stderr goes.)
+            snapshot::checkpoint::flush_marks();
+            go_alone();
+            alone.set(true);
+        }
+    };
+    let captured = {
+        let mut on_frozen = |record: &Record| {
+            report(
+                &mut out,
+                Wait::Frozen,
+                Outcome::Done(Box::new(record.clone())),
+            );
+        };
+        snapshot::capture_observed(
+            store,
+            opts,
+            &Checkpoints::with_abort(&abort),
+            &mut on_frozen,
+        )
+        .map(|r| r.record)
+    };
     let id = captured.as_ref().ok().map(|r| r.id.clone());
-    // (The capture's trace, before stderr goes.)
-    snapshot::checkpoint::flush_marks();
-    if id.is_some() {
-        go_alone();
+    if id.is_none() {
+        snapshot::checkpoint::flush_marks();
     }
-    send(&mut out, &Outcome::of(captured));
+    report(&mut out, Wait::Created, Outcome::of(captured));
     if let Some(id) = id {
         // Making it durable yields the CPU to the processes just captured.
         let _lowered = snapshot::sys::process::Lowered::by(10);
@@ -119,13 +152,13 @@ fn work(store: &Store, opts: &CaptureOptions, out: OwnedFd, parent: nix::unistd:
                 let _ = store.set_persist_progress(&id, done);
             }
         });
-        send(&mut out, &Outcome::of(persisted));
+        report(&mut out, Wait::Persisted, Outcome::of(persisted));
     }
     std::process::exit(0)
 }
 
-/// Runs a capture in a forked worker and returns its result once the snapshot is created,
-/// or once it is persisted too (`wait`).
+/// Runs a capture in a forked worker and returns its result once the freeze is over, the
+/// snapshot created, or persisted too (`wait`).
 pub fn capture(store: &Store, opts: &CaptureOptions, wait: Wait) -> Result<CaptureReport, Error> {
     let (read_end, write_end) = pipe().map_err(|e| Error::sys("creating a pipe", e))?;
     let me = nix::unistd::getpid();
@@ -133,7 +166,7 @@ pub fn capture(store: &Store, opts: &CaptureOptions, wait: Wait) -> Result<Captu
     match unsafe { fork() }.map_err(|e| Error::sys("starting the capture worker", e))? {
         ForkResult::Child => {
             drop(read_end);
-            work(store, opts, write_end, me)
+            work(store, opts, wait, write_end, me)
         }
         ForkResult::Parent { .. } => {
             drop(write_end);
@@ -151,9 +184,18 @@ pub fn capture(store: &Store, opts: &CaptureOptions, wait: Wait) -> Result<Captu
                     )),
                 }
             };
+            // One line per step (frozen, created, persisted) up to the one waited for; a
+            // failure ends them. (A capture that fails before its freeze is over sends no
+            // frozen line.)
             let mut record = next()?;
-            if wait == Wait::Persisted {
+            let mut step = Wait::Frozen;
+            while step < wait {
                 record = next()?;
+                step = if step == Wait::Frozen {
+                    Wait::Created
+                } else {
+                    Wait::Persisted
+                };
             }
             Ok(CaptureReport { record })
         }

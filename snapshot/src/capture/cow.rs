@@ -44,9 +44,9 @@ const MIN_FORK_BYTES: u64 = 1 << 20;
 const COPY_PER_FORK: u64 = 16;
 
 /// Whether the freeze of pre-copied process `tracked` (with memory `areas`) is shorter with
-/// a fork: what the last pre-copy round copied (about what the freeze would copy: what the
-/// process writes in the time of a round) weighed against the memory a fork walks (what the
-/// process holds).
+/// a fork: about what the freeze would copy (what the last pre-copy round copied, which is
+/// what the process writes in the time of a round, and the writable areas not tracked,
+/// copied whole) weighed against the memory a fork walks (what the process holds).
 pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area]) -> bool {
     // The fork must come with a userfaultfd of the child (its event), for the walk of its
     // written pages. A fork inside a process whose program uses a userfaultfd of its own
@@ -60,7 +60,7 @@ pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area]) -> b
     {
         return false;
     }
-    let writes = tracked.last_round_bytes();
+    let writes = tracked.last_round_bytes() + tracked.untracked_bytes(areas);
     let held = tracked.held_bytes();
     match policy {
         ForkPolicy::Never => false,

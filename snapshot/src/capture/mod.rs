@@ -82,6 +82,18 @@ pub fn capture(
     opts: &CaptureOptions,
     checkpoints: &Checkpoints,
 ) -> Result<CaptureReport> {
+    capture_observed(store, opts, checkpoints, &mut |_| {})
+}
+
+/// [`capture`], calling `on_frozen` with the snapshot's record (`capturing`, its frozen time
+/// known) once the tree runs on again, before the pages still to store are (those of
+/// processes forked at the freeze).
+pub fn capture_observed(
+    store: &Store,
+    opts: &CaptureOptions,
+    checkpoints: &Checkpoints,
+    on_frozen: &mut dyn FnMut(&Record),
+) -> Result<CaptureReport> {
     let started = Instant::now();
     let root = Pid::from_raw(opts.pid);
     let status = checks::preflight(&ProcDir::new(root))?;
@@ -96,7 +108,7 @@ pub fn capture(
         .as_deref()
         .map(|id| parent::Parent::load(store, id))
         .transpose()?;
-    let draft = store.begin(opts.name.as_deref(), opts.pid, &status.name)?;
+    let mut draft = store.begin(opts.name.as_deref(), opts.pid, &status.name)?;
     let frozen: Result<(TreeImage, f64)> = (|| {
         checkpoints.reach("capture:locked")?;
         let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref())?;
@@ -117,6 +129,7 @@ pub fn capture(
         ));
         let mut image = image?;
         thawed?;
+        on_frozen(&draft.note_frozen(frozen_ms)?);
         if !image.left.is_empty() {
             note_forks(&draft.dir(), &image.left)?;
             checkpoints.reach("capture:forked")?;

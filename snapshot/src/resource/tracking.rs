@@ -527,6 +527,29 @@ impl Tracked {
         self.last_round
     }
 
+    /// At the freeze: bytes of the writable private areas among `areas` (the process's, as
+    /// the freeze found them) that are not write-protected for tracking (mapped since, or
+    /// over tracked memory): the freeze copies whatever they hold.
+    pub fn untracked_bytes(&self, areas: &[crate::image::Area]) -> u64 {
+        use crate::image::AreaKind;
+        areas
+            .iter()
+            .filter(|a| {
+                !a.shared
+                    && a.write
+                    && matches!(
+                        a.kind,
+                        AreaKind::Anonymous { .. }
+                            | AreaKind::Heap
+                            | AreaKind::Stack
+                            | AreaKind::File { .. }
+                    )
+            })
+            .filter(|a| !pagemap::wp_async_at(&self.pagemap, a.start))
+            .map(|a| a.len())
+            .sum()
+    }
+
     /// Whether the userfaultfd reports events (lost pages, forks).
     pub fn has_events(&self) -> bool {
         self.events

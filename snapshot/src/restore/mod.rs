@@ -605,40 +605,64 @@ fn make_shmem(object: &ShmemObject, pool_file: Option<&File>) -> Result<OwnedFd>
     Ok(file.into())
 }
 
-/// Refuses when `pid` is in use, naming what uses it.
+/// How long a restore waits for a zombie that holds a PID it needs to be reaped (an orphan
+/// is reaped by PID 1 or a subreaper, which may take a moment: a process ended just before,
+/// or the fork a capture made of it).
+const ZOMBIE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Refuses when `pid` is in use, naming what uses it; waits a little for a zombie that holds
+/// it (see [`ZOMBIE_WAIT`]).
 fn check_pid_free(pid: i32) -> Result<()> {
-    if !sysproc::pid_exists(pid) {
-        // A PID also stays taken while it names a process group or session.
-        let member = std::fs::read_dir("/proc").ok().and_then(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .find_map(|p| {
-                    let st = ProcDir::new(Pid::from_raw(p)).stat().ok()?;
-                    (st.pgid == pid || st.sid == pid).then_some((p, st.comm))
-                })
-        });
-        return match member {
-            Some((p, comm)) => Err(Error::refused(
-                format!("PID {pid} is still the process group or session of process {p} ({comm}), which outlived the original"),
-                format!("end process {p} too (e.g. `kill -- -{pid}`), then restore"),
-            )),
-            None => Ok(()),
-        };
+    let deadline = std::time::Instant::now() + ZOMBIE_WAIT;
+    loop {
+        match pid_user(pid) {
+            None => return Ok(()),
+            Some((_, _, true)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Some((user, comm, zombie)) => return Err(pid_taken(pid, user, &comm, zombie)),
+        }
     }
-    let stat = ProcDir::new(Pid::from_raw(pid)).stat().ok();
-    let (comm, zombie) = stat
-        .as_ref()
-        .map(|s| (s.comm.clone(), s.state == 'Z'))
-        .unwrap_or_else(|| ("?".into(), false));
+}
+
+/// What keeps `pid` from being free: the process with that PID, or one whose process group
+/// or session it names; with its command and whether it is a zombie.
+fn pid_user(pid: i32) -> Option<(i32, String, bool)> {
+    if sysproc::pid_exists(pid) {
+        let stat = ProcDir::new(Pid::from_raw(pid)).stat().ok();
+        return Some(
+            stat.map(|s| (pid, s.comm, s.state == 'Z'))
+                .unwrap_or_else(|| (pid, "?".into(), false)),
+        );
+    }
+    // A PID also stays taken while it names a process group or session.
+    std::fs::read_dir("/proc").ok().and_then(|d| {
+        d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find_map(|p| {
+                let st = ProcDir::new(Pid::from_raw(p)).stat().ok()?;
+                (st.pgid == pid || st.sid == pid).then_some((p, st.comm, st.state == 'Z'))
+            })
+    })
+}
+
+/// The refusal for `pid`, taken by process `user`.
+fn pid_taken(pid: i32, user: i32, comm: &str, zombie: bool) -> Error {
+    if user != pid {
+        return Error::refused(
+            format!("PID {pid} is still the process group or session of process {user} ({comm}), which outlived the original"),
+            format!("end process {user} too (e.g. `kill -- -{pid}`), then restore"),
+        );
+    }
     if zombie {
-        return Err(Error::refused(
+        return Error::refused(
             format!("PID {pid} is held by a zombie ({comm}) that its parent has not reaped yet"),
             "wait for its parent to reap it (or end the parent), then restore",
-        ));
+        );
     }
-    Err(Error::refused(
+    Error::refused(
         format!("PID {pid} is in use by {comm}: a restore in place needs the snapshot's PID free"),
         format!("stop the original first (e.g. `kill {pid}`), or start a clone instead"),
-    ))
+    )
 }
 
 fn own_fds_max() -> i32 {
