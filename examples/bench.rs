@@ -392,7 +392,10 @@ fn scribbler_captures(
         std::thread::sleep(Duration::from_millis(500));
         report(); // starts a new measurement
         let pid_arg = pid.to_string();
-        let mut args = vec!["--json", "snapshot", "capture", "--pid", &pid_arg];
+        // (Until created: the record then has the bytes read from the fork.)
+        let mut args = vec![
+            "--json", "snapshot", "capture", "--pid", &pid_arg, "--wait", "created",
+        ];
         args.extend_from_slice(extra);
         let stolen = steal_ms();
         let (out, _) = store.dolly(&args);
