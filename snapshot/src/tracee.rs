@@ -370,10 +370,13 @@ impl Tracee {
         let pid = self.pid;
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         loop {
-            match wait_blocking(pid)? {
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => return Ok(()),
+            match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(()),
                 // Stops reported before the kill took effect.
-                _ => continue,
+                Err(Errno::EINTR) | Ok(_) => continue,
+                // Its end was already waited for.
+                Err(Errno::ECHILD) => return Ok(()),
+                Err(e) => return Err(Error::sys(format!("waiting for the end of {pid}"), e)),
             }
         }
     }
@@ -553,8 +556,9 @@ impl Remote<'_> {
     pub fn fork_held(&mut self) -> Result<(Tracee, i32)> {
         use ptrace::Options;
         let pid = self.tracee.pid;
-        self.tracee
-            .set_options(Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_EXITKILL)?;
+        // Only clones are traced here. EXITKILL goes on the fork alone, once held: set on the
+        // process, dolly dying during the call would kill it.
+        self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
         self.tracee.new_child = None;
         let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64;
         // The fork waits for dolly's thread reading the userfaultfd's events (its fork
@@ -563,42 +567,63 @@ impl Remote<'_> {
         let made = self.raw(libc::SYS_clone, &[flags, 0, 0, 0, 0]);
         self.tracee.spin = true;
         let child = self.tracee.new_child.take();
-        let reset = self.tracee.set_options(Options::empty());
+        // (Left set, it would only report clones the process makes until the detach.)
+        let _ = self.tracee.set_options(Options::empty());
         let (child, ns_pid) = match (made, child) {
             (Ok(rc), Some(child)) if rc > 0 => (child, rc as i32),
-            (Ok(rc), child) => {
+            (made, child) => {
                 if let Some(child) = child {
-                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    self.discard(child, None);
                 }
+                let rc = made?;
                 return Err(Error::sys(
                     format!("forking process {pid} from inside it"),
                     Errno::from_raw(if rc < 0 { -rc as i32 } else { libc::EIO }),
                 ));
             }
-            (Err(e), child) => {
-                if let Some(child) = child {
-                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        };
+        let held = (|| {
+            // Its first stop (it starts stopped, as a child of a seized tracee).
+            let first = loop {
+                match waitpid(child, Some(WaitPidFlag::__WALL)) {
+                    Err(Errno::EINTR) => continue,
+                    other => break other.with_context(|| format!("waiting for {child}")),
                 }
-                return Err(e);
+            };
+            match first? {
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
+                | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
+                other => return Err(gone(child, &other)),
             }
-        };
-        // Held from here: dropped, it is killed.
-        let held = Tracee::open(child, OnDrop::Kill);
-        // Its first stop (it starts stopped, as a child of a seized tracee).
-        let first = loop {
-            match waitpid(child, Some(WaitPidFlag::__WALL)) {
-                Err(Errno::EINTR) => continue,
-                other => break other.with_context(|| format!("waiting for {child}")),
+            let held = Tracee::open(child, OnDrop::Kill)?;
+            held.set_options(Options::PTRACE_O_EXITKILL)?;
+            Ok(held)
+        })();
+        match held {
+            Ok(held) => Ok((held, ns_pid)),
+            Err(e) => {
+                self.discard(child, Some(ns_pid));
+                Err(e)
             }
-        };
-        let held = held?;
-        reset?;
-        match first? {
-            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
-            | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
-            other => return Err(gone(child, &other)),
         }
-        Ok((held, ns_pid))
+    }
+
+    /// Ends a child the tracee was just made to fork and that cannot be used: kills it,
+    /// waits for its end, and has the tracee reap it (`ns_pid`: its PID as the tracee sees
+    /// it, if known).
+    fn discard(&mut self, child: Pid, ns_pid: Option<i32>) {
+        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        loop {
+            match waitpid(child, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
+                Err(Errno::EINTR) | Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        if let Some(ns_pid) = ns_pid {
+            let flags = (libc::__WALL | libc::WNOHANG) as u64;
+            let _ = self.raw(libc::SYS_wait4, &[ns_pid as u64, 0, flags, 0]);
+        }
     }
 
     /// Maps a page for [`Remote::run`]'s code inside the tracee (read and execute only: it

@@ -173,8 +173,8 @@ pub enum SnapshotCommand {
         /// At the freeze, copy the pages a process wrote since the pre-copy from a
         /// copy-on-write fork of it made inside it, after it runs on: it is then stopped
         /// about as long as a fork() takes, however fast it writes. The fork never runs,
-        /// holds no file open, and is reaped by the process (one more brief stop) when the
-        /// capture is over.
+        /// shares the process's fd table (it opens nothing of its own), and is reaped by the
+        /// process (one more brief stop) when the capture is over.
         #[arg(long, value_enum, default_value = "auto")]
         fork: ForkArg,
         /// Return once the freeze is over (the default: the snapshot is `capturing` while

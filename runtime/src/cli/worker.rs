@@ -2,7 +2,9 @@
 //! the command waits for its result. If the command is killed (kill -9, Ctrl-C), the worker
 //! notices at its next checkpoint, lets the target run on exactly as before, and marks the
 //! snapshot failed. (Killing the worker itself is safe too, except in the few hundred
-//! microseconds while its system calls run inside the target with borrowed registers.)
+//! microseconds while its system calls run inside the target with borrowed registers; a
+//! fork it holds dies with it, and the listing that finds the capture interrupted has the
+//! target reap it.)
 //!
 //! Once the command has what it waits for (the end of the freeze, the snapshot created, or
 //! persisted) the worker goes on alone, in a session of its own and without the command's

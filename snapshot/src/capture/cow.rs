@@ -176,7 +176,9 @@ fn run_inside<T>(
 /// Reaps ended child `ns_pid` from inside its parent (`wait4`). A child already reaped (the
 /// process waited for it itself, with `__WALL`) is no error.
 fn wait_for(remote: &mut crate::tracee::Remote<'_>, ns_pid: i32) -> Result<()> {
-    let rc = remote.raw(libc::SYS_wait4, &[ns_pid as u64, 0, libc::__WALL as u64, 0])?;
+    // (Already a zombie: no need to block, which a PID reused meanwhile could make last.)
+    let flags = (libc::__WALL | libc::WNOHANG) as u64;
+    let rc = remote.raw(libc::SYS_wait4, &[ns_pid as u64, 0, flags, 0])?;
     if rc < 0 && rc != -(libc::ECHILD as i64) {
         return Err(Error::sys(
             "reaping dolly's fork of the process",
@@ -279,6 +281,35 @@ impl Held {
         .with_remedy("free memory, or capture with --fork never")
     }
 
+    /// Fails (see [`Held::explain`]) unless the fork is still held as it was made: stopped,
+    /// never run. (Killed while its pages were read, its memory may have gone under the
+    /// reads without an error.)
+    pub fn check_intact(&self) -> Result<()> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let flags = WaitPidFlag::WNOHANG | WaitPidFlag::__WALL;
+        match waitpid(self.pid(), Some(flags)) {
+            Ok(WaitStatus::StillAlive) => Ok(()),
+            _ => Err(self.explain(Error::new(
+                ErrorKind::System,
+                format!("the fork of process {} ended", self.parent),
+            ))),
+        }
+    }
+
+    /// Ends the fork while its process is still frozen (a capture failing before the thaw):
+    /// kills it and has the process reap it through its stopped leader.
+    pub fn end_frozen(mut self, member: &mut Member) -> Result<()> {
+        let Some(copy) = self.copy.take() else {
+            return Ok(());
+        };
+        copy.kill_and_wait()?;
+        self._uffd = None;
+        let ns_pid = self.ns_pid;
+        run_inside(&mut member.threads[0], self.vdso, true, |remote| {
+            wait_for(remote, ns_pid)
+        })
+    }
+
     /// The copy's PID.
     pub fn pid(&self) -> Pid {
         self.copy.as_ref().map_or(self.parent, |c| c.pid())
@@ -295,7 +326,8 @@ impl Held {
             return Ok(0.0);
         };
         copy.kill_and_wait()?;
-        // (Closed after the kill: closed before, the kernel would unprotect its memory.)
+        // (Closed after the kill: closed before, the kernel would first unprotect its
+        // memory, for nothing.)
         self._uffd = None;
         reap(self.parent, self.ns_pid, self.vdso)
     }

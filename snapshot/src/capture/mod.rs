@@ -109,6 +109,8 @@ pub fn capture_observed(
         .map(|id| parent::Parent::load(store, id))
         .transpose()?;
     let mut draft = store.begin(opts.name.as_deref(), opts.pid, &status.name)?;
+    // Once the caller heard of the snapshot (`on_frozen`), a failure keeps it, as failed.
+    let mut reported = false;
     let frozen: Result<(TreeImage, f64)> = (|| {
         checkpoints.reach("capture:locked")?;
         let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref())?;
@@ -130,6 +132,7 @@ pub fn capture_observed(
         let mut image = image?;
         thawed?;
         on_frozen(&draft.note_frozen(frozen_ms)?);
+        reported = true;
         if !image.left.is_empty() {
             note_forks(&draft.dir(), &image.left)?;
             checkpoints.reach("capture:forked")?;
@@ -153,7 +156,9 @@ pub fn capture_observed(
         Ok(v) => v,
         Err(e) => {
             match e.kind() {
-                ErrorKind::Refused | ErrorKind::Busy | ErrorKind::NotFound => draft.discard(),
+                ErrorKind::Refused | ErrorKind::Busy | ErrorKind::NotFound if !reported => {
+                    draft.discard()
+                }
                 _ => draft.fail(&e.message()),
             }
             return Err(e);
@@ -232,20 +237,36 @@ fn capture_frozen(
     checkpoints.reach("capture:pages")?;
     let forks = fork_writers(tree, &inspected, precopy, opts.fork);
     let mut processes = Vec::with_capacity(inspected.len());
-    let mut left = Vec::new();
-    for ((member, inspected), fork) in tree.members.iter().zip(inspected).zip(forks) {
-        let pid = member.proc.pid();
-        match fork {
-            Some(held) => left.push((held, inspected)),
-            None => {
+    let mut left_inspected = Vec::new();
+    let dumped = (|| {
+        for ((member, inspected), fork) in tree.members.iter().zip(inspected).zip(&forks) {
+            let pid = member.proc.pid();
+            if fork.is_some() {
+                left_inspected.push(inspected);
+            } else {
                 let tracked = precopy.tracked(pid);
                 processes.push(process::dump(pid, inspected, &pool_dir, tracked)?);
             }
         }
-    }
-    crate::checkpoint::mark("capture: pages dumped");
-    let shmem_name = format!("shmem{}", memory::POOL_FILE_SUFFIX);
-    let (shmem, shmem_size) = shared.shmem.dump(&pool_dir.join(&shmem_name))?;
+        crate::checkpoint::mark("capture: pages dumped");
+        let shmem_name = format!("shmem{}", memory::POOL_FILE_SUFFIX);
+        let (shmem, shmem_size) = shared.shmem.dump(&pool_dir.join(&shmem_name))?;
+        Ok((shmem, shmem_size, shmem_name))
+    })();
+    let (shmem, shmem_size, shmem_name) = match dumped {
+        Ok(v) => v,
+        Err(e) => {
+            // The forks go now, reaped through the frozen threads (a later stop could not
+            // seize them).
+            for (member, fork) in tree.members.iter_mut().zip(forks) {
+                if let Some(held) = fork {
+                    let _ = held.end_frozen(member);
+                }
+            }
+            return Err(e);
+        }
+    };
+    let left = forks.into_iter().flatten().zip(left_inspected).collect();
     Ok(TreeImage {
         processes,
         zombies: tree.zombies.clone(),
@@ -310,9 +331,15 @@ fn dump_forked(
         let tracked = precopy.tracked(parent);
         let process =
             process::dump(held.pid(), inspected, pool_dir, tracked).map_err(|e| held.explain(e))?;
+        held.check_intact()?;
         bytes += precopy.tracking_of(parent).map_or(0, |t| t.freeze_bytes());
         crate::checkpoint::mark(&format!("cow: pages of {parent} copied from its fork"));
-        reap_ms += held.release()?;
+        // (Should the process not let dolly stop it, another tracer holding it, its fork
+        // stays a zombie of it until it ends: the snapshot is sound.)
+        match held.release() {
+            Ok(ms) => reap_ms += ms,
+            Err(e) => crate::checkpoint::mark(&format!("cow: not reaped: {}", e.message())),
+        }
         processes.push(process);
     }
     Ok((processes, bytes, reap_ms))

@@ -407,7 +407,8 @@ impl MemoryPlan {
 
 /// Copies the pages to store of every area into the process's pool file (a new one, or the
 /// one pre-copy filled: then only what changed since is copied), filling in each area's
-/// `pages`. The process must be stopped. With pre-copy, the copies are only decided on:
+/// `pages`. The process must be stopped (or `pid` be a fork of it made at its freeze, see
+/// `capture::cow`). With pre-copy, the copies are only decided on:
 /// [`super::tracking::Tracked::finish_copies`] makes them.
 pub fn dump(
     pid: Pid,

@@ -561,9 +561,9 @@ impl Tracked {
     /// the walk and the copies of the freeze can then be made after the thaw.
     pub fn use_copy(&mut self, copy: Pid) -> Result<()> {
         let proc = ProcDir::new(copy);
-        self.pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
-        self.mem = File::open(proc.path("mem")).context("opening process memory")?;
-        self.pid = copy;
+        let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
+        let mem = File::open(proc.path("mem")).context("opening process memory")?;
+        (self.pagemap, self.mem, self.pid) = (pagemap, mem, copy);
         Ok(())
     }
 
