@@ -138,6 +138,8 @@ pub struct CaptureTimes {
 
 /// How long a restore waits for a snapshot still being captured.
 const CAPTURE_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long a restore waits for a snapshot's lock otherwise (a capture committing it).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The catalog over a durable root and a memory-tier pool.
 #[derive(Debug, Clone)]
@@ -528,8 +530,9 @@ impl Store {
     pub fn load(&self, id: &str) -> Result<(Manifest, SnapshotLock)> {
         let dir = self.snapshot_dir(id);
         // A snapshot still being captured (its freeze is over, its pages are being stored) is
-        // waited for.
-        let deadline = std::time::Instant::now() + CAPTURE_WAIT;
+        // waited for; so is one whose capture is committing it (`created`, its lock not yet
+        // let go).
+        let started = std::time::Instant::now();
         let (record, lock) = loop {
             let record = self.record(id)?;
             let lock = try_flock(
@@ -538,8 +541,12 @@ impl Store {
             )?;
             match lock {
                 Some(lock) => break (self.record(id)?, lock),
-                None if record.status == Status::Capturing
-                    && std::time::Instant::now() < deadline =>
+                None if started.elapsed()
+                    < if record.status == Status::Capturing {
+                        CAPTURE_WAIT
+                    } else {
+                        LOCK_WAIT
+                    } =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
