@@ -616,3 +616,60 @@ fn capture_returns_when_the_freeze_is_over() {
     let verdict = verify(pid, &log);
     assert!(verdict.starts_with("verify ok"), "{verdict}");
 }
+
+/// A memory cgroup with a limit, made for a test and removed after it (the process moved
+/// back to its own cgroup first).
+struct LimitedCgroup {
+    dir: std::path::PathBuf,
+    home: std::path::PathBuf,
+    pid: i32,
+}
+
+impl LimitedCgroup {
+    /// Moves `pid` into a new cgroup v1 memory cgroup under this test's own, limited to
+    /// `limit` bytes.
+    fn enter(pid: i32, limit: u64) -> LimitedCgroup {
+        let own = read(Path::new("/proc/self/cgroup"));
+        let path = own
+            .lines()
+            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+            .expect("a cgroup v1 memory controller (this machine has one)");
+        let home = Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        let dir = home.join(format!("dolly-test-{pid}"));
+        std::fs::create_dir(&dir).unwrap();
+        let cgroup = LimitedCgroup { dir, home, pid };
+        std::fs::write(cgroup.dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+        std::fs::write(cgroup.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        cgroup
+    }
+}
+
+impl Drop for LimitedCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A process that writes fast enough to be forked at the freeze is not, when its memory
+/// cgroup has less room than it holds (the kernel's copies as it writes would be charged
+/// there): the freeze copies its pages itself, and the snapshot holds one instant.
+#[test]
+fn a_process_whose_cgroup_lacks_room_is_not_forked() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    std::fs::write(dir.path().join("steady"), b"").unwrap();
+    let mut prog = start_scribbler(dir.path(), &["--mib", "64"]);
+    let pid = prog.pid();
+    let free = dolly.capture_with(pid, &[]);
+    assert_eq!(free["forked"], 1, "without a limit it is forked: {free}");
+    let cgroup = LimitedCgroup::enter(pid, 16 << 20);
+    let limited = dolly.capture_with(pid, &["--parent", "none"]);
+    assert_eq!(limited["forked"], 0, "{limited}");
+    drop(cgroup);
+    prog.kill_and_reap();
+    let _restored = dolly.restore(limited["id"].as_str().unwrap());
+    let verdict = verify(pid, &log);
+    assert!(verdict.starts_with("verify ok"), "{verdict}");
+}

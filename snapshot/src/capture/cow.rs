@@ -47,7 +47,7 @@ const COPY_PER_FORK: u64 = 16;
 /// a fork: about what the freeze would copy (what the last pre-copy round copied, which is
 /// what the process writes in the time of a round, and the writable areas not tracked,
 /// copied whole) weighed against the memory a fork walks (what the process holds).
-pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area]) -> bool {
+pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area], pid: Pid) -> bool {
     // The fork must come with a userfaultfd of the child (its event), for the walk of its
     // written pages. A fork inside a process whose program uses a userfaultfd of its own
     // could wait for that userfaultfd's reader (its fork event), a thread frozen with it.
@@ -66,13 +66,20 @@ pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area]) -> b
         ForkPolicy::Never => false,
         ForkPolicy::Always => true,
         // While the fork lives, each page the process writes is copied: at worst all it
-        // holds. Not without that much memory to spare.
+        // holds. Not without that much memory to spare, in the system and in its cgroups.
         ForkPolicy::Auto => {
             writes >= MIN_FORK_BYTES
                 && writes.saturating_mul(COPY_PER_FORK) >= held + writes
                 && available_memory().is_some_and(|free| free >= held)
+                && cgroup_room(pid).is_none_or(|room| room >= held)
         }
     }
+}
+
+/// How much more memory process `pid`'s cgroups let it use, if they limit it.
+fn cgroup_room(pid: Pid) -> Option<u64> {
+    let cgroups = ProcDir::new(pid).read("cgroup").ok()?;
+    crate::proc::memory_headroom(&cgroups, std::path::Path::new("/sys/fs/cgroup"))
 }
 
 /// Memory the system can still give without swapping (`MemAvailable`), in bytes.
@@ -260,13 +267,18 @@ impl Held {
         self.parent
     }
 
+    /// Whether the fork is still held as it was made: in its tracing stop, never run. (Once
+    /// killed it leaves that stop at once, and its memory goes before it is a zombie.)
+    fn intact(&self) -> bool {
+        ProcDir::new(self.pid())
+            .stat()
+            .is_ok_and(|s| s.state == 't')
+    }
+
     /// Says why reading the fork failed, if it is because the fork was killed (the kernel's
     /// out-of-memory killer takes it first: see [`fork`]); else returns `e` as it is.
     pub fn explain(&self, e: Error) -> Error {
-        let alive = ProcDir::new(self.pid())
-            .stat()
-            .is_ok_and(|s| !matches!(s.state, 'Z' | 'X'));
-        if alive {
+        if self.intact() {
             return e;
         }
         Error::new(
@@ -281,19 +293,16 @@ impl Held {
         .with_remedy("free memory, or capture with --fork never")
     }
 
-    /// Fails (see [`Held::explain`]) unless the fork is still held as it was made: stopped,
-    /// never run. (Killed while its pages were read, its memory may have gone under the
-    /// reads without an error.)
+    /// Fails (see [`Held::explain`]) unless the fork is still intact once its pages were
+    /// read: killed meanwhile, its memory may have gone under the reads without an error.
     pub fn check_intact(&self) -> Result<()> {
-        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-        let flags = WaitPidFlag::WNOHANG | WaitPidFlag::__WALL;
-        match waitpid(self.pid(), Some(flags)) {
-            Ok(WaitStatus::StillAlive) => Ok(()),
-            _ => Err(self.explain(Error::new(
-                ErrorKind::System,
-                format!("the fork of process {} ended", self.parent),
-            ))),
+        if self.intact() {
+            return Ok(());
         }
+        Err(self.explain(Error::new(
+            ErrorKind::System,
+            format!("the fork of process {} ended", self.parent),
+        )))
     }
 
     /// Ends the fork while its process is still frozen (a capture failing before the thaw):

@@ -299,7 +299,7 @@ fn fork_writers(
         let pid = member.proc.pid();
         let worth = precopy
             .tracking_of(pid)
-            .is_some_and(|t| cow::worth_forking(policy, t, inspected.areas()));
+            .is_some_and(|t| cow::worth_forking(policy, t, inspected.areas(), pid));
         if !worth {
             forks.push(None);
             continue;

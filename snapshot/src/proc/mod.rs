@@ -1,9 +1,11 @@
 //! Parsers for `/proc/PID/...`: what the kernel shows of a process without stopping it.
 
+mod cgroup;
 mod maps;
 mod stat;
 mod status;
 
+pub use cgroup::memory_headroom;
 pub use maps::{parse_maps, MapsEntry, VmFlags};
 pub use stat::{parse_stat, Stat};
 pub use status::{parse_status, Status};
