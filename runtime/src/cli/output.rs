@@ -108,7 +108,7 @@ pub fn records_table(records: &[Record]) -> String {
 /// `snapshot info` for people.
 pub fn record_text(r: &Record) -> String {
     let mut out = String::new();
-    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<12}{v}\n"));
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<14}{v}\n"));
     line("id", r.id.clone());
     line("name", r.name.clone().unwrap_or_else(|| "-".into()));
     line("status", status_text(r));
@@ -123,6 +123,19 @@ pub fn record_text(r: &Record) -> String {
         line("shared", human_bytes(r.shared_bytes));
     }
     line("frozen", ms(r.frozen_ms));
+    if r.forked > 0 {
+        line(
+            "forked",
+            format!(
+                "{} at the freeze, {} read from the fork after it",
+                match r.forked {
+                    1 => "1 process".to_string(),
+                    n => format!("{n} processes"),
+                },
+                human_bytes(r.forked_bytes)
+            ),
+        );
+    }
     line("to created", ms(r.capture_ms));
     line(
         "to persisted",
