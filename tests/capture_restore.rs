@@ -305,7 +305,7 @@ fn list_and_info_describe_the_snapshot() {
         "{text}"
     );
     let info_text = dolly.ok(&["snapshot", "info", &id[..8]]);
-    assert!(info_text.contains("status      persisted"), "{info_text}");
+    assert!(info_text.contains("status        persisted"), "{info_text}");
 }
 
 /// A process that is not root keeps its user and group ids, groups and capabilities.
