@@ -83,7 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let clone = template.spawn(&opts)?;
         let started = t.elapsed();
-        std::fs::write(clone.path(work.path().join("case")), n.to_string())?;
+        // Written whole, then named: the clone reads it as soon as the name appears.
+        let part = clone.path(work.path().join("case.part"));
+        std::fs::write(&part, n.to_string())?;
+        std::fs::rename(&part, clone.path(work.path().join("case")))?;
         let exit = clone.wait(Duration::from_secs(30))?;
         let result = clone
             .written(work.path().join("result"))

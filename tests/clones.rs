@@ -434,7 +434,13 @@ fn template_api_forks_a_prepared_python_per_test_case() {
     };
     for n in [5u64, 99, 1999] {
         let clone = template.spawn(&opts).unwrap();
-        std::fs::write(clone.path(work.path().join("case")), n.to_string()).unwrap();
+        // Written whole, then named: the clone polls for the name and reads it at once.
+        let (part, case) = (
+            clone.path(work.path().join("case.part")),
+            clone.path(work.path().join("case")),
+        );
+        std::fs::write(&part, n.to_string()).unwrap();
+        std::fs::rename(&part, &case).unwrap();
         let exit = clone.wait(Duration::from_secs(20)).unwrap();
         assert_eq!(exit.status(), 0);
         let result: u64 =
