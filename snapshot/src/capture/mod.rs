@@ -134,7 +134,6 @@ pub fn capture_observed(
         on_frozen(&draft.note_frozen(frozen_ms)?);
         reported = true;
         if !image.left.is_empty() {
-            note_forks(&draft.dir(), &image.left)?;
             checkpoints.reach("capture:forked")?;
         }
         let (forked, bytes, reap_ms) = dump_forked(
@@ -236,6 +235,11 @@ fn capture_frozen(
     shared.shmem.check_sysv_private()?;
     checkpoints.reach("capture:pages")?;
     let forks = fork_writers(tree, &inspected, precopy, opts.fork);
+    if forks.iter().any(Option::is_some) {
+        // At once (still frozen: a few tens of µs): should the capture be killed from now
+        // on, the forks die with it and the note has their processes reap them.
+        let _ = note_forks(&draft.dir(), forks.iter().flatten());
+    }
     let mut processes = Vec::with_capacity(inspected.len());
     let mut left_inspected = Vec::new();
     let dumped = (|| {
@@ -351,8 +355,8 @@ const FORKS_FILE: &str = "forks.json";
 
 /// Notes the forks held beside the snapshot (in `dir`): should the capture be killed, they
 /// die with it, and [`reap_leftover_forks`] has their processes reap them.
-fn note_forks(dir: &std::path::Path, left: &[(cow::Held, process::Inspected)]) -> Result<()> {
-    let notes: Vec<cow::ForkNote> = left.iter().map(|(held, _)| held.note()).collect();
+fn note_forks<'a>(dir: &std::path::Path, forks: impl Iterator<Item = &'a cow::Held>) -> Result<()> {
+    let notes: Vec<cow::ForkNote> = forks.map(cow::Held::note).collect();
     let text = serde_json::to_vec(&notes).expect("notes serialize");
     let path = dir.join(FORKS_FILE);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
