@@ -527,9 +527,9 @@ impl Tracked {
         self.last_round
     }
 
-    /// At the freeze: bytes of the writable private areas among `areas` (the process's, as
-    /// the freeze found them) that are not write-protected for tracking (mapped since, or
-    /// over tracked memory): the freeze copies whatever they hold.
+    /// At the freeze: bytes of their own pages in the writable private areas among `areas`
+    /// (the process's, as the freeze found them) that are not write-protected for tracking
+    /// (mapped since, or over tracked memory): the freeze copies them all.
     pub fn untracked_bytes(&self, areas: &[crate::image::Area]) -> u64 {
         use crate::image::AreaKind;
         areas
@@ -546,7 +546,11 @@ impl Tracked {
                     )
             })
             .filter(|a| !pagemap::wp_async_at(&self.pagemap, a.start))
-            .map(|a| a.len())
+            .map(|a| {
+                // Its own pages (an area may be mostly untouched, as a fresh malloc arena).
+                pagemap::scan(&self.pagemap, a.start, a.end, OWN_PAGES)
+                    .map_or(a.len(), |r| r.iter().map(|(s, e)| e - s).sum())
+            })
             .sum()
     }
 
