@@ -37,9 +37,10 @@ fn positions(log: &str, w: usize) -> Vec<u64> {
         .collect()
 }
 
-/// The multi-threaded Rust program: all its threads at their TIDs with their names; each
-/// worker's hash chain (in TLS and in shared memory) goes on from where it was captured and
-/// stays right; the condition-variable ping-pong goes on; the join returns.
+/// The multi-threaded Rust program, captured through a fork made at the freeze: all its
+/// threads at their TIDs with their names; each worker's hash chain (in TLS and in shared
+/// memory) goes on from where it was captured and stays right; the condition-variable
+/// ping-pong goes on; the join returns.
 #[test]
 fn rust_threads_come_back_with_their_state() {
     let dolly = Dolly::new();
@@ -65,7 +66,11 @@ fn rust_threads_come_back_with_their_state() {
         .filter_map(|l| l.strip_prefix("pingpong=")?.parse().ok())
         .next_back()
         .unwrap();
-    let id = dolly.capture(pid);
+    // Forked at the freeze (from its main thread, the others stopped), its pages read from
+    // the fork: the threads' memory is the same instant's.
+    let captured = dolly.capture_with(pid, &["--fork", "always"]);
+    assert_eq!(captured["forked"], 1, "{captured}");
+    let id = captured["id"].as_str().unwrap().to_string();
     let at_capture = *positions(&read(&log), 0).last().unwrap();
     wait_until("the original to run on", Duration::from_secs(10), || {
         positions(&read(&log), 0).last().unwrap() > &(at_capture + 30)
