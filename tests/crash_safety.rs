@@ -80,6 +80,10 @@ fn kill_9_of_the_capture_worker_leaves_a_failed_snapshot() {
     }
 }
 
+/// Capture options that fork the process at the freeze and wait until the snapshot is
+/// created (so the command sees what happens while the fork is read).
+const FORKED: [&str; 4] = ["--fork", "always", "--wait", "created"];
+
 /// A python3 that counts, and prints `count N` on SIGUSR1.
 const COUNTER: &str = "import signal, time\nn = 0\ndef report(*_):\n    print('count', n, flush=True)\nsignal.signal(signal.SIGUSR1, report)\nprint('ready', flush=True)\nwhile True:\n    n += 1\n    time.sleep(0.01)\n";
 
@@ -102,20 +106,9 @@ fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
     let out = dir.path().join("out");
     let prog = python_ready(COUNTER, &out);
     let pid = prog.pid();
-    let (cli, worker) = start_paused(
-        &dolly,
-        &[
-            "snapshot",
-            "capture",
-            "--pid",
-            &pid.to_string(),
-            "--fork",
-            "always",
-            "--wait",
-            "created",
-        ],
-        "capture:forked",
-    );
+    let pid_arg = pid.to_string();
+    let args = [&["snapshot", "capture", "--pid", &pid_arg][..], &FORKED].concat();
+    let (cli, worker) = start_paused(&dolly, &args, "capture:forked");
     assert_eq!(
         tree(pid).len(),
         2,
@@ -206,19 +199,15 @@ fn a_fork_killed_under_the_capture_fails_it_cleanly() {
     let prog = python_ready(COUNTER, &out);
     let pid = prog.pid();
     let go = dir.path().join("go");
+    let pid_arg = pid.to_string();
+    let args = [
+        &["--json", "snapshot", "capture", "--pid", &pid_arg][..],
+        &FORKED,
+    ]
+    .concat();
     let (cli, _) = start_paused_with(
         &dolly,
-        &[
-            "--json",
-            "snapshot",
-            "capture",
-            "--pid",
-            &pid.to_string(),
-            "--fork",
-            "always",
-            "--wait",
-            "created",
-        ],
+        &args,
         "capture:forked",
         &[("DOLLY_PAUSE_UNTIL", go.as_os_str())],
     );

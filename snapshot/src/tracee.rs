@@ -412,6 +412,54 @@ impl Tracee {
         }
     }
 
+    /// Runs `call` inside the tracee through the `syscall` instruction at `ip`, every signal
+    /// blocked, then puts back registers `regs` and signal mask `mask` whatever happened
+    /// (and, if `park`, moves it out of the trap the calls leave it in: see
+    /// [`Tracee::park`]).
+    pub fn run_inside<T>(
+        &mut self,
+        ip: u64,
+        (regs, mask): (&RawRegs, u64),
+        park: bool,
+        call: impl FnOnce(&mut Remote<'_>) -> Result<T>,
+    ) -> Result<T> {
+        self.set_sigmask(ALL_SIGNALS)?;
+        let done = self.remote(ip).and_then(|mut remote| call(&mut remote));
+        let put_back = self
+            .set_regs(regs)
+            .and_then(|_| self.set_sigmask(mask))
+            .and_then(|_| if park { self.park() } else { Ok(()) });
+        let done = done?;
+        put_back?;
+        Ok(done)
+    }
+
+    /// The `syscall` instruction of the tracee's vDSO: at `known` (where the vDSO was a
+    /// moment ago, checked), else where its areas say it is.
+    pub fn vdso_syscall_ip(&self, known: Option<u64>) -> Result<u64> {
+        let offset = vdso_syscall_offset()?.ok_or_else(|| {
+            Error::refused(
+                "no syscall instruction found in the vDSO",
+                "this kernel's vDSO is not supported",
+            )
+        })?;
+        if let Some(at) = known.filter(|&at| self.has_syscall_at(at + offset)) {
+            return Ok(at + offset);
+        }
+        let pid = self.pid;
+        crate::proc::ProcDir::new(pid)
+            .maps_without_flags()?
+            .iter()
+            .find(|m| m.path == "[vdso]")
+            .map(|m| m.start + offset)
+            .ok_or_else(|| {
+                Error::refused(
+                    format!("process {pid} has no vDSO"),
+                    "capture a process that keeps its vDSO mapped",
+                )
+            })
+    }
+
     /// Starts running system calls inside the tracee through the `syscall` instruction at
     /// `syscall_ip`. The caller saves and later restores the registers it needs.
     pub fn remote(&mut self, syscall_ip: u64) -> Result<Remote<'_>> {

@@ -20,7 +20,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Area, AreaKind};
 use crate::proc::ProcDir;
 use crate::resource::tracking::Tracked;
-use crate::tracee::{self, Tracee, ALL_SIGNALS};
+use crate::tracee::Tracee;
 
 /// When the freeze forks a process to copy its pages after the thaw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -158,27 +158,17 @@ pub fn fork(member: &mut Member, areas: &[Area], precopy: &mut Precopy) -> Resul
     }
 }
 
-/// Runs `call` inside stopped thread `thread` (through its vDSO at `vdso`), every signal
-/// blocked, then puts its registers and signal mask back (and, if `park`, moves it out of
-/// the trap the calls leave it in: see [`Tracee::park`]).
+/// Runs `call` inside stopped thread `thread` through its vDSO (at `vdso`, where known),
+/// its registers and signal mask put back after (see [`Tracee::run_inside`]).
 fn run_inside<T>(
     thread: &mut Tracee,
     vdso: Option<u64>,
     park: bool,
     call: impl FnOnce(&mut crate::tracee::Remote<'_>) -> Result<T>,
 ) -> Result<T> {
-    let ip = syscall_ip(thread, vdso)?;
-    let regs = thread.regs()?;
-    let mask = thread.sigmask()?;
-    thread.set_sigmask(ALL_SIGNALS)?;
-    let done = thread.remote(ip).and_then(|mut remote| call(&mut remote));
-    let put_back = thread
-        .set_regs(&regs)
-        .and_then(|_| thread.set_sigmask(mask))
-        .and_then(|_| if park { thread.park() } else { Ok(()) });
-    let done = done?;
-    put_back?;
-    Ok(done)
+    let ip = thread.vdso_syscall_ip(vdso)?;
+    let (regs, mask) = (thread.regs()?, thread.sigmask()?);
+    thread.run_inside(ip, (&regs, mask), park, call)
 }
 
 /// Reaps ended child `ns_pid` from inside its parent (`wait4`). A child already reaped (the
@@ -194,31 +184,6 @@ fn wait_for(remote: &mut crate::tracee::Remote<'_>, ns_pid: i32) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The `syscall` instruction of the vDSO at `vdso` (else as the process's areas say).
-fn syscall_ip(thread: &Tracee, vdso: Option<u64>) -> Result<u64> {
-    let offset = tracee::vdso_syscall_offset()?.ok_or_else(|| {
-        Error::refused(
-            "no syscall instruction found in the vDSO",
-            "this kernel's vDSO is not supported",
-        )
-    })?;
-    if let Some(at) = vdso.filter(|&at| thread.has_syscall_at(at + offset)) {
-        return Ok(at + offset);
-    }
-    let pid = thread.pid();
-    let maps = ProcDir::new(pid).maps_without_flags()?;
-    maps.iter()
-        .find(|m| m.path == "[vdso]")
-        .map(|m| m.start + offset)
-        .filter(|&ip| thread.has_syscall_at(ip))
-        .ok_or_else(|| {
-            Error::refused(
-                format!("process {pid} has no vDSO"),
-                "capture it with --fork never",
-            )
-        })
 }
 
 /// A fork as recorded beside its snapshot while it lives, for [`reap_leftovers`].

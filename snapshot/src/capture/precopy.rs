@@ -17,7 +17,7 @@ use crate::resource::memory::POOL_FILE_SUFFIX;
 use crate::resource::tracking::Tracked;
 use crate::sys::socket::borrow_fd;
 use crate::sys::uffd;
-use crate::tracee::{self, ALL_SIGNALS};
+use crate::tracee;
 
 /// Later rounds stop once a round copies less than this (what the freeze then copies).
 const ROUND_DONE_BYTES: u64 = 8 << 20;
@@ -96,11 +96,6 @@ impl Precopy {
     }
 }
 
-/// Where the vDSO is in `maps`.
-fn vdso_in(maps: &[crate::proc::MapsEntry]) -> Option<u64> {
-    maps.iter().find(|m| m.path == "[vdso]").map(|m| m.start)
-}
-
 /// Makes a userfaultfd inside stopped process `member` and returns dolly's copy of it (the
 /// process's own fd is closed again). `vdso`: where its vDSO was a moment before the
 /// freeze, if known (checked, else its areas are read). `detached_next`: the tree is thawed
@@ -114,39 +109,16 @@ fn make_uffd(
 ) -> Result<std::os::fd::OwnedFd> {
     let park = !detached_next || member.stopped;
     let pid = member.proc.pid();
-    let offset = tracee::vdso_syscall_offset()?.ok_or_else(|| {
-        Error::refused(
-            "no syscall instruction found in the vDSO",
-            "this kernel's vDSO is not supported",
-        )
-    })?;
     let leader = &mut member.threads[0];
-    let vdso = match vdso.filter(|&at| leader.has_syscall_at(at + offset)) {
-        Some(at) => at,
-        None => vdso_in(&member.proc.maps_without_flags()?).ok_or_else(|| {
-            Error::refused(
-                format!("process {pid} has no vDSO"),
-                "capture a process that keeps its vDSO mapped",
-            )
-        })?,
-    };
-    let regs = leader.regs()?;
-    let mask = leader.sigmask()?;
-    leader.set_sigmask(ALL_SIGNALS)?;
-    let made = leader.remote(vdso + offset).and_then(|mut remote| {
+    let ip = leader.vdso_syscall_ip(vdso)?;
+    let (regs, mask) = (leader.regs()?, leader.sigmask()?);
+    leader.run_inside(ip, (&regs, mask), park, |remote| {
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
         let fd = remote.call("making a userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
         let ours = borrow_fd(pid, fd).map_err(|e| Error::sys("taking the userfaultfd", e));
         remote.call("closing the userfaultfd", libc::SYS_close, &[fd as u64])?;
         ours
-    });
-    let put_back = leader
-        .set_regs(&regs)
-        .and_then(|_| leader.set_sigmask(mask))
-        .and_then(|_| if park { leader.park() } else { Ok(()) });
-    let made = made?;
-    put_back?;
-    Ok(made)
+    })
 }
 
 /// Sets up write tracking on the tree under `root` (a brief freeze) and copies its private
@@ -159,7 +131,11 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     tracee::vdso_syscall_offset()?;
     crate::sys::process::populate_own_code();
     crate::resource::tracking::warm_up();
-    let root_vdso = vdso_in(&crate::proc::ProcDir::new(root).maps_without_flags()?);
+    let root_vdso = crate::proc::ProcDir::new(root)
+        .maps_without_flags()?
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .map(|m| m.start);
     let mut frozen = tree::freeze(root)?;
     let frozen_at = frozen.since;
     let mut fds = Vec::new();

@@ -293,16 +293,9 @@ pub fn inspect(
     // State only the process itself can tell: run system calls inside it, with every
     // signal blocked, then put its registers and mask back whatever happened.
     let ip = syscall_ip(tracee, &memory, &regs)?;
-    tracee.set_sigmask(tracee::ALL_SIGNALS)?;
-    let hidden = tracee
-        .remote(ip)
-        .and_then(|mut remote| query_hidden(&mut remote, checkpoints));
-    let put_back = tracee
-        .set_regs(&regs)
-        .and_then(|_| tracee.set_sigmask(sigmask))
-        .and_then(|_| tracee.park());
-    let hidden = hidden?;
-    put_back?;
+    let hidden = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
+        query_hidden(remote, checkpoints)
+    })?;
     crate::checkpoint::mark("inspect: state from inside");
     let mut threads = vec![thread::capture(
         &member.threads[0],
@@ -401,16 +394,7 @@ fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan) -> Result<Thread> {
     let xstate = tracee.xstate()?;
     let sigmask = tracee.sigmask()?;
     let ip = syscall_ip(tracee, memory, &regs)?;
-    tracee.set_sigmask(tracee::ALL_SIGNALS)?;
-    let hidden = tracee
-        .remote(ip)
-        .and_then(|mut remote| query_thread_hidden(&mut remote));
-    let put_back = tracee
-        .set_regs(&regs)
-        .and_then(|_| tracee.set_sigmask(sigmask))
-        .and_then(|_| tracee.park());
-    let hidden = hidden?;
-    put_back?;
+    let hidden = tracee.run_inside(ip, (&regs, sigmask), true, query_thread_hidden)?;
     thread::capture(tracee, &regs, xstate, sigmask, hidden, status.ns_pid, comm)
 }
 
