@@ -101,8 +101,6 @@ pub struct Tracee {
     /// The process its last remote call made, when it traces the calls' children
     /// ([`Remote::fork_held`]).
     new_child: Option<Pid>,
-    /// Waits for its stops poll before they block (see [`wait_next`]).
-    spin: bool,
 }
 
 /// What happens to a tracee dolly lets go of without [`Tracee::detach`] (an error path).
@@ -165,13 +163,7 @@ fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
 /// after a system call or a step comes within microseconds, and being woken from a sleep
 /// can cost far more on a virtual machine), then blocking.
 fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
-    wait_next(pid, true)
-}
-
-/// [`wait_blocking`], polling first only if `spin` (not when the tracee's call waits for
-/// another of dolly's threads, which needs the CPU).
-fn wait_next(pid: Pid, spin: bool) -> Result<WaitStatus> {
-    let spin_until = Instant::now() + Duration::from_millis(if spin { 1 } else { 0 });
+    let spin_until = Instant::now() + Duration::from_millis(1);
     while Instant::now() < spin_until {
         match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::hint::spin_loop(),
@@ -281,7 +273,6 @@ impl Tracee {
             in_trap: false,
             on_drop,
             new_child: None,
-            spin: true,
         })
     }
 
@@ -475,7 +466,7 @@ impl Tracee {
         let pid = self.pid;
         ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
         loop {
-            let status = wait_next(pid, self.spin)?;
+            let status = wait_blocking(pid)?;
             match status {
                 WaitStatus::Stopped(_, Signal::SIGTRAP) => {
                     self.in_trap = true;
@@ -609,11 +600,7 @@ impl Remote<'_> {
         self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
         self.tracee.new_child = None;
         let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64;
-        // The fork waits for dolly's thread reading the userfaultfd's events (its fork
-        // event): leave it the CPU.
-        self.tracee.spin = false;
         let made = self.raw(libc::SYS_clone, &[flags, 0, 0, 0, 0]);
-        self.tracee.spin = true;
         let child = self.tracee.new_child.take();
         // (Left set, it would only report clones the process makes until the detach.)
         let _ = self.tracee.set_options(Options::empty());

@@ -1,20 +1,19 @@
-//! Copy-on-write freeze. A process that wrote more since the last pre-copy round than the
-//! freeze could copy in about the time of a `fork()` is forked from inside (a `clone` run in
-//! it while it is stopped), and the pages the freeze decided on are read from that copy once
-//! the process runs on: the process is stopped for the fork, not for the copy. The copy is
+//! Copy-on-write freeze. A pre-copied process that wrote more since the last round than the
+//! freeze could copy in about the time of a `fork()` (the quick walk of its page tables
+//! tells, at the freeze) is forked from inside (a `clone` run in it while it is stopped),
+//! and its pages are walked and read from that copy once the process runs on: the process
+//! is stopped for the fork, not for the copy. The copy is
 //! held stopped under dolly's ptrace and never runs a single instruction; it shares the
 //! process's file descriptor table (so it keeps no file open: a `close` in the process
 //! still closes), sends no signal when it ends (a plain `wait` never sees it), dies with
 //! dolly, and is reaped by the process, with one more brief stop of one of its threads,
 //! when the capture is over.
 
-use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::precopy::Precopy;
 use super::tree::Member;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Area, AreaKind};
@@ -36,24 +35,28 @@ pub enum ForkPolicy {
 
 /// Below this, the freeze copies the pages itself: a fork made through ptrace and the stop
 /// that reaps it cost more (about 1.5 ms on the machines measured; two threads copy 8 MiB in
-/// about 2). It is also what a pre-copy round must fall under to end the pre-copy.
+/// about 2).
 const MIN_FORK_BYTES: u64 = 8 << 20;
 
 /// Copying a page costs about this many times what a fork spends on it (copying its page
-/// table entry): 20-40 on the machines measured, so a fork pays once the process writes a
-/// sixteenth of its memory in the time of a pre-copy round.
+/// table entry): 20-40 on the machines measured, so a fork pays once the freeze would copy
+/// a sixteenth of what the process holds.
 const COPY_PER_FORK: u64 = 16;
 
 /// Whether the freeze of pre-copied process `tracked` (with memory `areas`) is shorter with
-/// a fork: about what the freeze would copy (what the last pre-copy round copied, which is
-/// what the process writes in the time of a round, and the writable areas not tracked,
-/// copied whole) weighed against the memory a fork walks (what the process holds).
-pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area], pid: Pid) -> bool {
-    // The fork must come with a userfaultfd of the child (its event), for the walk of its
-    // written pages. A fork inside a process whose program uses a userfaultfd of its own
-    // could wait for that userfaultfd's reader (its fork event), a thread frozen with it.
-    // Memory a fork does not copy must be read from the process itself.
-    if !tracked.has_events()
+/// a fork: what it would copy (see [`Tracked::survey`]) weighed against the memory a fork
+/// walks (what the process holds). `room`: the memory the process could still be given,
+/// measured just before the freeze (see [`room`]).
+pub fn worth_forking(
+    policy: ForkPolicy,
+    tracked: &mut Tracked,
+    areas: &[Area],
+    room: Option<u64>,
+) -> bool {
+    // A fork inside a process whose program uses a userfaultfd of its own could wait for
+    // that userfaultfd's reader (its fork event), a thread frozen with it. Memory a fork
+    // does not copy must be read from the process itself.
+    if policy == ForkPolicy::Never
         || tracked.foreign_uffd
         || areas
             .iter()
@@ -61,7 +64,9 @@ pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area], pid:
     {
         return false;
     }
-    let writes = tracked.last_round_bytes() + tracked.untracked_bytes(areas);
+    let Some(writes) = tracked.survey(areas) else {
+        return false;
+    };
     let held = tracked.held_bytes();
     match policy {
         ForkPolicy::Never => false,
@@ -71,10 +76,17 @@ pub fn worth_forking(policy: ForkPolicy, tracked: &Tracked, areas: &[Area], pid:
         ForkPolicy::Auto => {
             writes >= MIN_FORK_BYTES
                 && writes.saturating_mul(COPY_PER_FORK) >= held + writes
-                && available_memory().is_some_and(|free| free >= held)
-                && cgroup_room(pid).is_none_or(|room| room >= held)
+                && room.is_some_and(|room| room >= held)
         }
     }
+}
+
+/// The memory process `pid` could still be given: what the system has available
+/// (`MemAvailable`), or less if its memory cgroups leave less room. Read before the
+/// freeze (it takes a few tenths of a millisecond).
+pub fn room(pid: Pid) -> Option<u64> {
+    let available = available_memory()?;
+    Some(cgroup_room(pid).map_or(available, |room| room.min(available)))
 }
 
 /// How much more memory process `pid`'s cgroups let it use, if they limit it.
@@ -98,8 +110,7 @@ fn available_memory() -> Option<u64> {
 }
 
 /// A copy-on-write copy of a process, made at its freeze and held stopped: the process's
-/// memory as of the freeze, whatever the process writes since, write-protected as the
-/// process's was.
+/// memory as of the freeze, whatever the process writes since.
 #[derive(Debug)]
 pub struct Held {
     parent: Pid,
@@ -108,15 +119,13 @@ pub struct Held {
     /// Where the parent's vDSO was (to run the reaping `wait4` through).
     vdso: Option<u64>,
     copy: Option<Tracee>,
-    /// The userfaultfd of the copy: open, its memory stays write-protected as it was.
-    _uffd: Option<OwnedFd>,
 }
 
-/// Forks frozen, pre-copied process `member` (with memory `areas`) from inside, through
-/// the `syscall` instruction of its vDSO, and points its tracking at the fork (see
-/// [`Tracked::use_copy`]). The process is left as it was, stopped; if anything fails after
-/// the fork was made, the fork is ended and reaped at once.
-pub fn fork(member: &mut Member, areas: &[Area], precopy: &mut Precopy) -> Result<Held> {
+/// Forks frozen, pre-copied process `member` (with memory `areas`; surveyed, see
+/// [`worth_forking`]) from inside, through the `syscall` instruction of its vDSO, and has
+/// its tracking read the fork (see [`Tracked::use_copy`]). The process is left as it was, stopped;
+/// if anything fails after the fork was made, the fork is ended and reaped at once.
+pub fn fork(member: &mut Member, areas: &[Area], tracked: &mut Tracked) -> Result<Held> {
     let parent = member.proc.pid();
     let vdso = areas
         .iter()
@@ -124,20 +133,8 @@ pub fn fork(member: &mut Member, areas: &[Area], precopy: &mut Precopy) -> Resul
         .map(|a| a.start);
     let leader = &mut member.threads[0];
     let (copy, ns_pid) = run_inside(leader, vdso, true, |remote| remote.fork_held())?;
-    let ready = (|| {
-        let uffd = precopy.take_fork_uffd(parent).ok_or_else(|| {
-            Error::new(
-                ErrorKind::System,
-                format!("the fork of process {parent} came without its userfaultfd"),
-            )
-        })?;
-        if let Some(tracked) = precopy.tracking_of(parent) {
-            tracked.use_copy(copy.pid())?;
-        }
-        Ok(uffd)
-    })();
-    match ready {
-        Ok(uffd) => {
+    match tracked.use_copy(copy.pid()) {
+        Ok(()) => {
             // Should memory run out while it lives (each page the process writes is copied),
             // the kernel kills the fork first, not the process: the capture then fails.
             let _ = std::fs::write(format!("/proc/{}/oom_score_adj", copy.pid()), b"1000");
@@ -147,7 +144,6 @@ pub fn fork(member: &mut Member, areas: &[Area], precopy: &mut Precopy) -> Resul
                 ns_pid,
                 vdso,
                 copy: Some(copy),
-                _uffd: Some(uffd),
             })
         }
         Err(e) => {
@@ -278,7 +274,6 @@ impl Held {
             return Ok(());
         };
         copy.kill_and_wait()?;
-        self._uffd = None;
         let ns_pid = self.ns_pid;
         run_inside(&mut member.threads[0], self.vdso, true, |remote| {
             wait_for(remote, ns_pid)
@@ -301,9 +296,6 @@ impl Held {
             return Ok(0.0);
         };
         copy.kill_and_wait()?;
-        // (Closed after the kill: closed before, the kernel would first unprotect its
-        // memory, for nothing.)
-        self._uffd = None;
         reap(self.parent, self.ns_pid, self.vdso)
     }
 }
@@ -338,8 +330,9 @@ fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
     let reaped = run_inside(&mut thread, vdso, job_stopped, |remote| {
         wait_for(remote, ns_pid)
     });
-    let detached = thread.detach();
+    // (Until it is let go, not until dolly runs again: see `Frozen::thaw`.)
     let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
+    let detached = thread.detach();
     reaped?;
     detached?;
     crate::checkpoint::mark(&format!("cow: {parent} reaped its fork"));

@@ -11,6 +11,7 @@ mod precopy;
 mod process;
 mod tree;
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use nix::unistd::Pid;
@@ -115,15 +116,18 @@ pub fn capture_observed(
         checkpoints.reach("capture:locked")?;
         let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref())?;
         checkpoints.reach("capture:precopied")?;
+        let rooms = match opts.fork {
+            ForkPolicy::Auto => precopy.pids().map(|p| (p, cow::room(p))).collect(),
+            _ => HashMap::new(),
+        };
         let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
-        let frozen_at = tree.since;
         let order: Vec<i32> = tree.members.iter().map(|m| m.proc.pid().as_raw()).collect();
-        let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy);
-        let thawed = tree.thaw();
+        let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy, &rooms);
+        let (frozen_for, thawed) = tree.thaw();
         crate::checkpoint::mark("capture: thawed");
         // Both freezes: the one that set up write tracking, and this one.
-        let final_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+        let final_ms = frozen_for.as_secs_f64() * 1e3;
         let frozen_ms = precopy.frozen_ms + final_ms;
         crate::checkpoint::mark(&format!(
             "capture: frozen {:.3} ms to set up tracking + {final_ms:.3} ms",
@@ -200,13 +204,15 @@ pub fn capture_observed(
 
 /// Reads the frozen tree: every process's state (refusing before any page is copied), then
 /// every process's pages and the shared memory. The pages of a process forked for them
-/// (see [`cow`]) are left for [`dump_forked`], after the thaw.
+/// (see [`cow`]) are left for [`dump_forked`], after the thaw. `rooms`: the memory each
+/// pre-copied process could still be given, for [`cow::worth_forking`].
 fn capture_frozen(
     tree: &mut tree::Frozen,
     opts: &CaptureOptions,
     draft: &crate::store::Draft,
     checkpoints: &Checkpoints,
     precopy: &mut precopy::Precopy,
+    rooms: &HashMap<Pid, Option<u64>>,
 ) -> Result<TreeImage> {
     checkpoints.reach("capture:frozen")?;
     precopy.note_lost();
@@ -234,7 +240,7 @@ fn capture_frozen(
     }
     shared.shmem.check_sysv_private()?;
     checkpoints.reach("capture:pages")?;
-    let forks = fork_writers(tree, &inspected, precopy, opts.fork);
+    let forks = fork_writers(tree, &inspected, precopy, opts.fork, rooms);
     if forks.iter().any(Option::is_some) {
         // At once (still frozen: a few tens of µs): should the capture be killed from now
         // on, the forks die with it and the note has their processes reap them.
@@ -288,37 +294,30 @@ fn capture_frozen(
 }
 
 /// At the freeze, once every process is inspected: forks, from inside, each pre-copied
-/// process that wrote too much since the last round for the freeze to copy it quickly
-/// (see [`cow`]); its walk and copies then read the fork, after the thaw. One entry per
-/// member: its fork, if it was forked.
+/// process that wrote too much since the last round for the freeze to copy it quickly (see
+/// [`cow`]); its walk and copies then read the fork, after the thaw. One entry per member:
+/// its fork, if it was forked.
 fn fork_writers(
     tree: &mut tree::Frozen,
     inspected: &[process::Inspected],
     precopy: &mut precopy::Precopy,
     policy: ForkPolicy,
+    rooms: &HashMap<Pid, Option<u64>>,
 ) -> Vec<Option<cow::Held>> {
-    let mut forks = Vec::with_capacity(tree.members.len());
-    let mut kept = false;
-    for (member, inspected) in tree.members.iter_mut().zip(inspected) {
-        let pid = member.proc.pid();
-        let worth = precopy
-            .tracking_of(pid)
-            .is_some_and(|t| cow::worth_forking(policy, t, inspected.areas(), pid));
-        if !worth {
-            forks.push(None);
-            continue;
-        }
-        if !kept {
-            precopy.keep_forks(true);
-            kept = true;
-        }
-        // If the fork fails (a limit on processes...), the freeze copies the pages itself.
-        forks.push(cow::fork(member, inspected.areas(), precopy).ok());
-    }
-    if kept {
-        precopy.keep_forks(false);
-    }
-    forks
+    tree.members
+        .iter_mut()
+        .zip(inspected)
+        .map(|(member, inspected)| {
+            let pid = member.proc.pid();
+            let tracked = precopy.tracking_of(pid)?;
+            let room = rooms.get(&pid).copied().flatten();
+            if !cow::worth_forking(policy, tracked, inspected.areas(), room) {
+                return None;
+            }
+            // If the fork fails (a limit on processes...), the freeze copies the pages.
+            cow::fork(member, inspected.areas(), tracked).ok()
+        })
+        .collect()
 }
 
 /// After the thaw: the pages of the processes forked at the freeze, read from their forks

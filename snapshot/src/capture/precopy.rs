@@ -72,18 +72,9 @@ impl Precopy {
         }
     }
 
-    /// Around the forks the freeze makes (see `capture::cow`): keeps (`true`) the
-    /// userfaultfds their events bring, for [`Precopy::take_fork_uffd`].
-    pub fn keep_forks(&self, keep: bool) {
-        if let Some(reader) = &self.lost_pages {
-            reader.keep_forks(keep);
-        }
-    }
-
-    /// The userfaultfd of the child process `pid` was just forked into (while forks are
-    /// kept).
-    pub fn take_fork_uffd(&self, pid: Pid) -> Option<std::os::fd::OwnedFd> {
-        self.lost_pages.as_ref()?.take_fork(pid.as_raw())
+    /// The processes pre-copied.
+    pub fn pids(&self) -> impl Iterator<Item = Pid> + '_ {
+        self.tracked.keys().map(|&p| Pid::from_raw(p))
     }
 
     /// Ends the tracking (closing the userfaultfds: the kernel then unprotects the pages,
@@ -137,7 +128,7 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
         .find(|m| m.path == "[vdso]")
         .map(|m| m.start);
     let mut frozen = tree::freeze(root)?;
-    let frozen_at = frozen.since;
+    crate::checkpoint::mark("precopy: frozen");
     let mut fds = Vec::new();
     let last = frozen.members.len().saturating_sub(1);
     for (index, member) in frozen.members.iter_mut().enumerate() {
@@ -146,9 +137,10 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
             fds.push((index, member.proc.pid(), fd));
         }
     }
-    let thawed = frozen.thaw();
+    crate::checkpoint::mark("precopy: userfaultfds made");
+    let (frozen_for, thawed) = frozen.thaw();
     let mut pre = Precopy {
-        frozen_ms: frozen_at.elapsed().as_secs_f64() * 1e3,
+        frozen_ms: frozen_for.as_secs_f64() * 1e3,
         ..Default::default()
     };
     thawed?;

@@ -43,18 +43,22 @@ impl Frozen {
             .collect()
     }
 
-    /// Lets every process run on, children first; reports the first failure.
-    pub fn thaw(self) -> Result<()> {
+    /// Lets every process run on, children first; returns how long the tree was frozen
+    /// (until its last thread was let go: not counting the time dolly itself may then wait
+    /// for a CPU, which the processes it lets go can take) and the first failure.
+    pub fn thaw(self) -> (std::time::Duration, Result<()>) {
         let mut first = Ok(());
+        let mut last = self.since;
         for m in self.members.into_iter().rev() {
             for t in m.threads.into_iter().rev() {
+                last = std::time::Instant::now();
                 let r = t.detach();
                 if first.is_ok() {
                     first = r;
                 }
             }
         }
-        first
+        (last.saturating_duration_since(self.since), first)
     }
 }
 

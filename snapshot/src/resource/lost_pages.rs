@@ -1,16 +1,12 @@
 //! While processes are pre-copied, a thread reads the events of their userfaultfds: which
-//! tracked ranges lose their pages (`madvise` drops, `munmap`, `mremap`), and the forks that
-//! copy them. The kernel holds the process's call until its event is read, so the thread
-//! reads at once; the freeze then looks page by page only at those ranges (and at what was
-//! written), not at every page. A fork's event brings a userfaultfd of the child: closed at
-//! once (the child's memory is then unprotected), unless the freeze made that fork to read
-//! the process's memory from it (see `capture::cow`).
+//! tracked ranges lose their pages (`madvise` drops, `munmap`, `mremap`). The kernel holds
+//! the process's call until its event is read, so the thread reads at once; the freeze then
+//! looks page by page only at those ranges (and at what was written), not at every page.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -23,15 +19,11 @@ use crate::sys::uffd;
 struct Found {
     /// Ranges whose pages may have gone, by PID.
     lost: HashMap<i32, Vec<(u64, u64)>>,
-    /// Userfaultfds of children forked while `keep_forks`, by the parent's PID.
-    forks: HashMap<i32, Vec<OwnedFd>>,
-    /// Keep the userfaultfds of forks rather than close them.
-    keep_forks: bool,
     /// The thread is to end.
     stop: bool,
 }
 
-type Shared = Arc<(Mutex<Found>, Condvar)>;
+type Shared = Arc<Mutex<Found>>;
 
 /// The reading thread. Dropping it stops the thread (do so before the userfaultfds close).
 #[derive(Debug)]
@@ -41,9 +33,6 @@ pub struct LostPages {
     found: Shared,
     thread: Option<JoinHandle<()>>,
 }
-
-/// How long a fork's event may take to be read once the fork returned.
-const FORK_EVENT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl LostPages {
     /// Starts reading the events of `uffds`, `(pid, userfaultfd)` pairs. The fds must stay
@@ -70,7 +59,7 @@ impl LostPages {
     }
 
     fn lock(&self) -> MutexGuard<'_, Found> {
-        self.found.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.found.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every range reported so far, by PID, pending events included. (With the processes
@@ -81,35 +70,6 @@ impl LostPages {
         let mut found = self.lock();
         drain(&self.uffds, &mut found);
         std::mem::take(&mut found.lost)
-    }
-
-    /// From now on (`true`), keeps the userfaultfds forks bring for [`LostPages::take_fork`]
-    /// rather than closing them.
-    pub fn keep_forks(&self, keep: bool) {
-        self.lock().keep_forks = keep;
-    }
-
-    /// The userfaultfd of the child process `pid` just forked (while forks are kept): its
-    /// memory write-protected as `pid`'s was at the fork. Waits for the event to be read.
-    pub fn take_fork(&self, pid: i32) -> Option<OwnedFd> {
-        let deadline = Instant::now() + FORK_EVENT_TIMEOUT;
-        let mut found = self.lock();
-        loop {
-            drain(&self.uffds, &mut found);
-            if let Some(fd) = found.forks.get_mut(&pid).and_then(Vec::pop) {
-                return Some(fd);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            found = self
-                .found
-                .1
-                .wait_timeout(found, left.min(Duration::from_millis(10)))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
     }
 }
 
@@ -134,14 +94,10 @@ fn drain(uffds: &[(i32, RawFd)], found: &mut Found) {
         if !events.lost.is_empty() {
             found.lost.entry(pid).or_default().extend(events.lost);
         }
-        if found.keep_forks && !events.forks.is_empty() {
-            found.forks.entry(pid).or_default().extend(events.forks);
-        }
-        // (Else dropped: closed.)
     }
 }
 
-fn read_all(uffds: &[(i32, RawFd)], wake: &EventFd, shared: &(Mutex<Found>, Condvar)) {
+fn read_all(uffds: &[(i32, RawFd)], wake: &EventFd, shared: &Mutex<Found>) {
     loop {
         {
             let borrowed: Vec<BorrowedFd> = uffds
@@ -160,11 +116,10 @@ fn read_all(uffds: &[(i32, RawFd)], wake: &EventFd, shared: &(Mutex<Found>, Cond
             }
         }
         let _ = wake.read();
-        let mut found = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found = shared.lock().unwrap_or_else(|e| e.into_inner());
         if found.stop {
             return;
         }
         drain(uffds, &mut found);
-        shared.1.notify_all();
     }
 }

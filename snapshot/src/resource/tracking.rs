@@ -163,6 +163,12 @@ pub struct Tracked {
     deferred: Vec<Deferred>,
     /// Bytes the last pre-copy round copied.
     last_round: u64,
+    /// Reading a copy-on-write fork of the process, not the process (see
+    /// [`Tracked::use_copy`]).
+    copy: bool,
+    /// Whether the area at each of these addresses was still registered for tracking at
+    /// the freeze (a fork's areas are not: see [`Tracked::survey`]).
+    registered_at: HashMap<u64, bool>,
     /// Bytes [`Tracked::finish_copies`] copied.
     freeze_copied: u64,
     /// Some area is registered with a userfaultfd of the program's own (a fork inside the
@@ -292,6 +298,8 @@ impl Tracked {
             lost: Vec::new(),
             deferred: Vec::new(),
             last_round: 0,
+            copy: false,
+            registered_at: HashMap::new(),
             freeze_copied: 0,
             foreign_uffd,
         })
@@ -521,53 +529,75 @@ impl Tracked {
         self.freeze_copied
     }
 
-    /// Bytes the last pre-copy round copied (about what the process writes in the time of
-    /// a round).
-    pub fn last_round_bytes(&self) -> u64 {
-        self.last_round
-    }
-
-    /// At the freeze: bytes of their own pages in the writable private areas among `areas`
-    /// (the process's, as the freeze found them) that are not write-protected for tracking
-    /// (mapped since, or over tracked memory): the freeze copies them all.
-    pub fn untracked_bytes(&self, areas: &[crate::image::Area]) -> u64 {
+    /// At the freeze, with the process's `areas` as the freeze found them: about what the
+    /// freeze would copy, in bytes, having read from the process what a walk of a fork of
+    /// it needs and could not read from the fork (the write protections: see
+    /// [`Tracked::use_copy`]). That is the pages written since the last round (what the
+    /// quick walk found touched, which counts holes too, so at most what the last round
+    /// copied: what the process writes in the time of a round), and the own pages of
+    /// writable private areas not tracked (mapped since, or over tracked memory). `None`
+    /// without the quick walk, which the userfaultfd's events make possible.
+    pub fn survey(&mut self, areas: &[crate::image::Area]) -> Option<u64> {
         use crate::image::AreaKind;
-        areas
-            .iter()
-            .filter(|a| {
-                !a.shared
-                    && a.write
-                    && matches!(
-                        a.kind,
-                        AreaKind::Anonymous { .. }
-                            | AreaKind::Heap
-                            | AreaKind::Stack
-                            | AreaKind::File { .. }
-                    )
+        if !self.events {
+            return None;
+        }
+        self.scan_frozen();
+        let touched: u64 = self
+            .scanned
+            .values()
+            .filter_map(|(_, found)| match found {
+                Scanned::Touched(ranges) => Some(ranges.iter().map(|r| r.1 - r.0).sum::<u64>()),
+                Scanned::All(_) => None,
             })
-            .filter(|a| !pagemap::wp_async_at(&self.pagemap, a.start))
-            .map(|a| {
+            .sum();
+        let mut bytes = touched.min(self.last_round);
+        for a in areas {
+            let registered = pagemap::wp_async_at(&self.pagemap, a.start);
+            self.registered_at.insert(a.start, registered);
+            let copied_whole = !registered
+                && !a.shared
+                && a.write
+                && matches!(
+                    a.kind,
+                    AreaKind::Anonymous { .. }
+                        | AreaKind::Heap
+                        | AreaKind::Stack
+                        | AreaKind::File { .. }
+                );
+            if copied_whole {
                 // Its own pages (an area may be mostly untouched, as a fresh malloc arena).
-                pagemap::scan(&self.pagemap, a.start, a.end, OWN_PAGES)
-                    .map_or(a.len(), |r| r.iter().map(|(s, e)| e - s).sum())
-            })
-            .sum()
+                bytes += pagemap::scan(&self.pagemap, a.start, a.end, OWN_PAGES)
+                    .map_or(a.len(), |r| r.iter().map(|(s, e)| e - s).sum());
+            }
+        }
+        Some(bytes)
     }
 
-    /// Whether the userfaultfd reports events (lost pages, forks).
+    /// Whether the area at `addr` is registered for tracking (as [`Tracked::survey`] found
+    /// at the freeze, if it looked; a fork's areas never are).
+    fn registered(&self, addr: u64) -> bool {
+        match self.registered_at.get(&addr) {
+            Some(&registered) => registered,
+            None => !self.copy && pagemap::wp_async_at(&self.pagemap, addr),
+        }
+    }
+
+    /// Whether the userfaultfd reports events (ranges whose pages go).
     pub fn has_events(&self) -> bool {
         self.events
     }
 
-    /// At the freeze: reads the process's page tables and memory from `copy` from now on,
-    /// a copy-on-write fork of it made at the freeze whose memory is write-protected as
-    /// the process's was (the userfaultfd the fork's event brought, kept open meanwhile):
-    /// the walk and the copies of the freeze can then be made after the thaw.
+    /// At the freeze, after [`Tracked::survey`]: reads the page tables and memory of
+    /// `copy` from now on, a copy-on-write fork of the process made at the freeze, so that
+    /// the walk and the copies of the freeze can be made after the thaw. (The fork's page
+    /// tables tell which pages it holds, not which were written since they were protected:
+    /// that comes from the survey.)
     pub fn use_copy(&mut self, copy: Pid) -> Result<()> {
         let proc = ProcDir::new(copy);
         let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
         let mem = File::open(proc.path("mem")).context("opening process memory")?;
-        (self.pagemap, self.mem, self.pid) = (pagemap, mem, copy);
+        (self.pagemap, self.mem, self.pid, self.copy) = (pagemap, mem, copy, true);
         Ok(())
     }
 
@@ -649,6 +679,9 @@ impl Tracked {
     /// With the userfaultfd's events on, the quick walk: only which pages are no longer
     /// write-protected (every page that went is in the events' ranges).
     pub fn scan_frozen(&mut self) {
+        if !self.scanned.is_empty() {
+            return; // made already (by the survey)
+        }
         let mut bounds: Vec<(u64, u64)> = self.areas.iter().map(|a| (a.start, a.end)).collect();
         bounds.sort_unstable();
         let (Some(first), Some(last)) = (bounds.first(), bounds.iter().map(|b| b.1).max()) else {
@@ -707,29 +740,32 @@ impl Tracked {
         else {
             return Ok(None);
         };
-        let area = &mut self.areas[i];
-        let base = area.start;
         let piece = [(start, end)];
-        let held = intersect(
-            &merge_ranges(area.copied.iter().chain(&area.same).copied().collect()),
-            &piece,
-        );
+        let held = {
+            let area = &self.areas[i];
+            intersect(
+                &merge_ranges(area.copied.iter().chain(&area.same).copied().collect()),
+                &piece,
+            )
+        };
         // A mapping made over (part of) a tracked one is not tracked: its pages are copied
         // whole (the slot's pages there are freed by `free_unused`). (Where nothing was
         // copied, nothing could be taken for what it is not: no need to look.)
-        let from_parent = !intersect(&area.from_parent, &piece).is_empty();
-        if (!held.is_empty() || from_parent) && !pagemap::wp_async_at(&self.pagemap, start) {
+        let from_parent = !intersect(&self.areas[i].from_parent, &piece).is_empty();
+        if (!held.is_empty() || from_parent) && !self.registered(start) {
             return Ok(None);
         }
+        let area = &mut self.areas[i];
+        let base = area.start;
         // Where to look page by page (`scope`), and the walk there: the pages of its own,
         // with whether each was written. The whole area, unless the quick walk was made:
         // then only what it found touched, the ranges the events say lost pages, and what
         // the area grew by since it was protected. Elsewhere every page is as it was
         // copied (or found equal to the parent's).
         let whole = piece.to_vec();
-        let (scope, regions) = match self.scanned.get(&base) {
+        let (scope, regions, changed) = match self.scanned.get(&base) {
             Some((e, Scanned::All(regions))) if base == start && *e == end => {
-                (whole, regions.clone())
+                (whole, regions.clone(), None)
             }
             Some((protected, Scanned::Touched(touched))) => {
                 let mut scope = intersect(touched, &whole);
@@ -737,9 +773,10 @@ impl Tracked {
                 if end > *protected {
                     scope.push(((*protected).max(start), end));
                 }
+                let changed = merge_ranges(scope);
                 // Ranges close together are walked as one (one system call; looking page by
                 // page at a few more pages is exact too).
-                let mut scope = merge_ranges(scope);
+                let mut scope = changed.clone();
                 scope.dedup_by(|next, prev| {
                     let close = next.0 - prev.1 <= SCOPE_JOIN_GAP;
                     if close {
@@ -754,12 +791,13 @@ impl Tracked {
                             format!("scanning pages of {} at {s:#x}", self.pid)
                         })?);
                 }
-                (scope, regions)
+                (scope, regions, Some(changed))
             }
             _ => (
                 whole,
                 scan_own(&self.pagemap, start, end)
                     .with_context(|| format!("scanning pages of {} at {start:#x}", self.pid))?,
+                None,
             ),
         };
         let all: Vec<(u64, u64)> = merge_ranges(regions.iter().map(|r| (r.0, r.1)).collect());
@@ -770,14 +808,23 @@ impl Tracked {
                 .chain(present_in_scope.iter().copied())
                 .collect(),
         );
-        let written = regions
-            .iter()
-            .filter(|r| r.2 & pagemap::PAGE_IS_WRITTEN != 0)
-            .map(|r| (r.0, r.1));
+        // (A fork's page tables do not keep the write protections: there, what was written
+        // is what the walk at the freeze found touched.)
+        let written: Vec<(u64, u64)> = match (&changed, self.copy) {
+            (Some(changed), true) => changed.clone(),
+            _ => regions
+                .iter()
+                .filter(|r| r.2 & pagemap::PAGE_IS_WRITTEN != 0)
+                .map(|r| (r.0, r.1))
+                .collect(),
+        };
         // Copy what was written since, and what is here but was neither copied nor found
         // equal to the parent's.
         let missing = subtract_ranges(&present_in_scope, &held);
-        let to_copy = intersect(&present, &merge_ranges(written.chain(missing).collect()));
+        let to_copy = intersect(
+            &present,
+            &merge_ranges(written.into_iter().chain(missing).collect()),
+        );
         let (deferred, slot) = (&mut self.deferred, area.slot);
         let mut copy = |ranges: &[(u64, u64)]| {
             if !ranges.is_empty() {

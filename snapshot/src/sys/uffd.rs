@@ -14,16 +14,12 @@ pub const USER_MODE_ONLY: u64 = 1;
 const UFFD_API: u64 = 0xAA;
 /// The kernel resolves write-protect faults itself, unblocking the writer at once.
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-/// Events for `fork` of a process with registered memory: the child's memory stays
-/// registered (and write-protected as it was), with a new userfaultfd for the reader.
-const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
 /// Events for `mremap` of registered memory.
 const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 /// Events for `madvise(MADV_DONTNEED/MADV_FREE/MADV_REMOVE)` of registered memory.
 const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 /// Events for `munmap` (and mappings made over) registered memory.
 const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
-const UFFD_EVENT_FORK: u8 = 0x13;
 const UFFD_EVENT_REMAP: u8 = 0x14;
 const UFFD_EVENT_REMOVE: u8 = 0x15;
 const UFFD_EVENT_UNMAP: u8 = 0x16;
@@ -51,16 +47,14 @@ struct UffdioRegister {
 }
 
 /// Enables asynchronous write-protection on a new userfaultfd and, if `events` and the
-/// kernel can, events telling which registered ranges lose their pages and which forks copy
-/// them (see [`read_events`]). Returns whether the events are on. With them on, the
-/// process's `madvise`, `munmap`, `mremap` of registered memory and its `fork`s wait until
-/// the events are read: never ask for them on a userfaultfd of the calling process.
+/// kernel can, events telling which registered ranges lose their pages (see
+/// [`read_events`]). Returns whether the events are on. With them on, the process's
+/// `madvise`, `munmap` and `mremap` of registered memory wait until the events are read:
+/// never ask for them on a userfaultfd of the calling process. (No fork events: a fork's
+/// memory is simply not tracked.)
 pub fn enable_async_wp(uffd: &OwnedFd, events: bool) -> Result<bool, Errno> {
     let events = if events {
-        UFFD_FEATURE_EVENT_REMOVE
-            | UFFD_FEATURE_EVENT_UNMAP
-            | UFFD_FEATURE_EVENT_REMAP
-            | UFFD_FEATURE_EVENT_FORK
+        UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMAP
     } else {
         0
     };
@@ -87,9 +81,6 @@ pub struct Events {
     /// Address ranges whose pages may have gone or changed (`madvise` drops, `munmap`, both
     /// ends of an `mremap`).
     pub lost: Vec<(u64, u64)>,
-    /// For each `fork` of the process, a userfaultfd of the child, whose registered memory
-    /// is write-protected as the parent's was at the fork (until it is closed).
-    pub forks: Vec<OwnedFd>,
 }
 
 /// Reads the pending events of a userfaultfd opened `O_NONBLOCK`. Reading an event lets the
@@ -119,14 +110,6 @@ pub fn read_events(uffd: &impl AsRawFd) -> Result<Events, Errno> {
                 UFFD_EVENT_REMAP => {
                     out.lost.push((word(8), word(8) + word(24)));
                     out.lost.push((word(16), word(16) + word(24)));
-                }
-                UFFD_EVENT_FORK => {
-                    let fd = u32::from_ne_bytes(msg[8..12].try_into().expect("4 bytes"));
-                    // SAFETY: the kernel installed this fd in our table for us with the
-                    // event; nothing else knows it.
-                    out.forks.push(unsafe {
-                        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32)
-                    });
                 }
                 _ => {}
             }
