@@ -8,8 +8,9 @@
 //!
 //! Every 50 ms the main thread appends to DIR/log one line per worker,
 //! `worker=I n=N hash=H ok=BOOL`, and `pingpong=N`; `ok` is false if the worker's
-//! thread-local copy of its chain ever differed from the shared one, or if the hash is not
-//! what N steps of the chain give. When DIR/stop appears, the joined thread ends; the main
+//! thread-local copy of its chain ever differed from the shared one, if its alternate signal
+//! stack (each worker sets one of its own) ever changed, or if the hash is not what N steps
+//! of the chain give. When DIR/stop appears, the joined thread ends; the main
 //! thread logs `joined` and exits 0.
 
 use std::cell::Cell;
@@ -40,6 +41,29 @@ struct Progress {
     ok: bool,
 }
 
+/// Gives the calling thread an alternate signal stack of its own (leaked: threads here never
+/// end) and returns it as [`current_altstack`] reads it.
+fn own_altstack() -> (usize, usize, i32) {
+    let stack = Box::leak(vec![0u8; 64 << 10].into_boxed_slice());
+    let new = libc::stack_t {
+        ss_sp: stack.as_mut_ptr().cast(),
+        ss_flags: 0,
+        ss_size: stack.len(),
+    };
+    // SAFETY: the stack is leaked, so it outlives the thread.
+    unsafe { libc::sigaltstack(&new, std::ptr::null_mut()) };
+    current_altstack()
+}
+
+/// The calling thread's alternate signal stack: base, size, flags.
+fn current_altstack() -> (usize, usize, i32) {
+    // SAFETY: an all-zero stack_t is valid; sigaltstack only writes it.
+    let mut old: libc::stack_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reads this thread's alternate stack into `old`, changes nothing.
+    unsafe { libc::sigaltstack(std::ptr::null(), &mut old) };
+    (old.ss_sp as usize, old.ss_size, old.ss_flags)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
@@ -58,13 +82,14 @@ fn main() {
             .spawn(move || {
                 let seed = w as u64 + 1;
                 CHAIN.with(|c| c.set((0, seed)));
+                let altstack = own_altstack();
                 loop {
                     let (n, h) = CHAIN.with(|c| c.get());
                     let (n, h) = (n + 1, step(h, n + 1));
                     CHAIN.with(|c| c.set((n, h)));
                     {
                         let mut p = progress.lock().unwrap();
-                        let ok = p[w].n + 1 == n || p[w].n == 0;
+                        let ok = (p[w].n + 1 == n || p[w].n == 0) && current_altstack() == altstack;
                         p[w] = Progress {
                             n,
                             hash: h,

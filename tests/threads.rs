@@ -1,6 +1,6 @@
-//! Threads: every thread comes back with its TID, name, registers, TLS, signal mask, rseq,
-//! robust list and clear_child_tid; threads blocked in a futex, a condition variable, a
-//! join or a sleep go on.
+//! Threads: every thread comes back with its TID, name, registers, TLS, signal mask,
+//! alternate signal stack, rseq, robust list and clear_child_tid; threads blocked in a
+//! futex, a condition variable, a join or a sleep go on.
 
 mod common;
 

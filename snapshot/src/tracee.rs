@@ -190,6 +190,15 @@ impl Tracee {
     /// that arrive before the stop are delivered, so nothing is lost. Fails if another
     /// tracer holds it.
     pub fn seize(pid: Pid) -> Result<Tracee> {
+        let mut tracee = Tracee::seize_start(pid)?;
+        tracee.wait_seized()?;
+        Ok(tracee)
+    }
+
+    /// The first half of [`Tracee::seize`]: seizes the thread and asks it to stop, without
+    /// waiting for the stop (see [`Tracee::wait_seized`]): threads asked together stop
+    /// together.
+    pub fn seize_start(pid: Pid) -> Result<Tracee> {
         ptrace::seize(pid, ptrace::Options::empty()).map_err(|e| match e {
             Errno::ESRCH => Error::not_found(
                 format!("no process {pid}"),
@@ -206,10 +215,16 @@ impl Tracee {
         let mut tracee = Tracee::open(pid, OnDrop::Detach)?;
         tracee.seized = true;
         ptrace::interrupt(pid).with_context(|| format!("interrupting process {pid}"))?;
+        Ok(tracee)
+    }
+
+    /// The second half of [`Tracee::seize`]: waits until the thread is stopped.
+    pub fn wait_seized(&mut self) -> Result<()> {
+        let pid = self.pid;
         let deadline = Instant::now() + FREEZE_TIMEOUT;
         loop {
             match wait_stop(pid, deadline)? {
-                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => return Ok(tracee),
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => return Ok(()),
                 WaitStatus::Stopped(_, sig) => {
                     // A signal arrived first: deliver it; the interrupt stop follows.
                     ptrace::cont(pid, sig).with_context(|| format!("resuming process {pid}"))?;

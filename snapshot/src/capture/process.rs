@@ -87,9 +87,47 @@ fn syscall_ip(tracee: &Tracee, memory: &MemoryPlan, regs: &RawRegs) -> Result<u6
 /// first, the outputs from here.
 const OUT: u64 = 8 * crate::sys::PAGE_SIZE / 2;
 
+/// Dolly's scratch area and code page inside a process, kept mapped after the leader's
+/// queries for those of its other threads (they share its memory): see [`Scratch::unmap`].
+struct Scratch {
+    /// The scratch area (with the code page at its end, if `runner_page` is `None`).
+    area: u64,
+    /// Its length.
+    len: u64,
+    /// Where the code that runs a batch of calls is.
+    runner: u64,
+    /// The code page, when it could not be mapped with the scratch area.
+    runner_page: Option<u64>,
+}
+
+impl Scratch {
+    /// Unmaps it, from inside a stopped thread of the process.
+    fn unmap(&self, remote: &mut tracee::Remote) -> Result<()> {
+        let page = crate::sys::PAGE_SIZE;
+        let runner = match self.runner_page {
+            Some(at) => remote
+                .call("unmapping dolly's code page", libc::SYS_munmap, &[at, page])
+                .map(drop),
+            None => Ok(()),
+        };
+        remote.call(
+            "unmapping the scratch page",
+            libc::SYS_munmap,
+            &[self.area, self.len],
+        )?;
+        runner
+    }
+}
+
 /// Reads what only the process itself can tell, with one batch of system calls run inside
-/// it (one stop, not one per call).
-fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Result<Hidden> {
+/// it (one stop, not one per call). With `keep`, the scratch area stays mapped for the
+/// queries of the process's other threads ([`query_thread`]) and is returned; the caller
+/// unmaps it.
+fn query_hidden(
+    remote: &mut tracee::Remote,
+    checkpoints: &Checkpoints,
+    keep: bool,
+) -> Result<(Hidden, Option<Scratch>)> {
     let page = crate::sys::PAGE_SIZE;
     let map = |remote: &mut tracee::Remote, len: u64, prot: i32| {
         remote.call(
@@ -224,26 +262,33 @@ fn query_hidden(remote: &mut tracee::Remote, checkpoints: &Checkpoints) -> Resul
             securebits: results[securebits] as u32,
         })
     });
-    if let (Ok(runner), false) = (runner, together) {
-        let _ = remote.call(
-            "unmapping dolly's code page",
-            libc::SYS_munmap,
-            &[runner, page],
-        );
-    }
     let len = if together {
         SCRATCH_LEN + page
     } else {
         SCRATCH_LEN
     };
-    let unmapped = remote.call(
-        "unmapping the scratch page",
-        libc::SYS_munmap,
-        &[scratch, len],
-    );
+    let kept = match runner {
+        Ok(runner) => Scratch {
+            area: scratch,
+            len,
+            runner,
+            runner_page: (!together).then_some(runner),
+        },
+        // (No code page was mapped.)
+        Err(_) => Scratch {
+            area: scratch,
+            len,
+            runner: 0,
+            runner_page: None,
+        },
+    };
+    if keep && result.is_ok() && kept.runner != 0 {
+        return Ok((result?, Some(kept)));
+    }
+    let unmapped = kept.unmap(remote);
     let hidden = result?;
     unmapped?;
-    Ok(hidden)
+    Ok((hidden, None))
 }
 
 /// Reads everything of a frozen process but its pages; refuses what cannot be restored.
@@ -259,6 +304,8 @@ pub fn inspect(
     let stat = proc.stat()?;
     let status = proc.status()?;
     checks::check_member(proc, &status)?;
+    // The other threads' queries use the leader's scratch area (one mapping, not one each).
+    let others = member.threads.len() > 1;
     let tracee = &mut member.threads[0];
     let mut regs = tracee.regs()?;
     thread::abort_rseq_section(tracee, &mut regs)?;
@@ -293,8 +340,8 @@ pub fn inspect(
     // State only the process itself can tell: run system calls inside it, with every
     // signal blocked, then put its registers and mask back whatever happened.
     let ip = syscall_ip(tracee, &memory, &regs)?;
-    let hidden = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
-        query_hidden(remote, checkpoints)
+    let (hidden, scratch) = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
+        query_hidden(remote, checkpoints, others)
     })?;
     crate::checkpoint::mark("inspect: state from inside");
     let mut threads = vec![thread::capture(
@@ -306,8 +353,18 @@ pub fn inspect(
         status.ns_pid.clone(),
         stat.comm.clone(),
     )?];
-    for t in &mut member.threads[1..] {
-        threads.push(capture_thread(t, &memory)?);
+    if let Some(scratch) = &scratch {
+        let captured = (|| {
+            for t in &mut member.threads[1..] {
+                threads.push(capture_thread(t, &memory, scratch)?);
+            }
+            Ok(())
+        })();
+        // Whatever happened: the process is left as it was.
+        let leader = &mut member.threads[0];
+        let (regs, mask) = (leader.regs()?, leader.sigmask()?);
+        leader.run_inside(ip, (&regs, mask), true, |remote| scratch.unmap(remote))?;
+        captured?;
     }
     let proc = &member.proc;
     let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
@@ -353,38 +410,39 @@ pub fn inspect(
 }
 
 /// Reads, from inside a stopped thread, what only it can tell (its alternate signal stack
-/// and tid address), in a scratch page of its own.
-fn query_thread_hidden(remote: &mut tracee::Remote) -> Result<thread::HiddenState> {
-    let scratch = remote.call(
-        "mapping a scratch page",
-        libc::SYS_mmap,
-        &[
-            0,
-            crate::sys::PAGE_SIZE,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-    )?;
-    let result = (|| {
-        Ok(thread::HiddenState {
-            altstack: thread::query_altstack(remote, scratch)?,
-            clear_child_tid: thread::query_tid_address(remote, scratch)?,
-        })
-    })();
-    let unmapped = remote.call(
-        "unmapping the scratch page",
-        libc::SYS_munmap,
-        &[scratch, crate::sys::PAGE_SIZE],
+/// and tid address), with one batch run through the process's `scratch` area (kept by the
+/// leader's queries).
+fn query_thread(remote: &mut tracee::Remote, scratch: &Scratch) -> Result<thread::HiddenState> {
+    let out = scratch.area + OUT;
+    let mut calls = tracee::Calls::default();
+    calls.add(libc::SYS_sigaltstack, &[0, out]);
+    calls.add(
+        libc::SYS_prctl,
+        &[libc::PR_GET_TID_ADDRESS as u64, out + 32],
     );
-    let hidden = result?;
-    unmapped?;
-    Ok(hidden)
+    let results = remote.run(&calls, scratch.runner, scratch.area)?;
+    if let Some(rc) = results.iter().find(|&&rc| (-4095..0).contains(&rc)) {
+        return Err(Error::sys(
+            "reading a thread's state from inside it",
+            nix::errno::Errno::from_raw(-*rc as i32),
+        ));
+    }
+    let mut raw = [0u8; 40];
+    remote.read_mem(out, &mut raw)?;
+    let word = |at: usize| u64::from_ne_bytes(raw[at..at + 8].try_into().unwrap());
+    Ok(thread::HiddenState {
+        altstack: crate::image::AltStack {
+            sp: word(0),
+            flags: word(8) as i32,
+            size: word(16),
+        },
+        clear_child_tid: word(32),
+    })
 }
 
-/// Captures a thread other than the leader, whole.
-fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan) -> Result<Thread> {
+/// Captures a thread other than the leader, whole (`scratch`: the process's, kept by the
+/// leader's queries).
+fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan, scratch: &Scratch) -> Result<Thread> {
     let tid = tracee.pid();
     let task = ProcDir::new(tid);
     let status = task.status()?;
@@ -394,7 +452,9 @@ fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan) -> Result<Thread> {
     let xstate = tracee.xstate()?;
     let sigmask = tracee.sigmask()?;
     let ip = syscall_ip(tracee, memory, &regs)?;
-    let hidden = tracee.run_inside(ip, (&regs, sigmask), true, query_thread_hidden)?;
+    let hidden = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
+        query_thread(remote, scratch)
+    })?;
     thread::capture(tracee, &regs, xstate, sigmask, hidden, status.ns_pid, comm)
 }
 

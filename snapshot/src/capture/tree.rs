@@ -82,19 +82,26 @@ fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
     let mut threads = vec![Tracee::seize(leader)?];
     let mut frozen: HashSet<Pid> = HashSet::from([leader]);
     loop {
-        let mut new = false;
+        // All asked to stop, then all waited for: they stop together, not one by one.
+        let mut asked = Vec::new();
         for tid in proc.tasks()? {
             if frozen.insert(tid) {
-                match Tracee::seize(tid) {
-                    Ok(t) => threads.push(t),
+                match Tracee::seize_start(tid) {
+                    Ok(t) => asked.push(t),
                     Err(e) if e.kind() == ErrorKind::NotFound => continue, // it ended meanwhile
                     Err(e) => return Err(e),
                 }
-                new = true;
             }
         }
-        if !new {
+        if asked.is_empty() {
             return Ok(threads);
+        }
+        for mut t in asked {
+            match t.wait_seized() {
+                Ok(()) => threads.push(t),
+                Err(e) if e.kind() == ErrorKind::NotFound => continue, // it ended meanwhile
+                Err(e) => return Err(e),
+            }
         }
     }
 }

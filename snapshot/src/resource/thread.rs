@@ -46,34 +46,6 @@ pub fn abort_rseq_section(tracee: &Tracee, regs: &mut RawRegs) -> Result<()> {
     tracee.write_mem(rseq.pointer + 8, &0u64.to_ne_bytes())
 }
 
-/// Reads, from inside a stopped thread, its alternate signal stack (`scratch`: 24 bytes).
-pub fn query_altstack(remote: &mut Remote, scratch: u64) -> Result<AltStack> {
-    remote.call(
-        "reading the alternate signal stack",
-        libc::SYS_sigaltstack,
-        &[0, scratch],
-    )?;
-    let mut raw = [0u8; 24];
-    remote.read_mem(scratch, &mut raw)?;
-    Ok(AltStack {
-        sp: u64::from_ne_bytes(raw[0..8].try_into().unwrap()),
-        flags: i32::from_ne_bytes(raw[8..12].try_into().unwrap()),
-        size: u64::from_ne_bytes(raw[16..24].try_into().unwrap()),
-    })
-}
-
-/// Reads, from inside a stopped thread, its `clear_child_tid` address (`scratch`: 8 bytes).
-pub fn query_tid_address(remote: &mut Remote, scratch: u64) -> Result<u64> {
-    remote.call(
-        "reading the thread id address",
-        libc::SYS_prctl,
-        &[libc::PR_GET_TID_ADDRESS as u64, scratch],
-    )?;
-    let mut raw = [0u8; 8];
-    remote.read_mem(scratch, &mut raw)?;
-    Ok(u64::from_ne_bytes(raw))
-}
-
 /// What only code running inside the thread can read.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HiddenState {
