@@ -39,10 +39,12 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     let pid = prog.pid();
     assert!(verify(pid, &log).starts_with("verify ok"));
     std::thread::sleep(Duration::from_millis(300)); // well into its scribbling
-    let first = dolly.capture_with(pid, &[]);
+                                                    // It writes faster than pre-copy copies, so `--fork auto` forks it too when it has the
+                                                    // CPU to itself; on a loaded machine it may not outpace pre-copy, hence `always` here.
+    let first = dolly.capture_with(pid, &["--fork", "always"]);
     let id = first["id"].as_str().unwrap().to_string();
-    // It writes faster than pre-copy copies: the freeze forked it to read its last pages
-    // from the fork after the thaw. The fork is gone, and the process goes on unharmed.
+    // The freeze forked it to read its last pages from the fork after the thaw. The fork
+    // is gone, and the process goes on unharmed.
     assert_eq!(first["forked"], 1, "{first}");
     assert!(first["forked_bytes"].as_u64().unwrap() > 0, "{first}");
     assert_eq!(tree(pid), vec![pid], "no child left behind");
@@ -152,12 +154,19 @@ fn capture_held(dolly: &Dolly, pid: i32) -> (String, i32) {
         &pid.to_string(),
     ]));
     let id = out.lines().last().unwrap().to_string();
-    let mut persister = 0;
-    wait_until("the persister", Duration::from_secs(10), || {
-        persister = info(dolly, &id)["persister"].as_i64().unwrap_or(0) as i32;
-        persister != 0
-    });
-    (id, persister)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = info(dolly, &id);
+        let persister = now["persister"].as_i64().unwrap_or(0) as i32;
+        if persister != 0 {
+            return (id, persister);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no persister started for the snapshot: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Statuses: a capture returns `created` at once, its pages are made durable in the
