@@ -418,6 +418,17 @@ impl Tracee {
         }
     }
 
+    /// [`Tracee::run_inside`] putting back the registers and signal mask the tracee has now.
+    pub fn run_inside_as_is<T>(
+        &mut self,
+        ip: u64,
+        park: bool,
+        call: impl FnOnce(&mut Remote<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let (regs, mask) = (self.regs()?, self.sigmask()?);
+        self.run_inside(ip, (&regs, mask), park, call)
+    }
+
     /// Runs `call` inside the tracee through the `syscall` instruction at `ip`, every signal
     /// blocked, then puts back registers `regs` and signal mask `mask` whatever happened
     /// (and, if `park`, moves it out of the trap the calls leave it in: see

@@ -163,8 +163,7 @@ fn run_inside<T>(
     call: impl FnOnce(&mut crate::tracee::Remote<'_>) -> Result<T>,
 ) -> Result<T> {
     let ip = thread.vdso_syscall_ip(vdso)?;
-    let (regs, mask) = (thread.regs()?, thread.sigmask()?);
-    thread.run_inside(ip, (&regs, mask), park, call)
+    thread.run_inside_as_is(ip, park, call)
 }
 
 /// Reaps ended child `ns_pid` from inside its parent (`wait4`). A child already reaped (the

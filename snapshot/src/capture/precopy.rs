@@ -102,8 +102,7 @@ fn make_uffd(
     let pid = member.proc.pid();
     let leader = &mut member.threads[0];
     let ip = leader.vdso_syscall_ip(vdso)?;
-    let (regs, mask) = (leader.regs()?, leader.sigmask()?);
-    leader.run_inside(ip, (&regs, mask), park, |remote| {
+    leader.run_inside_as_is(ip, park, |remote| {
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
         let fd = remote.call("making a userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
         let ours = borrow_fd(pid, fd).map_err(|e| Error::sys("taking the userfaultfd", e));

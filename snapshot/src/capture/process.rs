@@ -267,28 +267,23 @@ fn query_hidden(
     } else {
         SCRATCH_LEN
     };
-    let kept = match runner {
-        Ok(runner) => Scratch {
-            area: scratch,
-            len,
-            runner,
-            runner_page: (!together).then_some(runner),
-        },
-        // (No code page was mapped.)
-        Err(_) => Scratch {
-            area: scratch,
-            len,
-            runner: 0,
-            runner_page: None,
-        },
+    // (`result` is an error whenever the code page could not be mapped.)
+    let runner = runner.ok();
+    let kept = Scratch {
+        area: scratch,
+        len,
+        runner: runner.unwrap_or_default(),
+        runner_page: runner.filter(|_| !together),
     };
-    if keep && result.is_ok() && kept.runner != 0 {
-        return Ok((result?, Some(kept)));
+    match result {
+        Ok(hidden) if keep => Ok((hidden, Some(kept))),
+        result => {
+            let unmapped = kept.unmap(remote);
+            let hidden = result?;
+            unmapped?;
+            Ok((hidden, None))
+        }
     }
-    let unmapped = kept.unmap(remote);
-    let hidden = result?;
-    unmapped?;
-    Ok((hidden, None))
 }
 
 /// Reads everything of a frozen process but its pages; refuses what cannot be restored.
@@ -361,9 +356,7 @@ pub fn inspect(
             Ok(())
         })();
         // Whatever happened: the process is left as it was.
-        let leader = &mut member.threads[0];
-        let (regs, mask) = (leader.regs()?, leader.sigmask()?);
-        leader.run_inside(ip, (&regs, mask), true, |remote| scratch.unmap(remote))?;
+        member.threads[0].run_inside_as_is(ip, true, |remote| scratch.unmap(remote))?;
         captured?;
     }
     let proc = &member.proc;
