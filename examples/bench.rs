@@ -230,7 +230,8 @@ struct Scribbled {
     steal_ms: f64,
     /// Bytes read from its fork after the thaw.
     forked_bytes: f64,
-    /// Its own fork() (median of 3, asked before the captures), in ms.
+    /// Its own fork() (median of 3, each with its pages just written, asked before the
+    /// captures), in ms.
     own_fork_ms: f64,
 }
 
@@ -373,7 +374,8 @@ fn scribbler_captures(
         }
         *stalls().last().unwrap()
     };
-    // Its own fork(), timed by itself: the fork the freeze makes inside it.
+    // Its own fork(), timed by itself with its pages just written (as a process that writes
+    // has them): the fork the freeze makes inside it.
     let own_fork_ms = {
         let forks = || read_lines_with(&log, "fork us=");
         let before = forks().len();
@@ -435,7 +437,13 @@ fn read_lines_with(log: &Path, prefix: &str) -> Vec<f64> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix(prefix)?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix(prefix)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -598,7 +606,7 @@ fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
         );
     }
     println!();
-    println!("Freeze of a process rewriting pages all over its memory at full speed (faster than pre-copy copies): forked at the freeze and read from its fork after the thaw (`--fork auto`, the default), beside fork() of a process with as much memory and the fork() of the writer itself (timed by it); and without the fork (`--fork never`: the freeze copies what it wrote since the last round).");
+    println!("Freeze of a process rewriting pages all over its memory at full speed (faster than pre-copy copies): forked at the freeze and read from its fork after the thaw (`--fork auto`, the default), beside fork() of a process with as much memory (forks in a row: from the second on, its pages are already write-protected) and the fork() of the writer itself (timed by it, each with its pages just written, as they are when it is captured); and without the fork (`--fork never`: the freeze copies what it wrote since the last round).");
     println!();
     println!("| touched memory | fork() | its own fork() | frozen (forked) | forked / fork | forked / its fork | host steal during it | read from the fork | frozen, --fork never | never / fork |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");

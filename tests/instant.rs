@@ -682,3 +682,102 @@ fn a_process_whose_cgroup_lacks_room_is_not_forked() {
     let verdict = verify(pid, &log);
     assert!(verdict.starts_with("verify ok"), "{verdict}");
 }
+
+/// Memory a process maps between the pre-copy and the freeze has its kernel flags read
+/// after the thaw, from the fork the freeze made (`--fork always`): an area advised
+/// `MADV_DONTDUMP` comes back with that flag and its data. One advised `MADV_DONTFORK`
+/// then, which the fork lacks, fails the capture with a clear error and leaves the process
+/// running, untraced.
+#[test]
+fn flags_of_memory_mapped_just_before_the_freeze_are_read_from_the_fork() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let ask_file = dir.path().join("map");
+    let script = format!(
+        r#"import ctypes, mmap, os, time
+ASK = {ask:?}
+bufs = []
+print('ready', flush=True)
+while True:
+    if os.path.exists(ASK):
+        advice = open(ASK).read().strip()
+        os.unlink(ASK)
+        m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
+        m[:] = b'dolly!!!' * (1 << 17)
+        m.madvise(getattr(mmap, advice))
+        bufs.append(m)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        print('mapped', hex(addr), flush=True)
+    time.sleep(0.002)
+"#,
+        ask = ask_file.to_str().unwrap()
+    );
+    let py = python_ready(&script, &out);
+    let pid = py.pid();
+    let pid_arg = pid.to_string();
+    // A capture held after its pre-copy (the areas' flags read) while the process maps an
+    // area with `advice`; returns the capture's output.
+    let capture_mapping = |advice: &str| {
+        let go = dir.path().join("go");
+        let _ = std::fs::remove_file(&go);
+        let mapped_before = read(&out).matches("mapped").count();
+        let (capture, _) = start_paused_with(
+            &dolly,
+            &[
+                "--json", "snapshot", "capture", "--pid", &pid_arg, "--fork", "always", "--wait",
+                "created",
+            ],
+            "capture:precopied",
+            &[("DOLLY_PAUSE_UNTIL", go.as_os_str())],
+        );
+        // (Renamed into place: the process never reads it half-written.)
+        let part = dir.path().join("map.part");
+        std::fs::write(&part, advice).unwrap();
+        std::fs::rename(&part, &ask_file).unwrap();
+        wait_until("the mapping", Duration::from_secs(10), || {
+            read(&out).matches("mapped").count() > mapped_before
+        });
+        std::fs::write(&go, b"").unwrap();
+        capture.wait_with_output().unwrap()
+    };
+    let addr = || {
+        let text = read(&out);
+        let last = text.lines().rfind(|l| l.starts_with("mapped")).unwrap();
+        u64::from_str_radix(last.trim_start_matches("mapped 0x"), 16).unwrap()
+    };
+
+    let done = capture_mapping("MADV_DONTDUMP");
+    assert!(done.status.success(), "{done:?}");
+    let record: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(record["forked"], 1, "{record}");
+    let at = addr();
+
+    let failed = capture_mapping("MADV_DONTFORK");
+    assert!(!failed.status.success(), "{failed:?}");
+    // (With --json the error is on stdout: the paused run's stderr was read for the pause.)
+    let err = String::from_utf8_lossy(&failed.stdout);
+    assert!(err.contains("MADV_DONTFORK"), "{err}");
+    assert!(err.contains("--fork never"), "{err}");
+    assert_eq!(
+        proc_status(pid, "TracerPid").as_deref(),
+        Some("0"),
+        "left traced"
+    );
+    assert_eq!(tree(pid), vec![pid], "no child left behind");
+
+    drop(py);
+    reap_until_gone(pid);
+    let _restored = dolly.restore(record["id"].as_str().unwrap());
+    let smaps = read(Path::new(&format!("/proc/{pid}/smaps")));
+    let flags = smaps
+        .lines()
+        .skip_while(|l| !l.starts_with(&format!("{at:x}-")))
+        .find(|l| l.starts_with("VmFlags:"))
+        .unwrap_or_else(|| panic!("no area at {at:#x}: {smaps}"));
+    assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    let mut data = vec![0u8; 16];
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut data, at + 4096).unwrap();
+    assert_eq!(&data, b"dolly!!!dolly!!!");
+}

@@ -1,7 +1,8 @@
-//! Copy-on-write freeze. A pre-copied process that wrote more since the last round than the
-//! freeze could copy in about the time of a `fork()` (the quick walk of its page tables
-//! tells, at the freeze) is forked from inside (a `clone` run in it while it is stopped),
-//! and its pages are walked and read from that copy once the process runs on: the process
+//! Copy-on-write freeze. A pre-copied process that writes more between two rounds than the
+//! freeze could copy in about the time of a `fork()` (what the last round copied tells) is
+//! forked from inside (a `clone` run in it while it is stopped), and which of its pages
+//! changed (see [`Tracked::compare_with_copy`]), its walk and its copies are read from that
+//! copy once the process runs on: the process
 //! is stopped for the fork, not for the copy. The copy is
 //! held stopped under dolly's ptrace and never runs a single instruction; it shares the
 //! process's file descriptor table (so it keeps no file open: a `close` in the process
@@ -64,21 +65,22 @@ pub fn worth_forking(
     {
         return false;
     }
-    let Some(writes) = tracked.survey(areas) else {
-        return false;
-    };
     let held = tracked.held_bytes();
-    match policy {
+    // While the fork lives, each page the process writes is copied: at worst all it
+    // holds. Not without that much memory to spare, in the system and in its cgroups.
+    if policy == ForkPolicy::Auto && room.is_none_or(|room| room < held) {
+        return false;
+    }
+    // (The more the freeze would copy, the more a fork pays: once it does, no need to
+    // count further.)
+    let pays = |writes: u64| match policy {
         ForkPolicy::Never => false,
         ForkPolicy::Always => true,
-        // While the fork lives, each page the process writes is copied: at worst all it
-        // holds. Not without that much memory to spare, in the system and in its cgroups.
         ForkPolicy::Auto => {
-            writes >= MIN_FORK_BYTES
-                && writes.saturating_mul(COPY_PER_FORK) >= held + writes
-                && room.is_some_and(|room| room >= held)
+            writes >= MIN_FORK_BYTES && writes.saturating_mul(COPY_PER_FORK) >= held + writes
         }
-    }
+    };
+    tracked.survey(areas, pays).is_some_and(pays)
 }
 
 /// The memory process `pid` could still be given: what the system has available

@@ -249,11 +249,14 @@ fn capture_frozen(
     let mut processes = Vec::with_capacity(inspected.len());
     let mut left_inspected = Vec::new();
     let dumped = (|| {
-        for ((member, inspected), fork) in tree.members.iter().zip(inspected).zip(&forks) {
+        for ((member, mut inspected), fork) in tree.members.iter().zip(inspected).zip(&forks) {
             let pid = member.proc.pid();
             if fork.is_some() {
                 left_inspected.push(inspected);
             } else {
+                if inspected.flags_unknown() {
+                    inspected.fill_flags(&member.proc.maps()?, false)?;
+                }
                 let tracked = precopy.tracked(pid);
                 processes.push(process::dump(pid, inspected, &pool_dir, tracked)?);
             }
@@ -329,8 +332,24 @@ fn dump_forked(
     precopy: &mut precopy::Precopy,
 ) -> Result<(Vec<crate::image::Process>, u64, f64)> {
     let (mut processes, mut bytes, mut reap_ms) = (Vec::new(), 0, 0.0);
-    for (held, inspected) in forked {
+    // Which pages changed since the last round, found by comparing each process with its
+    // fork, then the ranges whose pages went since the freeze too (taken after: see
+    // `Tracked::compare_with_copy`).
+    for (held, _) in &forked {
+        if let Some(tracked) = precopy.tracking_of(held.parent()) {
+            tracked.compare_with_copy().map_err(|e| held.explain(e))?;
+        }
+    }
+    if !forked.is_empty() {
+        crate::checkpoint::mark("cow: compared with the forks");
+        precopy.note_lost();
+    }
+    for (held, mut inspected) in forked {
         let parent = held.parent();
+        if inspected.flags_unknown() {
+            let maps = ProcDir::new(held.pid()).maps();
+            inspected.fill_flags(&maps.map_err(|e| held.explain(e))?, true)?;
+        }
         let tracked = precopy.tracked(parent);
         let process =
             process::dump(held.pid(), inspected, pool_dir, tracked).map_err(|e| held.explain(e))?;

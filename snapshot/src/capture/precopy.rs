@@ -59,8 +59,9 @@ impl Precopy {
         self.tracked.get(&pid.as_raw())?.known_maps.clone()
     }
 
-    /// At the freeze: gives each tracked process the ranges whose pages may have gone
-    /// since its tracking began.
+    /// At the freeze (and again once forks are compared with their processes: see
+    /// [`Tracked::compare_with_copy`]): gives each tracked process the ranges whose pages
+    /// may have gone since its tracking began.
     pub fn note_lost(&mut self) {
         let Some(reader) = &self.lost_pages else {
             return;

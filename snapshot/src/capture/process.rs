@@ -51,6 +51,19 @@ pub struct Inspected {
 }
 
 impl Inspected {
+    /// Fills in the flags of the areas the freeze did not read them for, from `maps` (see
+    /// [`memory::MemoryPlan::fill_flags`]): the process's own, read while it is frozen, or
+    /// its fork's (`of_fork`).
+    pub fn fill_flags(&mut self, maps: &[crate::proc::MapsEntry], of_fork: bool) -> Result<()> {
+        let pid = Pid::from_raw(self.process.pid);
+        self.memory.fill_flags(pid, maps, of_fork)
+    }
+
+    /// Whether the flags of some of its areas are still to be read.
+    pub fn flags_unknown(&self) -> bool {
+        self.memory.flags_unknown()
+    }
+
     /// The areas of its memory (their pages not yet assigned).
     pub fn areas(&self) -> &[crate::image::Area] {
         &self.memory.areas

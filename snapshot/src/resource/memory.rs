@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 
 use nix::unistd::Pid;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Error, ErrorKind, Result};
 use crate::image::{Area, AreaFlags, AreaKind, Pages, PoolFile, Process, ShmemObject};
 use crate::pool::{self, PoolWriter};
 use crate::proc::{MapsEntry, ProcDir};
@@ -48,6 +48,55 @@ pub struct MemoryPlan {
     /// The areas (pages not yet assigned).
     pub areas: Vec<Area>,
     sources: Vec<Source>,
+    /// Areas (private anonymous ones, mapped since the flags were last read) whose kernel
+    /// flags are still to be read (see [`MemoryPlan::fill_flags`]).
+    unknown_flags: Vec<Range>,
+}
+
+/// An address range, `[start, end)`.
+type Range = (u64, u64);
+
+impl MemoryPlan {
+    /// Whether the flags of some areas are still to be read.
+    pub fn flags_unknown(&self) -> bool {
+        !self.unknown_flags.is_empty()
+    }
+
+    /// Fills in the flags of the areas whose flags were not read at the freeze, from
+    /// `maps` (smaps of the process, read while it is still frozen; or of a fork of it made
+    /// at the freeze, read after the thaw: `of_fork`). A fork lacks the areas the process
+    /// marked not to be copied (`MADV_DONTFORK`) and holds zeros in those to be wiped
+    /// (`MADV_WIPEONFORK`): its pages there are not the process's, and the capture fails.
+    pub fn fill_flags(&mut self, pid: Pid, maps: &[MapsEntry], of_fork: bool) -> Result<()> {
+        for (start, end) in std::mem::take(&mut self.unknown_flags) {
+            let found = maps.iter().find(|m| m.start == start && m.end == end);
+            let fresh = || {
+                Error::refused(
+                    format!(
+                        "process {pid} marked the memory it mapped at {start:#x}-{end:#x} during \
+                         the capture to be left out of forks (MADV_DONTFORK or \
+                         MADV_WIPEONFORK): the fork dolly made at the freeze lacks its pages"
+                    ),
+                    "capture again, or with --fork never",
+                )
+            };
+            let flags = match found {
+                Some(m) if of_fork && m.flags.wipe_on_fork => return Err(fresh()),
+                Some(m) => area_flags(m),
+                None if of_fork => return Err(fresh()),
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::System,
+                        format!("process {pid} has no area at {start:#x}-{end:#x} any more"),
+                    ))
+                }
+            };
+            if let Some(area) = self.areas.iter_mut().find(|a| a.start == start) {
+                area.flags = flags;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The shared anonymous memory objects of a whole tree, each once (by inode), with a file
@@ -182,9 +231,15 @@ fn unsupported(pid: Pid, m: &MapsEntry, what: &str, remedy: &str) -> Error {
 
 /// The areas of a process with their flags, taking the flags of each area from `known`
 /// (smaps read a moment earlier, while it ran) when the area is unchanged: reading smaps
-/// walks every page table, too slow for a freeze. Reads smaps if any area is new.
-fn maps_with_known_flags(proc: &ProcDir, known: &[MapsEntry]) -> Result<Vec<MapsEntry>> {
+/// walks every page table, too slow for a freeze. A private anonymous area mapped (or
+/// grown) since keeps its flags unknown, returned apart (see [`MemoryPlan::fill_flags`]);
+/// any other new area has smaps read now.
+fn maps_with_known_flags(
+    proc: &ProcDir,
+    known: &[MapsEntry],
+) -> Result<(Vec<MapsEntry>, Vec<Range>)> {
     let mut maps = proc.maps_without_flags()?;
+    let mut unknown = Vec::new();
     for m in &mut maps {
         let same = known.iter().find(|k| {
             (
@@ -193,12 +248,18 @@ fn maps_with_known_flags(proc: &ProcDir, known: &[MapsEntry]) -> Result<Vec<Maps
                 m.start, m.end, m.read, m.write, m.exec, m.shared, m.offset, m.inode,
             ) && k.path == m.path
         });
+        let anonymous = !m.shared
+            && m.inode == 0
+            && (m.path.is_empty()
+                || m.path.starts_with("[anon:")
+                || matches!(m.path.as_str(), "[heap]" | "[stack]"));
         match same {
             Some(k) => m.flags = k.flags,
-            None => return proc.maps(),
+            None if anonymous => unknown.push((m.start, m.end)),
+            None => return Ok((proc.maps()?, Vec::new())),
         }
     }
-    Ok(maps)
+    Ok((maps, unknown))
 }
 
 /// Reads the areas of a stopped process and decides what to store of each: `known`, the
@@ -210,13 +271,14 @@ pub fn inspect(
     known: Option<&[MapsEntry]>,
 ) -> Result<MemoryPlan> {
     let pid = proc.pid();
-    let maps = match known {
+    let (maps, unknown_flags) = match known {
         Some(known) => maps_with_known_flags(proc, known)?,
-        None => proc.maps()?,
+        None => (proc.maps()?, Vec::new()),
     };
     let mut plan = MemoryPlan {
         areas: Vec::new(),
         sources: Vec::new(),
+        unknown_flags,
     };
     for m in &maps {
         if m.path == "[vsyscall]" {

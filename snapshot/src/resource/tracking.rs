@@ -166,6 +166,9 @@ pub struct Tracked {
     /// Reading a copy-on-write fork of the process, not the process (see
     /// [`Tracked::use_copy`]).
     copy: bool,
+    /// The process's own pagemap while the copy's is read (for
+    /// [`Tracked::compare_with_copy`]).
+    process_pagemap: Option<File>,
     /// Whether the area at each of these addresses was still registered for tracking at
     /// the freeze (a fork's areas are not: see [`Tracked::survey`]).
     registered_at: HashMap<u64, bool>,
@@ -299,6 +302,7 @@ impl Tracked {
             deferred: Vec::new(),
             last_round: 0,
             copy: false,
+            process_pagemap: None,
             registered_at: HashMap::new(),
             freeze_copied: 0,
             foreign_uffd,
@@ -529,34 +533,44 @@ impl Tracked {
         self.freeze_copied
     }
 
-    /// At the freeze, with the process's `areas` as the freeze found them: about what the
-    /// freeze would copy, in bytes, having read from the process what a walk of a fork of
-    /// it needs and could not read from the fork (the write protections: see
-    /// [`Tracked::use_copy`]). That is the pages written since the last round (what the
-    /// quick walk found touched, which counts holes too, so at most what the last round
-    /// copied: what the process writes in the time of a round), and the own pages of
-    /// writable private areas not tracked (mapped since, or over tracked memory). `None`
-    /// without the quick walk, which the userfaultfd's events make possible.
-    pub fn survey(&mut self, areas: &[crate::image::Area]) -> Option<u64> {
+    /// At the freeze, with the process's `areas` as the freeze found them: reads from the
+    /// process what reading a fork of it instead needs and could not read from the fork
+    /// (which areas are still tracked: see [`Tracked::use_copy`]), and estimates what the
+    /// freeze would copy, in bytes, until `enough` says it is enough to decide. That is
+    /// what the process writes in the time of a round (what the last round copied), then
+    /// the own pages of writable private areas not tracked (mapped since, or over tracked
+    /// memory). Where the frames of pages cannot be compared (see
+    /// [`Tracked::compare_with_copy`]), the quick walk of which pages were written is made
+    /// now, and what it found touched (holes count too) caps the estimate. `None` without
+    /// the quick walk, which the userfaultfd's events make possible.
+    pub fn survey(
+        &mut self,
+        areas: &[crate::image::Area],
+        enough: impl Fn(u64) -> bool,
+    ) -> Option<u64> {
         use crate::image::AreaKind;
         if !self.events {
             return None;
         }
-        self.scan_frozen();
-        let touched: u64 = self
-            .scanned
-            .values()
-            .filter_map(|(_, found)| match found {
-                Scanned::Touched(ranges) => Some(ranges.iter().map(|r| r.1 - r.0).sum::<u64>()),
-                Scanned::All(_) => None,
-            })
-            .sum();
-        let mut bytes = touched.min(self.last_round);
+        let mut bytes = self.last_round;
+        if !pagemap::frames_visible() {
+            self.scan_frozen();
+            let touched: u64 = self
+                .scanned
+                .values()
+                .filter_map(|(_, found)| match found {
+                    Scanned::Touched(ranges) => Some(ranges.iter().map(|r| r.1 - r.0).sum::<u64>()),
+                    Scanned::All(_) => None,
+                })
+                .sum();
+            bytes = bytes.min(touched);
+        }
         for a in areas {
             let registered = pagemap::wp_async_at(&self.pagemap, a.start);
             self.registered_at.insert(a.start, registered);
-            let copied_whole = !registered
-                && !a.shared
+        }
+        let copied_whole = |a: &&crate::image::Area| {
+            !a.shared
                 && a.write
                 && matches!(
                     a.kind,
@@ -564,8 +578,13 @@ impl Tracked {
                         | AreaKind::Heap
                         | AreaKind::Stack
                         | AreaKind::File { .. }
-                );
-            if copied_whole {
+                )
+        };
+        for a in areas.iter().filter(copied_whole) {
+            if enough(bytes) {
+                break;
+            }
+            if !self.registered_at[&a.start] {
                 // Its own pages (an area may be mostly untouched, as a fresh malloc arena).
                 bytes += pagemap::scan(&self.pagemap, a.start, a.end, OWN_PAGES)
                     .map_or(a.len(), |r| r.iter().map(|(s, e)| e - s).sum());
@@ -592,12 +611,65 @@ impl Tracked {
     /// `copy` from now on, a copy-on-write fork of the process made at the freeze, so that
     /// the walk and the copies of the freeze can be made after the thaw. (The fork's page
     /// tables tell which pages it holds, not which were written since they were protected:
-    /// that comes from the survey.)
+    /// that comes from the survey's walk, or from [`Tracked::compare_with_copy`].)
     pub fn use_copy(&mut self, copy: Pid) -> Result<()> {
         let proc = ProcDir::new(copy);
         let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
         let mem = File::open(proc.path("mem")).context("opening process memory")?;
-        (self.pagemap, self.mem, self.pid, self.copy) = (pagemap, mem, copy, true);
+        self.process_pagemap = Some(std::mem::replace(&mut self.pagemap, pagemap));
+        (self.mem, self.pid, self.copy) = (mem, copy, true);
+        Ok(())
+    }
+
+    /// After the thaw, reading a copy made at the freeze that the survey did not walk:
+    /// finds, for each tracked area, the pages that may differ from what pre-copy stored,
+    /// by comparing the running process's page tables with the copy's. A page is as
+    /// pre-copy stored it if the process maps at its address, still write-protected (not
+    /// written since the last round), the very page frame the copy holds there: the
+    /// process wrote it neither before the fork (that would have lifted the protection)
+    /// nor after (that would have given it a frame of its own), and no other page was moved
+    /// there (its frame would differ from the copy's, or the move came before the fork and
+    /// its event says so). Every other page of the area counts as written. Call it before
+    /// the events are taken again ([`Tracked::note_lost`]): a page dropped while this
+    /// looks had its event read before it went.
+    pub fn compare_with_copy(&mut self) -> Result<()> {
+        /// Pages compared per read of the two pagemaps.
+        const CHUNK_PAGES: u64 = 1 << 15;
+        let Some(process_pagemap) = &self.process_pagemap else {
+            return Ok(());
+        };
+        if !self.scanned.is_empty() {
+            return Ok(()); // walked at the freeze
+        }
+        for area in &self.areas {
+            let mut changed = Vec::new();
+            let mut at = area.start;
+            while at < area.end {
+                let end = area.end.min(at + CHUNK_PAGES * PAGE_SIZE);
+                let then = pagemap::entries(&self.pagemap, at, end)
+                    .with_context(|| format!("reading the pagemap of {} at {at:#x}", self.pid))?;
+                // (The process ended, or runs another program, since: every page counts
+                // as written.)
+                let now = pagemap::entries(process_pagemap, at, end)
+                    .unwrap_or_else(|_| vec![0; then.len()]);
+                for (i, (now, then)) in now.into_iter().zip(then).enumerate() {
+                    let frame =
+                        |e: u64| (e & pagemap::PM_PRESENT != 0).then_some(e & pagemap::PM_PFN);
+                    let kept = now & pagemap::PM_UFFD_WP != 0
+                        && frame(now).is_some_and(|f| f != 0 && frame(then) == Some(f));
+                    if !kept {
+                        let page = at + i as u64 * PAGE_SIZE;
+                        match changed.last_mut() {
+                            Some((_, e)) if *e == page => *e += PAGE_SIZE,
+                            _ => changed.push((page, page + PAGE_SIZE)),
+                        }
+                    }
+                }
+                at = end;
+            }
+            self.scanned
+                .insert(area.start, (area.end, Scanned::Touched(changed)));
+        }
         Ok(())
     }
 

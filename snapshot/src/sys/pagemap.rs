@@ -199,11 +199,18 @@ fn walk(
     Ok(out)
 }
 
-/// The swap type of each page of `[start, end)` that is a swap entry (`None` for the others),
-/// read from `/proc/PID/pagemap` (bits 0-4 of a swapped entry). Userfaultfd's markers for
-/// dropped, write-protected pages are swap entries of a type of their own: `PAGEMAP_SCAN`
-/// reports them as swapped.
-pub fn swap_types(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<Option<u8>>, Errno> {
+/// A `/proc/PID/pagemap` entry: the page is present (bits 0-54 then hold its frame number,
+/// shown only to a reader with `CAP_SYS_ADMIN`).
+pub const PM_PRESENT: u64 = 1 << 63;
+/// A `/proc/PID/pagemap` entry: the page is swapped (or a marker: see [`swap_types`]).
+pub const PM_SWAPPED: u64 = 1 << 62;
+/// A `/proc/PID/pagemap` entry: the page is write-protected by a userfaultfd.
+pub const PM_UFFD_WP: u64 = 1 << 57;
+/// The frame number bits of a present page's `/proc/PID/pagemap` entry.
+pub const PM_PFN: u64 = (1 << 55) - 1;
+
+/// The raw `/proc/PID/pagemap` entries of the pages of `[start, end)`.
+pub fn entries(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<u64>, Errno> {
     use std::os::unix::fs::FileExt;
     let pages = ((end - start) / super::PAGE_SIZE) as usize;
     let mut raw = vec![0u8; pages * 8];
@@ -212,9 +219,31 @@ pub fn swap_types(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<O
         .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
     Ok(raw
         .chunks_exact(8)
-        .map(|c| {
-            let e = u64::from_ne_bytes(c.try_into().unwrap());
-            (e & (1 << 62) != 0 && e & (1 << 63) == 0).then_some((e & 0x1f) as u8)
-        })
+        .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
+        .collect())
+}
+
+/// Whether `/proc/PID/pagemap` shows dolly the frame numbers of pages (it needs
+/// `CAP_SYS_ADMIN`): found once, on a page of dolly's own stack.
+pub fn frames_visible() -> bool {
+    static VISIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VISIBLE.get_or_init(|| {
+        let probe = std::hint::black_box([1u8; 8]);
+        let at = probe.as_ptr() as u64 & !(super::PAGE_SIZE - 1);
+        std::fs::File::open("/proc/self/pagemap")
+            .ok()
+            .and_then(|f| entries(&f, at, at + super::PAGE_SIZE).ok())
+            .is_some_and(|e| e[0] & PM_PRESENT != 0 && e[0] & PM_PFN != 0)
+    })
+}
+
+/// The swap type of each page of `[start, end)` that is a swap entry (`None` for the others),
+/// read from `/proc/PID/pagemap` (bits 0-4 of a swapped entry). Userfaultfd's markers for
+/// dropped, write-protected pages are swap entries of a type of their own: `PAGEMAP_SCAN`
+/// reports them as swapped.
+pub fn swap_types(pagemap: &std::fs::File, start: u64, end: u64) -> Result<Vec<Option<u8>>, Errno> {
+    Ok(entries(pagemap, start, end)?
+        .into_iter()
+        .map(|e| (e & PM_SWAPPED != 0 && e & PM_PRESENT == 0).then_some((e & 0x1f) as u8))
         .collect())
 }
