@@ -58,6 +58,15 @@ pub struct CaptureReport {
     pub record: Record,
 }
 
+/// What the forks of the freeze need, made ready before it (see [`cow`]).
+struct ForkSetup {
+    /// The memory each pre-copied process could still be given, for
+    /// [`cow::worth_forking`] (`--fork auto`).
+    rooms: HashMap<Pid, Option<u64>>,
+    /// [`FORKS_FILE`], made empty (none with `--fork never`).
+    note: Option<std::fs::File>,
+}
+
 /// The image of a tree, but the header.
 struct TreeImage {
     processes: Vec<crate::image::Process>,
@@ -116,14 +125,19 @@ pub fn capture_observed(
         checkpoints.reach("capture:locked")?;
         let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref())?;
         checkpoints.reach("capture:precopied")?;
-        let rooms = match opts.fork {
-            ForkPolicy::Auto => precopy.pids().map(|p| (p, cow::room(p))).collect(),
-            _ => HashMap::new(),
+        let setup = ForkSetup {
+            rooms: match opts.fork {
+                ForkPolicy::Auto => precopy.pids().map(|p| (p, cow::room(p))).collect(),
+                _ => HashMap::new(),
+            },
+            note: (opts.fork != ForkPolicy::Never)
+                .then(|| std::fs::File::create(draft.dir().join(FORKS_FILE)).ok())
+                .flatten(),
         };
         let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
         let order: Vec<i32> = tree.members.iter().map(|m| m.proc.pid().as_raw()).collect();
-        let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy, &rooms);
+        let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy, &setup);
         let (frozen_for, thawed) = tree.thaw();
         crate::checkpoint::mark("capture: thawed");
         // Both freezes: the one that set up write tracking, and this one.
@@ -204,15 +218,14 @@ pub fn capture_observed(
 
 /// Reads the frozen tree: every process's state (refusing before any page is copied), then
 /// every process's pages and the shared memory. The pages of a process forked for them
-/// (see [`cow`]) are left for [`dump_forked`], after the thaw. `rooms`: the memory each
-/// pre-copied process could still be given, for [`cow::worth_forking`].
+/// (see [`cow`]) are left for [`dump_forked`], after the thaw.
 fn capture_frozen(
     tree: &mut tree::Frozen,
     opts: &CaptureOptions,
     draft: &crate::store::Draft,
     checkpoints: &Checkpoints,
     precopy: &mut precopy::Precopy,
-    rooms: &HashMap<Pid, Option<u64>>,
+    setup: &ForkSetup,
 ) -> Result<TreeImage> {
     checkpoints.reach("capture:frozen")?;
     precopy.note_lost();
@@ -240,11 +253,13 @@ fn capture_frozen(
     }
     shared.shmem.check_sysv_private()?;
     checkpoints.reach("capture:pages")?;
-    let forks = fork_writers(tree, &inspected, precopy, opts.fork, rooms);
+    let forks = fork_writers(tree, &inspected, precopy, opts.fork, &setup.rooms);
     if forks.iter().any(Option::is_some) {
         // At once (still frozen: a few tens of µs): should the capture be killed from now
         // on, the forks die with it and the note has their processes reap them.
-        let _ = note_forks(&draft.dir(), forks.iter().flatten());
+        if let Some(file) = &setup.note {
+            let _ = note_forks(file, forks.iter().flatten());
+        }
     }
     let mut processes = Vec::with_capacity(inspected.len());
     let mut left_inspected = Vec::new();
@@ -371,13 +386,15 @@ fn dump_forked(
 /// while it holds them.
 const FORKS_FILE: &str = "forks.json";
 
-/// Notes the forks held beside the snapshot (in `dir`): should the capture be killed, they
-/// die with it, and [`reap_leftover_forks`] has their processes reap them.
-fn note_forks<'a>(dir: &std::path::Path, forks: impl Iterator<Item = &'a cow::Held>) -> Result<()> {
+/// Notes the forks held in `file` ([`FORKS_FILE`] beside the snapshot, made before the
+/// freeze: creating a file takes tenths of a millisecond): should the capture be killed,
+/// they die with it, and [`reap_leftover_forks`] has their processes reap them.
+fn note_forks<'a>(file: &std::fs::File, forks: impl Iterator<Item = &'a cow::Held>) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let notes: Vec<cow::ForkNote> = forks.map(cow::Held::note).collect();
     let text = serde_json::to_vec(&notes).expect("notes serialize");
-    let path = dir.join(FORKS_FILE);
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    file.write_all_at(&text, 0)
+        .context("noting the forks beside the snapshot")
 }
 
 /// For a capture found interrupted (its worker killed) in snapshot directory `dir`: has
