@@ -575,8 +575,8 @@ fn memory_a_fork_would_not_copy_is_copied_at_the_freeze() {
 
 /// By default `snapshot capture` returns as soon as the freeze is over: the snapshot reads
 /// `capturing` (its frozen time known) while the worker stores the last pages (here read
-/// from the fork of a process that rewrites its memory), then `created`. A restore asked
-/// for meanwhile waits for it, and brings back the memory of the freeze.
+/// from the fork of a process that rewrites its memory), then `created`. A clone and a
+/// restore asked for meanwhile wait for it, and bring back the memory of the freeze.
 #[test]
 fn capture_returns_when_the_freeze_is_over() {
     let dolly = Dolly::new();
@@ -594,6 +594,8 @@ fn capture_returns_when_the_freeze_is_over() {
     // The fork, if its pages are still being read.
     let forks: Vec<i32> = tree(pid).into_iter().skip(1).collect();
     std::fs::write(dir.path().join("steady"), b"").unwrap();
+    // A clone asked for meanwhile waits for it too.
+    let clone = dolly.clone_over(&["--snapshot", &id], dir.path());
     prog.kill_and_reap();
 
     let mut restore = dolly
@@ -624,6 +626,10 @@ fn capture_returns_when_the_freeze_is_over() {
     assert!(record["bytes"].as_u64().unwrap() > 128 << 20, "{record}");
     let verdict = verify(pid, &log);
     assert!(verdict.starts_with("verify ok"), "{verdict}");
+    let inside = clone.inside(&log);
+    let verdict = verify(clone.host, &inside);
+    assert!(verdict.starts_with("verify ok"), "{verdict}");
+    dolly.kill_clones(&clone);
 }
 
 /// A memory cgroup with a limit, made for a test and removed after it (the process moved

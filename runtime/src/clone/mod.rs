@@ -36,10 +36,11 @@ pub struct CloneOptions {
     pub overlays: Vec<PathBuf>,
 }
 
-/// Refuses a snapshot no clone can start from, before forking anything.
+/// Refuses a snapshot no clone can start from, before forking anything. (One still
+/// `capturing` is waited for by the restore inside the clone.)
 fn check_snapshot(store: &Store, snapshot: &str) -> Result<()> {
     let record = store.record(snapshot)?;
-    if !record.status.is_restorable() {
+    if !record.status.is_restorable() && record.status != snapshot::Status::Capturing {
         let why = record.reason.map(|r| format!(": {r}")).unwrap_or_default();
         return Err(Error::refused(
             format!("snapshot {snapshot} is {}{why}", record.status),
