@@ -241,13 +241,16 @@ fn maps_with_known_flags(
     let mut maps = proc.maps_without_flags()?;
     let mut unknown = Vec::new();
     for m in &mut maps {
-        let same = known.iter().find(|k| {
-            (
-                k.start, k.end, k.read, k.write, k.exec, k.shared, k.offset, k.inode,
-            ) == (
-                m.start, m.end, m.read, m.write, m.exec, m.shared, m.offset, m.inode,
-            ) && k.path == m.path
-        });
+        // (Both in address order, as the kernel lists them: thousands of areas are usual.)
+        let same = known
+            .binary_search_by_key(&m.start, |k| k.start)
+            .ok()
+            .map(|i| &known[i])
+            .filter(|k| {
+                (k.end, k.read, k.write, k.exec, k.shared, k.offset, k.inode)
+                    == (m.end, m.read, m.write, m.exec, m.shared, m.offset, m.inode)
+                    && k.path == m.path
+            });
         let anonymous = !m.shared
             && m.inode == 0
             && (m.path.is_empty()
