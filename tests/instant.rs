@@ -691,30 +691,41 @@ fn a_process_whose_cgroup_lacks_room_is_not_forked() {
 
 /// Memory a process maps between the pre-copy and the freeze has its kernel flags read
 /// after the thaw, from the fork the freeze made (`--fork always`): an area advised
-/// `MADV_DONTDUMP` comes back with that flag and its data. One advised `MADV_DONTFORK`
-/// then, which the fork lacks, fails the capture with a clear error and leaves the process
-/// running, untraced.
+/// `MADV_DONTDUMP` comes back with that flag and its data. Memory a fork lacks or wipes
+/// (`MADV_DONTFORK`, `MADV_WIPEONFORK`, advised in that moment on a new area or on one the
+/// pre-copy knew) fails the capture with a clear error, and leaves the process running,
+/// untraced, with no child. In a process with locked memory (which a fork's areas never
+/// are), a new area comes back locked.
 #[test]
 fn flags_of_memory_mapped_just_before_the_freeze_are_read_from_the_fork() {
     let dolly = Dolly::new();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let ask_file = dir.path().join("map");
+    let ask_file = dir.path().join("ask");
+    // Asked "map ADVICE", it maps a new area and advises it; "advise ADVICE" advises the
+    // last one again. Then it prints "done N 0xADDRESS".
     let script = format!(
         r#"import ctypes, mmap, os, time
 ASK = {ask:?}
 bufs = []
+done = 0
 print('ready', flush=True)
 while True:
     if os.path.exists(ASK):
-        advice = open(ASK).read().strip()
+        verb, advice = open(ASK).read().split()
         os.unlink(ASK)
-        m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
-        m[:] = b'dolly!!!' * (1 << 17)
-        m.madvise(getattr(mmap, advice))
-        bufs.append(m)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-        print('mapped', hex(addr), flush=True)
+        if verb == 'mlockall':
+            assert ctypes.CDLL(None).mlockall(3) == 0  # MCL_CURRENT | MCL_FUTURE
+        elif verb == 'map':
+            m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
+            m[:] = b'dolly!!!' * (1 << 17)
+            bufs.append(m)
+        # (Python's mmap module lacks the last two.)
+        if verb != 'mlockall':
+            bufs[-1].madvise({{'MADV_WIPEONFORK': 18, 'MADV_KEEPONFORK': 19}}.get(advice) or getattr(mmap, advice))
+        done += 1
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(bufs[-1]))
+        print('done', done, hex(addr), flush=True)
     time.sleep(0.002)
 "#,
         ask = ask_file.to_str().unwrap()
@@ -722,12 +733,23 @@ while True:
     let py = python_ready(&script, &out);
     let pid = py.pid();
     let pid_arg = pid.to_string();
-    // A capture held after its pre-copy (the areas' flags read) while the process maps an
-    // area with `advice`; returns the capture's output.
-    let capture_mapping = |advice: &str| {
+    let asked = std::cell::Cell::new(0);
+    // Asks the process to do `what` (renamed into place: never read half-written) and
+    // waits until it has.
+    let ask = |what: &str| {
+        let part = dir.path().join("ask.part");
+        std::fs::write(&part, what).unwrap();
+        std::fs::rename(&part, &ask_file).unwrap();
+        asked.set(asked.get() + 1);
+        let line = format!("done {} ", asked.get());
+        wait_until(what, Duration::from_secs(10), || read(&out).contains(&line));
+    };
+    // A capture held after its pre-copy (the areas' flags read) while the process does
+    // `what`; returns the capture's output (with --json, errors too are on stdout: the
+    // paused run's stderr is read for the pause).
+    let capture_while = |what: &str| {
         let go = dir.path().join("go");
         let _ = std::fs::remove_file(&go);
-        let mapped_before = read(&out).matches("mapped").count();
         let (capture, _) = start_paused_with(
             &dolly,
             &[
@@ -737,53 +759,73 @@ while True:
             "capture:precopied",
             &[("DOLLY_PAUSE_UNTIL", go.as_os_str())],
         );
-        // (Renamed into place: the process never reads it half-written.)
-        let part = dir.path().join("map.part");
-        std::fs::write(&part, advice).unwrap();
-        std::fs::rename(&part, &ask_file).unwrap();
-        wait_until("the mapping", Duration::from_secs(10), || {
-            read(&out).matches("mapped").count() > mapped_before
-        });
+        ask(what);
         std::fs::write(&go, b"").unwrap();
         capture.wait_with_output().unwrap()
     };
-    let addr = || {
-        let text = read(&out);
-        let last = text.lines().rfind(|l| l.starts_with("mapped")).unwrap();
-        u64::from_str_radix(last.trim_start_matches("mapped 0x"), 16).unwrap()
+    let refused = |what: &str| {
+        let failed = capture_while(what);
+        assert!(!failed.status.success(), "{what}: {failed:?}");
+        let err = String::from_utf8_lossy(&failed.stdout);
+        assert!(err.contains("left out of forks"), "{what}: {err}");
+        assert!(err.contains("--fork never"), "{what}: {err}");
+        assert_eq!(
+            proc_status(pid, "TracerPid").as_deref(),
+            Some("0"),
+            "left traced"
+        );
+        assert_eq!(tree(pid), vec![pid], "no child left behind");
     };
 
-    let done = capture_mapping("MADV_DONTDUMP");
+    let done = capture_while("map MADV_DONTDUMP");
     assert!(done.status.success(), "{done:?}");
     let record: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
     assert_eq!(record["forked"], 1, "{record}");
-    let at = addr();
-
-    let failed = capture_mapping("MADV_DONTFORK");
-    assert!(!failed.status.success(), "{failed:?}");
-    // (With --json the error is on stdout: the paused run's stderr was read for the pause.)
-    let err = String::from_utf8_lossy(&failed.stdout);
-    assert!(err.contains("MADV_DONTFORK"), "{err}");
-    assert!(err.contains("--fork never"), "{err}");
-    assert_eq!(
-        proc_status(pid, "TracerPid").as_deref(),
-        Some("0"),
-        "left traced"
-    );
-    assert_eq!(tree(pid), vec![pid], "no child left behind");
+    // The address of the area mapped last.
+    let last_address = || {
+        let text = read(&out);
+        let last = text.lines().rfind(|l| l.starts_with("done")).unwrap();
+        u64::from_str_radix(last.rsplit("0x").next().unwrap(), 16).unwrap()
+    };
+    let at = last_address();
+    refused("advise MADV_WIPEONFORK");
+    ask("advise MADV_KEEPONFORK");
+    refused("advise MADV_DONTFORK");
+    ask("advise MADV_DOFORK");
+    refused("map MADV_DONTFORK");
+    ask("advise MADV_DOFORK");
+    // A fork's areas are never locked: in a process with locked memory the flags of new
+    // areas are read at the freeze, from the process.
+    ask("mlockall -");
+    let locked = capture_while("map MADV_NORMAL");
+    assert!(locked.status.success(), "{locked:?}");
+    let locked: serde_json::Value = serde_json::from_slice(&locked.stdout).unwrap();
+    assert_eq!(locked["forked"], 1, "{locked}");
+    let locked_at = last_address();
 
     drop(py);
     reap_until_gone(pid);
-    let _restored = dolly.restore(record["id"].as_str().unwrap());
-    let smaps = read(Path::new(&format!("/proc/{pid}/smaps")));
-    let flags = smaps
-        .lines()
-        .skip_while(|l| !l.starts_with(&format!("{at:x}-")))
-        .find(|l| l.starts_with("VmFlags:"))
-        .unwrap_or_else(|| panic!("no area at {at:#x}: {smaps}"));
+    // The flags of area `at` in restored process `pid`.
+    let flags_at = |at: u64| {
+        let smaps = read(Path::new(&format!("/proc/{pid}/smaps")));
+        smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{at:x}-")))
+            .find(|l| l.starts_with("VmFlags:"))
+            .unwrap_or_else(|| panic!("no area at {at:#x}: {smaps}"))
+            .to_string()
+    };
+    let restored = dolly.restore(record["id"].as_str().unwrap());
+    let flags = flags_at(at);
     assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
     let mut data = vec![0u8; 16];
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     std::os::unix::fs::FileExt::read_exact_at(&mem, &mut data, at + 4096).unwrap();
     assert_eq!(&data, b"dolly!!!dolly!!!");
+    drop(mem);
+    drop(restored);
+    reap_until_gone(pid);
+    let _restored = dolly.restore(locked["id"].as_str().unwrap());
+    let flags = flags_at(locked_at);
+    assert!(flags.split_whitespace().any(|f| f == "lo"), "{flags}");
 }

@@ -195,22 +195,38 @@ pub struct ForkNote {
     /// When the fork started (clock ticks after boot): tells it from a later process with
     /// its PID.
     pub start_time: u64,
+    /// When the process forked started: tells it from another process with its PID (a later
+    /// one, or one of another PID namespace, as a clone's restored process). 0: unknown.
+    #[serde(default)]
+    pub parent_start_time: u64,
 }
 
 /// After a capture worker was killed while it held forks (which then died with it): has
-/// each process noted in `notes` reap its fork, if it is still a zombie there.
-pub fn reap_leftovers(notes: &[ForkNote]) {
+/// each process noted in `notes` reap its fork, if it is still a zombie there. Returns
+/// whether every note is settled: its process seen (as itself, from this PID namespace)
+/// and its fork reaped or gone. (Seen from another PID namespace, as inside a clone, the
+/// notes are left for a dolly that sees the processes.)
+pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
+    let mut settled = true;
     for note in notes {
+        let parent_seen = ProcDir::new(Pid::from_raw(note.parent))
+            .stat()
+            .is_ok_and(|s| note.parent_start_time == 0 || s.start_time == note.parent_start_time);
+        if !parent_seen {
+            settled = false;
+            continue;
+        }
         let ours = ProcDir::new(Pid::from_raw(note.pid)).stat().is_ok_and(|s| {
             s.state == 'Z'
                 && s.ppid == note.parent
                 && s.exit_signal == 0
                 && s.start_time == note.start_time
         });
-        if ours {
-            let _ = reap(Pid::from_raw(note.parent), note.ns_pid, None);
+        if ours && reap(Pid::from_raw(note.parent), note.ns_pid, None).is_err() {
+            settled = false;
         }
     }
+    settled
 }
 
 impl Held {
@@ -222,6 +238,7 @@ impl Held {
             pid: pid.as_raw(),
             ns_pid: self.ns_pid,
             start_time: ProcDir::new(pid).stat().map_or(0, |s| s.start_time),
+            parent_start_time: ProcDir::new(self.parent).stat().map_or(0, |s| s.start_time),
         }
     }
 

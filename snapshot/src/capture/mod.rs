@@ -347,9 +347,25 @@ fn dump_forked(
     precopy: &mut precopy::Precopy,
 ) -> Result<(Vec<crate::image::Process>, u64, f64)> {
     let (mut processes, mut bytes, mut reap_ms) = (Vec::new(), 0, 0.0);
-    // Which pages changed since the last round, found by comparing each process with its
-    // fork, then the ranges whose pages went since the freeze too (taken after: see
-    // `Tracked::compare_with_copy`).
+    // Each fork has all its process's areas (their flags from it where the freeze did not
+    // read them); which pages changed since the last round, found by comparing each process
+    // with its fork, then the ranges whose pages went since the freeze too (taken after:
+    // see `Tracked::compare_with_copy`).
+    let mut forked = forked;
+    for (held, inspected) in &mut forked {
+        let fork = ProcDir::new(held.pid());
+        let maps = if inspected.flags_unknown() {
+            fork.maps()
+        } else {
+            fork.maps_without_flags()
+        };
+        let maps = maps.map_err(|e| held.explain(e))?;
+        // (A fork killed meanwhile shows no areas: said as such.)
+        inspected
+            .check_fork(&maps)
+            .and_then(|()| inspected.fill_flags(&maps, true))
+            .map_err(|e| held.explain(e))?;
+    }
     for (held, _) in &forked {
         if let Some(tracked) = precopy.tracking_of(held.parent()) {
             tracked.compare_with_copy().map_err(|e| held.explain(e))?;
@@ -359,12 +375,8 @@ fn dump_forked(
         crate::checkpoint::mark("cow: compared with the forks");
         precopy.note_lost();
     }
-    for (held, mut inspected) in forked {
+    for (held, inspected) in forked {
         let parent = held.parent();
-        if inspected.flags_unknown() {
-            let maps = ProcDir::new(held.pid()).maps();
-            inspected.fill_flags(&maps.map_err(|e| held.explain(e))?, true)?;
-        }
         let tracked = precopy.tracked(parent);
         let process =
             process::dump(held.pid(), inspected, pool_dir, tracked).map_err(|e| held.explain(e))?;
@@ -398,16 +410,20 @@ fn note_forks<'a>(file: &std::fs::File, forks: impl Iterator<Item = &'a cow::Hel
 }
 
 /// For a capture found interrupted (its worker killed) in snapshot directory `dir`: has
-/// the processes it forked reap those forks, left as zombies.
+/// the processes it forked reap those forks, left as zombies (the note stays until they
+/// are: see [`cow::reap_leftovers`]).
 pub fn reap_leftover_forks(dir: &std::path::Path) {
     let path = dir.join(FORKS_FILE);
     let Ok(text) = std::fs::read(&path) else {
         return;
     };
-    if let Ok(notes) = serde_json::from_slice::<Vec<cow::ForkNote>>(&text) {
-        cow::reap_leftovers(&notes);
+    let settled = match serde_json::from_slice::<Vec<cow::ForkNote>>(&text) {
+        Ok(notes) => cow::reap_leftovers(&notes),
+        Err(_) => true, // empty: made before the freeze, no fork noted yet
+    };
+    if settled {
+        let _ = std::fs::remove_file(path);
     }
-    let _ = std::fs::remove_file(path);
 }
 
 /// BLAKE3 of this kernel's vDSO image.

@@ -59,6 +59,13 @@ impl Inspected {
         self.memory.fill_flags(pid, maps, of_fork)
     }
 
+    /// After the thaw: fails unless the fork made of it at the freeze, with areas `maps`,
+    /// has all its areas (see [`memory::MemoryPlan::check_fork`]).
+    pub fn check_fork(&self, maps: &[crate::proc::MapsEntry]) -> Result<()> {
+        self.memory
+            .check_fork(Pid::from_raw(self.process.pid), maps)
+    }
+
     /// Whether the flags of some of its areas are still to be read.
     pub fn flags_unknown(&self) -> bool {
         self.memory.flags_unknown()

@@ -67,23 +67,25 @@ impl MemoryPlan {
     /// at the freeze, read after the thaw: `of_fork`). A fork lacks the areas the process
     /// marked not to be copied (`MADV_DONTFORK`) and holds zeros in those to be wiped
     /// (`MADV_WIPEONFORK`): its pages there are not the process's, and the capture fails.
+    /// (A fork's areas are never locked: flags are left unknown only in a process without
+    /// locked memory, see [`maps_with_known_flags`].)
     pub fn fill_flags(&mut self, pid: Pid, maps: &[MapsEntry], of_fork: bool) -> Result<()> {
         for (start, end) in std::mem::take(&mut self.unknown_flags) {
             let found = maps.iter().find(|m| m.start == start && m.end == end);
-            let fresh = || {
-                Error::refused(
-                    format!(
-                        "process {pid} marked the memory it mapped at {start:#x}-{end:#x} during \
-                         the capture to be left out of forks (MADV_DONTFORK or \
-                         MADV_WIPEONFORK): the fork dolly made at the freeze lacks its pages"
-                    ),
-                    "capture again, or with --fork never",
-                )
-            };
             let flags = match found {
-                Some(m) if of_fork && m.flags.wipe_on_fork => return Err(fresh()),
+                Some(m) if of_fork && m.flags.wipe_on_fork => {
+                    return Err(left_out_of_fork(pid, start, end))
+                }
+                Some(m) if m.flags.device => {
+                    return Err(unsupported(
+                        pid,
+                        m,
+                        "device memory",
+                        "capture a process without device mappings",
+                    ))
+                }
                 Some(m) => area_flags(m),
-                None if of_fork => return Err(fresh()),
+                None if of_fork => return Err(left_out_of_fork(pid, start, end)),
                 None => {
                     return Err(Error::new(
                         ErrorKind::System,
@@ -97,6 +99,33 @@ impl MemoryPlan {
         }
         Ok(())
     }
+
+    /// After the thaw, with `maps` the areas of a fork of the process made at its freeze:
+    /// fails unless the fork has every area the process had (it lacks those the process
+    /// advised `MADV_DONTFORK` since their flags were read).
+    pub fn check_fork(&self, pid: Pid, maps: &[MapsEntry]) -> Result<()> {
+        for a in &self.areas {
+            let there = maps
+                .binary_search_by_key(&a.start, |m| m.start)
+                .is_ok_and(|i| maps[i].end == a.end);
+            if !there {
+                return Err(left_out_of_fork(pid, a.start, a.end));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The refusal of a capture whose fork lacks memory of the process at `[start, end)`.
+fn left_out_of_fork(pid: Pid, start: u64, end: u64) -> Error {
+    Error::refused(
+        format!(
+            "process {pid} advised its memory at {start:#x}-{end:#x} to be left out of forks \
+             (MADV_DONTFORK or MADV_WIPEONFORK) during the capture: the fork dolly made at the \
+             freeze lacks its pages"
+        ),
+        "capture again, or with --fork never",
+    )
 }
 
 /// The shared anonymous memory objects of a whole tree, each once (by inode), with a file
@@ -232,8 +261,9 @@ fn unsupported(pid: Pid, m: &MapsEntry, what: &str, remedy: &str) -> Error {
 /// The areas of a process with their flags, taking the flags of each area from `known`
 /// (smaps read a moment earlier, while it ran) when the area is unchanged: reading smaps
 /// walks every page table, too slow for a freeze. A private anonymous area mapped (or
-/// grown) since keeps its flags unknown, returned apart (see [`MemoryPlan::fill_flags`]);
-/// any other new area has smaps read now.
+/// grown) since keeps its flags unknown, returned apart (see [`MemoryPlan::fill_flags`]),
+/// unless the process has locked memory (a fork's areas are never locked, so a fork could
+/// not tell); any other new area has smaps read now.
 fn maps_with_known_flags(
     proc: &ProcDir,
     known: &[MapsEntry],
@@ -262,7 +292,19 @@ fn maps_with_known_flags(
             None => return Ok((proc.maps()?, Vec::new())),
         }
     }
+    if !unknown.is_empty() && has_locked_memory(proc)? {
+        return Ok((proc.maps()?, Vec::new()));
+    }
     Ok((maps, unknown))
+}
+
+/// Whether the process has locked areas (`VmLck`: `mlock`, `mlockall`).
+fn has_locked_memory(proc: &ProcDir) -> Result<bool> {
+    let status = proc.read("status")?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .is_some_and(|v| v.trim().trim_end_matches("kB").trim() != "0"))
 }
 
 /// Reads the areas of a stopped process and decides what to store of each: `known`, the

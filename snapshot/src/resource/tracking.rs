@@ -139,7 +139,10 @@ struct TrackedArea {
 /// A running process whose memory is being pre-copied.
 #[derive(Debug)]
 pub struct Tracked {
+    /// Where pages are read from: the process, or its copy (see [`Tracked::use_copy`]).
     pid: Pid,
+    /// The process tracked.
+    process: Pid,
     /// Keeps the write tracking alive; closing it ends it (the kernel unprotects).
     _uffd: OwnedFd,
     pagemap: File,
@@ -289,6 +292,7 @@ impl Tracked {
         }
         Ok(Tracked {
             pid,
+            process: pid,
             _uffd: uffd,
             pagemap,
             mem,
@@ -629,9 +633,15 @@ impl Tracked {
     /// process wrote it neither before the fork (that would have lifted the protection)
     /// nor after (that would have given it a frame of its own), and no other page was moved
     /// there (its frame would differ from the copy's, or the move came before the fork and
-    /// its event says so). Every other page of the area counts as written. Call it before
-    /// the events are taken again ([`Tracked::note_lost`]): a page dropped while this
-    /// looks had its event read before it went.
+    /// its event says so). Every other page of the area counts as written. Only where
+    /// either holds pages of its own is looked at page by page (the quick walk skips empty
+    /// page tables: a large reservation costs nothing). Call it before the events are
+    /// taken again ([`Tracked::note_lost`]): a page dropped while this looks had its event
+    /// read before it went.
+    ///
+    /// Fails if the copy lacks pages the process kept untouched since the last round: the
+    /// process advised the area `MADV_DONTFORK` or `MADV_WIPEONFORK` after its flags were
+    /// read, and the copy is not the process's memory there.
     pub fn compare_with_copy(&mut self) -> Result<()> {
         /// Pages compared per read of the two pagemaps.
         const CHUNK_PAGES: u64 = 1 << 15;
@@ -642,33 +652,54 @@ impl Tracked {
             return Ok(()); // walked at the freeze
         }
         for area in &self.areas {
-            let mut changed = Vec::new();
-            let mut at = area.start;
-            while at < area.end {
-                let end = area.end.min(at + CHUNK_PAGES * PAGE_SIZE);
-                let then = pagemap::entries(&self.pagemap, at, end)
-                    .with_context(|| format!("reading the pagemap of {} at {at:#x}", self.pid))?;
-                // (The process ended, or runs another program, since: every page counts
-                // as written.)
-                let now = pagemap::entries(process_pagemap, at, end)
-                    .unwrap_or_else(|_| vec![0; then.len()]);
-                for (i, (now, then)) in now.into_iter().zip(then).enumerate() {
-                    let frame =
-                        |e: u64| (e & pagemap::PM_PRESENT != 0).then_some(e & pagemap::PM_PFN);
-                    let kept = now & pagemap::PM_UFFD_WP != 0
-                        && frame(now).is_some_and(|f| f != 0 && frame(then) == Some(f));
-                    if !kept {
+            let (start, end) = (area.start, area.end);
+            let own = |pagemap: &File| pagemap::scan(pagemap, start, end, OWN_PAGES);
+            let copy_own = own(&self.pagemap)
+                .with_context(|| format!("scanning pages of {} at {start:#x}", self.pid))?;
+            // (The process ended, or runs another program, since: every page counts as
+            // written.)
+            let process_own = own(process_pagemap).unwrap_or_default();
+            let mut kept: Vec<(u64, u64)> = Vec::new();
+            for (from, to) in merge_ranges(copy_own.into_iter().chain(process_own).collect()) {
+                let mut at = from;
+                while at < to {
+                    let until = to.min(at + CHUNK_PAGES * PAGE_SIZE);
+                    let then = pagemap::entries(&self.pagemap, at, until).with_context(|| {
+                        format!("reading the pagemap of {} at {at:#x}", self.pid)
+                    })?;
+                    let now = pagemap::entries(process_pagemap, at, until)
+                        .unwrap_or_else(|_| vec![0; then.len()]);
+                    for (i, (now, then)) in now.into_iter().zip(then).enumerate() {
                         let page = at + i as u64 * PAGE_SIZE;
-                        match changed.last_mut() {
-                            Some((_, e)) if *e == page => *e += PAGE_SIZE,
-                            _ => changed.push((page, page + PAGE_SIZE)),
+                        let frame =
+                            |e: u64| (e & pagemap::PM_PRESENT != 0).then_some(e & pagemap::PM_PFN);
+                        let untouched = now & pagemap::PM_UFFD_WP != 0
+                            && now & pagemap::PM_FILE == 0
+                            && frame(now).is_some_and(|f| f != 0);
+                        if untouched && then & (pagemap::PM_PRESENT | pagemap::PM_SWAPPED) == 0 {
+                            return Err(crate::Error::refused(
+                                format!(
+                                    "process {} advised its memory at {start:#x}-{end:#x} to be \
+                                     left out of forks (MADV_DONTFORK or MADV_WIPEONFORK) \
+                                     during the capture: the fork dolly made at the freeze \
+                                     lacks its pages",
+                                    self.process
+                                ),
+                                "capture again, or with --fork never",
+                            ));
+                        }
+                        if untouched && frame(then) == frame(now) {
+                            match kept.last_mut() {
+                                Some((_, e)) if *e == page => *e += PAGE_SIZE,
+                                _ => kept.push((page, page + PAGE_SIZE)),
+                            }
                         }
                     }
+                    at = until;
                 }
-                at = end;
             }
-            self.scanned
-                .insert(area.start, (area.end, Scanned::Touched(changed)));
+            let changed = subtract_ranges(&[(start, end)], &kept);
+            self.scanned.insert(start, (end, Scanned::Touched(changed)));
         }
         Ok(())
     }

@@ -204,6 +204,8 @@ fn walk(
 pub const PM_PRESENT: u64 = 1 << 63;
 /// A `/proc/PID/pagemap` entry: the page is swapped (or a marker: see [`swap_types`]).
 pub const PM_SWAPPED: u64 = 1 << 62;
+/// A `/proc/PID/pagemap` entry: the page is a file page (or shared anonymous memory).
+pub const PM_FILE: u64 = 1 << 61;
 /// A `/proc/PID/pagemap` entry: the page is write-protected by a userfaultfd.
 pub const PM_UFFD_WP: u64 = 1 << 57;
 /// The frame number bits of a present page's `/proc/PID/pagemap` entry.
