@@ -124,10 +124,10 @@ pub struct Held {
 }
 
 /// Forks frozen, pre-copied process `member` (with memory `areas`; surveyed, see
-/// [`worth_forking`]) from inside, through the `syscall` instruction of its vDSO, and has
-/// its tracking read the fork (see [`Tracked::use_copy`]). The process is left as it was, stopped;
-/// if anything fails after the fork was made, the fork is ended and reaped at once.
-pub fn fork(member: &mut Member, areas: &[Area], tracked: &mut Tracked) -> Result<Held> {
+/// [`worth_forking`]) from inside, through the `syscall` instruction of its vDSO. The
+/// process is left as it was, stopped. After the thaw, [`Held::take_over`] has its tracking
+/// read the fork.
+pub fn fork(member: &mut Member, areas: &[Area]) -> Result<Held> {
     let parent = member.proc.pid();
     let vdso = areas
         .iter()
@@ -135,25 +135,13 @@ pub fn fork(member: &mut Member, areas: &[Area], tracked: &mut Tracked) -> Resul
         .map(|a| a.start);
     let leader = &mut member.threads[0];
     let (copy, ns_pid) = run_inside(leader, vdso, true, |remote| remote.fork_held())?;
-    match tracked.use_copy(copy.pid()) {
-        Ok(()) => {
-            // Should memory run out while it lives (each page the process writes is copied),
-            // the kernel kills the fork first, not the process: the capture then fails.
-            let _ = std::fs::write(format!("/proc/{}/oom_score_adj", copy.pid()), b"1000");
-            crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
-            Ok(Held {
-                parent,
-                ns_pid,
-                vdso,
-                copy: Some(copy),
-            })
-        }
-        Err(e) => {
-            copy.kill_and_wait()?;
-            run_inside(leader, vdso, true, |remote| wait_for(remote, ns_pid))?;
-            Err(e)
-        }
-    }
+    crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
+    Ok(Held {
+        parent,
+        ns_pid,
+        vdso,
+        copy: Some(copy),
+    })
 }
 
 /// Runs `call` inside stopped thread `thread` through its vDSO (at `vdso`, where known),
@@ -240,6 +228,15 @@ impl Held {
             start_time: ProcDir::new(pid).stat().map_or(0, |s| s.start_time),
             parent_start_time: ProcDir::new(self.parent).stat().map_or(0, |s| s.start_time),
         }
+    }
+
+    /// After the thaw (work kept out of the freeze): has the process's `tracked` read the
+    /// fork from now on (see [`Tracked::use_copy`]), and makes the fork the kernel's first
+    /// pick should memory run out while it lives (each page the process writes is copied):
+    /// the capture then fails, and the process runs on.
+    pub fn take_over(&self, tracked: &mut Tracked) -> Result<()> {
+        let _ = std::fs::write(format!("/proc/{}/oom_score_adj", self.pid()), b"1000");
+        tracked.use_copy(self.pid()).map_err(|e| self.explain(e))
     }
 
     /// The process it is a copy of.

@@ -151,6 +151,12 @@ pub fn capture_observed(
         thawed?;
         on_frozen(&draft.note_frozen(frozen_ms)?);
         reported = true;
+        // The forks' own settings, kept out of the freeze.
+        for (held, _) in &image.left {
+            if let Some(tracked) = precopy.tracking_of(held.parent()) {
+                held.take_over(tracked)?;
+            }
+        }
         if !image.left.is_empty() {
             checkpoints.reach("capture:forked")?;
         }
@@ -333,7 +339,7 @@ fn fork_writers(
                 return None;
             }
             // If the fork fails (a limit on processes...), the freeze copies the pages.
-            cow::fork(member, inspected.areas(), tracked).ok()
+            cow::fork(member, inspected.areas()).ok()
         })
         .collect()
 }

@@ -611,9 +611,9 @@ impl Tracked {
         self.events
     }
 
-    /// At the freeze, after [`Tracked::survey`]: reads the page tables and memory of
-    /// `copy` from now on, a copy-on-write fork of the process made at the freeze, so that
-    /// the walk and the copies of the freeze can be made after the thaw. (The fork's page
+    /// After [`Tracked::survey`] at the freeze, once the process runs again: reads the page
+    /// tables and memory of `copy` from now on, a copy-on-write fork of the process made at
+    /// the freeze, so that the walk and the copies of the freeze are made after the thaw. (The fork's page
     /// tables tell which pages it holds, not which were written since they were protected:
     /// that comes from the survey's walk, or from [`Tracked::compare_with_copy`].)
     pub fn use_copy(&mut self, copy: Pid) -> Result<()> {
