@@ -117,7 +117,7 @@ impl MemoryPlan {
 }
 
 /// The refusal of a capture whose fork lacks memory of the process at `[start, end)`.
-fn left_out_of_fork(pid: Pid, start: u64, end: u64) -> Error {
+pub(crate) fn left_out_of_fork(pid: Pid, start: u64, end: u64) -> Error {
     Error::refused(
         format!(
             "process {pid} advised its memory at {start:#x}-{end:#x} to be left out of forks \

@@ -651,47 +651,50 @@ impl Tracked {
         if !self.scanned.is_empty() {
             return Ok(()); // walked at the freeze
         }
+        let frame = |e: u64| (e & pagemap::PM_PRESENT != 0).then_some(e & pagemap::PM_PFN);
+        // A page of its own the process has not written since it was protected.
+        let untouched = |e: u64| {
+            e & pagemap::PM_UFFD_WP != 0
+                && e & pagemap::PM_FILE == 0
+                && frame(e).is_some_and(|f| f != 0)
+        };
         for area in &self.areas {
             let (start, end) = (area.start, area.end);
             let own = |pagemap: &File| pagemap::scan(pagemap, start, end, OWN_PAGES);
             let copy_own = own(&self.pagemap)
                 .with_context(|| format!("scanning pages of {} at {start:#x}", self.pid))?;
-            // (The process ended, or runs another program, since: every page counts as
-            // written.)
             let process_own = own(process_pagemap).unwrap_or_default();
             let mut kept: Vec<(u64, u64)> = Vec::new();
             for (from, to) in merge_ranges(copy_own.into_iter().chain(process_own).collect()) {
                 let mut at = from;
                 while at < to {
                     let until = to.min(at + CHUNK_PAGES * PAGE_SIZE);
-                    let then = pagemap::entries(&self.pagemap, at, until).with_context(|| {
-                        format!("reading the pagemap of {} at {at:#x}", self.pid)
-                    })?;
-                    let now = pagemap::entries(process_pagemap, at, until)
-                        .unwrap_or_else(|_| vec![0; then.len()]);
-                    for (i, (now, then)) in now.into_iter().zip(then).enumerate() {
-                        let page = at + i as u64 * PAGE_SIZE;
-                        let frame =
-                            |e: u64| (e & pagemap::PM_PRESENT != 0).then_some(e & pagemap::PM_PFN);
-                        let untouched = now & pagemap::PM_UFFD_WP != 0
-                            && now & pagemap::PM_FILE == 0
-                            && frame(now).is_some_and(|f| f != 0);
-                        if untouched && then & (pagemap::PM_PRESENT | pagemap::PM_SWAPPED) == 0 {
-                            return Err(crate::Error::refused(
-                                format!(
-                                    "process {} advised its memory at {start:#x}-{end:#x} to be \
-                                     left out of forks (MADV_DONTFORK or MADV_WIPEONFORK) \
-                                     during the capture: the fork dolly made at the freeze \
-                                     lacks its pages",
-                                    self.process
-                                ),
-                                "capture again, or with --fork never",
-                            ));
-                        }
-                        if untouched && frame(then) == frame(now) {
-                            match kept.last_mut() {
-                                Some((_, e)) if *e == page => *e += PAGE_SIZE,
-                                _ => kept.push((page, page + PAGE_SIZE)),
+                    // (The process ended, or runs another program, since: every page
+                    // counts as written.)
+                    let now = pagemap::entries(process_pagemap, at, until).unwrap_or_default();
+                    // Written all over (a busy writer): no need to read the fork's entries.
+                    if now.iter().any(|&e| untouched(e)) {
+                        let then =
+                            pagemap::entries(&self.pagemap, at, until).with_context(|| {
+                                format!("reading the pagemap of {} at {at:#x}", self.pid)
+                            })?;
+                        for (i, (now, then)) in now.into_iter().zip(then).enumerate() {
+                            if !untouched(now) {
+                                continue;
+                            }
+                            if then & (pagemap::PM_PRESENT | pagemap::PM_SWAPPED) == 0 {
+                                return Err(super::memory::left_out_of_fork(
+                                    self.process,
+                                    start,
+                                    end,
+                                ));
+                            }
+                            if frame(then) == frame(now) {
+                                let page = at + i as u64 * PAGE_SIZE;
+                                match kept.last_mut() {
+                                    Some((_, e)) if *e == page => *e += PAGE_SIZE,
+                                    _ => kept.push((page, page + PAGE_SIZE)),
+                                }
                             }
                         }
                     }
