@@ -695,8 +695,8 @@ fn a_process_whose_cgroup_lacks_room_is_not_forked() {
 }
 
 /// Memory a process maps between the pre-copy and the freeze has its kernel flags read
-/// after the thaw, from the fork the freeze made (`--fork always`): an area advised
-/// `MADV_DONTDUMP` comes back with that flag and its data. Memory a fork lacks or wipes
+/// after the thaw, from the fork the freeze made (`--fork always`): an anonymous area and a
+/// private file mapping advised `MADV_DONTDUMP` come back with that flag and their data. Memory a fork lacks or wipes
 /// (`MADV_DONTFORK`, `MADV_WIPEONFORK`, advised in that moment on a new area or on one the
 /// pre-copy knew) fails the capture with a clear error, and leaves the process running,
 /// untraced, with no child. In a process with locked memory (which a fork's areas never
@@ -707,11 +707,14 @@ fn flags_of_memory_mapped_just_before_the_freeze_are_read_from_the_fork() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let ask_file = dir.path().join("ask");
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"file!!!!".repeat(1 << 17)).unwrap();
     // Asked "map ADVICE", it maps a new area and advises it; "advise ADVICE" advises the
     // last one again. Then it prints "done N 0xADDRESS".
     let script = format!(
         r#"import ctypes, mmap, os, time
 ASK = {ask:?}
+DATA = {data:?}
 bufs = []
 done = 0
 print('ready', flush=True)
@@ -725,6 +728,9 @@ while True:
             m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
             m[:] = b'dolly!!!' * (1 << 17)
             bufs.append(m)
+        elif verb == 'mapfile':
+            with open(DATA, 'rb') as f:
+                bufs.append(mmap.mmap(f.fileno(), 1 << 20, access=mmap.ACCESS_COPY))
         # (Python's mmap module lacks the last two.)
         if verb != 'mlockall':
             bufs[-1].madvise({{'MADV_WIPEONFORK': 18, 'MADV_KEEPONFORK': 19}}.get(advice) or getattr(mmap, advice))
@@ -733,7 +739,8 @@ while True:
         print('done', done, hex(addr), flush=True)
     time.sleep(0.002)
 "#,
-        ask = ask_file.to_str().unwrap()
+        ask = ask_file.to_str().unwrap(),
+        data = data.to_str().unwrap(),
     );
     let py = python_ready(&script, &out);
     let pid = py.pid();
@@ -752,7 +759,7 @@ while True:
     // A capture held after its pre-copy (the areas' flags read) while the process does
     // `what`; returns the capture's output (with --json, errors too are on stdout: the
     // paused run's stderr is read for the pause).
-    let capture_while = |what: &str| {
+    let capture_while = |whats: &[&str]| {
         let go = dir.path().join("go");
         let _ = std::fs::remove_file(&go);
         let (capture, _) = start_paused_with(
@@ -764,12 +771,14 @@ while True:
             "capture:precopied",
             &[("DOLLY_PAUSE_UNTIL", go.as_os_str())],
         );
-        ask(what);
+        for what in whats {
+            ask(what);
+        }
         std::fs::write(&go, b"").unwrap();
         capture.wait_with_output().unwrap()
     };
     let refused = |what: &str| {
-        let failed = capture_while(what);
+        let failed = capture_while(&[what]);
         assert!(!failed.status.success(), "{what}: {failed:?}");
         let err = String::from_utf8_lossy(&failed.stdout);
         assert!(err.contains("left out of forks"), "{what}: {err}");
@@ -782,7 +791,7 @@ while True:
         assert_eq!(tree(pid), vec![pid], "no child left behind");
     };
 
-    let done = capture_while("map MADV_DONTDUMP");
+    let done = capture_while(&["mapfile MADV_DONTDUMP", "map MADV_DONTDUMP"]);
     assert!(done.status.success(), "{done:?}");
     let record: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
     assert_eq!(record["forked"], 1, "{record}");
@@ -793,6 +802,11 @@ while True:
         u64::from_str_radix(last.rsplit("0x").next().unwrap(), 16).unwrap()
     };
     let at = last_address();
+    let file_at = {
+        let text = read(&out);
+        let line = text.lines().find(|l| l.starts_with("done 1 ")).unwrap();
+        u64::from_str_radix(line.rsplit("0x").next().unwrap(), 16).unwrap()
+    };
     refused("advise MADV_WIPEONFORK");
     ask("advise MADV_KEEPONFORK");
     refused("advise MADV_DONTFORK");
@@ -802,7 +816,7 @@ while True:
     // A fork's areas are never locked: in a process with locked memory the flags of new
     // areas are read at the freeze, from the process.
     ask("mlockall -");
-    let locked = capture_while("map MADV_NORMAL");
+    let locked = capture_while(&["map MADV_NORMAL"]);
     assert!(locked.status.success(), "{locked:?}");
     let locked: serde_json::Value = serde_json::from_slice(&locked.stdout).unwrap();
     assert_eq!(locked["forked"], 1, "{locked}");
@@ -827,6 +841,10 @@ while True:
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     std::os::unix::fs::FileExt::read_exact_at(&mem, &mut data, at + 4096).unwrap();
     assert_eq!(&data, b"dolly!!!dolly!!!");
+    let flags = flags_at(file_at);
+    assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut data, file_at + 4096).unwrap();
+    assert_eq!(&data, b"file!!!!file!!!!");
     drop(mem);
     drop(restored);
     reap_until_gone(pid);

@@ -48,8 +48,8 @@ pub struct MemoryPlan {
     /// The areas (pages not yet assigned).
     pub areas: Vec<Area>,
     sources: Vec<Source>,
-    /// Areas (private anonymous ones, mapped since the flags were last read) whose kernel
-    /// flags are still to be read (see [`MemoryPlan::fill_flags`]).
+    /// Areas (private ones, mapped since the flags were last read) whose kernel flags are
+    /// still to be read (see [`MemoryPlan::fill_flags`]).
     unknown_flags: Vec<Range>,
 }
 
@@ -260,8 +260,9 @@ fn unsupported(pid: Pid, m: &MapsEntry, what: &str, remedy: &str) -> Error {
 
 /// The areas of a process with their flags, taking the flags of each area from `known`
 /// (smaps read a moment earlier, while it ran) when the area is unchanged: reading smaps
-/// walks every page table, too slow for a freeze. A private anonymous area mapped (or
-/// grown) since keeps its flags unknown, returned apart (see [`MemoryPlan::fill_flags`]),
+/// walks every page table, too slow for a freeze. A private area mapped (or grown) since,
+/// anonymous or of a file that is not a device, keeps its flags unknown, returned apart
+/// (see [`MemoryPlan::fill_flags`]),
 /// unless the process has locked memory (a fork's areas are never locked, so a fork could
 /// not tell); any other new area has smaps read now.
 fn maps_with_known_flags(
@@ -281,14 +282,15 @@ fn maps_with_known_flags(
                     == (m.end, m.read, m.write, m.exec, m.shared, m.offset, m.inode)
                     && k.path == m.path
             });
-        let anonymous = !m.shared
-            && m.inode == 0
+        let anonymous = m.inode == 0
             && (m.path.is_empty()
                 || m.path.starts_with("[anon:")
                 || matches!(m.path.as_str(), "[heap]" | "[stack]"));
+        // (A library loaded, a file mapped: not a device, whose flags decide a refusal.)
+        let file = m.path.starts_with('/') && !m.path.starts_with("/dev/");
         match same {
             Some(k) => m.flags = k.flags,
-            None if anonymous => unknown.push((m.start, m.end)),
+            None if !m.shared && (anonymous || file) => unknown.push((m.start, m.end)),
             None => return Ok((proc.maps()?, Vec::new())),
         }
     }
