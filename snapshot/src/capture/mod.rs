@@ -148,15 +148,15 @@ pub fn capture_observed(
             precopy.frozen_ms
         ));
         let mut image = image?;
-        thawed?;
-        on_frozen(&draft.note_frozen(frozen_ms)?);
-        reported = true;
-        // The forks' own settings, kept out of the freeze.
+        // The forks' own settings, kept out of the freeze, first thing after it.
         for (held, _) in &image.left {
             if let Some(tracked) = precopy.tracking_of(held.parent()) {
                 held.take_over(tracked)?;
             }
         }
+        thawed?;
+        on_frozen(&draft.note_frozen(frozen_ms)?);
+        reported = true;
         if !image.left.is_empty() {
             checkpoints.reach("capture:forked")?;
         }
@@ -372,14 +372,23 @@ fn dump_forked(
             .and_then(|()| inspected.fill_flags(&maps, true))
             .map_err(|e| held.explain(e))?;
     }
-    for (held, _) in &forked {
+    for (held, inspected) in &forked {
         if let Some(tracked) = precopy.tracking_of(held.parent()) {
-            tracked.compare_with_copy().map_err(|e| held.explain(e))?;
+            let areas: Vec<(u64, u64)> =
+                inspected.areas().iter().map(|a| (a.start, a.end)).collect();
+            tracked
+                .compare_with_copy(&areas)
+                .map_err(|e| held.explain(e))?;
         }
     }
     if !forked.is_empty() {
         crate::checkpoint::mark("cow: compared with the forks");
         precopy.note_lost();
+    }
+    for (held, _) in &forked {
+        if let Some(tracked) = precopy.tracking_of(held.parent()) {
+            tracked.confirm_copy().map_err(|e| held.explain(e))?;
+        }
     }
     for (held, inspected) in forked {
         let parent = held.parent();

@@ -286,11 +286,11 @@ fn maps_with_known_flags(
             && (m.path.is_empty()
                 || m.path.starts_with("[anon:")
                 || matches!(m.path.as_str(), "[heap]" | "[stack]"));
-        // (A library loaded, a file mapped: not a device, whose flags decide a refusal.)
-        let file = m.path.starts_with('/') && !m.path.starts_with("/dev/");
         match same {
             Some(k) => m.flags = k.flags,
-            None if !m.shared && (anonymous || file) => unknown.push((m.start, m.end)),
+            None if !m.shared && (anonymous || plain_file(proc, m)) => {
+                unknown.push((m.start, m.end))
+            }
             None => return Ok((proc.maps()?, Vec::new())),
         }
     }
@@ -298,6 +298,19 @@ fn maps_with_known_flags(
         return Ok((proc.maps()?, Vec::new()));
     }
     Ok((maps, unknown))
+}
+
+/// Whether area `m` maps a plain file (a library loaded, a file mapped), not a device or a
+/// kernel interface whose flags (`io`, `pf`) decide a refusal.
+fn plain_file(proc: &ProcDir, m: &MapsEntry) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let kernel = ["/dev/", "/proc/", "/sys/"]
+        .iter()
+        .any(|p| m.path.starts_with(p));
+    m.path.starts_with('/')
+        && !kernel
+        && std::fs::metadata(proc.path(&format!("map_files/{}", m.map_files_name())))
+            .is_ok_and(|f| !f.file_type().is_char_device() && !f.file_type().is_block_device())
 }
 
 /// Whether the process has locked areas (`VmLck`: `mlock`, `mlockall`).

@@ -172,6 +172,9 @@ pub struct Tracked {
     /// The process's own pagemap while the copy's is read (for
     /// [`Tracked::compare_with_copy`]).
     process_pagemap: Option<File>,
+    /// Pages the process kept untouched that its copy lacks (see
+    /// [`Tracked::confirm_copy`]).
+    missing: Vec<(u64, u64)>,
     /// Whether the area at each of these addresses was still registered for tracking at
     /// the freeze (a fork's areas are not: see [`Tracked::survey`]).
     registered_at: HashMap<u64, bool>,
@@ -307,6 +310,7 @@ impl Tracked {
             last_round: 0,
             copy: false,
             process_pagemap: None,
+            missing: Vec::new(),
             registered_at: HashMap::new(),
             freeze_copied: 0,
             foreign_uffd,
@@ -639,15 +643,34 @@ impl Tracked {
     /// taken again ([`Tracked::note_lost`]): a page dropped while this looks had its event
     /// read before it went.
     ///
-    /// Fails if the copy lacks pages the process kept untouched since the last round: the
-    /// process advised the area `MADV_DONTFORK` or `MADV_WIPEONFORK` after its flags were
-    /// read, and the copy is not the process's memory there.
-    pub fn compare_with_copy(&mut self) -> Result<()> {
+    /// Fails if the copy holds no page at all in one of the process's `areas` (as the freeze
+    /// found them) where pre-copy stored pages that no event says went: the process advised
+    /// it `MADV_WIPEONFORK` after its flags were read, and the copy is not the process's
+    /// memory there. Pages the process kept untouched that the copy lacks are checked once
+    /// the events after the thaw are in (see [`Tracked::confirm_copy`]).
+    pub fn compare_with_copy(&mut self, areas: &[(u64, u64)]) -> Result<()> {
         /// Pages compared per read of the two pagemaps.
         const CHUNK_PAGES: u64 = 1 << 15;
         let Some(process_pagemap) = &self.process_pagemap else {
             return Ok(());
         };
+        let held = merge_ranges(
+            self.areas
+                .iter()
+                .flat_map(|a| a.copied.iter().chain(&a.same))
+                .copied()
+                .collect(),
+        );
+        for &(start, end) in areas {
+            let expected = subtract_ranges(&intersect(&held, &[(start, end)]), &self.lost);
+            if !expected.is_empty()
+                && pagemap::scan(&self.pagemap, start, end, OWN_PAGES)
+                    .with_context(|| format!("scanning pages of {} at {start:#x}", self.pid))?
+                    .is_empty()
+            {
+                return Err(super::memory::left_out_of_fork(self.process, start, end));
+            }
+        }
         if !self.scanned.is_empty() {
             return Ok(()); // walked at the freeze
         }
@@ -682,15 +705,14 @@ impl Tracked {
                             if !untouched(now) {
                                 continue;
                             }
+                            let page = at + i as u64 * PAGE_SIZE;
                             if then & (pagemap::PM_PRESENT | pagemap::PM_SWAPPED) == 0 {
-                                return Err(super::memory::left_out_of_fork(
-                                    self.process,
-                                    start,
-                                    end,
-                                ));
+                                match self.missing.last_mut() {
+                                    Some((_, e)) if *e == page => *e += PAGE_SIZE,
+                                    _ => self.missing.push((page, page + PAGE_SIZE)),
+                                }
                             }
                             if frame(then) == frame(now) {
-                                let page = at + i as u64 * PAGE_SIZE;
                                 match kept.last_mut() {
                                     Some((_, e)) if *e == page => *e += PAGE_SIZE,
                                     _ => kept.push((page, page + PAGE_SIZE)),
@@ -705,6 +727,18 @@ impl Tracked {
             self.scanned.insert(start, (end, Scanned::Touched(changed)));
         }
         Ok(())
+    }
+
+    /// After [`Tracked::compare_with_copy`] and the events taken since: fails if the copy
+    /// lacks pages the process kept untouched since the last round, unless an event says
+    /// they went or came (an `mremap` after the thaw moves pages with their protection):
+    /// the process advised their area `MADV_DONTFORK` or `MADV_WIPEONFORK` after its flags
+    /// were read, and the copy is not the process's memory there.
+    pub fn confirm_copy(&self) -> Result<()> {
+        match subtract_ranges(&self.missing, &self.lost).first() {
+            Some(&(start, end)) => Err(super::memory::left_out_of_fork(self.process, start, end)),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of private memory the process holds, as far as the tracking knows: pages
@@ -834,8 +868,10 @@ impl Tracked {
     /// are, or `None` if no area was tracked there.
     ///
     /// Matching by start alone is sound: a page present now that dolly did not
-    /// write-protect shows as written (the kernel also clears the protection of pages
-    /// `mremap` moves), so only pages that stayed where they were copied are reused.
+    /// write-protect shows as written, and a page `mremap` moved (which keeps its
+    /// protection, the remap events being on) lies in a range its event reports, where
+    /// every page counts as written: only pages that stayed where they were copied are
+    /// reused.
     pub fn finish_area(&mut self, start: u64, end: u64) -> Result<Option<Pages>> {
         // The tracked area holding `start`: the same, or one the area was split off (by
         // mprotect, or a mapping made over part of it): page protections outlive the split.
@@ -916,12 +952,15 @@ impl Tracked {
         );
         // (A fork's page tables do not keep the write protections: there, what was written
         // is what the walk at the freeze found touched.)
+        // (Nor do pages `mremap` moves lose theirs, with the userfaultfd's remap events on:
+        // where events say pages went or came, every page present counts as written.)
         let written: Vec<(u64, u64)> = match (&changed, self.copy) {
             (Some(changed), true) => changed.clone(),
             _ => regions
                 .iter()
                 .filter(|r| r.2 & pagemap::PAGE_IS_WRITTEN != 0)
                 .map(|r| (r.0, r.1))
+                .chain(intersect(&self.lost, &piece))
                 .collect(),
         };
         // Copy what was written since, and what is here but was neither copied nor found
