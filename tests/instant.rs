@@ -859,3 +859,52 @@ while True:
     let flags = flags_at(locked_at);
     assert!(flags.split_whitespace().any(|f| f == "lo"), "{flags}");
 }
+
+/// Huge pages reserved for a test (`/proc/sys/vm/nr_hugepages`), given back after it.
+struct HugePages(String);
+
+impl HugePages {
+    fn reserve(pages: u32) -> HugePages {
+        let path = "/proc/sys/vm/nr_hugepages";
+        let before = read(Path::new(path)).trim().to_string();
+        let want = before.parse::<u32>().unwrap_or(0).max(pages);
+        std::fs::write(path, want.to_string()).unwrap();
+        HugePages(before)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", &self.0);
+    }
+}
+
+/// A process with hugetlb memory is not forked at the freeze, even with `--fork always`:
+/// with the pool of huge pages empty, its copy-on-write would take a huge page from the
+/// fork. The freeze copies it, and the restored process finds its data.
+#[test]
+fn hugetlb_memory_is_not_forked() {
+    let dolly = Dolly::new();
+    let _pages = HugePages::reserve(4);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = r#"import mmap, signal, time
+SIZE = 2 << 20
+m = mmap.mmap(-1, SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x40000)  # MAP_HUGETLB
+m[:] = b'huge!!!!' * (SIZE // 8)
+def check(*_):
+    print('check', 'ok' if m[:] == b'huge!!!!' * (SIZE // 8) else 'bad', flush=True)
+signal.signal(signal.SIGUSR1, check)
+print('ready', flush=True)
+while True:
+    time.sleep(0.01)
+"#;
+    let py = python_ready(script, &out);
+    let pid = py.pid();
+    let cap = dolly.capture_with(pid, &["--fork", "always"]);
+    assert_eq!(cap["forked"], 0, "{cap}");
+    drop(py);
+    reap_until_gone(pid);
+    let _restored = dolly.restore(cap["id"].as_str().unwrap());
+    assert_eq!(ask(pid, &out, "check"), "check ok");
+}

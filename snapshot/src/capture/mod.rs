@@ -334,6 +334,11 @@ fn fork_writers(
         .map(|(member, inspected)| {
             let pid = member.proc.pid();
             let tracked = precopy.tracking_of(pid)?;
+            // With the pool of huge pages empty, the process's copy-on-write of a hugetlb page
+            // takes the page from the fork (which would then read as zeros).
+            if inspected.has_hugetlb() {
+                return None;
+            }
             let room = rooms.get(&pid).copied().flatten();
             if !cow::worth_forking(policy, tracked, inspected.areas(), room) {
                 return None;

@@ -66,6 +66,12 @@ impl Inspected {
             .check_fork(Pid::from_raw(self.process.pid), maps)
     }
 
+    /// Whether some of its memory is hugetlb memory (which a fork may not keep: see
+    /// [`crate::capture::ForkPolicy`]).
+    pub fn has_hugetlb(&self) -> bool {
+        self.memory.hugetlb
+    }
+
     /// Whether the flags of some of its areas are still to be read.
     pub fn flags_unknown(&self) -> bool {
         self.memory.flags_unknown()

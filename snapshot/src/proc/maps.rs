@@ -25,6 +25,8 @@ pub struct VmFlags {
     pub may_write: bool,
     /// `io` or `pf`: a device or raw-PFN mapping dolly cannot rebuild.
     pub device: bool,
+    /// `ht`: hugetlb memory (`MAP_HUGETLB`, a hugetlbfs file).
+    pub hugetlb: bool,
 }
 
 impl VmFlags {
@@ -42,6 +44,7 @@ impl VmFlags {
                 "mg" => f.mergeable = true,
                 "mw" => f.may_write = true,
                 "io" | "pf" => f.device = true,
+                "ht" => f.hugetlb = true,
                 _ => {}
             }
         }

@@ -51,6 +51,8 @@ pub struct MemoryPlan {
     /// Areas (private ones, mapped since the flags were last read) whose kernel flags are
     /// still to be read (see [`MemoryPlan::fill_flags`]).
     unknown_flags: Vec<Range>,
+    /// Some area is hugetlb memory.
+    pub hugetlb: bool,
 }
 
 /// An address range, `[start, end)`.
@@ -75,6 +77,18 @@ impl MemoryPlan {
             let flags = match found {
                 Some(m) if of_fork && m.flags.wipe_on_fork => {
                     return Err(left_out_of_fork(pid, start, end))
+                }
+                // (The process's copy-on-write takes a huge page from the fork when the pool
+                // of huge pages is empty.)
+                Some(m) if of_fork && m.flags.hugetlb => {
+                    return Err(Error::refused(
+                        format!(
+                            "process {pid} mapped hugetlb memory at {start:#x}-{end:#x} during \
+                             the capture: the fork dolly made at the freeze may not keep its \
+                             pages"
+                        ),
+                        "capture again, or with --fork never",
+                    ))
                 }
                 Some(m) if m.flags.device => {
                     return Err(unsupported(
@@ -339,11 +353,13 @@ pub fn inspect(
         areas: Vec::new(),
         sources: Vec::new(),
         unknown_flags,
+        hugetlb: false,
     };
     for m in &maps {
         if m.path == "[vsyscall]" {
             continue;
         }
+        plan.hugetlb |= m.flags.hugetlb || m.path == "/anon_hugepage";
         let vdso_part = matches!(m.path.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]");
         if m.flags.device && !vdso_part {
             return Err(unsupported(
