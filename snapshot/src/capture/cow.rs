@@ -288,11 +288,13 @@ impl Held {
         let Some(copy) = self.copy.take() else {
             return Ok(());
         };
-        copy.kill_and_wait()?;
+        // (Reaped whatever the wait for its end said: at worst there is nothing to reap.)
+        let killed = copy.kill_and_wait();
         let ns_pid = self.ns_pid;
-        run_inside(&mut member.threads[0], self.vdso, true, |remote| {
+        let reaped = run_inside(&mut member.threads[0], self.vdso, true, |remote| {
             wait_for(remote, ns_pid)
-        })
+        });
+        killed.and(reaped)
     }
 
     /// The copy's PID.
@@ -310,8 +312,9 @@ impl Held {
         let Some(copy) = self.copy.take() else {
             return Ok(0.0);
         };
-        copy.kill_and_wait()?;
-        reap(self.parent, self.ns_pid, self.vdso)
+        let killed = copy.kill_and_wait();
+        let reaped = reap(self.parent, self.ns_pid, self.vdso);
+        killed.and(reaped)
     }
 }
 
