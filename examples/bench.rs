@@ -228,6 +228,8 @@ struct Scribbled {
     ms: f64,
     /// CPU time the host took from this VM during the capture (steal), in ms.
     steal_ms: f64,
+    /// The longest stall it saw itself during the capture (between two of its turns), ms.
+    stall_ms: f64,
     /// Bytes read from its fork after the thaw.
     forked_bytes: f64,
     /// Its own fork() (median of 3, each with its pages just written, asked before the
@@ -387,7 +389,8 @@ fn scribbler_captures(
         }
         forks().last().unwrap() / 1e3
     };
-    let (mut seen, mut steal, mut forked) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut seen, mut steal, mut forked, mut stalls_seen) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         // Settled: no writeback or persister of earlier work left running.
         nix::unistd::sync();
@@ -403,6 +406,7 @@ fn scribbler_captures(
         let (out, _) = store.dolly(&args);
         steal.push(steal_ms() - stolen);
         let stall = report();
+        stalls_seen.push(stall);
         let record: serde_json::Value = serde_json::from_str(&out).unwrap();
         seen.push(if quiet {
             stall
@@ -427,6 +431,7 @@ fn scribbler_captures(
     Scribbled {
         ms: median(seen),
         steal_ms: median(steal),
+        stall_ms: median(stalls_seen),
         forked_bytes: median(forked),
         own_fork_ms,
     }
@@ -606,19 +611,20 @@ fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
         );
     }
     println!();
-    println!("Freeze of a process rewriting pages all over its memory at full speed (faster than pre-copy copies): forked at the freeze and read from its fork after the thaw (`--fork auto`, the default), beside fork() of a process with as much memory (forks in a row: from the second on, its pages are already write-protected) and the fork() of the writer itself (timed by it, each with its pages just written, as they are when it is captured); and without the fork (`--fork never`: the freeze copies what it wrote since the last round).");
+    println!("Freeze of a process rewriting pages all over its memory at full speed (faster than pre-copy copies): forked at the freeze and read from its fork after the thaw (`--fork auto`, the default), beside fork() of a process with as much memory (forks in a row: from the second on, its pages are already write-protected) and the fork() of the writer itself (timed by it, each with its pages just written, as they are when it is captured); the longest stall the writer itself saw between two of its turns during the capture (it reads the clock every turn: the freeze seen from outside, with whatever else stopped it meanwhile); and without the fork (`--fork never`: the freeze copies what it wrote since the last round).");
     println!();
-    println!("| touched memory | fork() | its own fork() | frozen (forked) | forked / fork | forked / its fork | host steal during it | read from the fork | frozen, --fork never | never / fork |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| touched memory | fork() | its own fork() | frozen (forked) | forked / fork | forked / its fork | longest stall it saw | host steal during it | read from the fork | frozen, --fork never | never / fork |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.0} ms | {:.0} MiB | {:.2} ms | {:.2}× |",
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms | {:.0} MiB | {:.2} ms | {:.2}× |",
             size_label(r.mib),
             r.fork,
             r.rewriting.own_fork_ms,
             r.rewriting.ms,
             r.rewriting.ms / r.fork,
             r.rewriting.ms / r.rewriting.own_fork_ms,
+            r.rewriting.stall_ms,
             r.rewriting.steal_ms,
             r.rewriting.forked_bytes / (1 << 20) as f64,
             r.rewriting_unforked.ms,

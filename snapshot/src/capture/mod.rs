@@ -362,7 +362,10 @@ fn dump_forked(
     // read them); which pages changed since the last round, found by comparing each process
     // with its fork, then the ranges whose pages went since the freeze too (taken after:
     // see `Tracked::compare_with_copy`).
+    // This work, and the copies below, run beside the processes again: they yield the CPU
+    // to them (not the reaping stops, which they wait for).
     let mut forked = forked;
+    let yielding = crate::sys::process::Lowered::by(YIELD_NICE);
     for (held, inspected) in &mut forked {
         let fork = ProcDir::new(held.pid());
         let maps = if inspected.flags_unknown() {
@@ -395,11 +398,15 @@ fn dump_forked(
             tracked.confirm_copy().map_err(|e| held.explain(e))?;
         }
     }
+    drop(yielding);
     for (held, inspected) in forked {
         let parent = held.parent();
         let tracked = precopy.tracked(parent);
-        let process =
-            process::dump(held.pid(), inspected, pool_dir, tracked).map_err(|e| held.explain(e))?;
+        let process = {
+            let _yielding = crate::sys::process::Lowered::by(YIELD_NICE);
+            process::dump(held.pid(), inspected, pool_dir, tracked)
+        }
+        .map_err(|e| held.explain(e))?;
         held.check_intact()?;
         bytes += precopy.tracking_of(parent).map_or(0, |t| t.freeze_bytes());
         crate::checkpoint::mark(&format!("cow: pages of {parent} copied from its fork"));
@@ -413,6 +420,10 @@ fn dump_forked(
     }
     Ok((processes, bytes, reap_ms))
 }
+
+/// How much lower the priority of the work done beside running processes is (pre-copy, the
+/// reading of their forks after the thaw): it yields the CPU to them.
+const YIELD_NICE: i32 = 10;
 
 /// The file beside a snapshot's record that lists the forks its capture holds (see [`cow`]),
 /// while it holds them.

@@ -176,7 +176,7 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     }
     // The copy yields the CPU to the tree it copies (the freeze then runs at the usual
     // priority again, to be short).
-    let _lowered = crate::sys::process::Lowered::by(10);
+    let _lowered = crate::sys::process::Lowered::by(super::YIELD_NICE);
     let mut last = u64::MAX;
     for round in 0..MAX_ROUNDS {
         let mut bytes = 0;
