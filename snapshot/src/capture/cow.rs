@@ -2,13 +2,12 @@
 //! freeze could copy in about the time of a `fork()` (what the last round copied tells) is
 //! forked from inside (a `clone` run in it while it is stopped), and which of its pages
 //! changed (see [`Tracked::compare_with_copy`]), its walk and its copies are read from that
-//! copy once the process runs on: the process
-//! is stopped for the fork, not for the copy. The copy is
-//! held stopped under dolly's ptrace and never runs a single instruction; it shares the
-//! process's file descriptor table (so it keeps no file open: a `close` in the process
-//! still closes), sends no signal when it ends (a plain `wait` never sees it), dies with
-//! dolly, and is reaped by the process, with one more brief stop of one of its threads,
-//! when the capture is over.
+//! copy once the process runs on: the process is stopped for the fork, not for the copy.
+//! The copy is held stopped under dolly's ptrace and never runs a single instruction; it
+//! shares the process's file descriptor table (so it keeps no file open: a `close` in the
+//! process still closes), sends no signal when it ends (a plain `wait` never sees it), dies
+//! with dolly, and is reaped by the process, with one more brief stop of one of its
+//! threads, when the capture is over.
 
 use std::time::Instant;
 

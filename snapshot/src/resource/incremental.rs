@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Result};
 use crate::image::{PoolFile, Process, SharedRuns};
-use crate::resource::memory::{merge_ranges, subtract_ranges};
+use crate::resource::memory::{add_page, merge_ranges, subtract_ranges};
 use crate::sys::PAGE_SIZE;
 
 /// Bytes of the parent's pool files read at a time while they are hashed.
@@ -366,14 +366,6 @@ impl ParentPages {
                 })
             })
             .collect()
-    }
-}
-
-/// Adds the page at `p` to `ranges`, sorted ranges that end at or before it.
-fn add_page(ranges: &mut Vec<(u64, u64)>, p: u64) {
-    match ranges.last_mut() {
-        Some(last) if last.1 == p => last.1 = p + PAGE_SIZE,
-        _ => ranges.push((p, p + PAGE_SIZE)),
     }
 }
 

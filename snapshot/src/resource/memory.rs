@@ -90,14 +90,7 @@ impl MemoryPlan {
                         "capture again, or with --fork never",
                     ))
                 }
-                Some(m) if m.flags.device => {
-                    return Err(unsupported(
-                        pid,
-                        m,
-                        "device memory",
-                        "capture a process without device mappings",
-                    ))
-                }
+                Some(m) if m.flags.device => return Err(device_memory(pid, m)),
                 Some(m) => area_flags(m),
                 None if of_fork => return Err(left_out_of_fork(pid, start, end)),
                 None => {
@@ -256,6 +249,16 @@ fn area_flags(m: &MapsEntry) -> AreaFlags {
     }
 }
 
+/// The refusal of device memory mapped by process `pid` at `m`.
+fn device_memory(pid: Pid, m: &MapsEntry) -> Error {
+    unsupported(
+        pid,
+        m,
+        "device memory",
+        "capture a process without device mappings",
+    )
+}
+
 fn unsupported(pid: Pid, m: &MapsEntry, what: &str, remedy: &str) -> Error {
     Error::refused(
         format!(
@@ -362,12 +365,7 @@ pub fn inspect(
         plan.hugetlb |= m.flags.hugetlb || m.path == "/anon_hugepage";
         let vdso_part = matches!(m.path.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]");
         if m.flags.device && !vdso_part {
-            return Err(unsupported(
-                pid,
-                m,
-                "device memory",
-                "capture a process without device mappings",
-            ));
+            return Err(device_memory(pid, m));
         }
         let private_anon = !m.shared;
         let (kind, source) = match m.path.as_str() {
@@ -457,6 +455,14 @@ pub fn inspect(
         plan.sources.push(source);
     }
     Ok(plan)
+}
+
+/// Adds the page at `p` to `ranges`, sorted ranges that end at or before it.
+pub(crate) fn add_page(ranges: &mut Vec<(u64, u64)>, p: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.1 == p => last.1 = p + crate::sys::PAGE_SIZE,
+        _ => ranges.push((p, p + crate::sys::PAGE_SIZE)),
+    }
 }
 
 /// Merges sorted `[start, end)` byte ranges that touch or overlap.

@@ -12,7 +12,7 @@ use std::path::Path;
 use nix::unistd::Pid;
 
 use super::incremental::ParentPages;
-use super::memory::{copy_runs, merge_ranges, page_runs, read_memory, subtract_ranges};
+use super::memory::{add_page, copy_runs, merge_ranges, page_runs, read_memory, subtract_ranges};
 use crate::error::{Context, Result};
 use crate::image::{Pages, PoolFile};
 use crate::pool::{self, PoolWriter};
@@ -134,6 +134,13 @@ struct TrackedArea {
     /// Tracked since the last round (mapped after the tracking began): its next round
     /// copies all its pages, not only those written.
     fresh: bool,
+}
+
+impl TrackedArea {
+    /// The address ranges whose pages are stored: in the slot, or the parent's.
+    fn held(&self) -> Vec<(u64, u64)> {
+        merge_ranges(self.copied.iter().chain(&self.same).copied().collect())
+    }
 }
 
 /// A running process whose memory is being pre-copied.
@@ -617,9 +624,10 @@ impl Tracked {
 
     /// After [`Tracked::survey`] at the freeze, once the process runs again: reads the page
     /// tables and memory of `copy` from now on, a copy-on-write fork of the process made at
-    /// the freeze, so that the walk and the copies of the freeze are made after the thaw. (The fork's page
-    /// tables tell which pages it holds, not which were written since they were protected:
-    /// that comes from the survey's walk, or from [`Tracked::compare_with_copy`].)
+    /// the freeze, so that the walk and the copies of the freeze are made after the thaw.
+    /// (The fork's page tables tell which pages it holds, not which were written since they
+    /// were protected: that comes from the survey's walk, or from
+    /// [`Tracked::compare_with_copy`].)
     pub fn use_copy(&mut self, copy: Pid) -> Result<()> {
         let proc = ProcDir::new(copy);
         let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
@@ -654,13 +662,7 @@ impl Tracked {
         let Some(process_pagemap) = &self.process_pagemap else {
             return Ok(());
         };
-        let held = merge_ranges(
-            self.areas
-                .iter()
-                .flat_map(|a| a.copied.iter().chain(&a.same))
-                .copied()
-                .collect(),
-        );
+        let held = merge_ranges(self.areas.iter().flat_map(TrackedArea::held).collect());
         for &(start, end) in areas {
             let expected = subtract_ranges(&intersect(&held, &[(start, end)]), &self.lost);
             if !expected.is_empty()
@@ -707,16 +709,10 @@ impl Tracked {
                             }
                             let page = at + i as u64 * PAGE_SIZE;
                             if then & (pagemap::PM_PRESENT | pagemap::PM_SWAPPED) == 0 {
-                                match self.missing.last_mut() {
-                                    Some((_, e)) if *e == page => *e += PAGE_SIZE,
-                                    _ => self.missing.push((page, page + PAGE_SIZE)),
-                                }
+                                add_page(&mut self.missing, page);
                             }
                             if frame(then) == frame(now) {
-                                match kept.last_mut() {
-                                    Some((_, e)) if *e == page => *e += PAGE_SIZE,
-                                    _ => kept.push((page, page + PAGE_SIZE)),
-                                }
+                                add_page(&mut kept, page);
                             }
                         }
                     }
@@ -883,13 +879,7 @@ impl Tracked {
             return Ok(None);
         };
         let piece = [(start, end)];
-        let held = {
-            let area = &self.areas[i];
-            intersect(
-                &merge_ranges(area.copied.iter().chain(&area.same).copied().collect()),
-                &piece,
-            )
-        };
+        let held = intersect(&self.areas[i].held(), &piece);
         // A mapping made over (part of) a tracked one is not tracked: its pages are copied
         // whole (the slot's pages there are freed by `free_unused`). (Where nothing was
         // copied, nothing could be taken for what it is not: no need to look.)
@@ -950,10 +940,10 @@ impl Tracked {
                 .chain(present_in_scope.iter().copied())
                 .collect(),
         );
-        // (A fork's page tables do not keep the write protections: there, what was written
-        // is what the walk at the freeze found touched.)
-        // (Nor do pages `mremap` moves lose theirs, with the userfaultfd's remap events on:
-        // where events say pages went or came, every page present counts as written.)
+        // In a fork, which keeps no write protection, what was written is what the walk at
+        // the freeze (or the comparison with the process) found changed. In the process,
+        // pages `mremap` moved keep theirs (the remap events being on): where events say
+        // pages went or came, every page present counts as written too.
         let written: Vec<(u64, u64)> = match (&changed, self.copy) {
             (Some(changed), true) => changed.clone(),
             _ => regions
