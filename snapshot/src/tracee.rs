@@ -159,11 +159,15 @@ fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
     }
 }
 
+/// How long [`wait_blocking`] polls before it sleeps: longer than the `clone` of a process
+/// with 64 MiB of written memory takes (about 1 ms).
+const SPIN_LIMIT: Duration = Duration::from_millis(4);
+
 /// Waits for the next stop or end of `pid`: polled without sleeping for a while (a stop
-/// after a system call or a step comes within microseconds, and being woken from a sleep
-/// can cost far more on a virtual machine), then blocking.
+/// after a system call or a step comes within microseconds; being woken from a sleep can
+/// cost 0.1 ms on a virtual machine, whose idle CPU the host has to wake), then blocking.
 fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
-    let spin_until = Instant::now() + Duration::from_millis(1);
+    let spin_until = Instant::now() + SPIN_LIMIT;
     while Instant::now() < spin_until {
         match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::hint::spin_loop(),

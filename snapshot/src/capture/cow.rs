@@ -122,18 +122,21 @@ pub struct Held {
     copy: Option<Tracee>,
 }
 
-/// Forks frozen, pre-copied process `member` (with memory `areas`; surveyed, see
-/// [`worth_forking`]) from inside, through the `syscall` instruction of its vDSO. The
-/// process is left as it was, stopped. After the thaw, [`Held::take_over`] has its tracking
-/// read the fork.
-pub fn fork(member: &mut Member, areas: &[Area]) -> Result<Held> {
-    let parent = member.proc.pid();
+/// Forks frozen, pre-copied process `parent` (with memory `areas`; surveyed, see
+/// [`worth_forking`]) from inside, with a `clone` run by `remote` in one of its stopped
+/// threads (every signal blocked: see [`crate::tracee::Remote::fork_held`]), within the
+/// calls that read its state (one stop less). After the thaw, [`Held::take_over`] has its
+/// tracking read the fork.
+pub fn fork_inside(
+    remote: &mut crate::tracee::Remote<'_>,
+    parent: Pid,
+    areas: &[Area],
+) -> Result<Held> {
     let vdso = areas
         .iter()
         .find(|a| a.kind == AreaKind::Vdso)
         .map(|a| a.start);
-    let leader = &mut member.threads[0];
-    let (copy, ns_pid) = run_inside(leader, vdso, true, |remote| remote.fork_held())?;
+    let (copy, ns_pid) = remote.fork_held()?;
     crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
     Ok(Held {
         parent,

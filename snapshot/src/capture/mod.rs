@@ -64,7 +64,7 @@ struct ForkSetup {
     /// [`cow::worth_forking`] (`--fork auto`).
     rooms: HashMap<Pid, Option<u64>>,
     /// [`FORKS_FILE`], made empty (none with `--fork never`).
-    note: Option<std::fs::File>,
+    note: Option<ForksNote>,
 }
 
 /// The image of a tree, but the header.
@@ -125,19 +125,26 @@ pub fn capture_observed(
         checkpoints.reach("capture:locked")?;
         let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref())?;
         checkpoints.reach("capture:precopied")?;
-        let setup = ForkSetup {
+        let mut setup = ForkSetup {
             rooms: match opts.fork {
                 ForkPolicy::Auto => precopy.pids().map(|p| (p, cow::room(p))).collect(),
                 _ => HashMap::new(),
             },
             note: (opts.fork != ForkPolicy::Never)
-                .then(|| std::fs::File::create(draft.dir().join(FORKS_FILE)).ok())
+                .then(|| ForksNote::create(&draft.dir().join(FORKS_FILE), precopy.pids().count()))
                 .flatten(),
         };
         let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
         let order: Vec<i32> = tree.members.iter().map(|m| m.proc.pid().as_raw()).collect();
-        let image = capture_frozen(&mut tree, opts, &draft, checkpoints, &mut precopy, &setup);
+        let image = capture_frozen(
+            &mut tree,
+            opts,
+            &draft,
+            checkpoints,
+            &mut precopy,
+            &mut setup,
+        );
         let (frozen_for, thawed) = tree.thaw();
         crate::checkpoint::mark("capture: thawed");
         // Both freezes: the one that set up write tracking, and this one.
@@ -231,7 +238,7 @@ fn capture_frozen(
     draft: &crate::store::Draft,
     checkpoints: &Checkpoints,
     precopy: &mut precopy::Precopy,
-    setup: &ForkSetup,
+    setup: &mut ForkSetup,
 ) -> Result<TreeImage> {
     checkpoints.reach("capture:frozen")?;
     precopy.note_lost();
@@ -242,30 +249,43 @@ fn capture_frozen(
         shmem: ShmemTable::default(),
         tree: crate::resource::tree::TreeView::new(tree.pids()),
     };
+    // Each process is inspected, and forked at the end of the inspection if worth it (see
+    // `cow`); should one be refused, the forks made go at once.
     let mut inspected = Vec::with_capacity(tree.members.len());
-    for member in &mut tree.members {
-        let known_maps = precopy.known_maps(member.proc.pid());
-        inspected.push(process::inspect(
-            member,
-            &mut shared,
-            crate::resource::files::FdPolicy {
-                shell_job: opts.shell_job,
-                file_locks: opts.file_locks,
-                tcp_established: opts.tcp_established,
-            },
-            known_maps.as_deref(),
-            checkpoints,
-        )?);
-    }
-    shared.shmem.check_sysv_private()?;
-    checkpoints.reach("capture:pages")?;
-    let forks = fork_writers(tree, &inspected, precopy, opts.fork, &setup.rooms);
-    if forks.iter().any(Option::is_some) {
-        // At once (still frozen: a few tens of µs): should the capture be killed from now
-        // on, the forks die with it and the note has their processes reap them.
-        if let Some(file) = &setup.note {
-            let _ = note_forks(file, forks.iter().flatten());
+    let mut forks = Vec::with_capacity(tree.members.len());
+    let inspection = (|| {
+        for member in &mut tree.members {
+            let pid = member.proc.pid();
+            let known_maps = precopy.known_maps(pid);
+            let room = setup.rooms.get(&pid).copied().flatten();
+            let (process, fork) = process::inspect(
+                member,
+                &mut shared,
+                crate::resource::files::FdPolicy {
+                    shell_job: opts.shell_job,
+                    file_locks: opts.file_locks,
+                    tcp_established: opts.tcp_established,
+                },
+                known_maps.as_deref(),
+                checkpoints,
+                |memory| worth_forking(precopy, pid, memory, opts.fork, room),
+            )?;
+            inspected.push(process);
+            forks.push(fork);
         }
+        shared.shmem.check_sysv_private()
+    })();
+    if forks.iter().any(Option::is_some) {
+        // At once (still frozen: a copy into memory): should the capture be killed from now
+        // on, the forks die with it and the note has their processes reap them.
+        if let Some(note) = &mut setup.note {
+            let _ = note.write(forks.iter().flatten());
+        }
+    }
+    let inspection = inspection.and_then(|()| checkpoints.reach("capture:pages"));
+    if let Err(e) = inspection {
+        end_forks(tree, forks);
+        return Err(e);
     }
     let mut processes = Vec::with_capacity(inspected.len());
     let mut left_inspected = Vec::new();
@@ -290,13 +310,7 @@ fn capture_frozen(
     let (shmem, shmem_size, shmem_name) = match dumped {
         Ok(v) => v,
         Err(e) => {
-            // The forks go now, reaped through the frozen threads (a later stop could not
-            // seize them).
-            for (member, fork) in tree.members.iter_mut().zip(forks) {
-                if let Some(held) = fork {
-                    let _ = held.end_frozen(member);
-                }
-            }
+            end_forks(tree, forks);
             return Err(e);
         }
     };
@@ -317,36 +331,34 @@ fn capture_frozen(
     })
 }
 
-/// At the freeze, once every process is inspected: forks, from inside, each pre-copied
-/// process that wrote too much since the last round for the freeze to copy it quickly (see
-/// [`cow`]); its walk and copies then read the fork, after the thaw. One entry per member:
-/// its fork, if it was forked.
-fn fork_writers(
-    tree: &mut tree::Frozen,
-    inspected: &[process::Inspected],
+/// At the freeze, once process `pid` (with `memory`) is inspected: whether to fork it from
+/// inside, as a pre-copied process that wrote too much since the last round for the freeze
+/// to copy it quickly (see [`cow`]); its walk and copies then read the fork, after the
+/// thaw. `room`: the memory it could still be given (see [`cow::room`]).
+fn worth_forking(
     precopy: &mut precopy::Precopy,
+    pid: Pid,
+    memory: &crate::resource::memory::MemoryPlan,
     policy: ForkPolicy,
-    rooms: &HashMap<Pid, Option<u64>>,
-) -> Vec<Option<cow::Held>> {
-    tree.members
-        .iter_mut()
-        .zip(inspected)
-        .map(|(member, inspected)| {
-            let pid = member.proc.pid();
-            let tracked = precopy.tracking_of(pid)?;
-            // With the pool of huge pages empty, the process's copy-on-write of a hugetlb page
-            // takes the page from the fork (which would then read as zeros).
-            if inspected.has_hugetlb() {
-                return None;
-            }
-            let room = rooms.get(&pid).copied().flatten();
-            if !cow::worth_forking(policy, tracked, inspected.areas(), room) {
-                return None;
-            }
-            // If the fork fails (a limit on processes...), the freeze copies the pages.
-            cow::fork(member, inspected.areas()).ok()
-        })
-        .collect()
+    room: Option<u64>,
+) -> bool {
+    let Some(tracked) = precopy.tracking_of(pid) else {
+        return false;
+    };
+    // With the pool of huge pages empty, the process's copy-on-write of a hugetlb page takes
+    // the page from the fork (which would then read as zeros).
+    !memory.hugetlb && cow::worth_forking(policy, tracked, &memory.areas, room)
+}
+
+/// Ends the forks made at the freeze of a capture that fails before the thaw, reaped through
+/// the frozen threads (a later stop could not seize them). `forks`: one entry per member
+/// inspected, in order.
+fn end_forks(tree: &mut tree::Frozen, forks: Vec<Option<cow::Held>>) {
+    for (member, fork) in tree.members.iter_mut().zip(forks) {
+        if let Some(held) = fork {
+            let _ = held.end_frozen(member);
+        }
+    }
 }
 
 /// After the thaw: the pages of the processes forked at the freeze, read from their forks
@@ -429,15 +441,57 @@ const YIELD_NICE: i32 = 10;
 /// while it holds them.
 const FORKS_FILE: &str = "forks.json";
 
-/// Notes the forks held in `file` ([`FORKS_FILE`] beside the snapshot, made before the
-/// freeze: creating a file takes tenths of a millisecond): should the capture be killed,
-/// they die with it, and [`reap_leftover_forks`] has their processes reap them.
-fn note_forks<'a>(file: &std::fs::File, forks: impl Iterator<Item = &'a cow::Held>) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let notes: Vec<cow::ForkNote> = forks.map(cow::Held::note).collect();
-    let text = serde_json::to_vec(&notes).expect("notes serialize");
-    file.write_all_at(&text, 0)
-        .context("noting the forks beside the snapshot")
+/// Room for the note of one fork in [`ForksNote`]'s mapping (a note takes about 120 bytes).
+const NOTE_BYTES: usize = 256;
+
+/// [`FORKS_FILE`] beside a snapshot, made before the freeze (creating a file takes tenths
+/// of a millisecond) and mapped, its pages written once: noting the forks at the freeze is
+/// then a copy into memory, not a write to the file system (tens of µs). Should the capture
+/// be killed, the forks die with it, and [`reap_leftover_forks`] has their processes reap
+/// them. The JSON list is followed by zero bytes up to the end of the file.
+struct ForksNote {
+    file: std::fs::File,
+    map: Option<memmap2::MmapMut>,
+}
+
+impl ForksNote {
+    /// Makes the note, empty, with room for the forks of `processes` processes.
+    fn create(path: &std::path::Path, processes: usize) -> Option<ForksNote> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .ok()?;
+        let page = crate::sys::PAGE_SIZE as usize;
+        let len = (processes.max(1) * NOTE_BYTES).next_multiple_of(page);
+        let map = file.set_len(len as u64).ok().and_then(|()| {
+            // SAFETY: the file was just made by dolly, in its own snapshot's directory;
+            // nothing else maps or shortens it while the capture runs.
+            let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.ok()?;
+            map.fill(0);
+            Some(map)
+        });
+        Some(ForksNote { file, map })
+    }
+
+    /// Notes `forks` (the note of a previous call is overwritten).
+    fn write<'a>(&mut self, forks: impl Iterator<Item = &'a cow::Held>) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let notes: Vec<cow::ForkNote> = forks.map(cow::Held::note).collect();
+        let text = serde_json::to_vec(&notes).expect("notes serialize");
+        match &mut self.map {
+            Some(map) if text.len() < map.len() => {
+                map[..text.len()].copy_from_slice(&text);
+                Ok(())
+            }
+            _ => self
+                .file
+                .write_all_at(&text, 0)
+                .context("noting the forks beside the snapshot"),
+        }
+    }
 }
 
 /// For a capture found interrupted (its worker killed) in snapshot directory `dir`: has
@@ -448,7 +502,9 @@ pub fn reap_leftover_forks(dir: &std::path::Path) {
     let Ok(text) = std::fs::read(&path) else {
         return;
     };
-    let settled = match serde_json::from_slice::<Vec<cow::ForkNote>>(&text) {
+    // (The list, then zeros: see `ForksNote`.)
+    let end = text.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let settled = match serde_json::from_slice::<Vec<cow::ForkNote>>(&text[..end]) {
         Ok(notes) => cow::reap_leftovers(&notes),
         Err(_) => true, // empty: made before the freeze, no fork noted yet
     };

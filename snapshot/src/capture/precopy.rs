@@ -66,9 +66,9 @@ impl Precopy {
         let Some(reader) = &self.lost_pages else {
             return;
         };
-        for (pid, ranges) in reader.take() {
+        for (pid, events) in reader.take() {
             if let Some(t) = self.tracked.get_mut(&pid) {
-                t.note_lost(ranges);
+                t.note_lost(events);
             }
         }
     }

@@ -13,8 +13,8 @@ use crate::resource::{creds, files, memory, process, signals, thread};
 use crate::tracee::{self, RawRegs, Tracee};
 use nix::unistd::Pid;
 
-use super::checks;
 use super::tree::Member;
+use super::{checks, cow};
 
 /// Bytes of scratch memory mapped inside the target while reading hidden state.
 const SCRATCH_LEN: u64 = 8 * crate::sys::PAGE_SIZE;
@@ -64,12 +64,6 @@ impl Inspected {
     pub fn check_fork(&self, maps: &[crate::proc::MapsEntry]) -> Result<()> {
         self.memory
             .check_fork(Pid::from_raw(self.process.pid), maps)
-    }
-
-    /// Whether some of its memory is hugetlb memory (which a fork may not keep: see
-    /// [`crate::capture::ForkPolicy`]).
-    pub fn has_hugetlb(&self) -> bool {
-        self.memory.hugetlb
     }
 
     /// Whether the flags of some of its areas are still to be read.
@@ -312,29 +306,46 @@ fn query_hidden(
     }
 }
 
-/// Reads everything of a frozen process but its pages; refuses what cannot be restored.
-pub fn inspect(
-    member: &mut Member,
+/// Forks the process `remote` runs calls in (see [`cow::fork_inside`]) if `fork_if` says
+/// so of its `memory`. A fork that fails is no error: the freeze then copies the pages.
+fn fork_if_worth(
+    remote: &mut tracee::Remote,
+    pid: Pid,
+    memory: &MemoryPlan,
+    fork_if: Option<impl FnOnce(&MemoryPlan) -> bool>,
+) -> Option<cow::Held> {
+    crate::checkpoint::mark("inspect: state read");
+    if !fork_if.is_some_and(|worth| worth(memory)) {
+        return None;
+    }
+    cow::fork_inside(remote, pid, &memory.areas).ok()
+}
+
+/// What [`inspect`] reads from the `/proc` directory of a frozen process, but its areas.
+struct ProcRead {
+    fds: Vec<crate::image::Fd>,
+    locks: Vec<crate::image::FileLock>,
+    cwd: String,
+    exe: String,
+    root: String,
+    personality: u32,
+    rlimits: Vec<crate::image::Rlimit>,
+    sched: crate::image::Scheduling,
+    oom_score_adj: i32,
+    coredump_filter: u32,
+    auxv: Vec<u64>,
+}
+
+/// Reads a frozen process's files and areas, then the rest of what [`ProcRead`] holds, from
+/// its `/proc` directory; refuses what cannot be restored.
+fn read_proc(
+    proc: &ProcDir,
+    stat: &crate::proc::Stat,
     shared: &mut Shared,
     policy: files::FdPolicy,
     known_maps: Option<&[crate::proc::MapsEntry]>,
-    checkpoints: &Checkpoints,
-) -> Result<Inspected> {
-    let proc = &member.proc;
+) -> Result<(MemoryPlan, ProcRead)> {
     let pid = proc.pid();
-    let stat = proc.stat()?;
-    let status = proc.status()?;
-    checks::check_member(proc, &status)?;
-    // The other threads' queries use the leader's scratch area (one mapping, not one each).
-    let others = member.threads.len() > 1;
-    let tracee = &mut member.threads[0];
-    let mut regs = tracee.regs()?;
-    thread::abort_rseq_section(tracee, &mut regs)?;
-    let xstate = tracee.xstate()?;
-    let sigmask = tracee.sigmask()?;
-
-    // Refusals first: they need no help from inside the process.
-    crate::checkpoint::mark("inspect: registers");
     let fds = files::capture_fds(
         proc,
         &mut shared.files,
@@ -357,39 +368,80 @@ pub fn inspect(
             "capture a process whose working directory exists",
         ));
     }
+    let (sched, oom_score_adj) = process::capture_sched(proc, stat)?;
+    let read = ProcRead {
+        fds,
+        locks,
+        cwd,
+        exe: proc
+            .read_link("exe")?
+            .trim_end_matches(" (deleted)")
+            .to_string(),
+        root: proc.read_link("root")?,
+        personality: u32::from_str_radix(proc.read("personality")?.trim(), 16).unwrap_or(0),
+        rlimits: process::capture_rlimits(proc)?,
+        sched,
+        oom_score_adj,
+        coredump_filter: process::capture_coredump_filter(proc)?,
+        auxv: proc.auxv()?,
+    };
+    Ok((memory, read))
+}
 
-    // State only the process itself can tell: run system calls inside it, with every
-    // signal blocked, then put its registers and mask back whatever happened.
-    let ip = syscall_ip(tracee, &memory, &regs)?;
-    let (hidden, scratch) = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
-        query_hidden(remote, checkpoints, others)
-    })?;
-    crate::checkpoint::mark("inspect: state from inside");
-    let mut threads = vec![thread::capture(
-        &member.threads[0],
-        &regs,
-        xstate,
-        sigmask,
-        hidden.thread,
-        status.ns_pid.clone(),
-        stat.comm.clone(),
-    )?];
-    if let Some(scratch) = &scratch {
-        let captured = (|| {
-            for t in &mut member.threads[1..] {
-                threads.push(capture_thread(t, &memory, scratch)?);
+/// What [`inspect`] reads through ptrace and from inside the process.
+struct ReadInside {
+    hidden: Hidden,
+    threads: Vec<Thread>,
+    pending: Vec<crate::image::QueuedSignal>,
+}
+
+/// Reads everything of a frozen process but its pages; refuses what cannot be restored.
+/// Forks it from inside (see [`cow`]) if `fork_if` says so of its memory, at the end of the
+/// calls that read its state; returns the fork too.
+pub fn inspect(
+    member: &mut Member,
+    shared: &mut Shared,
+    policy: files::FdPolicy,
+    known_maps: Option<&[crate::proc::MapsEntry]>,
+    checkpoints: &Checkpoints,
+    fork_if: impl FnOnce(&MemoryPlan) -> bool,
+) -> Result<(Inspected, Option<cow::Held>)> {
+    let pid = member.proc.pid();
+    let stat = member.proc.stat()?;
+    let status = member.proc.status()?;
+    checks::check_member(&member.proc, &status)?;
+    let tracee = &mut member.threads[0];
+    let mut regs = tracee.regs()?;
+    thread::abort_rseq_section(tracee, &mut regs)?;
+    let registers = (regs, tracee.xstate()?, tracee.sigmask()?);
+    crate::checkpoint::mark("inspect: registers");
+    // Refusals first: they need no help from inside the process.
+    let (memory, read) = read_proc(&member.proc, &stat, shared, policy, known_maps)?;
+    let mut held = None;
+    let inside = read_inside(
+        &mut member.threads,
+        (registers, status.ns_pid.clone(), stat.comm.clone()),
+        &memory,
+        checkpoints,
+        (fork_if, &mut held),
+    );
+    let inside = match inside {
+        Ok(inside) => inside,
+        Err(e) => {
+            if let Some(held) = held {
+                let _ = held.end_frozen(member);
             }
-            Ok(())
-        })();
-        // Whatever happened: the process is left as it was.
-        member.threads[0].run_inside_as_is(ip, true, |remote| scratch.unmap(remote))?;
-        captured?;
-    }
-    let proc = &member.proc;
-    let (sched, oom_score_adj) = process::capture_sched(proc, &stat)?;
+            return Err(e);
+        }
+    };
+    let ReadInside {
+        hidden,
+        threads,
+        pending,
+    } = inside;
     let mut flags = hidden.flags;
-    flags.coredump_filter = process::capture_coredump_filter(proc)?;
-    let mut mm = process::mm_layout(&stat, hidden.brk, proc.auxv()?);
+    flags.coredump_filter = read.coredump_filter;
+    let mut mm = process::mm_layout(&stat, hidden.brk, read.auxv);
     mm.brk = hidden.brk;
     let process = Process {
         pid: pid.as_raw(),
@@ -399,33 +451,90 @@ pub fn inspect(
         sid: stat.sid,
         comm: stat.comm.clone(),
         stopped: member.stopped,
-        exe: proc
-            .read_link("exe")?
-            .trim_end_matches(" (deleted)")
-            .to_string(),
-        personality: u32::from_str_radix(proc.read("personality")?.trim(), 16).unwrap_or(0),
+        exe: read.exe,
+        personality: read.personality,
         umask: status.umask,
-        cwd,
-        root: proc.read_link("root")?,
-        rlimits: process::capture_rlimits(proc)?,
+        cwd: read.cwd,
+        root: read.root,
+        rlimits: read.rlimits,
         creds: creds::capture(&status, hidden.securebits),
         flags,
-        sched,
-        oom_score_adj,
+        sched: read.sched,
+        oom_score_adj: read.oom_score_adj,
         mm,
         areas: Vec::new(),
         pool: None,
         base_pools: Vec::new(),
-        fds,
-        locks,
+        fds: read.fds,
+        locks: read.locks,
         signals: Signals {
             actions: hidden.actions,
-            pending: signals::pending(pid, true)?,
+            pending,
         },
         itimers: hidden.itimers,
         threads,
     };
-    Ok(Inspected { process, memory })
+    Ok((Inspected { process, memory }, held))
+}
+
+/// The part of [`inspect`] that runs calls inside the process (with `memory`): the state
+/// only the process can tell, and the fork if `fork_if` says so (into `held`); then its
+/// other threads and its pending signals. `registers`: its leader's registers, extended
+/// state and signal mask; `ns_pid`, `comm`: its leader's PIDs and name.
+fn read_inside(
+    tracees: &mut [Tracee],
+    ((regs, xstate, sigmask), ns_pid, comm): ((RawRegs, Vec<u8>, u64), Vec<i32>, String),
+    memory: &MemoryPlan,
+    checkpoints: &Checkpoints,
+    (fork_if, held): (impl FnOnce(&MemoryPlan) -> bool, &mut Option<cow::Held>),
+) -> Result<ReadInside> {
+    // The other threads' queries use the leader's scratch area (one mapping, not one each).
+    let others = tracees.len() > 1;
+    let tracee = &mut tracees[0];
+    let pid = tracee.pid();
+    // State only the process itself can tell: run system calls inside it, with every
+    // signal blocked, then put its registers and mask back whatever happened. The fork, if
+    // any, comes last, once dolly's scratch memory is unmapped.
+    let ip = syscall_ip(tracee, memory, &regs)?;
+    let mut fork_if = Some(fork_if);
+    let (hidden, scratch) = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
+        let (hidden, scratch) = query_hidden(remote, checkpoints, others)?;
+        if scratch.is_none() {
+            *held = fork_if_worth(remote, pid, memory, fork_if.take());
+        }
+        Ok((hidden, scratch))
+    })?;
+    let mut threads = vec![thread::capture(
+        &tracees[0],
+        &regs,
+        xstate,
+        sigmask,
+        hidden.thread,
+        ns_pid,
+        comm,
+    )?];
+    if let Some(scratch) = &scratch {
+        let captured = (|| {
+            for t in &mut tracees[1..] {
+                threads.push(capture_thread(t, memory, scratch)?);
+            }
+            Ok(())
+        })();
+        // Whatever happened: the process is left as it was.
+        tracees[0].run_inside_as_is(ip, true, |remote| {
+            scratch.unmap(remote)?;
+            if captured.is_ok() {
+                *held = fork_if_worth(remote, pid, memory, fork_if.take());
+            }
+            Ok(())
+        })?;
+        captured?;
+    }
+    Ok(ReadInside {
+        pending: signals::pending(pid, true)?,
+        hidden,
+        threads,
+    })
 }
 
 /// Reads, from inside a stopped thread, what only it can tell (its alternate signal stack

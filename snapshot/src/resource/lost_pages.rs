@@ -17,8 +17,8 @@ use crate::sys::uffd;
 /// What the thread found, shared with the capture.
 #[derive(Debug, Default)]
 struct Found {
-    /// Ranges whose pages may have gone, by PID.
-    lost: HashMap<i32, Vec<(u64, u64)>>,
+    /// Ranges whose pages may have gone (and of those, the ones unmapped), by PID.
+    lost: HashMap<i32, uffd::Events>,
     /// The thread is to end.
     stop: bool,
 }
@@ -65,7 +65,7 @@ impl LostPages {
     /// Every range reported so far, by PID, pending events included. (With the processes
     /// stopped none is pending: a process waiting for its event to be read cannot stop
     /// before it is.)
-    pub fn take(&self) -> HashMap<i32, Vec<(u64, u64)>> {
+    pub fn take(&self) -> HashMap<i32, uffd::Events> {
         // The thread reads only while it holds the lock, so what it read is recorded.
         let mut found = self.lock();
         drain(&self.uffds, &mut found);
@@ -92,7 +92,9 @@ fn drain(uffds: &[(i32, RawFd)], found: &mut Found) {
             continue;
         };
         if !events.lost.is_empty() {
-            found.lost.entry(pid).or_default().extend(events.lost);
+            let all = found.lost.entry(pid).or_default();
+            all.lost.extend(events.lost);
+            all.unmapped.extend(events.unmapped);
         }
     }
 }

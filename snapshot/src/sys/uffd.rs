@@ -81,6 +81,10 @@ pub struct Events {
     /// Address ranges whose pages may have gone or changed (`madvise` drops, `munmap`, both
     /// ends of an `mremap`).
     pub lost: Vec<(u64, u64)>,
+    /// Of those, the ranges unmapped (`munmap`, a mapping made over them, both ends of an
+    /// `mremap`): where an area registered for tracking may have been replaced by one that
+    /// is not.
+    pub unmapped: Vec<(u64, u64)>,
 }
 
 /// Reads the pending events of a userfaultfd opened `O_NONBLOCK`. Reading an event lets the
@@ -104,12 +108,21 @@ pub fn read_events(uffd: &impl AsRawFd) -> Result<Events, Errno> {
         for msg in buf[..n as usize].chunks_exact(MSG_LEN) {
             let word = |at: usize| u64::from_ne_bytes(msg[at..at + 8].try_into().expect("8 bytes"));
             match msg[0] {
-                UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => out.lost.push((word(8), word(16))),
+                UFFD_EVENT_REMOVE => out.lost.push((word(8), word(16))),
+                UFFD_EVENT_UNMAP => {
+                    out.lost.push((word(8), word(16)));
+                    out.unmapped.push((word(8), word(16)));
+                }
                 // Both ends: the pages left the source, and replaced what the
                 // destination held.
                 UFFD_EVENT_REMAP => {
-                    out.lost.push((word(8), word(8) + word(24)));
-                    out.lost.push((word(16), word(16) + word(24)));
+                    for range in [
+                        (word(8), word(8) + word(24)),
+                        (word(16), word(16) + word(24)),
+                    ] {
+                        out.lost.push(range);
+                        out.unmapped.push(range);
+                    }
                 }
                 _ => {}
             }
