@@ -514,12 +514,8 @@ fn read_inside(
         comm,
     )?];
     if let Some(scratch) = &scratch {
-        let captured = (|| {
-            for t in &mut tracees[1..] {
-                threads.push(capture_thread(t, memory, scratch)?);
-            }
-            Ok(())
-        })();
+        let captured =
+            capture_threads(&mut tracees[1..], memory, scratch).map(|t| threads.extend(t));
         // Whatever happened: the process is left as it was.
         tracees[0].run_inside_as_is(ip, true, |remote| {
             scratch.unmap(remote)?;
@@ -537,18 +533,28 @@ fn read_inside(
     })
 }
 
-/// Reads, from inside a stopped thread, what only it can tell (its alternate signal stack
-/// and tid address), with one batch run through the process's `scratch` area (kept by the
-/// leader's queries).
-fn query_thread(remote: &mut tracee::Remote, scratch: &Scratch) -> Result<thread::HiddenState> {
-    let out = scratch.area + OUT;
+/// Room for one thread's calls and their output in the scratch area (see
+/// [`capture_threads`]): the table of two calls, then 40 bytes of output.
+const THREAD_SLOT: u64 = 256;
+
+/// Where in its slot a thread's calls write: after the table of two calls and its end mark.
+const THREAD_OUT: u64 = 3 * 64;
+
+/// What only each thread itself can tell (its alternate signal stack and tid address):
+/// the calls of one slot of the scratch area at `slot`.
+fn thread_calls(slot: u64) -> tracee::Calls {
+    let out = slot + THREAD_OUT;
     let mut calls = tracee::Calls::default();
     calls.add(libc::SYS_sigaltstack, &[0, out]);
     calls.add(
         libc::SYS_prctl,
         &[libc::PR_GET_TID_ADDRESS as u64, out + 32],
     );
-    let results = remote.run(&calls, scratch.runner, scratch.area)?;
+    calls
+}
+
+/// Reads what [`thread_calls`] at `slot` wrote, once they ran in `tracee` (`results`).
+fn thread_hidden(tracee: &Tracee, slot: u64, results: &[i64]) -> Result<thread::HiddenState> {
     if let Some(rc) = results.iter().find(|&&rc| (-4095..0).contains(&rc)) {
         return Err(Error::sys(
             "reading a thread's state from inside it",
@@ -556,7 +562,7 @@ fn query_thread(remote: &mut tracee::Remote, scratch: &Scratch) -> Result<thread
         ));
     }
     let mut raw = [0u8; 40];
-    remote.read_mem(out, &mut raw)?;
+    tracee.read_mem(slot + THREAD_OUT, &mut raw)?;
     let word = |at: usize| u64::from_ne_bytes(raw[at..at + 8].try_into().unwrap());
     Ok(thread::HiddenState {
         altstack: crate::image::AltStack {
@@ -568,22 +574,114 @@ fn query_thread(remote: &mut tracee::Remote, scratch: &Scratch) -> Result<thread
     })
 }
 
-/// Captures a thread other than the leader, whole (`scratch`: the process's, kept by the
-/// leader's queries).
-fn capture_thread(tracee: &mut Tracee, memory: &MemoryPlan, scratch: &Scratch) -> Result<Thread> {
-    let tid = tracee.pid();
-    let task = ProcDir::new(tid);
-    let status = task.status()?;
-    let comm = task.read("comm")?.trim_end_matches('\n').to_string();
-    let mut regs = tracee.regs()?;
-    thread::abort_rseq_section(tracee, &mut regs)?;
-    let xstate = tracee.xstate()?;
-    let sigmask = tracee.sigmask()?;
-    let ip = syscall_ip(tracee, memory, &regs)?;
-    let hidden = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
-        query_thread(remote, scratch)
-    })?;
-    thread::capture(tracee, &regs, xstate, sigmask, hidden, status.ns_pid, comm)
+/// A thread's state read through ptrace, before its calls run.
+struct ThreadBefore {
+    ns_pid: Vec<i32>,
+    comm: String,
+    regs: RawRegs,
+    xstate: Vec<u8>,
+    sigmask: u64,
+    ip: u64,
+}
+
+/// Captures the threads of a process other than its leader, whole, through the process's
+/// `scratch` area (kept by the leader's queries): each thread gets a slot of it, and the
+/// calls of all the threads of a group (as many as there are slots) run at the same time
+/// (one wait for all, not one per thread), as do the moves out of the trap they leave
+/// them in.
+fn capture_threads(
+    tracees: &mut [Tracee],
+    memory: &MemoryPlan,
+    scratch: &Scratch,
+) -> Result<Vec<Thread>> {
+    let slots = (SCRATCH_LEN / THREAD_SLOT) as usize;
+    let mut threads = Vec::with_capacity(tracees.len());
+    for group in tracees.chunks_mut(slots) {
+        threads.extend(capture_group(group, memory, scratch)?);
+    }
+    Ok(threads)
+}
+
+/// [`capture_threads`] for one group of threads, at most one per slot.
+fn capture_group(
+    group: &mut [Tracee],
+    memory: &MemoryPlan,
+    scratch: &Scratch,
+) -> Result<Vec<Thread>> {
+    let mut before = Vec::with_capacity(group.len());
+    for tracee in group.iter_mut() {
+        let task = ProcDir::new(tracee.pid());
+        let ns_pid = task.status()?.ns_pid;
+        let comm = task.read("comm")?.trim_end_matches('\n').to_string();
+        let mut regs = tracee.regs()?;
+        thread::abort_rseq_section(tracee, &mut regs)?;
+        let (xstate, sigmask) = (tracee.xstate()?, tracee.sigmask()?);
+        let ip = syscall_ip(tracee, memory, &regs)?;
+        before.push(ThreadBefore {
+            ns_pid,
+            comm,
+            regs,
+            xstate,
+            sigmask,
+            ip,
+        });
+    }
+    let slot = |i: usize| scratch.area + i as u64 * THREAD_SLOT;
+    // Every thread started (every signal blocked), then every started one waited for, and
+    // put back as it was, whatever happened to the others.
+    let mut started = 0;
+    let mut first_error = None;
+    for (i, (tracee, b)) in group.iter_mut().zip(&before).enumerate() {
+        let start = tracee.set_sigmask(tracee::ALL_SIGNALS).and_then(|()| {
+            tracee.remote_with(b.ip, b.regs).start_run(
+                &thread_calls(slot(i)),
+                scratch.runner,
+                slot(i),
+            )
+        });
+        started += 1;
+        if let Err(e) = start {
+            first_error = Some(e);
+            break;
+        }
+    }
+    let mut hidden = Vec::with_capacity(started);
+    for (i, (tracee, b)) in group.iter_mut().zip(&before).enumerate().take(started) {
+        let ran = match first_error {
+            // (The one that failed to start is not running.)
+            Some(_) if i + 1 == started => {
+                Err(Error::new(crate::error::ErrorKind::System, "not started"))
+            }
+            _ => tracee
+                .remote_with(b.ip, b.regs)
+                .finish_run(2, scratch.runner, slot(i)),
+        };
+        let read = ran.and_then(|results| thread_hidden(tracee, slot(i), &results));
+        let put_back = tracee
+            .set_regs(&b.regs)
+            .and_then(|()| tracee.set_sigmask(b.sigmask));
+        match read.and_then(|h| put_back.map(|()| h)) {
+            Ok(h) => hidden.push(h),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let parked = Tracee::park_all(group);
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    parked?;
+    group
+        .iter()
+        .zip(before)
+        .zip(hidden)
+        .map(|((tracee, b), hidden)| {
+            thread::capture(
+                tracee, &b.regs, b.xstate, b.sigmask, hidden, b.ns_pid, b.comm,
+            )
+        })
+        .collect()
 }
 
 /// Copies the pages of an inspected process into its pool file and makes its image. The

@@ -47,6 +47,10 @@ impl Frozen {
     /// (until its last thread was let go: not counting the time dolly itself may then wait
     /// for a CPU, which the processes it lets go can take) and the first failure.
     pub fn thaw(self) -> (std::time::Duration, Result<()>) {
+        // Each thread let go runs at once: at dolly's priority, those of a busy process
+        // would take the CPU from dolly before it lets the others go (50 threads: 1.7 ms
+        // instead of 0.4).
+        let _raised = crate::sys::process::Lowered::raised();
         let mut first = Ok(());
         let mut last = self.since;
         for m in self.members.into_iter().rev() {
@@ -86,7 +90,7 @@ fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
         let mut asked = Vec::new();
         for tid in proc.tasks()? {
             if frozen.insert(tid) {
-                match Tracee::seize_start(tid) {
+                match Tracee::seize_thread_start(tid, &threads[0]) {
                     Ok(t) => asked.push(t),
                     Err(e) if e.kind() == ErrorKind::NotFound => continue, // it ended meanwhile
                     Err(e) => return Err(e),

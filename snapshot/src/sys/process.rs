@@ -457,7 +457,13 @@ pub struct Lowered {
 }
 
 impl Lowered {
-    /// Lowers the priority; best effort.
+    /// Raises the priority as far as dolly may (nice -20 with `CAP_SYS_NICE`, as root has),
+    /// until dropped; best effort.
+    pub fn raised() -> Lowered {
+        Lowered::by(-40)
+    }
+
+    /// Lowers the priority (raises it, `by` negative); best effort.
     pub fn by(by: i32) -> Lowered {
         // SAFETY: getpriority/setpriority read and set the calling thread's nice value.
         unsafe {
@@ -466,7 +472,7 @@ impl Lowered {
             if *libc::__errno_location() != 0 {
                 return Lowered { was: None };
             }
-            let lowered = libc::setpriority(libc::PRIO_PROCESS, 0, (was + by).min(19)) == 0;
+            let lowered = libc::setpriority(libc::PRIO_PROCESS, 0, (was + by).clamp(-20, 19)) == 0;
             Lowered {
                 was: lowered.then_some(was),
             }
