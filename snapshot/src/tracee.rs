@@ -550,9 +550,12 @@ impl Tracee {
         }
     }
 
-    fn step_until_trap(&mut self) -> Result<RawRegs> {
+    /// Single-steps the tracee until its next trap, doing `meanwhile` once it runs (before
+    /// waiting for its stop).
+    fn step_until_trap_while(&mut self, meanwhile: impl FnOnce()) -> Result<RawRegs> {
         let pid = self.pid;
         ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
+        meanwhile();
         loop {
             let status = wait_blocking(pid)?;
             match status {
@@ -645,6 +648,12 @@ impl Remote<'_> {
     /// Runs syscall `nr` with up to six arguments; returns the raw result (a negative
     /// errno on failure).
     pub fn raw(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        self.raw_while(nr, args, || {})
+    }
+
+    /// [`Remote::raw`], doing `meanwhile` while the call runs (it is not done if the call
+    /// could not be started).
+    pub fn raw_while(&mut self, nr: i64, args: &[u64], meanwhile: impl FnOnce()) -> Result<i64> {
         let mut regs = self.base;
         regs.rip = self.ip;
         regs.rax = nr as u64;
@@ -661,7 +670,7 @@ impl Remote<'_> {
         // Clear the trap flag so the program's own single-stepping does not interfere.
         regs.eflags &= !0x100;
         self.tracee.set_regs(&regs)?;
-        let after = self.tracee.step_until_trap()?;
+        let after = self.tracee.step_until_trap_while(meanwhile)?;
         if after.rip != self.ip + 2 {
             return Err(Error::new(
                 ErrorKind::System,
@@ -679,8 +688,9 @@ impl Remote<'_> {
     /// PID as the tracee sees it. The copy shares the process's file descriptor table and
     /// filesystem context (so it holds no file open on its own) and sends no signal when it
     /// ends; it dies with dolly (`PTRACE_O_EXITKILL`). Every signal must be blocked in the
-    /// tracee.
-    pub fn fork_held(&mut self) -> Result<(Tracee, i32)> {
+    /// tracee. Dolly does `meanwhile` while the `clone` runs (a fork takes a millisecond at
+    /// 64 MiB; not if the call could not be started).
+    pub fn fork_held(&mut self, meanwhile: impl FnOnce()) -> Result<(Tracee, i32)> {
         use ptrace::Options;
         let pid = self.tracee.pid;
         // Only clones are traced here. EXITKILL goes on the fork alone, once held: set on the
@@ -688,7 +698,7 @@ impl Remote<'_> {
         self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
         self.tracee.new_child = None;
         let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64;
-        let made = self.raw(libc::SYS_clone, &[flags, 0, 0, 0, 0]);
+        let made = self.raw_while(libc::SYS_clone, &[flags, 0, 0, 0, 0], meanwhile);
         let child = self.tracee.new_child.take();
         // (Left set, it would only report clones the process makes until the detach.)
         let _ = self.tracee.set_options(Options::empty());

@@ -125,18 +125,19 @@ pub struct Held {
 /// Forks frozen, pre-copied process `parent` (with memory `areas`; surveyed, see
 /// [`worth_forking`]) from inside, with a `clone` run by `remote` in one of its stopped
 /// threads (every signal blocked: see [`crate::tracee::Remote::fork_held`]), within the
-/// calls that read its state (one stop less). After the thaw, [`Held::take_over`] has its
-/// tracking read the fork.
+/// calls that read its state (one stop less), doing `meanwhile` while the `clone` runs.
+/// After the thaw, [`Held::take_over`] has its tracking read the fork.
 pub fn fork_inside(
     remote: &mut crate::tracee::Remote<'_>,
     parent: Pid,
     areas: &[Area],
+    meanwhile: impl FnOnce(),
 ) -> Result<Held> {
     let vdso = areas
         .iter()
         .find(|a| a.kind == AreaKind::Vdso)
         .map(|a| a.start);
-    let (copy, ns_pid) = remote.fork_held()?;
+    let (copy, ns_pid) = remote.fork_held(meanwhile)?;
     crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
     Ok(Held {
         parent,

@@ -307,21 +307,24 @@ fn query_hidden(
 }
 
 /// Forks the process `remote` runs calls in (see [`cow::fork_inside`]) if `fork_if` says
-/// so of its `memory`. A fork that fails is no error: the freeze then copies the pages.
+/// so of its `memory`, doing `meanwhile` while the fork is made. A fork that fails is no
+/// error: the freeze then copies the pages.
 fn fork_if_worth(
     remote: &mut tracee::Remote,
     pid: Pid,
     memory: &MemoryPlan,
     fork_if: Option<impl FnOnce(&MemoryPlan) -> bool>,
+    meanwhile: &mut dyn FnMut(),
 ) -> Option<cow::Held> {
     crate::checkpoint::mark("inspect: state read");
     if !fork_if.is_some_and(|worth| worth(memory)) {
         return None;
     }
-    cow::fork_inside(remote, pid, &memory.areas).ok()
+    cow::fork_inside(remote, pid, &memory.areas, meanwhile).ok()
 }
 
-/// What [`inspect`] reads from the `/proc` directory of a frozen process, but its areas.
+/// What [`inspect`] reads from the `/proc` directory of a frozen process, but its areas
+/// (while the process forks, if it does).
 struct ProcRead {
     fds: Vec<crate::image::Fd>,
     locks: Vec<crate::image::FileLock>,
@@ -336,15 +339,14 @@ struct ProcRead {
     auxv: Vec<u64>,
 }
 
-/// Reads a frozen process's files and areas, then the rest of what [`ProcRead`] holds, from
-/// its `/proc` directory; refuses what cannot be restored.
+/// Reads a frozen process's files, then the rest of what [`ProcRead`] holds, from its
+/// `/proc` directory; refuses what cannot be restored.
 fn read_proc(
     proc: &ProcDir,
     stat: &crate::proc::Stat,
     shared: &mut Shared,
     policy: files::FdPolicy,
-    known_maps: Option<&[crate::proc::MapsEntry]>,
-) -> Result<(MemoryPlan, ProcRead)> {
+) -> Result<ProcRead> {
     let pid = proc.pid();
     let fds = files::capture_fds(
         proc,
@@ -359,8 +361,6 @@ fn read_proc(
         Vec::new()
     };
     crate::checkpoint::mark("inspect: fds");
-    let memory = memory::inspect(proc, &mut shared.files, &mut shared.shmem, known_maps)?;
-    crate::checkpoint::mark("inspect: memory areas");
     let cwd = proc.read_link("cwd")?;
     if cwd.ends_with(" (deleted)") {
         return Err(Error::refused(
@@ -369,7 +369,7 @@ fn read_proc(
         ));
     }
     let (sched, oom_score_adj) = process::capture_sched(proc, stat)?;
-    let read = ProcRead {
+    Ok(ProcRead {
         fds,
         locks,
         cwd,
@@ -384,8 +384,7 @@ fn read_proc(
         oom_score_adj,
         coredump_filter: process::capture_coredump_filter(proc)?,
         auxv: proc.auxv()?,
-    };
-    Ok((memory, read))
+    })
 }
 
 /// What [`inspect`] reads through ptrace and from inside the process.
@@ -415,17 +414,33 @@ pub fn inspect(
     thread::abort_rseq_section(tracee, &mut regs)?;
     let registers = (regs, tracee.xstate()?, tracee.sigmask()?);
     crate::checkpoint::mark("inspect: registers");
-    // Refusals first: they need no help from inside the process.
-    let (memory, read) = read_proc(&member.proc, &stat, shared, policy, known_maps)?;
+    let memory = memory::inspect(
+        &member.proc,
+        &mut shared.files,
+        &mut shared.shmem,
+        known_maps,
+    )?;
+    crate::checkpoint::mark("inspect: memory areas");
+    // The rest of /proc is read while the process forks (dolly would only wait), else
+    // after the calls inside it.
+    let mut read = None;
+    let mut read_rest = || {
+        if read.is_none() {
+            read = Some(read_proc(&member.proc, &stat, shared, policy));
+        }
+    };
     let mut held = None;
     let inside = read_inside(
         &mut member.threads,
         (registers, status.ns_pid.clone(), stat.comm.clone()),
         &memory,
         checkpoints,
-        (fork_if, &mut held),
+        (fork_if, &mut held, &mut read_rest),
     );
-    let inside = match inside {
+    read_rest();
+    let read = read.expect("read above");
+    let inside = inside.and_then(|inside| read.map(|read| (inside, read)));
+    let (inside, read) = match inside {
         Ok(inside) => inside,
         Err(e) => {
             if let Some(held) = held {
@@ -486,7 +501,11 @@ fn read_inside(
     ((regs, xstate, sigmask), ns_pid, comm): ((RawRegs, Vec<u8>, u64), Vec<i32>, String),
     memory: &MemoryPlan,
     checkpoints: &Checkpoints,
-    (fork_if, held): (impl FnOnce(&MemoryPlan) -> bool, &mut Option<cow::Held>),
+    (fork_if, held, meanwhile): (
+        impl FnOnce(&MemoryPlan) -> bool,
+        &mut Option<cow::Held>,
+        &mut dyn FnMut(),
+    ),
 ) -> Result<ReadInside> {
     // The other threads' queries use the leader's scratch area (one mapping, not one each).
     let others = tracees.len() > 1;
@@ -500,7 +519,7 @@ fn read_inside(
     let (hidden, scratch) = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
         let (hidden, scratch) = query_hidden(remote, checkpoints, others)?;
         if scratch.is_none() {
-            *held = fork_if_worth(remote, pid, memory, fork_if.take());
+            *held = fork_if_worth(remote, pid, memory, fork_if.take(), meanwhile);
         }
         Ok((hidden, scratch))
     })?;
@@ -520,7 +539,7 @@ fn read_inside(
         tracees[0].run_inside_as_is(ip, true, |remote| {
             scratch.unmap(remote)?;
             if captured.is_ok() {
-                *held = fork_if_worth(remote, pid, memory, fork_if.take());
+                *held = fork_if_worth(remote, pid, memory, fork_if.take(), meanwhile);
             }
             Ok(())
         })?;
