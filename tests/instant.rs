@@ -98,7 +98,9 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
 
 /// A tree whose processes the freeze forks (`--fork always`) to read their pages after the
 /// thaw: neither process sees a trace of its fork (no SIGCHLD, no child, no zombie), the
-/// child it has is still its only one, and the snapshot holds the memory of the freeze.
+/// child it has is still its only one, and the snapshot holds the memory of the freeze. The
+/// pipe between them is the tree's own (the forks, which share their fds, do not count as
+/// holders outside it) and comes back with what it held.
 #[test]
 fn processes_forked_at_the_freeze_see_no_trace_of_it() {
     let dolly = Dolly::new();
@@ -108,14 +110,21 @@ fn processes_forked_at_the_freeze_see_no_trace_of_it() {
 got = []
 signal.signal(signal.SIGCHLD, lambda *_: got.append(1))
 data = bytearray(random.Random(5).randbytes(8 << 20))
+r, w = os.pipe()
 kid = os.fork()
 if kid == 0:
+    os.close(r)
     data[0] = 1
+    os.write(w, b'from the child')
     while True:
         time.sleep(1)
+os.close(w)
 def report(*_):
     print('state', len(got), hashlib.sha256(data).hexdigest(), flush=True)
+def drain(*_):
+    print('pipe', os.read(r, 100), flush=True)
 signal.signal(signal.SIGUSR1, report)
+signal.signal(signal.SIGUSR2, drain)
 print('ready', flush=True)
 while True:
     time.sleep(1)
@@ -137,6 +146,15 @@ while True:
     let _restored = dolly.restore(cap["id"].as_str().unwrap());
     assert_eq!(ask(pid, &out, "state"), state, "the memory of the freeze");
     assert_eq!(tree(pid), before);
+    kill(Pid::from_raw(pid), Signal::SIGUSR2).unwrap();
+    wait_until("the pipe read", Duration::from_secs(10), || {
+        read(&out).contains("pipe ")
+    });
+    assert!(
+        read(&out).contains("pipe b'from the child'"),
+        "{}",
+        read(&out)
+    );
 }
 
 /// `snapshot info --json` of a snapshot.

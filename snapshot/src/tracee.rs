@@ -170,7 +170,8 @@ fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
     let spin_until = Instant::now() + SPIN_LIMIT;
     while Instant::now() < spin_until {
         match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::hint::spin_loop(),
+            // (Yielding: should the tracee wait for this CPU, it gets it.)
+            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::thread::yield_now(),
             other => return other.with_context(|| format!("waiting for {pid}")),
         }
     }

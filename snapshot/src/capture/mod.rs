@@ -63,7 +63,7 @@ struct ForkSetup {
     /// The memory each pre-copied process could still be given, for
     /// [`cow::worth_forking`] (`--fork auto`).
     rooms: HashMap<Pid, Option<u64>>,
-    /// [`FORKS_FILE`], made empty (none with `--fork never`).
+    /// [`FORKS_FILE`], made and mapped before the freeze (none with `--fork never`).
     note: Option<ForksNote>,
 }
 
@@ -270,18 +270,16 @@ fn capture_frozen(
                 checkpoints,
                 |memory| worth_forking(precopy, pid, memory, opts.fork, room),
             )?;
+            // At once (still frozen: a copy into memory): should the capture be killed from
+            // now on, the forks die with it and the note has their processes reap them.
+            if let (Some(held), Some(note)) = (&fork, &mut setup.note) {
+                let _ = note.add(held);
+            }
             inspected.push(process);
             forks.push(fork);
         }
         shared.shmem.check_sysv_private()
     })();
-    if forks.iter().any(Option::is_some) {
-        // At once (still frozen: a copy into memory): should the capture be killed from now
-        // on, the forks die with it and the note has their processes reap them.
-        if let Some(note) = &mut setup.note {
-            let _ = note.write(forks.iter().flatten());
-        }
-    }
     let inspection = inspection.and_then(|()| checkpoints.reach("capture:pages"));
     if let Err(e) = inspection {
         end_forks(tree, forks);
@@ -452,6 +450,7 @@ const NOTE_BYTES: usize = 256;
 struct ForksNote {
     file: std::fs::File,
     map: Option<memmap2::MmapMut>,
+    notes: Vec<cow::ForkNote>,
 }
 
 impl ForksNote {
@@ -464,23 +463,28 @@ impl ForksNote {
             .truncate(true)
             .open(path)
             .ok()?;
+        use std::os::unix::fs::FileExt;
         let page = crate::sys::PAGE_SIZE as usize;
         let len = (processes.max(1) * NOTE_BYTES).next_multiple_of(page);
-        let map = file.set_len(len as u64).ok().and_then(|()| {
+        // (Zeros written, not faulted in through the mapping: a full file system fails the
+        // write, where a store into the mapping would get SIGBUS.)
+        let map = file.write_all_at(&vec![0; len], 0).ok().and_then(|()| {
             // SAFETY: the file was just made by dolly, in its own snapshot's directory;
             // nothing else maps or shortens it while the capture runs.
-            let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.ok()?;
-            map.fill(0);
-            Some(map)
+            unsafe { memmap2::MmapMut::map_mut(&file) }.ok()
         });
-        Some(ForksNote { file, map })
+        Some(ForksNote {
+            file,
+            map,
+            notes: Vec::new(),
+        })
     }
 
-    /// Notes `forks` (the note of a previous call is overwritten).
-    fn write<'a>(&mut self, forks: impl Iterator<Item = &'a cow::Held>) -> Result<()> {
+    /// Notes fork `held` too.
+    fn add(&mut self, held: &cow::Held) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        let notes: Vec<cow::ForkNote> = forks.map(cow::Held::note).collect();
-        let text = serde_json::to_vec(&notes).expect("notes serialize");
+        self.notes.push(held.note());
+        let text = serde_json::to_vec(&self.notes).expect("notes serialize");
         match &mut self.map {
             Some(map) if text.len() < map.len() => {
                 map[..text.len()].copy_from_slice(&text);

@@ -141,7 +141,7 @@ impl Scratch {
 
 /// Reads what only the process itself can tell, with one batch of system calls run inside
 /// it (one stop, not one per call). With `keep`, the scratch area stays mapped for the
-/// queries of the process's other threads ([`query_thread`]) and is returned; the caller
+/// queries of the process's other threads ([`capture_threads`]) and is returned; the caller
 /// unmaps it.
 fn query_hidden(
     remote: &mut tracee::Remote,
@@ -439,7 +439,11 @@ pub fn inspect(
     );
     read_rest();
     let read = read.expect("read above");
-    let inside = inside.and_then(|inside| read.map(|read| (inside, read)));
+    // (A refusal first: it tells the user what to do.)
+    let inside = match (inside, read) {
+        (_, Err(e)) if e.kind() == crate::error::ErrorKind::Refused => Err(e),
+        (inside, read) => inside.and_then(|inside| read.map(|read| (inside, read))),
+    };
     let (inside, read) = match inside {
         Ok(inside) => inside,
         Err(e) => {
@@ -650,6 +654,8 @@ fn capture_group(
     // put back as it was, whatever happened to the others.
     let mut started = 0;
     let mut first_error = None;
+    // (The one that failed to start, if one did: it is not running.)
+    let mut unstarted = None;
     for (i, (tracee, b)) in group.iter_mut().zip(&before).enumerate() {
         let start = tracee.set_sigmask(tracee::ALL_SIGNALS).and_then(|()| {
             tracee.remote_with(b.ip, b.regs).start_run(
@@ -661,16 +667,14 @@ fn capture_group(
         started += 1;
         if let Err(e) = start {
             first_error = Some(e);
+            unstarted = Some(i);
             break;
         }
     }
     let mut hidden = Vec::with_capacity(started);
     for (i, (tracee, b)) in group.iter_mut().zip(&before).enumerate().take(started) {
-        let ran = match first_error {
-            // (The one that failed to start is not running.)
-            Some(_) if i + 1 == started => {
-                Err(Error::new(crate::error::ErrorKind::System, "not started"))
-            }
+        let ran = match unstarted {
+            Some(at) if at == i => Err(Error::new(crate::error::ErrorKind::System, "not started")),
             _ => tracee
                 .remote_with(b.ip, b.regs)
                 .finish_run(2, scratch.runner, slot(i)),

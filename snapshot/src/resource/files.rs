@@ -434,7 +434,8 @@ fn made_file(link: &str, kind: FileKind, meta: &std::fs::Metadata, size: u64) ->
 }
 
 /// A process outside the tree (and other than `pid`) with an fd whose link reads `link`:
-/// its PID and name.
+/// its PID and name. A process dolly traces that is not in the tree is a fork dolly made of
+/// a process of the tree at the freeze: it shares that process's fds, and is not one.
 pub fn holder_outside(pid: Pid, link: &str, tree: &HashSet<i32>) -> Option<(i32, String)> {
     for p in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
         let Some(other) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -448,12 +449,25 @@ pub fn holder_outside(pid: Pid, link: &str, tree: &HashSet<i32>) -> Option<(i32,
         };
         for f in fds.filter_map(|e| e.ok()) {
             if std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == link) {
+                if traced_by_dolly(other) {
+                    break;
+                }
                 let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
                 return Some((other, comm.trim().to_string()));
             }
         }
     }
     None
+}
+
+/// Whether process `pid` is traced by a thread of this process.
+fn traced_by_dolly(pid: i32) -> bool {
+    crate::proc::ProcDir::new(Pid::from_raw(pid))
+        .status()
+        .is_ok_and(|s| {
+            s.tracer_pid != 0
+                && std::path::Path::new(&format!("/proc/self/task/{}", s.tracer_pid)).exists()
+        })
 }
 
 /// Reads a kernel object behind an fd (`anon_inode:[KIND]`) from its fdinfo: its state, or a

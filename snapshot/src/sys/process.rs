@@ -457,8 +457,8 @@ pub struct Lowered {
 }
 
 impl Lowered {
-    /// Raises the priority as far as dolly may (nice -20 with `CAP_SYS_NICE`, as root has),
-    /// until dropped; best effort.
+    /// Raises the priority to nice -20 until dropped, if dolly may (with `CAP_SYS_NICE`, as
+    /// root has; else it stays as it is).
     pub fn raised() -> Lowered {
         Lowered::by(-40)
     }
