@@ -98,9 +98,6 @@ pub struct Tracee {
     in_trap: bool,
     /// What dropping the tracee without `detach` does.
     on_drop: OnDrop,
-    /// The process its last remote call made, when it traces the calls' children
-    /// ([`Remote::fork_held`]).
-    new_child: Option<Pid>,
 }
 
 /// What happens to a tracee dolly lets go of without [`Tracee::detach`] (an error path).
@@ -314,7 +311,6 @@ impl Tracee {
             seized: false,
             in_trap: false,
             on_drop,
-            new_child: None,
         }
     }
 
@@ -572,12 +568,7 @@ impl Tracee {
                     }
                     ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
                 }
-                WaitStatus::PtraceEvent(_, _, event) => {
-                    if event == libc::PTRACE_EVENT_CLONE {
-                        let child = ptrace::getevent(pid)
-                            .with_context(|| format!("reading the child {pid} made"))?;
-                        self.new_child = Some(Pid::from_raw(child as i32));
-                    }
+                WaitStatus::PtraceEvent(..) => {
                     ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
                 }
                 other => return Err(gone(pid, &other)),
@@ -691,24 +682,19 @@ impl Remote<'_> {
     /// ends; it dies with dolly (`PTRACE_O_EXITKILL`). Every signal must be blocked in the
     /// tracee. Dolly does `meanwhile` while the `clone` runs (a fork takes a millisecond at
     /// 64 MiB; not if the call could not be started).
+    /// The tracee must be in dolly's PID namespace (a capture refuses others): the PID the
+    /// `clone` returns is then the child's for dolly too.
     pub fn fork_held(&mut self, meanwhile: impl FnOnce()) -> Result<(Tracee, i32)> {
         use ptrace::Options;
         let pid = self.tracee.pid;
-        // Only clones are traced here. EXITKILL goes on the fork alone, once held: set on the
-        // process, dolly dying during the call would kill it.
-        self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
-        self.tracee.new_child = None;
-        let flags = (libc::CLONE_FILES | libc::CLONE_FS) as u64;
+        // Traced from its start (CLONE_PTRACE: the tracee is seized, so the child stops before
+        // its first instruction), without a stop of the tracee to report it. EXITKILL goes on
+        // the fork alone, once held: set on the process, dolly dying would kill it.
+        let flags = (libc::CLONE_FILES | libc::CLONE_FS | libc::CLONE_PTRACE) as u64;
         let made = self.raw_while(libc::SYS_clone, &[flags, 0, 0, 0, 0], meanwhile);
-        let child = self.tracee.new_child.take();
-        // (Left set, it would only report clones the process makes until the detach.)
-        let _ = self.tracee.set_options(Options::empty());
-        let (child, ns_pid) = match (made, child) {
-            (Ok(rc), Some(child)) if rc > 0 => (child, rc as i32),
-            (made, child) => {
-                if let Some(child) = child {
-                    self.discard(child, None);
-                }
+        let (child, ns_pid) = match made {
+            Ok(rc) if rc > 0 => (Pid::from_raw(rc as i32), rc as i32),
+            made => {
                 let rc = made?;
                 return Err(Error::sys(
                     format!("forking process {pid} from inside it"),
