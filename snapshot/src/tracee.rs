@@ -577,6 +577,19 @@ impl Tracee {
     }
 }
 
+/// The arguments of the `clone` that makes a fork held by dolly ([`Remote::fork_held`]):
+/// traced from its start (`CLONE_PTRACE`: the tracee is seized, so the child stops before its
+/// first instruction), without a stop of the tracee to report it; sharing the tracee's fd
+/// table and filesystem context; no signal at its end. (EXITKILL goes on the fork alone, once
+/// held: set on the process, dolly dying would kill it.)
+pub const FORK_HELD_ARGS: [u64; 5] = [
+    (libc::CLONE_FILES | libc::CLONE_FS | libc::CLONE_PTRACE) as u64,
+    0,
+    0,
+    0,
+    0,
+];
+
 /// System calls to run inside a tracee in one go ([`Remote::run`]).
 #[derive(Debug, Default)]
 pub struct Calls {
@@ -590,6 +603,16 @@ impl Calls {
         a[..args.len()].copy_from_slice(args);
         self.list.push((nr, a));
         self.list.len() - 1
+    }
+
+    /// How many calls there are.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
     }
 
     /// Bytes of tracee memory [`Remote::run`] needs for its table.
@@ -685,23 +708,23 @@ impl Remote<'_> {
     /// The tracee must be in dolly's PID namespace (a capture refuses others): the PID the
     /// `clone` returns is then the child's for dolly too.
     pub fn fork_held(&mut self, meanwhile: impl FnOnce()) -> Result<(Tracee, i32)> {
+        let made = self.raw_while(libc::SYS_clone, &FORK_HELD_ARGS, meanwhile)?;
+        self.hold_fork(made)
+    }
+
+    /// After a `clone` with [`FORK_HELD_ARGS`] run inside the tracee (by
+    /// [`Remote::fork_held`], or among a batch of calls) returned `made`: takes the child
+    /// over, as [`Remote::fork_held`] returns it (a failed `clone` is an error naming it).
+    pub fn hold_fork(&mut self, made: i64) -> Result<(Tracee, i32)> {
         use ptrace::Options;
         let pid = self.tracee.pid;
-        // Traced from its start (CLONE_PTRACE: the tracee is seized, so the child stops before
-        // its first instruction), without a stop of the tracee to report it. EXITKILL goes on
-        // the fork alone, once held: set on the process, dolly dying would kill it.
-        let flags = (libc::CLONE_FILES | libc::CLONE_FS | libc::CLONE_PTRACE) as u64;
-        let made = self.raw_while(libc::SYS_clone, &[flags, 0, 0, 0, 0], meanwhile);
-        let (child, ns_pid) = match made {
-            Ok(rc) if rc > 0 => (Pid::from_raw(rc as i32), rc as i32),
-            made => {
-                let rc = made?;
-                return Err(Error::sys(
-                    format!("forking process {pid} from inside it"),
-                    Errno::from_raw(if rc < 0 { -rc as i32 } else { libc::EIO }),
-                ));
-            }
-        };
+        if made <= 0 {
+            return Err(Error::sys(
+                format!("forking process {pid} from inside it"),
+                Errno::from_raw(if made < 0 { -made as i32 } else { libc::EIO }),
+            ));
+        }
+        let (child, ns_pid) = (Pid::from_raw(made as i32), made as i32);
         let held = (|| {
             // Its first stop (it starts stopped, as a child of a seized tracee).
             let first = loop {

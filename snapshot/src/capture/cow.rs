@@ -133,18 +133,20 @@ pub fn fork_inside(
     areas: &[Area],
     meanwhile: impl FnOnce(),
 ) -> Result<Held> {
-    let vdso = areas
-        .iter()
-        .find(|a| a.kind == AreaKind::Vdso)
-        .map(|a| a.start);
-    let (copy, ns_pid) = remote.fork_held(meanwhile)?;
-    crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
-    Ok(Held {
-        parent,
-        ns_pid,
-        vdso,
-        copy: Some(copy),
-    })
+    let held = remote.fork_held(meanwhile)?;
+    Ok(Held::new(parent, areas, held))
+}
+
+/// [`fork_inside`] when the `clone` ([`crate::tracee::FORK_HELD_ARGS`]) ran among a batch of
+/// calls inside the process, and returned `made`.
+pub fn hold_inside(
+    remote: &mut crate::tracee::Remote<'_>,
+    parent: Pid,
+    areas: &[Area],
+    made: i64,
+) -> Result<Held> {
+    let held = remote.hold_fork(made)?;
+    Ok(Held::new(parent, areas, held))
 }
 
 /// Runs `call` inside stopped thread `thread` through its vDSO (at `vdso`, where known),
@@ -221,6 +223,21 @@ pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
 }
 
 impl Held {
+    /// The fork `copy` (seen as `ns_pid` by its parent) of process `parent`, with memory
+    /// `areas`.
+    fn new(parent: Pid, areas: &[Area], (copy, ns_pid): (Tracee, i32)) -> Held {
+        crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
+        Held {
+            parent,
+            ns_pid,
+            vdso: areas
+                .iter()
+                .find(|a| a.kind == AreaKind::Vdso)
+                .map(|a| a.start),
+            copy: Some(copy),
+        }
+    }
+
     /// What to note of it beside the snapshot while it lives (see [`reap_leftovers`]).
     pub fn note(&self) -> ForkNote {
         let pid = self.pid();

@@ -140,13 +140,32 @@ impl Scratch {
 }
 
 /// Reads what only the process itself can tell, with one batch of system calls run inside
-/// it (one stop, not one per call). With `keep`, the scratch area stays mapped for the
-/// queries of the process's other threads ([`capture_threads`]) and is returned; the caller
-/// unmaps it.
+/// it (one stop, not one per call), doing `meanwhile` while it runs. With `keep`, the
+/// scratch area stays mapped for the queries of the process's other threads
+/// ([`capture_threads`]) and is returned; the caller unmaps it. With `fork` (and not
+/// `keep`), the batch ends with the `clone` of a fork held by dolly
+/// ([`tracee::FORK_HELD_ARGS`]), dolly's memory first marked not to be copied into it
+/// (`MADV_DONTFORK`), when that memory is one mapping (not for a process denied writable and
+/// executable memory): the `clone`'s result is returned beside the rest, whatever else
+/// happened, for the caller to take the fork over (or to fork after, if it is `None`).
 fn query_hidden(
     remote: &mut tracee::Remote,
     checkpoints: &Checkpoints,
-    keep: bool,
+    (keep, fork): (bool, bool),
+    meanwhile: &mut dyn FnMut(),
+) -> (Result<(Hidden, Option<Scratch>)>, Option<i64>) {
+    let mut made = None;
+    let queried = query_hidden_with(remote, checkpoints, (keep, fork), meanwhile, &mut made);
+    (queried, made)
+}
+
+/// [`query_hidden`], the `clone`'s result into `made`.
+fn query_hidden_with(
+    remote: &mut tracee::Remote,
+    checkpoints: &Checkpoints,
+    (keep, fork): (bool, bool),
+    meanwhile: &mut dyn FnMut(),
+    made: &mut Option<i64>,
 ) -> Result<(Hidden, Option<Scratch>)> {
     let page = crate::sys::PAGE_SIZE;
     let map = |remote: &mut tracee::Remote, len: u64, prot: i32| {
@@ -220,10 +239,22 @@ fn query_hidden(
         let thp = calls.add(libc::SYS_prctl, &[libc::PR_GET_THP_DISABLE as u64]);
         let slack = calls.add(libc::SYS_prctl, &[libc::PR_GET_TIMERSLACK as u64]);
         let securebits = calls.add(libc::SYS_prctl, &[libc::PR_GET_SECUREBITS as u64]);
+        let queries = calls.len();
+        let clone = (fork && together && !keep).then(|| {
+            calls.add(
+                libc::SYS_madvise,
+                &[scratch, SCRATCH_LEN + page, libc::MADV_DONTFORK as u64],
+            );
+            calls.add(libc::SYS_clone, &tracee::FORK_HELD_ARGS)
+        });
         let end = ints + 16;
         remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
-        let results = remote.run(&calls, runner, scratch)?;
-        if let Some((i, rc)) = results
+        remote.start_run(&calls, runner, scratch)?;
+        meanwhile();
+        let results = remote.finish_run(calls.len(), runner, scratch)?;
+        *made = clone.map(|i| results[i]);
+        crate::checkpoint::mark("inspect: state read");
+        if let Some((i, rc)) = results[..queries]
             .iter()
             .enumerate()
             .find(|(_, &rc)| (-4095..0).contains(&rc))
@@ -306,20 +337,15 @@ fn query_hidden(
     }
 }
 
-/// Forks the process `remote` runs calls in (see [`cow::fork_inside`]) if `fork_if` says
-/// so of its `memory`, doing `meanwhile` while the fork is made. A fork that fails is no
-/// error: the freeze then copies the pages.
-fn fork_if_worth(
+/// Forks the process `remote` runs calls in (see [`cow::fork_inside`]), with `memory`, doing
+/// `meanwhile` while the fork is made. A fork that fails is no error: the freeze then copies
+/// the pages.
+fn fork_here(
     remote: &mut tracee::Remote,
     pid: Pid,
     memory: &MemoryPlan,
-    fork_if: Option<impl FnOnce(&MemoryPlan) -> bool>,
     meanwhile: &mut dyn FnMut(),
 ) -> Option<cow::Held> {
-    crate::checkpoint::mark("inspect: state read");
-    if !fork_if.is_some_and(|worth| worth(memory)) {
-        return None;
-    }
     cow::fork_inside(remote, pid, &memory.areas, meanwhile).ok()
 }
 
@@ -517,13 +543,17 @@ fn read_inside(
     let pid = tracee.pid();
     // State only the process itself can tell: run system calls inside it, with every
     // signal blocked, then put its registers and mask back whatever happened. The fork, if
-    // any, comes last, once dolly's scratch memory is unmapped.
+    // any, is the last call of the batch (or comes once dolly's scratch memory is unmapped).
     let ip = syscall_ip(tracee, memory, &regs)?;
-    let mut fork_if = Some(fork_if);
+    let worth = fork_if(memory);
     let (hidden, scratch) = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
-        let (hidden, scratch) = query_hidden(remote, checkpoints, others)?;
-        if scratch.is_none() {
-            *held = fork_if_worth(remote, pid, memory, fork_if.take(), meanwhile);
+        let (queried, made) = query_hidden(remote, checkpoints, (others, worth), meanwhile);
+        if let Some(made) = made {
+            *held = cow::hold_inside(remote, pid, &memory.areas, made).ok();
+        }
+        let (hidden, scratch) = queried?;
+        if worth && made.is_none() && scratch.is_none() {
+            *held = fork_here(remote, pid, memory, meanwhile);
         }
         Ok((hidden, scratch))
     })?;
@@ -542,8 +572,8 @@ fn read_inside(
         // Whatever happened: the process is left as it was.
         tracees[0].run_inside_as_is(ip, true, |remote| {
             scratch.unmap(remote)?;
-            if captured.is_ok() {
-                *held = fork_if_worth(remote, pid, memory, fork_if.take(), meanwhile);
+            if worth && captured.is_ok() {
+                *held = fork_here(remote, pid, memory, meanwhile);
             }
             Ok(())
         })?;
