@@ -926,3 +926,48 @@ while True:
     let _restored = dolly.restore(cap["id"].as_str().unwrap());
     assert_eq!(ask(pid, &out, "check"), "check ok");
 }
+
+/// A process denied writable and executable memory (`PR_SET_MDWE`) is forked at the freeze
+/// all the same (dolly's code page is then a mapping of its own, and the fork is made once
+/// dolly's memory is gone), and the restored process finds the memory of a single instant:
+/// what it wrote all over its pages agrees with its own record of it.
+#[test]
+fn a_process_denied_writable_executable_memory_is_forked_too() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = r#"import ctypes, mmap, random, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(65, 1, 0, 0, 0) == 0, ctypes.get_errno()  # PR_SET_MDWE: refuse exec gain
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print('rwx allowed', flush=True)
+except OSError:
+    pass
+PAGES = 4096
+data = bytearray(PAGES * 4096)
+record = [0] * PAGES
+def check(*_):
+    bad = sum(1 for i in range(PAGES) if data[i * 4096] != record[i])
+    print('check', 'ok' if bad == 0 else 'bad %d' % bad, flush=True)
+signal.signal(signal.SIGUSR1, check)
+print('ready', flush=True)
+n = 0
+while True:
+    for _ in range(1000):
+        n += 1
+        i = random.randrange(PAGES)
+        data[i * 4096] = n & 255
+        record[i] = n & 255
+    time.sleep(0.001)
+"#;
+    let py = python_ready(script, &out);
+    let pid = py.pid();
+    assert!(!read(&out).contains("rwx allowed"), "{}", read(&out));
+    let cap = dolly.capture_with(pid, &["--fork", "always"]);
+    assert_eq!(cap["forked"], 1, "{cap}");
+    drop(py);
+    reap_until_gone(pid);
+    let _restored = dolly.restore(cap["id"].as_str().unwrap());
+    assert_eq!(ask(pid, &out, "check"), "check ok");
+}
