@@ -397,6 +397,8 @@ impl Tracee {
     pub fn kill_and_wait(mut self) -> Result<()> {
         self.on_drop = OnDrop::Nothing;
         let pid = self.pid;
+        // (Its exit, which tears down its memory, on dolly's CPU, not on its parent's.)
+        let _ = crate::sys::process::move_to_this_cpu(pid);
         let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL)) {

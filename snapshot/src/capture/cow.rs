@@ -359,12 +359,13 @@ fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
         return Ok(0.0);
     };
     let job_stopped = proc.stat().is_ok_and(|s| s.state == 'T');
+    // (Stopped from the interrupt on, which the seizing makes.)
+    let since = Instant::now();
     let mut thread = match Tracee::seize(tid) {
         Ok(t) => t,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0.0),
         Err(e) => return Err(e),
     };
-    let since = Instant::now();
     let reaped = run_inside(&mut thread, vdso, job_stopped, |remote| {
         wait_for(remote, ns_pid)
     });

@@ -820,7 +820,10 @@ impl Tracked {
     /// Makes the copies the freeze decided on, with two threads when there is much to copy
     /// (a process that writes faster than pre-copy copies), then frees the slot pages no
     /// area uses. They are read from the stopped process itself, or from its copy (see
-    /// [`Tracked::use_copy`]).
+    /// [`Tracked::use_copy`]): then the process runs, and the second thread is only used if
+    /// that leaves it a CPU (on two, the writer of the benchmark waited 3–5 ms for its CPU
+    /// while the two threads copied, however low their priority: a time slice lasts until
+    /// the next tick).
     pub fn finish_copies(&mut self) -> Result<()> {
         let jobs = std::mem::take(&mut self.deferred);
         let total: u64 = jobs
@@ -830,7 +833,8 @@ impl Tracked {
             .sum();
         self.freeze_copied += total;
         let (pid, mem, writer) = (self.pid, &self.mem, &self.writer);
-        if total < PARALLEL_COPY_BYTES {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if total < PARALLEL_COPY_BYTES || (self.copy && cpus <= 2) {
             copy_jobs(pid, mem, writer, &jobs)?;
             self.free_unused();
             return Ok(());
