@@ -971,3 +971,36 @@ while True:
     let _restored = dolly.restore(cap["id"].as_str().unwrap());
     assert_eq!(ask(pid, &out, "check"), "check ok");
 }
+
+/// A process that called `unshare(CLONE_NEWPID)` and has not forked since is not forked at
+/// the freeze, even with `--fork always`: its fork would be the first process of the new
+/// PID namespace, and once that ends no process can be made there. The process still forks
+/// after the capture (its first child is PID 1 of its namespace).
+#[test]
+fn a_process_about_to_start_a_pid_namespace_is_not_forked() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = r#"import ctypes, os, random, signal, time
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.unshare(0x20000000) == 0, ctypes.get_errno()  # CLONE_NEWPID
+data = bytearray(8 << 20)
+def fork(*_):
+    kid = os.fork()
+    if kid == 0:
+        print('child', os.getpid(), flush=True)
+        os._exit(0)
+    os.waitpid(kid, 0)
+signal.signal(signal.SIGUSR1, fork)
+print('ready', flush=True)
+while True:
+    for _ in range(1000):
+        data[random.randrange(len(data))] = 1
+    time.sleep(0.001)
+"#;
+    let py = python_ready(script, &out);
+    let pid = py.pid();
+    let cap = dolly.capture_with(pid, &["--fork", "always"]);
+    assert_eq!(cap["forked"], 0, "{cap}");
+    assert_eq!(ask(pid, &out, "child"), "child 1");
+}

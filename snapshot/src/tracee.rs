@@ -98,6 +98,8 @@ pub struct Tracee {
     in_trap: bool,
     /// What dropping the tracee without `detach` does.
     on_drop: OnDrop,
+    /// The child its last remote call made, when clones are reported ([`Remote::fork_held`]).
+    new_child: Option<Pid>,
 }
 
 /// What happens to a tracee dolly lets go of without [`Tracee::detach`] (an error path).
@@ -311,6 +313,7 @@ impl Tracee {
             seized: false,
             in_trap: false,
             on_drop,
+            new_child: None,
         }
     }
 
@@ -570,7 +573,12 @@ impl Tracee {
                     }
                     ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
                 }
-                WaitStatus::PtraceEvent(..) => {
+                WaitStatus::PtraceEvent(_, _, event) => {
+                    if event == libc::PTRACE_EVENT_CLONE {
+                        if let Ok(child) = ptrace::getevent(pid) {
+                            self.new_child = Some(Pid::from_raw(child as i32));
+                        }
+                    }
                     ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
                 }
                 other => return Err(gone(pid, &other)),
@@ -708,10 +716,24 @@ impl Remote<'_> {
     /// tracee. Dolly does `meanwhile` while the `clone` runs (a fork takes a millisecond at
     /// 64 MiB; not if the call could not be started).
     /// The tracee must be in dolly's PID namespace (a capture refuses others): the PID the
-    /// `clone` returns is then the child's for dolly too.
+    /// `clone` returns is then the child's for dolly too. (Its clone is reported too, so
+    /// that a child made by a call that then failed is not left behind.)
     pub fn fork_held(&mut self, meanwhile: impl FnOnce()) -> Result<(Tracee, i32)> {
-        let made = self.raw_while(libc::SYS_clone, &FORK_HELD_ARGS, meanwhile)?;
-        self.hold_fork(made)
+        use ptrace::Options;
+        self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
+        self.tracee.new_child = None;
+        let made = self.raw_while(libc::SYS_clone, &FORK_HELD_ARGS, meanwhile);
+        let child = self.tracee.new_child.take();
+        // (Left set, it would report the clones the process makes until the detach.)
+        let _ = self.tracee.set_options(Options::empty());
+        match (made, child) {
+            (Ok(made), _) => self.hold_fork(made),
+            (Err(e), Some(child)) => {
+                self.discard(child, None);
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
     }
 
     /// After a `clone` with [`FORK_HELD_ARGS`] run inside the tracee (by
@@ -727,15 +749,17 @@ impl Remote<'_> {
             ));
         }
         let (child, ns_pid) = (Pid::from_raw(made as i32), made as i32);
+        // Its first stop (it starts stopped, as a child of a seized tracee). (Not dolly's to
+        // wait for, it is not the fork: nothing to end.)
+        let first = loop {
+            match waitpid(child, Some(WaitPidFlag::__WALL)) {
+                Err(Errno::EINTR) => continue,
+                other => break other.with_context(|| format!("waiting for {child}")),
+            }
+        };
+        let first = first?;
         let held = (|| {
-            // Its first stop (it starts stopped, as a child of a seized tracee).
-            let first = loop {
-                match waitpid(child, Some(WaitPidFlag::__WALL)) {
-                    Err(Errno::EINTR) => continue,
-                    other => break other.with_context(|| format!("waiting for {child}")),
-                }
-            };
-            match first? {
+            match first {
                 WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
                 | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
                 other => return Err(gone(child, &other)),

@@ -82,6 +82,20 @@ pub fn worth_forking(
     tracked.survey(areas, pays).is_some_and(pays)
 }
 
+/// Whether the children process `pid` makes start in its own PID namespace: not once it
+/// called `unshare(CLONE_NEWPID)` and has not forked yet (its fork would be the first
+/// process of the new namespace, whose end would leave that namespace unusable).
+pub fn forks_in_own_pid_ns(pid: Pid) -> bool {
+    let proc = ProcDir::new(pid);
+    match (
+        proc.read_link("ns/pid"),
+        proc.read_link("ns/pid_for_children"),
+    ) {
+        (Ok(own), Ok(children)) => own == children,
+        _ => false,
+    }
+}
+
 /// The memory process `pid` could still be given: what the system has available
 /// (`MemAvailable`), or less if its memory cgroups leave less room. Read before the
 /// freeze (it takes a few tenths of a millisecond).
@@ -124,8 +138,8 @@ pub struct Held {
 
 /// Forks frozen, pre-copied process `parent` (with memory `areas`; surveyed, see
 /// [`worth_forking`]) from inside, with a `clone` run by `remote` in one of its stopped
-/// threads (every signal blocked: see [`crate::tracee::Remote::fork_held`]), within the
-/// calls that read its state (one stop less), doing `meanwhile` while the `clone` runs.
+/// threads (every signal blocked: see [`crate::tracee::Remote::fork_held`]), in the stop
+/// that read its state, doing `meanwhile` while the `clone` runs.
 /// After the thaw, [`Held::take_over`] has its tracking read the fork.
 pub fn fork_inside(
     remote: &mut crate::tracee::Remote<'_>,

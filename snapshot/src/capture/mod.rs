@@ -345,7 +345,9 @@ fn worth_forking(
     };
     // With the pool of huge pages empty, the process's copy-on-write of a hugetlb page takes
     // the page from the fork (which would then read as zeros).
-    !memory.hugetlb && cow::worth_forking(policy, tracked, &memory.areas, room)
+    !memory.hugetlb
+        && cow::worth_forking(policy, tracked, &memory.areas, room)
+        && cow::forks_in_own_pid_ns(pid)
 }
 
 /// Ends the forks made at the freeze of a capture that fails before the thaw, reaped through

@@ -147,7 +147,8 @@ impl Scratch {
 /// ([`tracee::FORK_HELD_ARGS`]), dolly's memory first marked not to be copied into it
 /// (`MADV_DONTFORK`), when that memory is one mapping (not for a process denied writable and
 /// executable memory): the `clone`'s result is returned beside the rest, whatever else
-/// happened, for the caller to take the fork over (or to fork after, if it is `None`).
+/// happened once the calls ran (for the caller to take the fork over, or to fork after, if
+/// it is `None`).
 fn query_hidden(
     remote: &mut tracee::Remote,
     checkpoints: &Checkpoints,
@@ -251,8 +252,21 @@ fn query_hidden_with(
         remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
         remote.start_run(&calls, runner, scratch)?;
         meanwhile();
-        let results = remote.finish_run(calls.len(), runner, scratch)?;
-        *made = clone.map(|i| results[i]);
+        let finished = remote.finish_run(calls.len(), runner, scratch);
+        *made = match (&finished, clone) {
+            (Ok(results), Some(i)) => Some(results[i]),
+            // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
+            (Err(_), Some(i)) => {
+                let mut word = [0u8; 8];
+                remote
+                    .read_mem(scratch + i as u64 * 64 + 56, &mut word)
+                    .ok()
+                    .map(|()| i64::from_ne_bytes(word))
+                    .filter(|&rc| rc > 0)
+            }
+            _ => None,
+        };
+        let results = finished?;
         crate::checkpoint::mark("inspect: state read");
         if let Some((i, rc)) = results[..queries]
             .iter()
@@ -337,9 +351,10 @@ fn query_hidden_with(
     }
 }
 
-/// Forks the process `remote` runs calls in (see [`cow::fork_inside`]), with `memory`, doing
-/// `meanwhile` while the fork is made. A fork that fails is no error: the freeze then copies
-/// the pages.
+/// Forks the process `remote` runs calls in (see [`cow::fork_inside`]), with `memory`, once
+/// dolly's scratch memory is unmapped (a process denied writable-executable memory, or with
+/// other threads), doing `meanwhile` (if not done yet) while the fork is made. A fork that
+/// fails is no error: the freeze then copies the pages.
 fn fork_here(
     remote: &mut tracee::Remote,
     pid: Pid,
@@ -350,7 +365,7 @@ fn fork_here(
 }
 
 /// What [`inspect`] reads from the `/proc` directory of a frozen process, but its areas
-/// (while the process forks, if it does).
+/// (while the process runs dolly's batch of calls).
 struct ProcRead {
     fds: Vec<crate::image::Fd>,
     locks: Vec<crate::image::FileLock>,
@@ -447,8 +462,8 @@ pub fn inspect(
         known_maps,
     )?;
     crate::checkpoint::mark("inspect: memory areas");
-    // The rest of /proc is read while the process forks (dolly would only wait), else
-    // after the calls inside it.
+    // The rest of /proc is read while the process runs dolly's calls (and forks: dolly would
+    // only wait), else after them (the calls could not be started).
     let mut read = None;
     let mut read_rest = || {
         if read.is_none() {
