@@ -728,16 +728,36 @@ fn memory_in_use_mib() -> f64 {
         / 1024.0
 }
 
+/// Waits (up to 3 s) until the memory in use stops moving, by less than 1 MiB in 200 ms:
+/// what ended just before (clones killed, their namespaces torn down) is still being freed
+/// for a while, which made a measure that follows read less than nothing.
+fn settle() {
+    let mut last = memory_in_use_mib();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = memory_in_use_mib();
+        if (now - last).abs() < 1.0 {
+            return;
+        }
+        last = now;
+    }
+}
+
 /// Memory taken by `n` running copies, measured as the rise of memory in use after they
-/// have run (touching a page every 10 ms, as memhog does) for a second.
+/// have run (touching a page every 10 ms, as memhog does) for a second, against the lower
+/// of the memory in use before they started and once they are gone (each settled): memory
+/// still being freed by what ran before (a process killed, the persister of a capture)
+/// lowers the first, memory a copy would leave behind raises the second.
 fn added_by(start: impl FnOnce() -> Vec<Pid>, stop: impl FnOnce(&[Pid])) -> f64 {
+    settle();
     let before = memory_in_use_mib();
     let pids = start();
     std::thread::sleep(Duration::from_secs(1));
-    let after = memory_in_use_mib();
+    let during = memory_in_use_mib();
     stop(&pids);
-    std::thread::sleep(Duration::from_millis(300));
-    after - before
+    settle();
+    let after = memory_in_use_mib();
+    during - before.min(after)
 }
 
 /// Memory added by 1, 10 and 50 clones of a 1 GiB process, and by as many fork()ed copies.
