@@ -855,6 +855,16 @@ impl Remote<'_> {
         ptrace::cont(pid, None).with_context(|| format!("resuming {pid}"))
     }
 
+    /// The result of call `index` of the table at `table` that [`Remote::start_run`] wrote,
+    /// as it is now (0 if the call was not reached); `None` if it cannot be read. For a run
+    /// that did not end where it should.
+    pub fn run_result(&self, table: u64, index: usize) -> Option<i64> {
+        let mut word = [0u8; 8];
+        self.read_mem(table + index as u64 * 64 + 56, &mut word)
+            .ok()
+            .map(|()| i64::from_ne_bytes(word))
+    }
+
     /// The second half of [`Remote::run`]: waits until the `count` calls
     /// [`Remote::start_run`] started (through `runner`, with the table at `table`) are
     /// done, and returns their raw results.

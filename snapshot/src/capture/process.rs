@@ -146,22 +146,9 @@ impl Scratch {
 /// `keep`), the batch ends with the `clone` of a fork held by dolly
 /// ([`tracee::FORK_HELD_ARGS`]), dolly's memory first marked not to be copied into it
 /// (`MADV_DONTFORK`), when that memory is one mapping (not for a process denied writable and
-/// executable memory): the `clone`'s result is returned beside the rest, whatever else
-/// happened once the calls ran (for the caller to take the fork over, or to fork after, if
-/// it is `None`).
+/// executable memory): the `clone`'s result goes into `made`, whatever else happened once
+/// the calls ran (for the caller to take the fork over, or to fork after, if it is `None`).
 fn query_hidden(
-    remote: &mut tracee::Remote,
-    checkpoints: &Checkpoints,
-    (keep, fork): (bool, bool),
-    meanwhile: &mut dyn FnMut(),
-) -> (Result<(Hidden, Option<Scratch>)>, Option<i64>) {
-    let mut made = None;
-    let queried = query_hidden_with(remote, checkpoints, (keep, fork), meanwhile, &mut made);
-    (queried, made)
-}
-
-/// [`query_hidden`], the `clone`'s result into `made`.
-fn query_hidden_with(
     remote: &mut tracee::Remote,
     checkpoints: &Checkpoints,
     (keep, fork): (bool, bool),
@@ -217,9 +204,8 @@ fn query_hidden_with(
             );
         }
         let after_actions = out + 32 * signals.len() as u64;
-        let (altstack, tid, timers) = (after_actions, after_actions + 32, after_actions + 64);
-        calls.add(libc::SYS_sigaltstack, &[0, altstack]);
-        calls.add(libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, tid]);
+        let (altstack, timers) = (after_actions, after_actions + THREAD_STATE_LEN);
+        add_thread_queries(&mut calls, altstack);
         for (i, which) in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF]
             .iter()
             .enumerate()
@@ -256,14 +242,7 @@ fn query_hidden_with(
         *made = match (&finished, clone) {
             (Ok(results), Some(i)) => Some(results[i]),
             // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
-            (Err(_), Some(i)) => {
-                let mut word = [0u8; 8];
-                remote
-                    .read_mem(scratch + i as u64 * 64 + 56, &mut word)
-                    .ok()
-                    .map(|()| i64::from_ne_bytes(word))
-                    .filter(|&rc| rc > 0)
-            }
+            (Err(_), Some(i)) => remote.run_result(scratch, i).filter(|&rc| rc > 0),
             _ => None,
         };
         let results = finished?;
@@ -302,14 +281,7 @@ fn query_hidden_with(
         };
         Ok(Hidden {
             actions,
-            thread: thread::HiddenState {
-                altstack: crate::image::AltStack {
-                    sp: word(altstack),
-                    flags: word(altstack + 8) as i32,
-                    size: word(altstack + 16),
-                },
-                clear_child_tid: word(tid),
-            },
+            thread: thread_state(&raw[at(altstack)..at(altstack) + THREAD_STATE_LEN as usize]),
             itimers: crate::image::ITimers {
                 real: timer(0),
                 virtual_: timer(1),
@@ -349,19 +321,6 @@ fn query_hidden_with(
             Ok((hidden, None))
         }
     }
-}
-
-/// Forks the process `remote` runs calls in (see [`cow::fork_inside`]), with `memory`, once
-/// dolly's scratch memory is unmapped (a process denied writable-executable memory, or with
-/// other threads), doing `meanwhile` (if not done yet) while the fork is made. A fork that
-/// fails is no error: the freeze then copies the pages.
-fn fork_here(
-    remote: &mut tracee::Remote,
-    pid: Pid,
-    memory: &MemoryPlan,
-    meanwhile: &mut dyn FnMut(),
-) -> Option<cow::Held> {
-    cow::fork_inside(remote, pid, &memory.areas, meanwhile).ok()
 }
 
 /// What [`inspect`] reads from the `/proc` directory of a frozen process, but its areas
@@ -562,13 +521,16 @@ fn read_inside(
     let ip = syscall_ip(tracee, memory, &regs)?;
     let worth = fork_if(memory);
     let (hidden, scratch) = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
-        let (queried, made) = query_hidden(remote, checkpoints, (others, worth), meanwhile);
+        let mut made = None;
+        let queried = query_hidden(remote, checkpoints, (others, worth), meanwhile, &mut made);
         if let Some(made) = made {
             *held = cow::hold_inside(remote, pid, &memory.areas, made).ok();
         }
         let (hidden, scratch) = queried?;
+        // (Not in the batch: a process denied writable-executable memory. A fork that fails
+        // is no error: the freeze then copies the pages.)
         if worth && made.is_none() && scratch.is_none() {
-            *held = fork_here(remote, pid, memory, meanwhile);
+            *held = cow::fork_inside(remote, pid, &memory.areas, &mut *meanwhile).ok();
         }
         Ok((hidden, scratch))
     })?;
@@ -588,7 +550,7 @@ fn read_inside(
         tracees[0].run_inside_as_is(ip, true, |remote| {
             scratch.unmap(remote)?;
             if worth && captured.is_ok() {
-                *held = fork_here(remote, pid, memory, meanwhile);
+                *held = cow::fork_inside(remote, pid, &memory.areas, &mut *meanwhile).ok();
             }
             Ok(())
         })?;
@@ -602,22 +564,43 @@ fn read_inside(
 }
 
 /// Room for one thread's calls and their output in the scratch area (see
-/// [`capture_threads`]): the table of two calls, then 40 bytes of output.
+/// [`capture_threads`]): the table of two calls, then [`THREAD_STATE_LEN`] bytes of output.
 const THREAD_SLOT: u64 = 256;
 
 /// Where in its slot a thread's calls write: after the table of two calls and its end mark.
 const THREAD_OUT: u64 = 3 * 64;
 
-/// What only each thread itself can tell (its alternate signal stack and tid address):
-/// the calls of one slot of the scratch area at `slot`.
-fn thread_calls(slot: u64) -> tracee::Calls {
-    let out = slot + THREAD_OUT;
-    let mut calls = tracee::Calls::default();
+/// Bytes [`add_thread_queries`] writes: the alternate signal stack (24), then the tid
+/// address at 32.
+const THREAD_STATE_LEN: u64 = 40;
+
+/// Adds the calls that read what only a thread itself can tell (its alternate signal stack
+/// and tid address) into `out` ([`THREAD_STATE_LEN`] bytes; see [`thread_state`]).
+fn add_thread_queries(calls: &mut tracee::Calls, out: u64) {
     calls.add(libc::SYS_sigaltstack, &[0, out]);
     calls.add(
         libc::SYS_prctl,
         &[libc::PR_GET_TID_ADDRESS as u64, out + 32],
     );
+}
+
+/// What [`add_thread_queries`] wrote, read back (`raw`: its [`THREAD_STATE_LEN`] bytes).
+fn thread_state(raw: &[u8]) -> thread::HiddenState {
+    let word = |at: usize| u64::from_ne_bytes(raw[at..at + 8].try_into().unwrap());
+    thread::HiddenState {
+        altstack: crate::image::AltStack {
+            sp: word(0),
+            flags: word(8) as i32,
+            size: word(16),
+        },
+        clear_child_tid: word(32),
+    }
+}
+
+/// The calls of one thread, in its slot of the scratch area at `slot`.
+fn thread_calls(slot: u64) -> tracee::Calls {
+    let mut calls = tracee::Calls::default();
+    add_thread_queries(&mut calls, slot + THREAD_OUT);
     calls
 }
 
@@ -629,17 +612,9 @@ fn thread_hidden(tracee: &Tracee, slot: u64, results: &[i64]) -> Result<thread::
             nix::errno::Errno::from_raw(-*rc as i32),
         ));
     }
-    let mut raw = [0u8; 40];
+    let mut raw = [0u8; THREAD_STATE_LEN as usize];
     tracee.read_mem(slot + THREAD_OUT, &mut raw)?;
-    let word = |at: usize| u64::from_ne_bytes(raw[at..at + 8].try_into().unwrap());
-    Ok(thread::HiddenState {
-        altstack: crate::image::AltStack {
-            sp: word(0),
-            flags: word(8) as i32,
-            size: word(16),
-        },
-        clear_child_tid: word(32),
-    })
+    Ok(thread_state(&raw))
 }
 
 /// A thread's state read through ptrace, before its calls run.
