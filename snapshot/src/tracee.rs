@@ -96,6 +96,11 @@ pub struct Tracee {
     seized: bool,
     /// Stopped in the SIGTRAP signal-delivery stop a single step leaves.
     in_trap: bool,
+    /// Moving out of that stop (see [`Tracee::park`]), not yet waited for: see
+    /// [`Tracee::settle`].
+    parking: bool,
+    /// When dolly asked it to stop, if it did (it ran on until then).
+    interrupted_at: Option<Instant>,
     /// What dropping the tracee without `detach` does.
     on_drop: OnDrop,
     /// The child its last remote call made, when clones are reported ([`Remote::fork_held`]).
@@ -115,6 +120,9 @@ enum OnDrop {
 
 impl Drop for Tracee {
     fn drop(&mut self) {
+        if self.on_drop == OnDrop::Detach {
+            let _ = self.settle();
+        }
         match self.on_drop {
             OnDrop::Detach => {
                 let _ = ptrace::detach(self.pid, None);
@@ -236,6 +244,7 @@ impl Tracee {
             None => Tracee::open(pid, OnDrop::Detach)?,
         };
         tracee.seized = true;
+        tracee.interrupted_at = Some(Instant::now());
         ptrace::interrupt(pid).with_context(|| format!("interrupting process {pid}"))?;
         Ok(tracee)
     }
@@ -312,9 +321,16 @@ impl Tracee {
             deferred: Vec::new(),
             seized: false,
             in_trap: false,
+            parking: false,
+            interrupted_at: None,
             on_drop,
             new_child: None,
         }
+    }
+
+    /// When dolly asked the thread to stop (seizing it), if it did: it ran on until then.
+    pub fn interrupted_at(&self) -> Option<Instant> {
+        self.interrupted_at
     }
 
     /// The traced thread.
@@ -387,6 +403,7 @@ impl Tracee {
     /// Lets the thread run on (from its stop), sending again any stop signal that arrived
     /// while dolly held it.
     pub fn detach(mut self) -> Result<()> {
+        self.settle()?;
         ptrace::detach(self.pid, None).with_context(|| format!("detaching from {}", self.pid))?;
         self.on_drop = OnDrop::Nothing;
         for sig in &self.deferred {
@@ -439,6 +456,16 @@ impl Tracee {
         first
     }
 
+    /// Waits until a tracee [`Tracee::run_inside`] left moving out of its trap stop is in
+    /// its `PTRACE_EVENT_STOP` (ptrace requests fail until then): the wait overlaps with
+    /// what dolly does meanwhile.
+    pub fn settle(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.parking) {
+            self.park_finish()?;
+        }
+        Ok(())
+    }
+
     /// The first half of [`Tracee::park`]: asks a tracee in the trap stop to move (returns
     /// whether it was asked).
     fn park_start(&mut self) -> Result<bool> {
@@ -483,14 +510,16 @@ impl Tracee {
         park: bool,
         call: impl FnOnce(&mut Remote<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.settle()?;
         let (regs, mask) = (self.regs()?, self.sigmask()?);
         self.run_inside(ip, (&regs, mask), park, call)
     }
 
     /// Runs `call` inside the tracee through the `syscall` instruction at `ip`, every signal
     /// blocked, then puts back registers `regs` and signal mask `mask` whatever happened
-    /// (and, if `park`, moves it out of the trap the calls leave it in: see
-    /// [`Tracee::park`]).
+    /// (and, if `park`, starts moving it out of the trap the calls leave it in: see
+    /// [`Tracee::park`]; the next request that needs it stopped waits for that, see
+    /// [`Tracee::settle`]).
     pub fn run_inside<T>(
         &mut self,
         ip: u64,
@@ -498,12 +527,19 @@ impl Tracee {
         park: bool,
         call: impl FnOnce(&mut Remote<'_>) -> Result<T>,
     ) -> Result<T> {
+        self.settle()?;
         self.set_sigmask(ALL_SIGNALS)?;
-        let done = self.remote(ip).and_then(|mut remote| call(&mut remote));
+        // (The calls start from the registers given: no need to read them again.)
+        let done = call(&mut self.remote_with(ip, *regs));
         let put_back = self
             .set_regs(regs)
             .and_then(|_| self.set_sigmask(mask))
-            .and_then(|_| if park { self.park() } else { Ok(()) });
+            .and_then(|_| {
+                if park {
+                    self.parking = self.park_start()?;
+                }
+                Ok(())
+            });
         let done = done?;
         put_back?;
         Ok(done)
@@ -538,6 +574,7 @@ impl Tracee {
     /// Starts running system calls inside the tracee through the `syscall` instruction at
     /// `syscall_ip`. The caller saves and later restores the registers it needs.
     pub fn remote(&mut self, syscall_ip: u64) -> Result<Remote<'_>> {
+        self.settle()?;
         let base = self.regs()?;
         Ok(self.remote_with(syscall_ip, base))
     }
@@ -910,7 +947,18 @@ impl Remote<'_> {
 
     /// Runs syscall `nr`; a negative result becomes an error saying `what` failed.
     pub fn call(&mut self, what: &str, nr: i64, args: &[u64]) -> Result<u64> {
-        let rc = self.raw(nr, args)?;
+        self.call_while(what, nr, args, || {})
+    }
+
+    /// [`Remote::call`], doing `meanwhile` while the call runs (see [`Remote::raw_while`]).
+    pub fn call_while(
+        &mut self,
+        what: &str,
+        nr: i64,
+        args: &[u64],
+        meanwhile: impl FnOnce(),
+    ) -> Result<u64> {
+        let rc = self.raw_while(nr, args, meanwhile)?;
         if (-4095..0).contains(&rc) {
             return Err(Error::sys(
                 format!("{what} (inside process {})", self.tracee.pid),

@@ -34,7 +34,13 @@ const NAMESPACES: [&str; 8] = ["pid", "mnt", "net", "ipc", "uts", "user", "cgrou
 /// Refusals for every process of the tree: run before it is frozen and again once it is,
 /// since things change.
 pub fn check_member(proc: &ProcDir, status: &Status) -> Result<()> {
-    let pid = proc.pid();
+    check_before_calls(proc.pid(), status)?;
+    check_rest(proc)
+}
+
+/// The refusals of [`check_member`] that must come before dolly runs any call inside the
+/// frozen process (a seccomp filter could kill it for one), from its `status` alone.
+pub fn check_before_calls(pid: Pid, status: &Status) -> Result<()> {
     let uid = nix::unistd::geteuid();
     if !uid.is_root() && status.uid[0] != uid.as_raw() {
         return Err(Error::refused(
@@ -66,6 +72,13 @@ pub fn check_member(proc: &ProcDir, status: &Status) -> Result<()> {
             "capture a process without seccomp",
         ));
     }
+    Ok(())
+}
+
+/// The refusals of [`check_member`] that may come once calls ran inside the frozen process
+/// (they are read while the calls run): namespaces, scheduling, POSIX timers.
+pub fn check_rest(proc: &ProcDir) -> Result<()> {
+    let pid = proc.pid();
     // A restore puts the process in dolly's namespaces: it must be in them already.
     static OURS: std::sync::OnceLock<Vec<Option<std::path::PathBuf>>> = std::sync::OnceLock::new();
     let ours = OURS.get_or_init(|| {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::tree::Member;
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{Area, AreaKind};
+use crate::image::Area;
 use crate::proc::ProcDir;
 use crate::resource::tracking::Tracked;
 use crate::tracee::Tracee;
@@ -133,22 +133,24 @@ pub struct Held {
     ns_pid: i32,
     /// Where the parent's vDSO was (to run the reaping `wait4` through).
     vdso: Option<u64>,
+    /// When its process started, if known (see [`Held::set_parent_start_time`]).
+    parent_start_time: Option<u64>,
     copy: Option<Tracee>,
 }
 
-/// Forks frozen, pre-copied process `parent` (with memory `areas`; surveyed, see
-/// [`worth_forking`]) from inside, with a `clone` run by `remote` in one of its stopped
-/// threads (every signal blocked: see [`crate::tracee::Remote::fork_held`]), in the stop
-/// that read its state, doing `meanwhile` while the `clone` runs.
+/// Forks frozen, pre-copied process `parent` (surveyed, see [`worth_forking`]; its vDSO at
+/// `vdso`) from inside, with a `clone` run by `remote` in one of its stopped threads (every
+/// signal blocked: see [`crate::tracee::Remote::fork_held`]), in the stop that read its
+/// state, doing `meanwhile` while the `clone` runs.
 /// After the thaw, [`Held::take_over`] has its tracking read the fork.
 pub fn fork_inside(
     remote: &mut crate::tracee::Remote<'_>,
     parent: Pid,
-    areas: &[Area],
+    vdso: Option<u64>,
     meanwhile: impl FnOnce(),
 ) -> Result<Held> {
     let held = remote.fork_held(meanwhile)?;
-    Ok(Held::new(parent, areas, held))
+    Ok(Held::new(parent, vdso, held))
 }
 
 /// [`fork_inside`] when the `clone` ([`crate::tracee::FORK_HELD_ARGS`]) ran among a batch of
@@ -156,11 +158,11 @@ pub fn fork_inside(
 pub fn hold_inside(
     remote: &mut crate::tracee::Remote<'_>,
     parent: Pid,
-    areas: &[Area],
+    vdso: Option<u64>,
     made: i64,
 ) -> Result<Held> {
     let held = remote.hold_fork(made)?;
-    Ok(Held::new(parent, areas, held))
+    Ok(Held::new(parent, vdso, held))
 }
 
 /// Runs `call` inside stopped thread `thread` through its vDSO (at `vdso`, where known),
@@ -237,17 +239,15 @@ pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
 }
 
 impl Held {
-    /// The fork `copy` (seen as `ns_pid` by its parent) of process `parent`, with memory
-    /// `areas`.
-    fn new(parent: Pid, areas: &[Area], (copy, ns_pid): (Tracee, i32)) -> Held {
+    /// The fork `copy` (seen as `ns_pid` by its parent) of process `parent`, whose vDSO is
+    /// at `vdso`.
+    fn new(parent: Pid, vdso: Option<u64>, (copy, ns_pid): (Tracee, i32)) -> Held {
         crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
         Held {
             parent,
             ns_pid,
-            vdso: areas
-                .iter()
-                .find(|a| a.kind == AreaKind::Vdso)
-                .map(|a| a.start),
+            vdso,
+            parent_start_time: None,
             copy: Some(copy),
         }
     }
@@ -260,8 +260,15 @@ impl Held {
             pid: pid.as_raw(),
             ns_pid: self.ns_pid,
             start_time: ProcDir::new(pid).stat().map_or(0, |s| s.start_time),
-            parent_start_time: ProcDir::new(self.parent).stat().map_or(0, |s| s.start_time),
+            parent_start_time: self
+                .parent_start_time
+                .unwrap_or_else(|| ProcDir::new(self.parent).stat().map_or(0, |s| s.start_time)),
         }
+    }
+
+    /// Gives when its process started (from the `stat` read at the freeze), for its note.
+    pub fn set_parent_start_time(&mut self, start_time: u64) {
+        self.parent_start_time = Some(start_time);
     }
 
     /// After the thaw (work kept out of the freeze): has the process's `tracked` read the
@@ -388,6 +395,8 @@ fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
     let detached = thread.detach();
     reaped?;
     detached?;
-    crate::checkpoint::mark(&format!("cow: {parent} reaped its fork"));
+    crate::checkpoint::mark(&format!(
+        "cow: {parent} reaped its fork ({stopped_ms:.3} ms)"
+    ));
     Ok(stopped_ms)
 }

@@ -77,30 +77,29 @@ impl Inspected {
     }
 }
 
-/// Finds a `syscall` instruction the stopped process can execute: in its vDSO, or the one
-/// it is stopped right after if the freeze caught it in a system call.
-fn syscall_ip(tracee: &Tracee, memory: &MemoryPlan, regs: &RawRegs) -> Result<u64> {
-    let mut candidates = Vec::new();
-    if let Some(vdso) = memory.areas.iter().find(|a| a.kind == AreaKind::Vdso) {
-        if let Some(off) = tracee::vdso_syscall_offset()? {
-            candidates.push(vdso.start + off);
-        }
+/// Finds a `syscall` instruction the stopped process can execute: in its vDSO (at `vdso`
+/// where known, else where its areas say), or the one it is stopped right after if the
+/// freeze caught it in a system call.
+fn syscall_ip(tracee: &Tracee, vdso: Option<u64>, regs: &RawRegs) -> Result<u64> {
+    let in_vdso = tracee.vdso_syscall_ip(vdso);
+    if in_vdso.is_err() && (regs.orig_rax as i64) >= 0 && tracee.has_syscall_at(regs.rip - 2) {
+        return Ok(regs.rip - 2);
     }
-    if (regs.orig_rax as i64) >= 0 {
-        candidates.push(regs.rip - 2);
-    }
-    for ip in candidates {
-        if tracee.has_syscall_at(ip) {
-            return Ok(ip);
-        }
-    }
-    Err(Error::refused(
-        format!(
-            "process {} has no vDSO to run system calls through",
-            tracee.pid()
-        ),
-        "capture a process that keeps its vDSO mapped",
-    ))
+    in_vdso
+}
+
+/// Where the vDSO is in areas `known` (as read before the freeze).
+fn known_vdso(known: &[crate::proc::MapsEntry]) -> Option<u64> {
+    known.iter().find(|m| m.path == "[vdso]").map(|m| m.start)
+}
+
+/// Where the vDSO is in a memory plan.
+fn plan_vdso(memory: &MemoryPlan) -> Option<u64> {
+    memory
+        .areas
+        .iter()
+        .find(|a| a.kind == AreaKind::Vdso)
+        .map(|a| a.start)
 }
 
 /// Where the batched queries of [`query_hidden`] write, in the scratch area: the call table
@@ -139,25 +138,37 @@ impl Scratch {
     }
 }
 
+/// What dolly does beside the calls it runs inside a frozen process (see [`query_hidden`]),
+/// rather than only wait for them.
+trait Beside {
+    /// While dolly's scratch memory is mapped inside the process.
+    fn mapping(&mut self);
+    /// Once that memory is mapped at `[start, end)`: whether the batch is to end with a fork.
+    fn fork(&mut self, scratch: (u64, u64)) -> bool;
+    /// While the batch of calls (and the fork) runs.
+    fn running(&mut self);
+}
+
 /// Reads what only the process itself can tell, with one batch of system calls run inside
-/// it (one stop, not one per call), doing `meanwhile` while it runs. With `keep`, the
-/// scratch area stays mapped for the queries of the process's other threads
-/// ([`capture_threads`]) and is returned; the caller unmaps it. With `fork` (and not
-/// `keep`), the batch ends with the `clone` of a fork held by dolly
-/// ([`tracee::FORK_HELD_ARGS`]), dolly's memory first marked not to be copied into it
-/// (`MADV_DONTFORK`), when that memory is one mapping (not for a process denied writable and
-/// executable memory): the `clone`'s result goes into `made`, whatever else happened once
-/// the calls ran (for the caller to take the fork over, or to fork after, if it is `None`).
+/// it (one stop, not one per call), doing `beside`'s work while dolly's scratch memory is
+/// mapped and while the batch runs. With `keep`, the scratch area stays mapped for the
+/// queries of the process's other threads ([`capture_threads`]) and is returned; the caller
+/// unmaps it. If `beside` says so (and not `keep`), the batch ends with the `clone` of a
+/// fork held by dolly ([`tracee::FORK_HELD_ARGS`]), dolly's memory first marked not to be
+/// copied into it (`MADV_DONTFORK`), when that memory is one mapping (not for a process
+/// denied writable and executable memory): the `clone`'s result goes into `made`, whatever
+/// else happened once the calls ran (for the caller to take the fork over, or to fork
+/// after, if it is `None`).
 fn query_hidden(
     remote: &mut tracee::Remote,
     checkpoints: &Checkpoints,
-    (keep, fork): (bool, bool),
-    meanwhile: &mut dyn FnMut(),
+    keep: bool,
+    beside: &mut dyn Beside,
     made: &mut Option<i64>,
 ) -> Result<(Hidden, Option<Scratch>)> {
     let page = crate::sys::PAGE_SIZE;
-    let map = |remote: &mut tracee::Remote, len: u64, prot: i32| {
-        remote.call(
+    let mut map = |remote: &mut tracee::Remote, len: u64, prot: i32| {
+        remote.call_while(
             "mapping a scratch page",
             libc::SYS_mmap,
             &[
@@ -168,6 +179,7 @@ fn query_hidden(
                 u64::MAX,
                 0,
             ],
+            || beside.mapping(),
         )
     };
     // The scratch area and the code page in one mapping (one stop less to map it and one
@@ -185,6 +197,12 @@ fn query_hidden(
             (scratch, remote.map_call_runner(), false)
         }
     };
+    let len = if together {
+        SCRATCH_LEN + page
+    } else {
+        SCRATCH_LEN
+    };
+    let fork = beside.fork((scratch, scratch + len));
     let result = match &runner {
         Err(e) => Err(Error::new(e.kind(), e.message())),
         Ok(runner) => Ok(*runner),
@@ -237,7 +255,7 @@ fn query_hidden(
         let end = ints + 16;
         remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
         remote.start_run(&calls, runner, scratch)?;
-        meanwhile();
+        beside.running();
         let finished = remote.finish_run(calls.len(), runner, scratch);
         *made = match (&finished, clone) {
             (Ok(results), Some(i)) => Some(results[i]),
@@ -299,11 +317,6 @@ fn query_hidden(
             securebits: results[securebits] as u32,
         })
     });
-    let len = if together {
-        SCRATCH_LEN + page
-    } else {
-        SCRATCH_LEN
-    };
     // (`result` is an error whenever the code page could not be mapped.)
     let runner = runner.ok();
     let kept = Scratch {
@@ -394,6 +407,95 @@ struct ReadInside {
     pending: Vec<crate::image::QueuedSignal>,
 }
 
+/// What [`inspect`] reads from a frozen process's `/proc` directory beside the calls it runs
+/// inside it ([`Beside`]): while dolly's scratch memory is mapped, its areas and whether to
+/// fork it (`fork_if`); while the calls run (they hold no lock these reads need), its
+/// `stat`, the rest of its checks and the rest of what [`ProcRead`] holds.
+struct ProcReads<'a, F> {
+    proc: &'a ProcDir,
+    shared: &'a mut Shared,
+    policy: files::FdPolicy,
+    known_maps: Option<&'a [crate::proc::MapsEntry]>,
+    fork_if: Option<F>,
+    plan: Option<Result<MemoryPlan>>,
+    /// What `fork_if` said.
+    worth: bool,
+    /// The areas were read with dolly's scratch memory merged into one of the process's:
+    /// to be read again once it is gone.
+    reread: bool,
+    rest: Option<Result<(crate::proc::Stat, ProcRead)>>,
+}
+
+impl<F: FnOnce(&MemoryPlan) -> bool> ProcReads<'_, F> {
+    fn read_plan(&mut self) -> Result<MemoryPlan> {
+        let shared = &mut *self.shared;
+        let plan = memory::inspect(
+            self.proc,
+            &mut shared.files,
+            &mut shared.shmem,
+            self.known_maps,
+        );
+        crate::checkpoint::mark("inspect: memory areas");
+        plan
+    }
+
+    fn read_rest(&mut self) -> Result<(crate::proc::Stat, ProcRead)> {
+        let stat = self.proc.stat()?;
+        checks::check_rest(self.proc)?;
+        let read = read_proc(self.proc, &stat, self.shared, self.policy)?;
+        Ok((stat, read))
+    }
+
+    /// What was read: the memory plan, then the rest; reads what was not yet (the calls
+    /// could not run).
+    #[allow(clippy::type_complexity)]
+    fn take(&mut self) -> (Result<MemoryPlan>, Result<(crate::proc::Stat, ProcRead)>) {
+        self.running();
+        let plan = self.plan.take().expect("read by mapping()");
+        (plan, self.rest.take().expect("read by running()"))
+    }
+
+    /// Where the process's vDSO is, once its areas are read.
+    fn vdso(&self) -> Option<u64> {
+        match &self.plan {
+            Some(Ok(plan)) => plan_vdso(plan),
+            _ => None,
+        }
+    }
+}
+
+impl<F: FnOnce(&MemoryPlan) -> bool> Beside for ProcReads<'_, F> {
+    fn mapping(&mut self) {
+        if self.plan.is_none() {
+            let plan = self.read_plan();
+            // (The plan may hold dolly's scratch memory, if mapped already: no page of it
+            // is written yet.)
+            if let Ok(plan) = &plan {
+                self.worth = self.fork_if.take().is_some_and(|f| f(plan));
+            }
+            self.plan = Some(plan);
+        }
+    }
+
+    fn fork(&mut self, scratch: (u64, u64)) -> bool {
+        self.mapping();
+        if let Some(Ok(plan)) = &mut self.plan {
+            if !plan.exclude(scratch) {
+                self.reread = true;
+                self.worth = false;
+            }
+        }
+        self.worth
+    }
+
+    fn running(&mut self) {
+        self.mapping();
+        if self.rest.is_none() {
+            self.rest = Some(self.read_rest());
+        }
+    }
+}
+
 /// Reads everything of a frozen process but its pages; refuses what cannot be restored.
 /// Forks it from inside (see [`cow`]) if `fork_if` says so of its memory, at the end of the
 /// calls that read its state; returns the fork too.
@@ -406,46 +508,59 @@ pub fn inspect(
     fork_if: impl FnOnce(&MemoryPlan) -> bool,
 ) -> Result<(Inspected, Option<cow::Held>)> {
     let pid = member.proc.pid();
-    let stat = member.proc.stat()?;
     let status = member.proc.status()?;
-    checks::check_member(&member.proc, &status)?;
+    checks::check_before_calls(pid, &status)?;
     let tracee = &mut member.threads[0];
     let mut regs = tracee.regs()?;
     thread::abort_rseq_section(tracee, &mut regs)?;
     let registers = (regs, tracee.xstate()?, tracee.sigmask()?);
     crate::checkpoint::mark("inspect: registers");
-    let memory = memory::inspect(
-        &member.proc,
-        &mut shared.files,
-        &mut shared.shmem,
+    // The rest of /proc is read while the process runs dolly's calls (dolly would only
+    // wait), else after them (the calls could not be started).
+    let mut reads = ProcReads {
+        proc: &member.proc,
+        shared,
+        policy,
         known_maps,
-    )?;
-    crate::checkpoint::mark("inspect: memory areas");
-    // The rest of /proc is read while the process runs dolly's calls (and forks: dolly would
-    // only wait), else after them (the calls could not be started).
-    let mut read = None;
-    let mut read_rest = || {
-        if read.is_none() {
-            read = Some(read_proc(&member.proc, &stat, shared, policy));
-        }
+        fork_if: Some(fork_if),
+        plan: None,
+        worth: false,
+        reread: false,
+        rest: None,
     };
     let mut held = None;
     let inside = read_inside(
         &mut member.threads,
-        (registers, status.ns_pid.clone(), stat.comm.clone()),
-        &memory,
+        (registers, status.ns_pid.clone()),
+        &mut reads,
         checkpoints,
-        (fork_if, &mut held, &mut read_rest),
+        &mut held,
     );
-    read_rest();
-    let read = read.expect("read above");
+    let reread = reads.reread;
+    let (plan, rest) = reads.take();
     // (A refusal first: it tells the user what to do.)
-    let inside = match (inside, read) {
-        (_, Err(e)) if e.kind() == crate::error::ErrorKind::Refused => Err(e),
-        (inside, read) => inside.and_then(|inside| read.map(|read| (inside, read))),
+    let refused = |e: &Error| e.kind() == crate::error::ErrorKind::Refused;
+    let all = match (plan, rest) {
+        (Err(e), _) | (_, Err(e)) if refused(&e) => Err(e),
+        (plan, rest) => {
+            plan.and_then(|plan| inside.and_then(|inside| rest.map(|rest| (plan, inside, rest))))
+        }
     };
-    let (inside, read) = match inside {
-        Ok(inside) => inside,
+    let all = all.and_then(|(memory, inside, rest)| {
+        // (Read again, with dolly's memory gone from the process.)
+        let memory = match reread {
+            true => memory::inspect(
+                &member.proc,
+                &mut shared.files,
+                &mut shared.shmem,
+                known_maps,
+            )?,
+            false => memory,
+        };
+        Ok((memory, inside, rest))
+    });
+    let (memory, inside, (stat, read)) = match all {
+        Ok(all) => all,
         Err(e) => {
             if let Some(held) = held {
                 let _ = held.end_frozen(member);
@@ -453,11 +568,15 @@ pub fn inspect(
             return Err(e);
         }
     };
+    if let Some(held) = &mut held {
+        held.set_parent_start_time(stat.start_time);
+    }
     let ReadInside {
         hidden,
-        threads,
+        mut threads,
         pending,
     } = inside;
+    threads[0].comm = stat.comm.clone();
     let mut flags = hidden.flags;
     flags.coredump_filter = read.coredump_filter;
     let mut mm = process::mm_layout(&stat, hidden.brk, read.auxv);
@@ -496,20 +615,16 @@ pub fn inspect(
     Ok((Inspected { process, memory }, held))
 }
 
-/// The part of [`inspect`] that runs calls inside the process (with `memory`): the state
-/// only the process can tell, and the fork if `fork_if` says so (into `held`); then its
-/// other threads and its pending signals. `registers`: its leader's registers, extended
-/// state and signal mask; `ns_pid`, `comm`: its leader's PIDs and name.
-fn read_inside(
+/// The part of [`inspect`] that runs calls inside the process: the state only the process
+/// can tell, and the fork if `reads` says so (into `held`); then its other threads and its
+/// pending signals. `registers`: its leader's registers, extended state and signal mask;
+/// `ns_pid`: its leader's PIDs. (The leader's name is left empty, for the caller.)
+fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     tracees: &mut [Tracee],
-    ((regs, xstate, sigmask), ns_pid, comm): ((RawRegs, Vec<u8>, u64), Vec<i32>, String),
-    memory: &MemoryPlan,
+    ((regs, xstate, sigmask), ns_pid): ((RawRegs, Vec<u8>, u64), Vec<i32>),
+    reads: &mut ProcReads<'_, F>,
     checkpoints: &Checkpoints,
-    (fork_if, held, meanwhile): (
-        impl FnOnce(&MemoryPlan) -> bool,
-        &mut Option<cow::Held>,
-        &mut dyn FnMut(),
-    ),
+    held: &mut Option<cow::Held>,
 ) -> Result<ReadInside> {
     // The other threads' queries use the leader's scratch area (one mapping, not one each).
     let others = tracees.len() > 1;
@@ -518,46 +633,51 @@ fn read_inside(
     // State only the process itself can tell: run system calls inside it, with every
     // signal blocked, then put its registers and mask back whatever happened. The fork, if
     // any, is the last call of the batch (or comes once dolly's scratch memory is unmapped).
-    let ip = syscall_ip(tracee, memory, &regs)?;
-    let worth = fork_if(memory);
-    let (hidden, scratch) = tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
-        let mut made = None;
-        let queried = query_hidden(remote, checkpoints, (others, worth), meanwhile, &mut made);
-        if let Some(made) = made {
-            *held = cow::hold_inside(remote, pid, &memory.areas, made).ok();
-        }
-        let (hidden, scratch) = queried?;
-        // (Not in the batch: a process denied writable-executable memory. A fork that fails
-        // is no error: the freeze then copies the pages.)
-        if worth && made.is_none() && scratch.is_none() {
-            *held = cow::fork_inside(remote, pid, &memory.areas, &mut *meanwhile).ok();
-        }
-        Ok((hidden, scratch))
-    })?;
-    let mut threads = vec![thread::capture(
-        &tracees[0],
-        &regs,
-        xstate,
-        sigmask,
-        hidden.thread,
-        ns_pid,
-        comm,
-    )?];
+    let ip = syscall_ip(tracee, reads.known_maps.and_then(known_vdso), &regs)?;
+    let vdso = |reads: &ProcReads<'_, F>| reads.vdso();
+    // (What needs the leader stopped is read before it is put back: it then moves out of
+    // the trap stop while dolly goes on.)
+    let (hidden, scratch, leader, pending) =
+        tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
+            let mut made = None;
+            let queried = query_hidden(remote, checkpoints, others, &mut *reads, &mut made);
+            if let Some(made) = made {
+                *held = cow::hold_inside(remote, pid, vdso(reads), made).ok();
+            }
+            let (hidden, scratch) = queried?;
+            // (Not in the batch: a process denied writable-executable memory. A fork that
+            // fails is no error: the freeze then copies the pages.)
+            if reads.worth && made.is_none() && scratch.is_none() {
+                *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
+            }
+            let leader = thread::capture(
+                remote.tracee(),
+                &regs,
+                xstate,
+                sigmask,
+                hidden.thread,
+                ns_pid,
+                String::new(),
+            )?;
+            Ok((hidden, scratch, leader, signals::pending(pid, true)?))
+        })?;
+    let mut threads = vec![leader];
     if let Some(scratch) = &scratch {
         let captured =
-            capture_threads(&mut tracees[1..], memory, scratch).map(|t| threads.extend(t));
+            capture_threads(&mut tracees[1..], vdso(reads), scratch).map(|t| threads.extend(t));
         // Whatever happened: the process is left as it was.
+        let worth = reads.worth;
         tracees[0].run_inside_as_is(ip, true, |remote| {
             scratch.unmap(remote)?;
             if worth && captured.is_ok() {
-                *held = cow::fork_inside(remote, pid, &memory.areas, &mut *meanwhile).ok();
+                *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
             }
             Ok(())
         })?;
         captured?;
     }
     Ok(ReadInside {
-        pending: signals::pending(pid, true)?,
+        pending,
         hidden,
         threads,
     })
@@ -634,13 +754,13 @@ struct ThreadBefore {
 /// them in.
 fn capture_threads(
     tracees: &mut [Tracee],
-    memory: &MemoryPlan,
+    vdso: Option<u64>,
     scratch: &Scratch,
 ) -> Result<Vec<Thread>> {
     let slots = (SCRATCH_LEN / THREAD_SLOT) as usize;
     let mut threads = Vec::with_capacity(tracees.len());
     for group in tracees.chunks_mut(slots) {
-        threads.extend(capture_group(group, memory, scratch)?);
+        threads.extend(capture_group(group, vdso, scratch)?);
     }
     Ok(threads)
 }
@@ -648,7 +768,7 @@ fn capture_threads(
 /// [`capture_threads`] for one group of threads, at most one per slot.
 fn capture_group(
     group: &mut [Tracee],
-    memory: &MemoryPlan,
+    vdso: Option<u64>,
     scratch: &Scratch,
 ) -> Result<Vec<Thread>> {
     let mut before = Vec::with_capacity(group.len());
@@ -659,7 +779,7 @@ fn capture_group(
         let mut regs = tracee.regs()?;
         thread::abort_rseq_section(tracee, &mut regs)?;
         let (xstate, sigmask) = (tracee.xstate()?, tracee.sigmask()?);
-        let ip = syscall_ip(tracee, memory, &regs)?;
+        let ip = syscall_ip(tracee, vdso, &regs)?;
         before.push(ThreadBefore {
             ns_pid,
             comm,

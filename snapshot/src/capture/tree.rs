@@ -130,7 +130,8 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
                 continue; // a zombie: recorded below
             }
             checks::check_member(&proc, &status)?;
-            since.get_or_insert_with(std::time::Instant::now);
+            // (It runs on until asked to stop, once seized.)
+            let asking = std::time::Instant::now();
             let threads = match freeze_threads(&proc) {
                 Ok(t) => t,
                 Err(e) if e.kind() == ErrorKind::NotFound && pid != root => continue,
@@ -147,6 +148,7 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
                 }
                 Err(e) => return Err(e),
             };
+            since.get_or_insert(threads[0].interrupted_at().unwrap_or(asking));
             members.push(Member {
                 proc,
                 threads,

@@ -107,6 +107,23 @@ impl MemoryPlan {
         Ok(())
     }
 
+    /// Leaves out area `[start, end)` (memory dolly mapped inside the process while its
+    /// areas were read). False if an area only overlaps it (the kernel merged dolly's
+    /// mapping with one of the process's): the plan is then not the process's own.
+    pub fn exclude(&mut self, (start, end): Range) -> bool {
+        let overlapping = |a: &Area| a.start < end && start < a.end;
+        match self.areas.iter().position(overlapping) {
+            None => true,
+            Some(i) if (self.areas[i].start, self.areas[i].end) == (start, end) => {
+                self.areas.remove(i);
+                self.sources.remove(i);
+                self.unknown_flags.retain(|&r| r != (start, end));
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
     /// After the thaw, with `maps` the areas of a fork of the process made at its freeze:
     /// fails unless the fork has every area the process had (it lacks those the process
     /// advised `MADV_DONTFORK` since their flags were read).
