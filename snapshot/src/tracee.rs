@@ -403,13 +403,18 @@ impl Tracee {
     /// Lets the thread run on (from its stop), sending again any stop signal that arrived
     /// while dolly held it.
     pub fn detach(mut self) -> Result<()> {
-        self.settle()?;
-        ptrace::detach(self.pid, None).with_context(|| format!("detaching from {}", self.pid))?;
-        self.on_drop = OnDrop::Nothing;
+        let settled = self.settle();
+        let detached =
+            ptrace::detach(self.pid, None).with_context(|| format!("detaching from {}", self.pid));
+        if detached.is_ok() {
+            self.on_drop = OnDrop::Nothing;
+        }
+        // (Whatever happened: they are the process's. Still traced, it gets them once the
+        // drop lets it go.)
         for sig in &self.deferred {
             let _ = nix::sys::signal::kill(self.pid, *sig);
         }
-        Ok(())
+        settled.and(detached)
     }
 
     /// Kills a tracee and waits for its end (for a process dolly made: a copy held by

@@ -380,19 +380,20 @@ fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
         return Ok(0.0);
     };
     let job_stopped = proc.stat().is_ok_and(|s| s.state == 'T');
-    // (Stopped from the interrupt on, which the seizing makes.)
-    let since = Instant::now();
+    let asking = Instant::now();
     let mut thread = match Tracee::seize(tid) {
         Ok(t) => t,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0.0),
         Err(e) => return Err(e),
     };
+    // (Stopped from the interrupt on, which the seizing makes.)
+    let since = thread.interrupted_at().unwrap_or(asking);
     let reaped = run_inside(&mut thread, vdso, job_stopped, |remote| {
         wait_for(remote, ns_pid)
     });
-    // (Until it is let go, not until dolly runs again: see `Frozen::thaw`.)
-    let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
+    // (Until it is let go: see `Frozen::thaw`.)
     let detached = thread.detach();
+    let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
     reaped?;
     detached?;
     crate::checkpoint::mark(&format!(

@@ -55,8 +55,10 @@ impl Frozen {
         let mut last = self.since;
         for m in self.members.into_iter().rev() {
             for t in m.threads.into_iter().rev() {
-                last = std::time::Instant::now();
+                // (Until it is let go: a thread still moving out of a trap stop is waited
+                // for first, see `Tracee::settle`.)
                 let r = t.detach();
+                last = std::time::Instant::now();
                 if first.is_ok() {
                     first = r;
                 }

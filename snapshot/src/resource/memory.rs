@@ -160,15 +160,19 @@ pub struct ShmemTable {
     files: Vec<File>,
     /// By (System V, inode): a System V segment's "inode" in maps is its id.
     by_inode: HashMap<(bool, u64), u32>,
-    /// Areas of the tree that attach each System V segment.
-    sysv_uses: HashMap<u32, u32>,
+    /// Areas of the tree (process, start) that attach each System V segment: each counted
+    /// once, however many times its process's areas are read.
+    sysv_uses: HashMap<u32, std::collections::HashSet<(i32, u64)>>,
 }
 
 impl ShmemTable {
     fn intern(&mut self, proc: &ProcDir, m: &MapsEntry, sysv: bool) -> Result<u32> {
         let o = self.intern_object(proc, m, sysv)?;
         if sysv {
-            *self.sysv_uses.entry(o).or_default() += 1;
+            self.sysv_uses
+                .entry(o)
+                .or_default()
+                .insert((proc.pid().as_raw(), m.start));
         }
         Ok(o)
     }
@@ -177,7 +181,10 @@ impl ShmemTable {
     pub fn check_sysv_private(&self) -> Result<()> {
         for (o, object) in self.objects.iter().enumerate() {
             let Some(seg) = &object.sysv else { continue };
-            let ours = self.sysv_uses.get(&(o as u32)).copied().unwrap_or(0);
+            let ours = self
+                .sysv_uses
+                .get(&(o as u32))
+                .map_or(0, |u| u.len() as u32);
             if seg.attaches > ours {
                 return Err(Error::refused(
                     format!(
@@ -1134,6 +1141,44 @@ pub fn open_process_pools(proc: &Process, dir: &std::path::Path) -> Result<Proce
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A System V segment attached twice by this process, its areas read twice (as a freeze
+    /// does when dolly's scratch memory merged into an area): each attach counts once, so
+    /// the segment is the process's own with both areas read, and one not read is an
+    /// attach outside.
+    #[test]
+    fn an_area_read_twice_counts_as_one_attach_of_its_segment() {
+        // SAFETY: a private segment of this test, attached read-only twice, detached and
+        // removed at the end; nothing else uses it.
+        let (id, at) = unsafe {
+            let id = libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600);
+            assert!(id >= 0);
+            let at = [
+                libc::shmat(id, std::ptr::null(), libc::SHM_RDONLY),
+                libc::shmat(id, std::ptr::null(), libc::SHM_RDONLY),
+            ];
+            libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+            (id, at)
+        };
+        assert!(id >= 0 && at.iter().all(|&a| a as isize != -1));
+        let proc = ProcDir::new(nix::unistd::getpid());
+        let maps = proc.maps().unwrap();
+        let area = |a: *mut libc::c_void| maps.iter().find(|m| m.start == a as u64).unwrap();
+        let mut table = ShmemTable::default();
+        table.intern(&proc, area(at[0]), true).unwrap();
+        table.intern(&proc, area(at[0]), true).unwrap();
+        let one_read = table.check_sysv_private();
+        table.intern(&proc, area(at[1]), true).unwrap();
+        let both_read = table.check_sysv_private();
+        // SAFETY: detaches the two attaches made above.
+        unsafe {
+            at.iter().for_each(|&a| {
+                libc::shmdt(a);
+            })
+        };
+        assert!(one_read.is_err(), "one attach left out");
+        both_read.unwrap();
+    }
 
     fn anon(pages: Option<Pages>) -> Area {
         Area {
