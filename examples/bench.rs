@@ -232,8 +232,8 @@ struct Scribbled {
     stall_ms: f64,
     /// Bytes read from its fork after the thaw.
     forked_bytes: f64,
-    /// Its own fork() (median of 3, each with its pages just written, asked before the
-    /// captures), in ms.
+    /// Its own fork() (each time the median of 3, each with its pages just written, asked
+    /// before each capture; the median of those), in ms.
     own_fork_ms: f64,
 }
 
@@ -377,8 +377,10 @@ fn scribbler_captures(
         *stalls().last().unwrap()
     };
     // Its own fork(), timed by itself with its pages just written (as a process that writes
-    // has them): the fork the freeze makes inside it.
-    let own_fork_ms = {
+    // has them): the fork the freeze makes inside it. Timed before each capture, in the
+    // same state of the machine (a fork's time varies by a third from one minute to the
+    // next on this VM).
+    let own_fork_ms = || {
         let forks = || read_lines_with(&log, "fork us=");
         let before = forks().len();
         kill(pid, Signal::SIGWINCH).unwrap();
@@ -389,9 +391,12 @@ fn scribbler_captures(
         }
         forks().last().unwrap() / 1e3
     };
-    let (mut seen, mut steal, mut forked, mut stalls_seen) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut seen, mut steal, mut forked, mut stalls_seen, mut own_forks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
+        if !quiet {
+            own_forks.push(own_fork_ms());
+        }
         // Settled: no writeback or persister of earlier work left running.
         nix::unistd::sync();
         std::thread::sleep(Duration::from_millis(500));
@@ -433,7 +438,7 @@ fn scribbler_captures(
         steal_ms: median(steal),
         stall_ms: median(stalls_seen),
         forked_bytes: median(forked),
-        own_fork_ms,
+        own_fork_ms: if quiet { 0.0 } else { median(own_forks) },
     }
 }
 

@@ -68,13 +68,19 @@ impl Frozen {
     }
 }
 
-/// The tree under `root`, parents before children (breadth first).
-fn tree_order(root: Pid) -> Vec<Pid> {
+/// The tree under `root`, parents before children (breadth first). The children of a
+/// process in `frozen` are read through its threads as frozen (no thread can start).
+fn tree_order(root: Pid, frozen: &[Member]) -> Vec<Pid> {
     let mut order = Vec::new();
     let mut queue = VecDeque::from([root]);
     while let Some(pid) = queue.pop_front() {
         order.push(pid);
-        if let Ok(children) = ProcDir::new(pid).children() {
+        let proc = ProcDir::new(pid);
+        let children = match frozen.iter().find(|m| m.proc.pid() == pid) {
+            Some(m) => proc.children_of(&m.threads.iter().map(Tracee::pid).collect::<Vec<_>>()),
+            None => proc.children(),
+        };
+        if let Ok(children) = children {
             queue.extend(children);
         }
     }
@@ -119,7 +125,7 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
     let mut since = None;
     let order = loop {
         let mut new = false;
-        let order = tree_order(root);
+        let order = tree_order(root, &members);
         for &pid in &order {
             if frozen.contains(&pid) {
                 continue;

@@ -128,8 +128,14 @@ impl ProcDir {
 
     /// The children of the process (all its threads' children).
     pub fn children(&self) -> Result<Vec<Pid>> {
+        self.children_of(&self.tasks()?)
+    }
+
+    /// The children of threads `tids` of the process (all of them, when it can start no
+    /// other: see [`ProcDir::children`]).
+    pub fn children_of(&self, tids: &[Pid]) -> Result<Vec<Pid>> {
         let mut out = Vec::new();
-        for tid in self.tasks()? {
+        for &tid in tids {
             let text = self.read(&format!("task/{tid}/children"))?;
             out.extend(
                 text.split_whitespace()

@@ -585,8 +585,10 @@ pub fn dump(
     mut tracked: Option<&mut super::tracking::Tracked>,
 ) -> Result<DumpStats> {
     let proc = ProcDir::new(pid);
-    let pagemap = File::open(proc.path("pagemap")).context("opening pagemap")?;
-    let mem = File::open(proc.path("mem")).context("opening process memory")?;
+    // (Opened when first needed: a tracked process often needs neither, at the freeze.)
+    let (pagemap, mem) = (std::cell::OnceCell::new(), std::cell::OnceCell::new());
+    let pagemap = || opened(&pagemap, &proc, "pagemap");
+    let mem = || opened(&mem, &proc, "mem");
     let mut own_writer = None;
     match tracked.as_deref_mut() {
         Some(t) => t.scan_frozen(),
@@ -609,10 +611,10 @@ pub fn dump(
         }
         let ranges = match source {
             Source::None => continue,
-            Source::Private => pagemap::scan(&pagemap, area.start, area.end, own_pages)
+            Source::Private => pagemap::scan(pagemap()?, area.start, area.end, own_pages)
                 .with_context(|| format!("scanning pages of {pid} at {:#x}", area.start))?,
             Source::Pool { file, offset } => {
-                let mut r = pagemap::scan(&pagemap, area.start, area.end, any_page)
+                let mut r = pagemap::scan(pagemap()?, area.start, area.end, any_page)
                     .with_context(|| format!("scanning pages of {pid} at {:#x}", area.start))?;
                 r.extend(
                     file_data_ranges(file, *offset, area.len())
@@ -629,7 +631,7 @@ pub fn dump(
         let slot = match (&mut own_writer, tracked.as_deref_mut()) {
             (Some(w), _) => {
                 let slot = w.new_slot()?;
-                copy_runs(pid, &mem, w, slot, area.start, &runs)?;
+                copy_runs(pid, mem()?, w, slot, area.start, &runs)?;
                 slot
             }
             // With the other copies of the freeze (see `Tracked::finish_copies`).
@@ -649,6 +651,15 @@ pub fn dump(
         (None, None) => 0,
     };
     Ok(stats)
+}
+
+/// The file `name` of `proc`'s directory, opened once into `cell`.
+fn opened<'a>(cell: &'a std::cell::OnceCell<File>, proc: &ProcDir, name: &str) -> Result<&'a File> {
+    if cell.get().is_none() {
+        let file = File::open(proc.path(name)).with_context(|| format!("opening {name}"))?;
+        let _ = cell.set(file);
+    }
+    Ok(cell.get().expect("set above"))
 }
 
 /// Runs of up to this many bytes are read into a buffer and written into the pool file:
