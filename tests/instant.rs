@@ -157,6 +157,74 @@ while True:
     );
 }
 
+/// A refusal found in one process of a tree after another was forked at the freeze (the
+/// parent is inspected, and forked, first; its child holds a connection to outside the
+/// tree): the capture fails with that refusal, the parent's fork is ended and reaped while
+/// the tree is still frozen, and both processes run on untraced, with no SIGCHLD, no child
+/// and no zombie they did not make, and no snapshot left.
+#[test]
+fn a_refusal_after_a_fork_ends_the_fork_and_leaves_the_tree_as_it_was() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let sock = dir.path().join("sock");
+    let server = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let script = format!(
+        r#"import hashlib, os, random, signal, socket, time
+got = []
+signal.signal(signal.SIGCHLD, lambda *_: got.append(1))
+data = bytearray(random.Random(5).randbytes(8 << 20))
+kid = os.fork()
+if kid == 0:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect({sock:?})
+    while True:
+        time.sleep(1)
+def report(*_):
+    print('state', len(got), hashlib.sha256(data).hexdigest(), flush=True)
+signal.signal(signal.SIGUSR1, report)
+print('ready', flush=True)
+while True:
+    time.sleep(1)
+"#
+    );
+    let prog = python_ready(&script, &out);
+    // The peer stays with this test process: outside the captured tree.
+    let _peer = server.accept().unwrap().0;
+    let pid = prog.pid();
+    let before = tree(pid);
+    assert_eq!(before.len(), 2, "python and its child");
+    let state = ask(pid, &out, "state");
+    let pid_arg = pid.to_string();
+    let run = dolly
+        .cmd()
+        .env("DOLLY_TRACE", "1")
+        .args(["snapshot", "capture", "--pid", &pid_arg, "--fork", "always"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("a unix socket connected to process")
+            && err.contains("outside the captured tree"),
+        "the child's refusal: {err}"
+    );
+    assert!(
+        err.contains(&format!("cow: {pid} forked as")),
+        "the parent was forked before the refusal: {err}"
+    );
+    for p in &before {
+        assert_eq!(proc_status(*p, "TracerPid").as_deref(), Some("0"));
+        let state = proc_status(*p, "State").unwrap();
+        assert!(state.starts_with('S') || state.starts_with('R'), "{state}");
+    }
+    // No SIGCHLD, the same memory, and no other child (nor zombie) than the one it made.
+    assert_eq!(ask(pid, &out, "state"), state);
+    assert_eq!(tree(pid), before);
+    assert!(dolly.list().is_empty(), "{:?}", dolly.list());
+}
+
 /// `snapshot info --json` of a snapshot.
 fn info(dolly: &Dolly, id: &str) -> serde_json::Value {
     serde_json::from_str(&dolly.ok(&["--json", "snapshot", "info", id])).unwrap()
