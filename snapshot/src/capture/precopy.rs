@@ -1,6 +1,7 @@
 //! Pre-copy: most of a tree's memory is copied while it runs, so the freeze that captures
-//! it only copies what changed since. A first, brief freeze makes a userfaultfd inside each
-//! process (write tracking must be set up from its own address space), then everything else
+//! it only copies what changed since. A first, brief stop of each process, one after the
+//! other, makes a userfaultfd inside it (write tracking must be set up from its own address
+//! space), then everything else
 //! happens with the tree running: registering its private areas for asynchronous
 //! write-protection, and rounds of protect-and-copy.
 
@@ -36,7 +37,8 @@ pub struct Precopy {
     lost_pages: Option<LostPages>,
     tracked: HashMap<i32, Tracked>,
     used: Vec<i32>,
-    /// How long the tree was frozen to set up the tracking.
+    /// How long the tracking's setup stopped a process of the tree (each is stopped on its
+    /// own: the longest of those stops).
     pub frozen_ms: f64,
     /// Bytes copied before the freeze.
     pub bytes: u64,
@@ -127,23 +129,26 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
         .iter()
         .find(|m| m.path == "[vdso]")
         .map(|m| m.start);
-    let mut frozen = tree::freeze(root)?;
-    crate::checkpoint::mark("precopy: frozen");
+    // Each process is stopped on its own, for its own userfaultfd only (what happens in the
+    // others meanwhile does not matter: each is tracked on its own); a process that appears
+    // later is copied at the freeze. (All its threads, though: they share the fd table the
+    // userfaultfd goes through.)
     let mut fds = Vec::new();
-    let last = frozen.members.len().saturating_sub(1);
-    for (index, member) in frozen.members.iter_mut().enumerate() {
-        let known = root_vdso.filter(|_| member.proc.pid() == root);
-        if let Ok(fd) = make_uffd(member, known, index == last) {
-            fds.push((index, member.proc.pid(), fd));
+    let mut pre = Precopy::default();
+    for (index, pid) in tree::live_order(root).into_iter().enumerate() {
+        let Some(mut one) = tree::freeze_process(pid, pid == root)? else {
+            continue;
+        };
+        crate::checkpoint::mark("precopy: frozen");
+        let known = root_vdso.filter(|_| pid == root);
+        let made = make_uffd(&mut one.members[0], known, true);
+        let (frozen_for, thawed) = one.thaw();
+        pre.frozen_ms = pre.frozen_ms.max(frozen_for.as_secs_f64() * 1e3);
+        thawed?;
+        if let Ok(fd) = made {
+            fds.push((index, pid, fd));
         }
     }
-    crate::checkpoint::mark("precopy: userfaultfds made");
-    let (frozen_for, thawed) = frozen.thaw();
-    let mut pre = Precopy {
-        frozen_ms: frozen_for.as_secs_f64() * 1e3,
-        ..Default::default()
-    };
-    thawed?;
     crate::checkpoint::mark("precopy: tracking set up");
     for (index, pid, fd) in fds {
         let base = match parent {

@@ -118,6 +118,73 @@ fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
     }
 }
 
+/// Freezes the threads of process `pid` (refusing what [`checks::check_member`] refuses);
+/// `None` if it is gone, a zombie, or exiting (unless it is the `root` asked for: then an
+/// error).
+fn freeze_member(pid: Pid, root: bool) -> Result<Option<Member>> {
+    let proc = ProcDir::new(pid);
+    let (Ok(stat), Ok(status)) = (proc.stat(), proc.status()) else {
+        return Ok(None); // gone (exited and reaped) meanwhile
+    };
+    if stat.state == 'Z' {
+        return Ok(None); // a zombie
+    }
+    checks::check_member(&proc, &status)?;
+    let threads = match freeze_threads(&proc) {
+        Ok(t) => t,
+        Err(e) if e.kind() == ErrorKind::NotFound && !root => return Ok(None),
+        // A process that is exiting cannot be seized (EPERM): it is not one to capture but
+        // a zombie to be.
+        Err(e)
+            if e.kind() == ErrorKind::Busy
+                && !root
+                && proc
+                    .stat()
+                    .map_or(true, |s| s.state == 'Z' || s.state == 'X') =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Some(Member {
+        proc,
+        threads,
+        stopped: stat.state == 'T',
+    }))
+}
+
+impl Member {
+    /// When it was asked to stop: it ran on until then.
+    fn frozen_since(&self) -> std::time::Instant {
+        self.threads[0]
+            .interrupted_at()
+            .unwrap_or_else(std::time::Instant::now)
+    }
+}
+
+/// The live processes of the tree under `root` (read while they run), parents before
+/// children.
+pub fn live_order(root: Pid) -> Vec<Pid> {
+    tree_order(root, &[])
+        .into_iter()
+        .filter(|&pid| {
+            ProcDir::new(pid)
+                .stat()
+                .is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
+        })
+        .collect()
+}
+
+/// Freezes process `pid` alone (its threads): a tree of one, for a stop that needs no other
+/// process frozen with it. `None` if it is gone meanwhile (unless it is `root`).
+pub fn freeze_process(pid: Pid, root: bool) -> Result<Option<Frozen>> {
+    Ok(freeze_member(pid, root)?.map(|member| Frozen {
+        since: member.frozen_since(),
+        members: vec![member],
+        zombies: Vec::new(),
+    }))
+}
+
 /// Freezes `root` and all its descendants.
 pub fn freeze(root: Pid) -> Result<Frozen> {
     let mut members: Vec<Member> = Vec::new();
@@ -130,38 +197,11 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
             if frozen.contains(&pid) {
                 continue;
             }
-            let proc = ProcDir::new(pid);
-            let (Ok(stat), Ok(status)) = (proc.stat(), proc.status()) else {
-                continue; // gone (exited and reaped) meanwhile
+            let Some(member) = freeze_member(pid, pid == root)? else {
+                continue;
             };
-            if stat.state == 'Z' {
-                continue; // a zombie: recorded below
-            }
-            checks::check_member(&proc, &status)?;
-            // (It runs on until asked to stop, once seized.)
-            let asking = std::time::Instant::now();
-            let threads = match freeze_threads(&proc) {
-                Ok(t) => t,
-                Err(e) if e.kind() == ErrorKind::NotFound && pid != root => continue,
-                // A process that is exiting cannot be seized (EPERM): it is not one to
-                // capture but a zombie to be.
-                Err(e)
-                    if e.kind() == ErrorKind::Busy
-                        && pid != root
-                        && proc
-                            .stat()
-                            .map_or(true, |s| s.state == 'Z' || s.state == 'X') =>
-                {
-                    continue
-                }
-                Err(e) => return Err(e),
-            };
-            since.get_or_insert(threads[0].interrupted_at().unwrap_or(asking));
-            members.push(Member {
-                proc,
-                threads,
-                stopped: stat.state == 'T',
-            });
+            since.get_or_insert(member.frozen_since());
+            members.push(member);
             frozen.insert(pid);
             new = true;
         }
