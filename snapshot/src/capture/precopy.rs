@@ -133,12 +133,25 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     // others meanwhile does not matter: each is tracked on its own); a process that appears
     // later is copied at the freeze. (All its threads, though: they share the fd table the
     // userfaultfd goes through.)
+    // (`index`: its place among the processes frozen, as the final freeze will order them;
+    // see `Parent::pages_of`.)
     let mut fds = Vec::new();
     let mut pre = Precopy::default();
-    for (index, pid) in tree::live_order(root).into_iter().enumerate() {
+    let mut frozen = 0;
+    for (pid, under) in tree::live_order(root) {
+        // (Not one that left the tree meanwhile, nor a new process with its PID.)
+        if !tree::still_under(pid, under) {
+            continue;
+        }
         let Some(mut one) = tree::freeze_process(pid, pid == root)? else {
             continue;
         };
+        if !tree::still_under(pid, under) {
+            let _ = one.thaw();
+            continue;
+        }
+        let index = frozen;
+        frozen += 1;
         crate::checkpoint::mark("precopy: frozen");
         let known = root_vdso.filter(|_| pid == root);
         let made = make_uffd(&mut one.members[0], known, true);

@@ -119,8 +119,8 @@ fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
 }
 
 /// Freezes the threads of process `pid` (refusing what [`checks::check_member`] refuses);
-/// `None` if it is gone, a zombie, or exiting (unless it is the `root` asked for: then an
-/// error).
+/// `None` if it is gone, a zombie, or exiting (the `root` asked for: an error if it is
+/// exiting).
 fn freeze_member(pid: Pid, root: bool) -> Result<Option<Member>> {
     let proc = ProcDir::new(pid);
     let (Ok(stat), Ok(status)) = (proc.stat(), proc.status()) else {
@@ -163,20 +163,33 @@ impl Member {
 }
 
 /// The live processes of the tree under `root` (read while they run), parents before
-/// children.
-pub fn live_order(root: Pid) -> Vec<Pid> {
+/// children, each once, with the parent it was found under (none for the root).
+pub fn live_order(root: Pid) -> Vec<(Pid, Option<Pid>)> {
+    let mut seen = HashSet::new();
     tree_order(root, &[])
         .into_iter()
-        .filter(|&pid| {
-            ProcDir::new(pid)
-                .stat()
-                .is_ok_and(|s| !matches!(s.state, 'Z' | 'X'))
+        .filter(|&pid| seen.insert(pid))
+        .filter_map(|pid| {
+            let stat = ProcDir::new(pid).stat().ok()?;
+            let parent = (pid != root).then_some(Pid::from_raw(stat.ppid));
+            (!matches!(stat.state, 'Z' | 'X')).then_some((pid, parent))
         })
         .collect()
 }
 
+/// Whether process `pid` still has `parent` for parent (`None`: whatever it has): a process
+/// that left the tree (its parent ended), or a new one with a PID found in it earlier, does
+/// not.
+pub fn still_under(pid: Pid, parent: Option<Pid>) -> bool {
+    parent.is_none_or(|parent| {
+        ProcDir::new(pid)
+            .stat()
+            .is_ok_and(|s| s.ppid == parent.as_raw())
+    })
+}
+
 /// Freezes process `pid` alone (its threads): a tree of one, for a stop that needs no other
-/// process frozen with it. `None` if it is gone meanwhile (unless it is `root`).
+/// process frozen with it. `None` if it is gone meanwhile (see [`freeze_member`]).
 pub fn freeze_process(pid: Pid, root: bool) -> Result<Option<Frozen>> {
     Ok(freeze_member(pid, root)?.map(|member| Frozen {
         since: member.frozen_since(),
