@@ -101,6 +101,29 @@ impl Store {
     }
 }
 
+/// Sends `signal` to example program `pid` and waits for the answer it writes into `log`:
+/// a new line starting with `prefix`, whose number it returns, divided by 1000 (µs to ms).
+fn ask_ms(pid: Pid, signal: Signal, log: &Path, prefix: &str) -> f64 {
+    let answers = || read_lines_with(log, prefix);
+    let before = answers().len();
+    kill(pid, signal).unwrap();
+    let t = Instant::now();
+    while answers().len() == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no {prefix:?} from {pid}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    answers().last().unwrap() / 1e3
+}
+
+/// The fork() of example program `pid` timed by itself (asked with SIGWINCH; it writes
+/// `fork us=U` into `log`), in ms.
+fn own_fork_ms(pid: Pid, log: &Path) -> f64 {
+    ask_ms(pid, Signal::SIGWINCH, log, "fork us=")
+}
+
 /// Starts memhog and returns its PID; `end` kills and reaps it (by PID, since its restored
 /// copies are reaped the same way).
 #[allow(clippy::zombie_processes)]
@@ -206,6 +229,8 @@ impl Capture {
 struct Row {
     mib: usize,
     fork: f64,
+    /// The fork() of the process captured (memhog), timed by itself before its capture.
+    own_fork: f64,
     memcpy: f64,
     full: Capture,
     incremental: Capture,
@@ -298,8 +323,10 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     let (mut full, mut incremental) = (vec![], vec![]);
     let (mut restore_full, mut restore_incremental) = (vec![], vec![]);
     let mut of_restored = vec![];
+    let mut own_forks = vec![];
     for _ in 0..reps {
         let pid = start_memhog(mib, dir);
+        own_forks.push(own_fork_ms(pid, &dir.join(format!("memhog-{mib}"))));
         let parent = capture(store, pid, &[]);
         let parent_id = parent["id"].as_str().unwrap().to_string();
         // memhog writes a word every 10 ms: the child has a few pages of its own.
@@ -323,6 +350,7 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     Row {
         mib,
         fork,
+        own_fork: median(own_forks),
         memcpy,
         full: Capture::median(&full),
         incremental: Capture::median(&incremental),
@@ -357,47 +385,19 @@ fn scribbler_captures(
     let pid = start_ready_in(&mut cmd, &at.join("out"), &log);
     // Rewriting pages only (no dropping or mapping over them: see examples/scribbler.rs).
     std::fs::write(at.join("steady"), b"").unwrap();
-    let stalls = || -> Vec<f64> {
-        read_lines_with(&log, "stall max_us=")
-            .into_iter()
-            .map(|us| us / 1e3)
-            .collect()
-    };
-    let report = || {
-        let before = stalls().len();
-        kill(pid, Signal::SIGUSR2).unwrap();
-        let t = Instant::now();
-        while stalls().len() == before {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "scribbler did not report"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        *stalls().last().unwrap()
-    };
-    // Its own fork(), timed by itself with its pages just written (as a process that writes
-    // has them): the fork the freeze makes inside it. Timed before each capture, in the
-    // same state of the machine (a fork's time varies by a third from one minute to the
-    // next on this VM).
-    let own_fork_ms = || {
-        let forks = || read_lines_with(&log, "fork us=");
-        let before = forks().len();
-        kill(pid, Signal::SIGWINCH).unwrap();
-        let t = Instant::now();
-        while forks().len() == before {
-            assert!(t.elapsed() < Duration::from_secs(20), "no fork time");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        forks().last().unwrap() / 1e3
-    };
+    // (A new measurement starts with each report.)
+    let report = || ask_ms(pid, Signal::SIGUSR2, &log, "stall max_us=");
     let (mut seen, mut steal, mut forked, mut stalls_seen, mut own_forks) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // (More captures where a capture is quick and the machine's noise is a large part of it.)
     let captures = if mib <= 512 { 7 } else { 3 };
     for _ in 0..captures {
+        // Its own fork(), timed by itself with its pages just written (as a process that
+        // writes has them): the fork the freeze makes inside it. Timed before each capture,
+        // in the same state of the machine (a fork's time varies by a third from one minute
+        // to the next on this VM).
         if !quiet {
-            own_forks.push(own_fork_ms());
+            own_forks.push(own_fork_ms(pid, &log));
         }
         // Settled: no writeback or persister of earlier work left running.
         nix::unistd::sync();
@@ -599,20 +599,22 @@ fn mib_of(bytes: f64) -> String {
 
 fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
     let rows: Vec<Row> = sizes.iter().map(|&mib| measure(mib, store, dir)).collect();
-    println!("Freeze of a process that only reads memory: how long it is stopped (full capture, and incremental against it), beside fork() of a process with as much memory and a memcpy of it; then the longest stall a process spinning on the clock saw during a capture, and the CPU time the host took from this VM (steal) meanwhile.");
+    println!("Freeze of a process that only reads memory: how long it is stopped (full capture, and incremental against it), beside fork() of a process with as much memory, the fork() of the process captured itself (timed by it just before its capture: forks in a row, as for the first column) and a memcpy of its memory; then the longest stall a process spinning on the clock saw during a capture, and the CPU time the host took from this VM (steal) meanwhile.");
     println!();
-    println!("| touched memory | fork() | memcpy | frozen: full | frozen: incremental | full / fork | incremental / fork | longest stall seen | host steal during it |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| touched memory | fork() | its own fork() | memcpy | frozen: full | frozen: incremental | full / fork | full / its fork | incremental / its fork | longest stall seen | host steal during it |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms |",
+            "| {} | {:.2} ms | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms |",
             size_label(r.mib),
             r.fork,
+            r.own_fork,
             r.memcpy,
             r.full.frozen,
             r.incremental.frozen,
             r.full.frozen / r.fork,
-            r.incremental.frozen / r.fork,
+            r.full.frozen / r.own_fork,
+            r.incremental.frozen / r.own_fork,
             r.quiet.ms,
             r.quiet.steal_ms,
         );

@@ -1,12 +1,24 @@
 //! A process with a given amount of touched memory, for the benchmark: it fills N MiB of
-//! private anonymous memory with non-zero data, says "ready", then idles.
+//! private anonymous memory with non-zero data, says "ready", then idles. On SIGWINCH it
+//! times its own fork(): the median of 3 made in a row (as the quiet process it is has its
+//! pages: from the second on, already write-protected), and says `fork us=U`.
 //!
 //! ```text
 //! memhog --mib N
 //! ```
 
+#[path = "common/fork_time.rs"]
+mod fork_time;
+
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+static FORK_TIME: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_winch(_: libc::c_int) {
+    FORK_TIME.store(true, Ordering::SeqCst);
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -20,10 +32,16 @@ fn main() {
     for (i, w) in memory.iter_mut().enumerate() {
         *w = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { libc::signal(libc::SIGWINCH, on_winch as *const () as libc::sighandler_t) };
     println!("ready");
     std::io::stdout().flush().unwrap();
     let mut i = 0usize;
     loop {
+        if FORK_TIME.swap(false, Ordering::SeqCst) {
+            println!("fork us={}", fork_time::median3(fork_time::fork_us));
+            std::io::stdout().flush().unwrap();
+        }
         // Touch a little now and then, like a live service.
         let n = memory.len();
         memory[i % n] += 1;

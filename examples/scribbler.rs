@@ -29,6 +29,9 @@
 //! every gap longer than G ms is logged as `gap us=U ended_at_ns=T` (CLOCK_MONOTONIC, as
 //! the start of a `DOLLY_TRACE` trace).
 
+#[path = "common/fork_time.rs"]
+mod fork_time;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,32 +58,14 @@ extern "C" fn on_winch(_: libc::c_int) {
 /// writes its memory has it: a fork right after another finds the pages already
 /// write-protected for copy-on-write, and takes less.
 fn fork_us(buf: &mut [u64]) -> (u128, u128) {
-    let mut fork = |rewrite: bool| {
-        if rewrite {
-            for page in buf.chunks_mut(PAGE / 8) {
-                // SAFETY: a word of our own buffer, written back as it was.
-                unsafe {
-                    std::ptr::write_volatile(&mut page[0], std::ptr::read_volatile(&page[0]))
-                };
-            }
+    let written = fork_time::median3(|| {
+        for page in buf.chunks_mut(PAGE / 8) {
+            // SAFETY: a word of our own buffer, written back as it was.
+            unsafe { std::ptr::write_volatile(&mut page[0], std::ptr::read_volatile(&page[0])) };
         }
-        let at = Instant::now();
-        // SAFETY: the child only calls _exit.
-        let child = unsafe { libc::fork() };
-        if child == 0 {
-            // SAFETY: ends the child at once.
-            unsafe { libc::_exit(0) };
-        }
-        let took = at.elapsed().as_micros();
-        // SAFETY: waits for our own child.
-        unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
-        took
-    };
-    let mut written: Vec<u128> = (0..3).map(|_| fork(true)).collect();
-    let mut again: Vec<u128> = (0..3).map(|_| fork(false)).collect();
-    written.sort_unstable();
-    again.sort_unstable();
-    (written[1], again[1])
+        fork_time::fork_us()
+    });
+    (written, fork_time::median3(fork_time::fork_us))
 }
 
 const PAGE: usize = 4096;
