@@ -247,7 +247,7 @@ struct Row {
     rewriting_unforked: Scribbled,
 }
 
-/// Medians of 3 captures of examples/scribbler.
+/// Medians of the captures of examples/scribbler (see [`scribbler_captures`]).
 struct Scribbled {
     /// The longest stall it saw (quiet), or how long it was frozen (rewriting), in ms.
     ms: f64,
@@ -364,9 +364,9 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
 }
 
 /// Captures examples/scribbler holding `mib` of touched memory, 7 times (3 from 1 GiB up;
-/// with `extra` options): in quiet mode (it does nothing but read the clock) the median of the longest
-/// time it saw go by between two of its turns during a capture; rewriting its pages at full
-/// speed (`quiet` false), the median time it was frozen.
+/// with `extra` options): in quiet mode (it does nothing but read the clock) the median of
+/// the longest time it saw go by between two of its turns during a capture; rewriting its
+/// pages at full speed (`quiet` false), the median time it was frozen.
 fn scribbler_captures(
     mib: usize,
     store: &Store,

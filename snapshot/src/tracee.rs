@@ -96,7 +96,7 @@ pub struct Tracee {
     seized: bool,
     /// Stopped in the SIGTRAP signal-delivery stop a single step leaves.
     in_trap: bool,
-    /// Moving out of that stop (see [`Tracee::park`]), not yet waited for: see
+    /// Moving out of that stop (see [`Tracee::park_start`]), not yet waited for: see
     /// [`Tracee::settle`].
     parking: bool,
     /// When dolly asked it to stop, if it did (it ran on until then).
@@ -437,18 +437,9 @@ impl Tracee {
         }
     }
 
-    /// Moves a seized tracee from the SIGTRAP stop that remote calls leave it in to a
-    /// `PTRACE_EVENT_STOP`. Should dolly die while the tracee waits there, the kernel lets it
-    /// run on; from the SIGTRAP stop it would deliver the SIGTRAP, which kills it.
-    pub fn park(&mut self) -> Result<()> {
-        if self.park_start()? {
-            self.park_finish()?;
-        }
-        Ok(())
-    }
-
-    /// [`Tracee::park`] for several tracees at once: all are moved, then all waited for.
-    /// Each is tried; the first failure is returned.
+    /// Moves seized tracees out of the trap stop remote calls leave them in (see
+    /// [`Tracee::park_start`]): all are moved, then all waited for. Each is tried; the first
+    /// failure is returned.
     pub fn park_all(tracees: &mut [Tracee]) -> Result<()> {
         let started: Vec<Result<bool>> = tracees.iter_mut().map(Tracee::park_start).collect();
         let mut first = Ok(());
@@ -471,8 +462,10 @@ impl Tracee {
         Ok(())
     }
 
-    /// The first half of [`Tracee::park`]: asks a tracee in the trap stop to move (returns
-    /// whether it was asked).
+    /// Asks a seized tracee in the SIGTRAP stop that remote calls leave it in to move to a
+    /// `PTRACE_EVENT_STOP` (returns whether it was asked; [`Tracee::park_finish`] waits for
+    /// it). Should dolly die while the tracee waits there, the kernel lets it run on; from
+    /// the SIGTRAP stop it would deliver the SIGTRAP, which kills it.
     fn park_start(&mut self) -> Result<bool> {
         if !self.seized || !self.in_trap {
             return Ok(false);
@@ -483,8 +476,7 @@ impl Tracee {
         Ok(true)
     }
 
-    /// The second half of [`Tracee::park`]: waits until the tracee is in its
-    /// `PTRACE_EVENT_STOP`.
+    /// Waits until a tracee [`Tracee::park_start`] moved is in its `PTRACE_EVENT_STOP`.
     fn park_finish(&mut self) -> Result<()> {
         let pid = self.pid;
         let deadline = Instant::now() + FREEZE_TIMEOUT;
@@ -523,7 +515,7 @@ impl Tracee {
     /// Runs `call` inside the tracee through the `syscall` instruction at `ip`, every signal
     /// blocked, then puts back registers `regs` and signal mask `mask` whatever happened
     /// (and, if `park`, starts moving it out of the trap the calls leave it in: see
-    /// [`Tracee::park`]; the next request that needs it stopped waits for that, see
+    /// [`Tracee::park_start`]; the next request that needs it stopped waits for that, see
     /// [`Tracee::settle`]).
     pub fn run_inside<T>(
         &mut self,

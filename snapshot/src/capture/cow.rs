@@ -133,8 +133,8 @@ pub struct Held {
     ns_pid: i32,
     /// Where the parent's vDSO was (to run the reaping `wait4` through).
     vdso: Option<u64>,
-    /// When its process started, if known (see [`Held::set_parent_start_time`]).
-    parent_start_time: Option<u64>,
+    /// When its process started (see [`Held::set_parent_start_time`]; 0: unknown).
+    parent_start_time: u64,
     copy: Option<Tracee>,
 }
 
@@ -247,7 +247,7 @@ impl Held {
             parent,
             ns_pid,
             vdso,
-            parent_start_time: None,
+            parent_start_time: 0,
             copy: Some(copy),
         }
     }
@@ -260,15 +260,13 @@ impl Held {
             pid: pid.as_raw(),
             ns_pid: self.ns_pid,
             start_time: ProcDir::new(pid).stat().map_or(0, |s| s.start_time),
-            parent_start_time: self
-                .parent_start_time
-                .unwrap_or_else(|| ProcDir::new(self.parent).stat().map_or(0, |s| s.start_time)),
+            parent_start_time: self.parent_start_time,
         }
     }
 
     /// Gives when its process started (from the `stat` read at the freeze), for its note.
     pub fn set_parent_start_time(&mut self, start_time: u64) {
-        self.parent_start_time = Some(start_time);
+        self.parent_start_time = start_time;
     }
 
     /// After the thaw (work kept out of the freeze): has the process's `tracked` read the

@@ -1,9 +1,8 @@
 //! Pre-copy: most of a tree's memory is copied while it runs, so the freeze that captures
 //! it only copies what changed since. A first, brief stop of each process, one after the
 //! other, makes a userfaultfd inside it (write tracking must be set up from its own address
-//! space), then everything else
-//! happens with the tree running: registering its private areas for asynchronous
-//! write-protection, and rounds of protect-and-copy.
+//! space), then everything else happens with the tree running: registering its private
+//! areas for asynchronous write-protection, and rounds of protect-and-copy.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -423,8 +423,11 @@ struct ProcReads<'a, F> {
     /// The areas were read with dolly's scratch memory merged into one of the process's:
     /// to be read again once it is gone.
     reread: bool,
-    rest: Option<Result<(crate::proc::Stat, ProcRead)>>,
+    rest: Option<RestRead>,
 }
+
+/// What [`ProcReads`] reads while the calls run: the process's `stat`, and the rest.
+type RestRead = Result<(crate::proc::Stat, ProcRead)>;
 
 impl<F: FnOnce(&MemoryPlan) -> bool> ProcReads<'_, F> {
     fn read_plan(&mut self) -> Result<MemoryPlan> {
@@ -439,19 +442,22 @@ impl<F: FnOnce(&MemoryPlan) -> bool> ProcReads<'_, F> {
         plan
     }
 
-    fn read_rest(&mut self) -> Result<(crate::proc::Stat, ProcRead)> {
+    fn read_rest(&mut self) -> RestRead {
         let stat = self.proc.stat()?;
         checks::check_rest(self.proc)?;
         let read = read_proc(self.proc, &stat, self.shared, self.policy)?;
         Ok((stat, read))
     }
 
-    /// What was read: the memory plan, then the rest; reads what was not yet (the calls
-    /// could not run).
-    #[allow(clippy::type_complexity)]
-    fn take(&mut self) -> (Result<MemoryPlan>, Result<(crate::proc::Stat, ProcRead)>) {
+    /// What was read, once the calls are over: the memory plan (read again if dolly's
+    /// memory was merged into it: it is gone by now), then the rest; reads what was not yet
+    /// (the calls could not run).
+    fn take(&mut self) -> (Result<MemoryPlan>, RestRead) {
         self.running();
-        let plan = self.plan.take().expect("read by mapping()");
+        let plan = match self.plan.take().expect("read by mapping()") {
+            Ok(_) if self.reread => self.read_plan(),
+            plan => plan,
+        };
         (plan, self.rest.take().expect("read by running()"))
     }
 
@@ -536,7 +542,6 @@ pub fn inspect(
         checkpoints,
         &mut held,
     );
-    let reread = reads.reread;
     let (plan, rest) = reads.take();
     // (A refusal first: it tells the user what to do.)
     let refused = |e: &Error| e.kind() == crate::error::ErrorKind::Refused;
@@ -546,19 +551,6 @@ pub fn inspect(
             plan.and_then(|plan| inside.and_then(|inside| rest.map(|rest| (plan, inside, rest))))
         }
     };
-    let all = all.and_then(|(memory, inside, rest)| {
-        // (Read again, with dolly's memory gone from the process.)
-        let memory = match reread {
-            true => memory::inspect(
-                &member.proc,
-                &mut shared.files,
-                &mut shared.shmem,
-                known_maps,
-            )?,
-            false => memory,
-        };
-        Ok((memory, inside, rest))
-    });
     let (memory, inside, (stat, read)) = match all {
         Ok(all) => all,
         Err(e) => {
