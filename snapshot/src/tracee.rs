@@ -421,20 +421,7 @@ impl Tracee {
     /// [`Remote::fork_held`], which its parent then reaps).
     pub fn kill_and_wait(mut self) -> Result<()> {
         self.on_drop = OnDrop::Nothing;
-        let pid = self.pid;
-        // (Its exit, which tears down its memory, on dolly's CPU, not on its parent's.)
-        let _ = crate::sys::process::move_to_this_cpu(pid);
-        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
-        loop {
-            match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(()),
-                // Stops reported before the kill took effect.
-                Err(Errno::EINTR) | Ok(_) => continue,
-                // Its end was already waited for.
-                Err(Errno::ECHILD) => return Ok(()),
-                Err(e) => return Err(Error::sys(format!("waiting for the end of {pid}"), e)),
-            }
-        }
+        kill_traced(self.pid)
     }
 
     /// Moves seized tracees out of the trap stop remote calls leave them in (see
@@ -771,41 +758,28 @@ impl Remote<'_> {
     }
 
     /// After a `clone` with [`FORK_HELD_ARGS`] run inside the tracee (by
-    /// [`Remote::fork_held`], or among a batch of calls) returned `made`: takes the child
-    /// over, as [`Remote::fork_held`] returns it (a failed `clone` is an error naming it).
-    pub fn hold_fork(&mut self, made: i64) -> Result<(Tracee, i32)> {
-        use ptrace::Options;
-        let pid = self.tracee.pid;
+    /// [`Remote::fork_held`], or among a batch of calls) returned `made`: the child's PID
+    /// (a failed `clone` is an error naming it). The child starts stopped (a child of a
+    /// seized tracee) and is dolly's to take over ([`take_fork`]), at once or after the
+    /// thaw.
+    pub fn fork_made(&self, made: i64) -> Result<Pid> {
         if made <= 0 {
             return Err(Error::sys(
-                format!("forking process {pid} from inside it"),
+                format!("forking process {} from inside it", self.tracee.pid),
                 Errno::from_raw(if made < 0 { -made as i32 } else { libc::EIO }),
             ));
         }
-        let (child, ns_pid) = (Pid::from_raw(made as i32), made as i32);
-        // Its first stop (it starts stopped, as a child of a seized tracee). (Not dolly's to
-        // wait for, it is not the fork: nothing to end.)
-        let first = loop {
-            match waitpid(child, Some(WaitPidFlag::__WALL)) {
-                Err(Errno::EINTR) => continue,
-                other => break other.with_context(|| format!("waiting for {child}")),
-            }
-        };
-        let first = first?;
-        let held = (|| {
-            match first {
-                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
-                | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
-                other => return Err(gone(child, &other)),
-            }
-            let held = Tracee::open(child, OnDrop::Kill)?;
-            held.set_options(Options::PTRACE_O_EXITKILL)?;
-            Ok(held)
-        })();
-        match held {
-            Ok(held) => Ok((held, ns_pid)),
+        Ok(Pid::from_raw(made as i32))
+    }
+
+    /// [`Remote::fork_made`], then takes the child over ([`take_fork`]) while the tracee is
+    /// still stopped, as [`Remote::fork_held`] returns it.
+    pub fn hold_fork(&mut self, made: i64) -> Result<(Tracee, i32)> {
+        let child = self.fork_made(made)?;
+        match take_fork(child) {
+            Ok(held) => Ok((held, made as i32)),
             Err(e) => {
-                self.discard(child, Some(ns_pid));
+                self.discard(child, Some(made as i32));
                 Err(e)
             }
         }
@@ -973,6 +947,50 @@ impl Remote<'_> {
     /// Writes the tracee's memory.
     pub fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
         self.tracee.write_mem(addr, data)
+    }
+}
+
+/// Takes over `child`, the fork a tracee made with [`FORK_HELD_ARGS`] ([`Remote::fork_made`]):
+/// waits for its first stop (it never runs an instruction before it) and has it killed should
+/// dolly end. If that fails, the child is killed and its end waited for; its parent must
+/// still reap it.
+pub fn take_fork(child: Pid) -> Result<Tracee> {
+    let first = loop {
+        match waitpid(child, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            other => break other.with_context(|| format!("waiting for {child}")),
+        }
+    };
+    let held = first.and_then(|first| {
+        match first {
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
+            | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
+            other => return Err(gone(child, &other)),
+        }
+        let held = Tracee::open(child, OnDrop::Kill)?;
+        held.set_options(ptrace::Options::PTRACE_O_EXITKILL)?;
+        Ok(held)
+    });
+    if held.is_err() {
+        let _ = kill_traced(child);
+    }
+    held
+}
+
+/// Kills `pid`, a process dolly traces, and waits for its end (which its parent then reaps).
+pub fn kill_traced(pid: Pid) -> Result<()> {
+    // (Its exit, which tears down its memory, on dolly's CPU, not on its parent's.)
+    let _ = crate::sys::process::move_to_this_cpu(pid);
+    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(()),
+            // Stops reported before the kill took effect.
+            Err(Errno::EINTR) | Ok(_) => continue,
+            // Its end was already waited for.
+            Err(Errno::ECHILD) => return Ok(()),
+            Err(e) => return Err(Error::sys(format!("waiting for the end of {pid}"), e)),
+        }
     }
 }
 

@@ -235,9 +235,19 @@ impl Dolly {
 }
 
 impl Drop for Dolly {
-    /// Ends the store's clones whatever happened in the test, so none runs on.
+    /// Ends the store's clones whatever happened in the test, so none runs on, then deletes
+    /// its snapshots: that stops (or waits for) the workers still draining or persisting
+    /// them, which would otherwise write into the store after its directories are removed.
     fn drop(&mut self) {
         let _ = self.cmd().args(["clone", "kill", "--all"]).output();
+        let listed = self.cmd().args(["--json", "snapshot", "list"]).output();
+        let records: Vec<Value> = listed
+            .ok()
+            .and_then(|out| serde_json::from_slice(&out.stdout).ok())
+            .unwrap_or_default();
+        for id in records.iter().filter_map(|r| r["id"].as_str()) {
+            let _ = self.cmd().args(["snapshot", "delete", id]).output();
+        }
     }
 }
 

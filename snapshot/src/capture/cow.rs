@@ -135,7 +135,34 @@ pub struct Held {
     vdso: Option<u64>,
     /// When its process started (see [`Held::set_parent_start_time`]; 0: unknown).
     parent_start_time: u64,
-    copy: Option<Tracee>,
+    copy: Option<Copy>,
+}
+
+/// The copy, before and after dolly took it over.
+#[derive(Debug)]
+enum Copy {
+    /// Made in a batch of calls, not yet waited for: it sits in the stop it starts in (see
+    /// [`Held::hold`]).
+    Made(Pid),
+    /// Taken over: in its first stop, killed should dolly end.
+    Held(Tracee),
+}
+
+impl Copy {
+    fn pid(&self) -> Pid {
+        match self {
+            Copy::Made(pid) => *pid,
+            Copy::Held(tracee) => tracee.pid(),
+        }
+    }
+
+    /// Kills it and waits for its end (its parent then reaps it).
+    fn kill(self) -> Result<()> {
+        match self {
+            Copy::Made(pid) => crate::tracee::kill_traced(pid),
+            Copy::Held(tracee) => tracee.kill_and_wait(),
+        }
+    }
 }
 
 /// Forks frozen, pre-copied process `parent` (surveyed, see [`worth_forking`]; its vDSO at
@@ -149,20 +176,21 @@ pub fn fork_inside(
     vdso: Option<u64>,
     meanwhile: impl FnOnce(),
 ) -> Result<Held> {
-    let held = remote.fork_held(meanwhile)?;
-    Ok(Held::new(parent, vdso, held))
+    let (copy, ns_pid) = remote.fork_held(meanwhile)?;
+    Ok(Held::new(parent, vdso, Copy::Held(copy), ns_pid))
 }
 
 /// [`fork_inside`] when the `clone` ([`crate::tracee::FORK_HELD_ARGS`]) ran among a batch of
-/// calls inside the process, and returned `made`.
+/// calls inside the process, and returned `made`. The fork is taken over after the thaw
+/// (see [`Held::take_over`]): waiting for its first stop is no work for the freeze.
 pub fn hold_inside(
     remote: &mut crate::tracee::Remote<'_>,
     parent: Pid,
     vdso: Option<u64>,
     made: i64,
 ) -> Result<Held> {
-    let held = remote.hold_fork(made)?;
-    Ok(Held::new(parent, vdso, held))
+    let child = remote.fork_made(made)?;
+    Ok(Held::new(parent, vdso, Copy::Made(child), made as i32))
 }
 
 /// Runs `call` inside stopped thread `thread` through its vDSO (at `vdso`, where known),
@@ -241,7 +269,7 @@ pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
 impl Held {
     /// The fork `copy` (seen as `ns_pid` by its parent) of process `parent`, whose vDSO is
     /// at `vdso`.
-    fn new(parent: Pid, vdso: Option<u64>, (copy, ns_pid): (Tracee, i32)) -> Held {
+    fn new(parent: Pid, vdso: Option<u64>, copy: Copy, ns_pid: i32) -> Held {
         crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
         Held {
             parent,
@@ -269,10 +297,29 @@ impl Held {
         self.parent_start_time = start_time;
     }
 
-    /// After the thaw (work kept out of the freeze): has the process's `tracked` read the
-    /// fork from now on (see [`Tracked::use_copy`]), and makes the fork the kernel's first
-    /// pick should memory run out while it lives (each page the process writes is copied):
-    /// the capture then fails, and the process runs on.
+    /// After the thaw, first thing: takes the fork over if it was not yet (see
+    /// [`crate::tracee::take_fork`]; should that fail, it is ended: reaped through a stop of
+    /// its process).
+    pub fn hold(&mut self) -> Result<()> {
+        let Some(Copy::Made(child)) = self.copy else {
+            return Ok(());
+        };
+        match crate::tracee::take_fork(child) {
+            Ok(tracee) => {
+                self.copy = Some(Copy::Held(tracee));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.end();
+                Err(e)
+            }
+        }
+    }
+
+    /// After the thaw (work kept out of the freeze), once [`Held::hold`]: has the process's
+    /// `tracked` read the fork from now on (see [`Tracked::use_copy`]), and makes the fork
+    /// the kernel's first pick should memory run out while it lives (each page the process
+    /// writes is copied): the capture then fails, and the process runs on.
     pub fn take_over(&self, tracked: &mut Tracked) -> Result<()> {
         let _ = std::fs::write(format!("/proc/{}/oom_score_adj", self.pid()), b"1000");
         tracked.use_copy(self.pid()).map_err(|e| self.explain(e))
@@ -328,7 +375,7 @@ impl Held {
             return Ok(());
         };
         // (Reaped whatever the wait for its end said: at worst there is nothing to reap.)
-        let killed = copy.kill_and_wait();
+        let killed = copy.kill();
         let ns_pid = self.ns_pid;
         let reaped = run_inside(&mut member.threads[0], self.vdso, true, |remote| {
             wait_for(remote, ns_pid)
@@ -338,7 +385,7 @@ impl Held {
 
     /// The copy's PID.
     pub fn pid(&self) -> Pid {
-        self.copy.as_ref().map_or(self.parent, |c| c.pid())
+        self.copy.as_ref().map_or(self.parent, Copy::pid)
     }
 
     /// Ends the copy: kills it, then has its parent reap it (a `wait4` run inside one of
@@ -351,7 +398,7 @@ impl Held {
         let Some(copy) = self.copy.take() else {
             return Ok(0.0);
         };
-        let killed = copy.kill_and_wait();
+        let killed = copy.kill();
         let reaped = reap(self.parent, self.ns_pid, self.vdso);
         killed.and(reaped)
     }

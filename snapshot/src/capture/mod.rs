@@ -155,8 +155,10 @@ pub fn capture_observed(
             precopy.frozen_ms
         ));
         let mut image = image?;
-        // The forks' own settings, kept out of the freeze, first thing after it.
-        for (held, _) in &image.left {
+        // The forks taken over, and their own settings, kept out of the freeze, first thing
+        // after it.
+        for (held, _) in &mut image.left {
+            held.hold()?;
             if let Some(tracked) = precopy.tracking_of(held.parent()) {
                 held.take_over(tracked)?;
             }
