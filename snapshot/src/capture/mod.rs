@@ -134,6 +134,9 @@ pub fn capture_observed(
                 .then(|| ForksNote::create(&draft.dir().join(FORKS_FILE), precopy.pids().count()))
                 .flatten(),
         };
+        for pid in precopy.pids() {
+            process::rehearse(pid);
+        }
         let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
         let order: Vec<i32> = tree.members.iter().map(|m| m.proc.pid().as_raw()).collect();

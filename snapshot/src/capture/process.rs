@@ -502,6 +502,34 @@ impl<F: FnOnce(&MemoryPlan) -> bool> Beside for ProcReads<'_, F> {
     }
 }
 
+/// Just before the freeze, while process `pid` runs: reads what [`inspect`] reads of it (its
+/// status and stat, its areas and the files they map, its fds) and throws it away. The
+/// freeze then finds dolly's code, the kernel's entries for these files (`map_files`, `fd`,
+/// `fdinfo`) and the caches warm: after pre-copy's copying, the areas alone took a quarter
+/// longer to read in the freeze of a 64 MiB writer (0.11 ms against 0.09 ms once
+/// rehearsed; that freeze 0.055 ms shorter in all).
+pub fn rehearse(pid: Pid) {
+    let proc = ProcDir::new(pid);
+    let _ = proc.status();
+    let _ = proc.stat();
+    for fd in proc.fds().unwrap_or_default() {
+        let name = format!("fd/{fd}");
+        let _ = proc.read_link(&name);
+        let _ = std::fs::metadata(proc.path(&name));
+        let _ = proc.fdinfo(fd);
+    }
+    let Ok(maps) = proc.maps_without_flags() else {
+        return;
+    };
+    let mut seen = std::collections::HashSet::new();
+    for m in maps.iter().filter(|m| m.path.starts_with('/')) {
+        if seen.insert((m.dev, m.inode)) {
+            let _ = std::fs::metadata(proc.path(&format!("map_files/{}", m.map_files_name())));
+            let _ = std::fs::metadata(&m.path);
+        }
+    }
+}
+
 /// Reads everything of a frozen process but its pages; refuses what cannot be restored.
 /// Forks it from inside (see [`cow`]) if `fork_if` says so of its memory, at the end of the
 /// calls that read its state; returns the fork too.
