@@ -95,32 +95,56 @@ fn assert_counts_on(pid: i32, out: &std::path::Path) {
     assert!(count(ask(pid, out, "count")) > first, "it runs on");
 }
 
-/// The capture worker killed while it reads a process's last pages from the fork it made of
-/// it at the freeze: the fork dies with it (a zombie of the process, which no plain `wait`
-/// sees), and the listing that finds the capture interrupted has the process reap it. No
-/// child is left behind, and the process runs on.
+/// How the zombie `pid` ended (the wait status its parent would read), once it is one.
+fn zombie_status(pid: i32) -> i32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        if fields[0] == "Z" {
+            return fields.last().unwrap().trim().parse().unwrap();
+        }
+        assert!(std::time::Instant::now() < deadline, "{pid} never ended");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The capture worker killed while it holds the fork it made of a process at the freeze:
+/// still frozen, before it took the fork over (`capture:pages`), or while it reads the
+/// process's last pages from it (`capture:forked`). The fork dies with the worker, killed
+/// (it never runs: let go, it would crash into the memory it lacks), as a zombie of the
+/// process, which no plain `wait` sees; the listing that finds the capture interrupted has
+/// the process reap it. No child is left behind, and the process runs on.
 #[test]
 fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
-    let dolly = Dolly::new();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let prog = python_ready(COUNTER, &out);
-    let pid = prog.pid();
-    let pid_arg = pid.to_string();
-    let args = [&["snapshot", "capture", "--pid", &pid_arg][..], &FORKED].concat();
-    let (cli, worker) = start_paused(&dolly, &args, "capture:forked");
-    assert_eq!(
-        tree(pid).len(),
-        2,
-        "the fork, held while its pages are read"
-    );
-    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
-    let output = cli.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let list = dolly.list();
-    assert_eq!(list[0]["status"], "failed", "{list:?}");
-    assert_eq!(tree(pid), vec![pid], "no child left behind");
-    assert_counts_on(pid, &out);
+    for at in ["capture:pages", "capture:forked"] {
+        let dolly = Dolly::new();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let prog = python_ready(COUNTER, &out);
+        let pid = prog.pid();
+        let pid_arg = pid.to_string();
+        let args = [&["snapshot", "capture", "--pid", &pid_arg][..], &FORKED].concat();
+        let (cli, worker) = start_paused(&dolly, &args, at);
+        let held = tree(pid);
+        assert_eq!(
+            held.len(),
+            2,
+            "{at}: the fork, held while its pages are read"
+        );
+        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+        assert_eq!(
+            zombie_status(held[1]),
+            libc::SIGKILL,
+            "{at}: the fork is killed with dolly, never let run"
+        );
+        let output = cli.wait_with_output().unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let list = dolly.list();
+        assert_eq!(list[0]["status"], "failed", "{at}: {list:?}");
+        assert_eq!(tree(pid), vec![pid], "{at}: no child left behind");
+        assert_counts_on(pid, &out);
+    }
 }
 
 /// Killed while rebuilding the process: nothing is left at the PID, and the snapshot

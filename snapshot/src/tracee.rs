@@ -741,7 +741,8 @@ impl Remote<'_> {
     /// that a child made by a call that then failed is not left behind.)
     pub fn fork_held(&mut self, meanwhile: impl FnOnce()) -> Result<(Tracee, i32)> {
         use ptrace::Options;
-        self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
+        self.tracee
+            .set_options(Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_EXITKILL)?;
         self.tracee.new_child = None;
         let made = self.raw_while(libc::SYS_clone, &FORK_HELD_ARGS, meanwhile);
         let child = self.tracee.new_child.take();
@@ -755,6 +756,19 @@ impl Remote<'_> {
             }
             (Err(e), None) => Err(e),
         }
+    }
+
+    /// Has the children the tracee's calls make die with dolly (`on`: they inherit the option,
+    /// as they start traced), or no longer. For a batch of calls that ends with a `clone` of
+    /// [`FORK_HELD_ARGS`]: from its birth, the fork cannot outlive dolly (let go, it would run
+    /// into memory it lacks and dump core). (The tracee itself would not outlive dolly in
+    /// the middle of the batch either: it would run on into the batch's breakpoint.)
+    pub fn children_die_with_dolly(&mut self, on: bool) -> Result<()> {
+        self.tracee.set_options(if on {
+            ptrace::Options::PTRACE_O_EXITKILL
+        } else {
+            ptrace::Options::empty()
+        })
     }
 
     /// After a `clone` with [`FORK_HELD_ARGS`] run inside the tracee (by
@@ -952,8 +966,9 @@ impl Remote<'_> {
 
 /// Takes over `child`, the fork a tracee made with [`FORK_HELD_ARGS`] ([`Remote::fork_made`]):
 /// waits for its first stop (it never runs an instruction before it) and has it killed should
-/// dolly end. If that fails, the child is killed and its end waited for; its parent must
-/// still reap it.
+/// dolly end (it has been since its birth if its parent's calls had
+/// [`Remote::children_die_with_dolly`]). If that fails, the child is killed and its end
+/// waited for; its parent must still reap it.
 pub fn take_fork(child: Pid) -> Result<Tracee> {
     let first = loop {
         match waitpid(child, Some(WaitPidFlag::__WALL)) {

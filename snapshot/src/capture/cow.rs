@@ -182,7 +182,7 @@ pub fn fork_inside(
 
 /// [`fork_inside`] when the `clone` ([`crate::tracee::FORK_HELD_ARGS`]) ran among a batch of
 /// calls inside the process, and returned `made`. The fork is taken over after the thaw
-/// (see [`Held::take_over`]): waiting for its first stop is no work for the freeze.
+/// (see [`Held::hold`]): waiting for its first stop is no work for the freeze.
 pub fn hold_inside(
     remote: &mut crate::tracee::Remote<'_>,
     parent: Pid,
@@ -298,8 +298,8 @@ impl Held {
     }
 
     /// After the thaw, first thing: takes the fork over if it was not yet (see
-    /// [`crate::tracee::take_fork`]; should that fail, it is ended: reaped through a stop of
-    /// its process).
+    /// [`crate::tracee::take_fork`]). Should that fail, the fork was killed: its process
+    /// reaps it (through a stop of one of its threads), and the capture fails.
     pub fn hold(&mut self) -> Result<()> {
         let Some(Copy::Made(child)) = self.copy else {
             return Ok(());
@@ -310,8 +310,19 @@ impl Held {
                 Ok(())
             }
             Err(e) => {
-                let _ = self.end();
-                Err(e)
+                // (Killed and waited for already: not to be killed again, its PID may be
+                // free once its process reaps it.)
+                self.copy = None;
+                let _ = reap(self.parent, self.ns_pid, self.vdso);
+                Err(Error::new(
+                    ErrorKind::System,
+                    format!(
+                        "dolly could not take over the fork it made of process {} at the                          freeze, to read its memory from: {}",
+                        self.parent,
+                        e.message()
+                    ),
+                )
+                .with_remedy("capture again, or with --fork never"))
             }
         }
     }

@@ -254,9 +254,14 @@ fn query_hidden(
         });
         let end = ints + 16;
         remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
+        if clone.is_some() {
+            remote.children_die_with_dolly(true)?;
+        }
         remote.start_run(&calls, runner, scratch)?;
         beside.running();
         let finished = remote.finish_run(calls.len(), runner, scratch);
+        // (Not for the clones the process makes once it runs again.)
+        let unset = clone.map(|_| remote.children_die_with_dolly(false));
         *made = match (&finished, clone) {
             (Ok(results), Some(i)) => Some(results[i]),
             // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
@@ -264,6 +269,7 @@ fn query_hidden(
             _ => None,
         };
         let results = finished?;
+        unset.transpose()?;
         crate::checkpoint::mark("inspect: state read");
         if let Some((i, rc)) = results[..queries]
             .iter()
