@@ -6,7 +6,7 @@
 //! ROOT/snapshots/ID/manifest.json   the image (immutable once written)
 //! ROOT/snapshots/ID/record.json     status, timings, manifest checksum (replaced atomically)
 //! ROOT/snapshots/ID/lock            flock: exclusive while capturing or deleting, shared while restoring
-//! ROOT/locks/pid-PID                flock: held while a capture or restore works on PID
+//! ROOT/locks/pid-PID                flock: held while a capture or restore works on PID (then removed)
 //! POOL/ID/...                       the snapshot's pool files and saved file contents
 //! ```
 
@@ -211,10 +211,20 @@ fn try_flock(file: File, arg: FlockArg) -> Result<Option<Flock<File>>> {
     }
 }
 
-/// Exclusive hold on a PID while a capture or restore works on it.
+/// Exclusive hold on a PID while a capture or restore works on it. Its lock file goes with
+/// it (one per PID ever worked on would pile up otherwise).
 #[derive(Debug)]
 pub struct PidLock {
+    path: PathBuf,
     _lock: Flock<File>,
+}
+
+impl Drop for PidLock {
+    fn drop(&mut self) {
+        // (Removed while still locked: whoever opened it meanwhile finds, once they lock it,
+        // that it is not the file at its path any more, and tries again: see `lock_pid`.)
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A shared hold on a snapshot that keeps it from being deleted during a restore.
@@ -258,13 +268,25 @@ impl Store {
 
     /// Locks `pid` for a capture or restore; refuses if another dolly holds it.
     pub fn lock_pid(&self, pid: i32) -> Result<PidLock> {
-        let file = open_lock_file(&self.root.join("locks").join(format!("pid-{pid}")))?;
-        match try_flock(file, FlockArg::LockExclusiveNonblock)? {
-            Some(lock) => Ok(PidLock { _lock: lock }),
-            None => Err(Error::busy(
-                format!("process {pid} is already being captured or restored by another dolly"),
-                "wait for the other capture or restore to finish, then try again",
-            )),
+        use std::os::unix::fs::MetadataExt;
+        let path = self.root.join("locks").join(format!("pid-{pid}"));
+        loop {
+            let file = open_lock_file(&path)?;
+            let Some(lock) = try_flock(file, FlockArg::LockExclusiveNonblock)? else {
+                return Err(Error::busy(
+                    format!("process {pid} is already being captured or restored by another dolly"),
+                    "wait for the other capture or restore to finish, then try again",
+                ));
+            };
+            // The lock counts only if its file is still the one at the path: its previous
+            // holder may have removed it between the open and the lock.
+            let locked = lock.metadata().map(|m| (m.dev(), m.ino()));
+            let current = std::fs::metadata(&path).map(|m| (m.dev(), m.ino()));
+            if let (Ok(locked), Ok(current)) = (locked, current) {
+                if locked == current {
+                    return Ok(PidLock { path, _lock: lock });
+                }
+            }
         }
     }
 
@@ -863,6 +885,10 @@ mod tests {
             crate::ErrorKind::Busy
         );
         drop(held);
-        store.lock_pid(99).unwrap();
+        let lock_file = store.root.join("locks").join("pid-99");
+        assert!(!lock_file.exists(), "the lock file goes with the lock");
+        let again = store.lock_pid(99).unwrap();
+        assert!(lock_file.exists());
+        drop(again);
     }
 }
