@@ -16,9 +16,11 @@
 //! recorded as zero; outside the hot set, nothing writes it again) and logs `dropped`.
 //!
 //! After `--quiet-after-ms` it stops writing and only watches the clock (for benchmarks that
-//! want a settled process). Once DIR/steady exists it no longer drops or maps over pages
-//! (a restored process's memory is a private mapping of the snapshot: `MADV_DONTNEED` on it
-//! reads the snapshot's data again, not zeros, so it could not check them).
+//! want a settled process). Once DIR/steady exists it no longer drops or maps over pages.
+//! (A restored process's memory is a private mapping of the snapshot: `MADV_DONTNEED` on it
+//! reads the snapshot's data again, not zeros. A drop whose pages do not read as zeros then
+//! zeroes them itself, so that the records hold: a process restored from an instant just
+//! before a drop, which it then makes, is no exception.)
 //!
 //! DIR/log gets `ready` once the buffer is written, then `turn=N` lines; on SIGUSR1 it checks
 //! every page against its records and appends `verify ok turns=N` or `verify BAD page=P ...`;
@@ -72,6 +74,16 @@ const PAGE: usize = 4096;
 
 fn pattern(turn: u64, word: usize) -> u64 {
     (turn.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ word as u64
+}
+
+/// After `MADV_DONTNEED` on `pages`: zeroes those that do not read as zeros (memory mapped
+/// privately from a file, as a restored process's is, reads the file's data again).
+fn zero_after_drop(pages: &mut [u64]) {
+    for page in pages.chunks_mut(PAGE / 8) {
+        if page[0] != 0 {
+            page.fill(0);
+        }
+    }
 }
 
 fn fill(page: &mut [u64], turn: u64) {
@@ -223,6 +235,7 @@ fn main() {
                     libc::MADV_DONTNEED,
                 );
             }
+            zero_after_drop(&mut buf[first * words..]);
             written[first..].fill(0);
             dropped = true;
             say(&mut log, "dropped".into());
@@ -240,6 +253,7 @@ fn main() {
                         libc::MADV_DONTNEED,
                     );
                 }
+                zero_after_drop(&mut buf[p * words..(p + n) * words]);
                 written[p..p + n].fill(0);
             }
             512 if pages > 512 => {

@@ -270,8 +270,10 @@ pub fn trackable(m: &MapsEntry) -> bool {
 
 impl Tracked {
     /// Starts tracking process `pid` through `uffd` (a userfaultfd made inside it): every
-    /// trackable area of `maps` that can be registered is. The process should be stopped,
-    /// so the areas are those it has.
+    /// trackable area of `maps` that can be registered is. `maps` may have been read while
+    /// the process ran and changed its mappings: the kernel then lists a changed area twice
+    /// (as it was, and as it is), overlapping; only the first is tracked (two tracked areas
+    /// over the same pages would each answer for them, from their own copies).
     /// With `parent`, pages equal to the parent's at the same address are shared, not
     /// copied.
     pub fn start(
@@ -303,6 +305,10 @@ impl Tracked {
                 _ => Vec::new(),
             };
             if !trackable(m) && from_parent.is_empty() {
+                continue;
+            }
+            let listed_twice = |a: &TrackedArea| a.start < m.end && m.start < a.end;
+            if areas.iter().any(listed_twice) {
                 continue;
             }
             // An area the program registered with a userfaultfd of its own is busy: the
@@ -1217,6 +1223,54 @@ mod tests {
     fn finds_the_swap_type_of_write_protect_markers() {
         // (Root and userfaultfd are needed, as for any capture.)
         assert!(marker_type().is_some(), "{:?}", marker_type());
+    }
+
+    /// The areas of a running process as listed while it remaps some: one area twice, as it
+    /// was and as it is.
+    #[test]
+    fn an_area_listed_twice_is_tracked_once() {
+        let page = PAGE_SIZE as usize;
+        // SAFETY: a fresh private mapping of our own, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        let start = at as u64;
+        let line = |end: u64| format!("{start:x}-{end:x} rw-p 00000000 00:00 0\n");
+        let listed = crate::proc::parse_maps(&format!(
+            "{}{}",
+            line(start + 6 * PAGE_SIZE),
+            line(start + 8 * PAGE_SIZE)
+        ))
+        .unwrap();
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
+        // SAFETY: userfaultfd takes flags and returns a new fd we then own.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+        // SAFETY: the kernel just gave us this fd.
+        let uffd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        // (Pool files hold sparse 128 TiB slots: tmpfs.)
+        let pool = tempfile::tempdir_in("/dev/shm").unwrap();
+        let tracked = Tracked::start(
+            nix::unistd::getpid(),
+            uffd,
+            &listed,
+            &pool.path().join("pool"),
+            None,
+        )
+        .unwrap();
+        let bounds: Vec<(u64, u64)> = tracked.areas.iter().map(|a| (a.start, a.end)).collect();
+        drop(tracked);
+        // SAFETY: unmapping the area mapped above.
+        unsafe { libc::munmap(at, 8 * page) };
+        assert_eq!(bounds, vec![(start, start + 6 * PAGE_SIZE)]);
     }
 
     #[test]
