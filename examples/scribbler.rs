@@ -77,7 +77,8 @@ fn pattern(turn: u64, word: usize) -> u64 {
 }
 
 /// After `MADV_DONTNEED` on `pages`: zeroes those that do not read as zeros (memory mapped
-/// privately from a file, as a restored process's is, reads the file's data again).
+/// privately from a file, as a restored process's is, reads the file's data again). (Word 0
+/// tells: a written page's is never zero, see [`pattern`].)
 fn zero_after_drop(pages: &mut [u64]) {
     for page in pages.chunks_mut(PAGE / 8) {
         if page[0] != 0 {

@@ -216,11 +216,18 @@ fn try_flock(file: File, arg: FlockArg) -> Result<Option<Flock<File>>> {
 #[derive(Debug)]
 pub struct PidLock {
     path: PathBuf,
-    _lock: Flock<File>,
+    lock: Option<Flock<File>>,
+    /// The process that took it: a child forked meanwhile that drops its copy (a restore's
+    /// stub unwinding) neither removes the file nor lets the lock go.
+    owner: u32,
 }
 
 impl Drop for PidLock {
     fn drop(&mut self) {
+        if std::process::id() != self.owner {
+            std::mem::forget(self.lock.take());
+            return;
+        }
         // (Removed while still locked: whoever opened it meanwhile finds, once they lock it,
         // that it is not the file at its path any more, and tries again: see `lock_pid`.)
         let _ = std::fs::remove_file(&self.path);
@@ -284,7 +291,11 @@ impl Store {
             let current = std::fs::metadata(&path).map(|m| (m.dev(), m.ino()));
             if let (Ok(locked), Ok(current)) = (locked, current) {
                 if locked == current {
-                    return Ok(PidLock { path, _lock: lock });
+                    return Ok(PidLock {
+                        path,
+                        lock: Some(lock),
+                        owner: std::process::id(),
+                    });
                 }
             }
         }

@@ -604,7 +604,8 @@ pub fn dump(
     for (area, source) in plan.areas.iter_mut().zip(&plan.sources) {
         // (A tracked mapping of a pool file is one of the parent's: see `Tracked::start`.)
         if let (Some(t), Source::Private | Source::Pool { .. }) = (tracked.as_deref_mut(), source) {
-            if let Some(pages) = t.finish_area(area.start, area.end)? {
+            let pool_mapping = matches!(source, Source::Pool { .. });
+            if let Some(pages) = t.finish_area(area.start, area.end, pool_mapping)? {
                 area.pages = (!pages.runs.is_empty() || !pages.shared.is_empty()).then_some(pages);
                 continue;
             }

@@ -207,6 +207,24 @@ enum AreaState {
     Untracked { own: Option<u64> },
 }
 
+/// The entries of `maps`, a listing of a running process's areas in address order, without
+/// those a later entry overlaps: the kernel lists an area that changed during the read twice
+/// (as it was, then as it is), and two tracked areas over the same pages would each answer
+/// for them, from their own copies.
+fn latest_listed(maps: &[MapsEntry]) -> Vec<&MapsEntry> {
+    let mut out: Vec<&MapsEntry> = Vec::with_capacity(maps.len());
+    for m in maps {
+        while out
+            .last()
+            .is_some_and(|last| last.end > m.start && m.end > last.start)
+        {
+            out.pop();
+        }
+        out.push(m);
+    }
+    out
+}
+
 /// The bytes of the own pages (not a file's) of `[start, end)` of the process whose
 /// `pagemap` this is.
 fn own_bytes(pagemap: &File, start: u64, end: u64) -> Option<u64> {
@@ -271,9 +289,10 @@ pub fn trackable(m: &MapsEntry) -> bool {
 impl Tracked {
     /// Starts tracking process `pid` through `uffd` (a userfaultfd made inside it): every
     /// trackable area of `maps` that can be registered is. `maps` may have been read while
-    /// the process ran and changed its mappings: the kernel then lists a changed area twice
-    /// (as it was, and as it is), overlapping; only the first is tracked (two tracked areas
-    /// over the same pages would each answer for them, from their own copies).
+    /// the process ran and changed its mappings, as a listing that is no snapshot: an area
+    /// changed during the read may be listed twice, overlapping (as it was, then as it is):
+    /// only the later is tracked (see [`latest_listed`]). What the listing missed or got
+    /// wrong is tracked by [`Tracked::track_new_areas`] or copied whole at the freeze.
     /// With `parent`, pages equal to the parent's at the same address are shared, not
     /// copied.
     pub fn start(
@@ -295,7 +314,7 @@ impl Tracked {
         let mut writer = PoolWriter::create(pool_path)?;
         let mut areas = Vec::new();
         let mut foreign_uffd = false;
-        for m in maps {
+        for m in latest_listed(maps) {
             // Memory a restored process still maps from its snapshot's pool is tracked when
             // that snapshot is the parent: what it did not write is the parent's.
             let from_parent = match &parent {
@@ -305,10 +324,6 @@ impl Tracked {
                 _ => Vec::new(),
             };
             if !trackable(m) && from_parent.is_empty() {
-                continue;
-            }
-            let listed_twice = |a: &TrackedArea| a.start < m.end && m.start < a.end;
-            if areas.iter().any(listed_twice) {
                 continue;
             }
             // An area the program registered with a userfaultfd of its own is busy: the
@@ -948,7 +963,17 @@ impl Tracked {
     /// protection, the remap events being on) lies in a range its event reports, where
     /// every page counts as written: only pages that stayed where they were copied are
     /// reused.
-    pub fn finish_area(&mut self, start: u64, end: u64) -> Result<Option<Pages>> {
+    ///
+    /// `pool_mapping`: the area is, at the freeze, a private mapping of a pool file. Only then
+    /// do its pages not written count as the parent's (the tracked area was read as one, but
+    /// the process may have mapped something else there before its tracking began, which no
+    /// event reports).
+    pub fn finish_area(
+        &mut self,
+        start: u64,
+        end: u64,
+        pool_mapping: bool,
+    ) -> Result<Option<Pages>> {
         // The tracked area holding `start`: the same, or one the area was split off (by
         // mprotect, or a mapping made over part of it): page protections outlive the split.
         let Some(i) = self
@@ -963,8 +988,12 @@ impl Tracked {
         // A mapping made over (part of) a tracked one is not tracked: its pages are copied
         // whole (the slot's pages there are freed by `free_unused`). (Where nothing was
         // copied, nothing could be taken for what it is not: no need to look.)
-        let from_parent = !intersect(&self.areas[i].from_parent, &piece).is_empty();
-        if (!held.is_empty() || from_parent) && !self.registered(start) {
+        let parents = if pool_mapping {
+            intersect(&self.areas[i].from_parent, &piece)
+        } else {
+            Vec::new()
+        };
+        if (!held.is_empty() || !parents.is_empty()) && !self.registered(start) {
             return Ok(None);
         }
         let area = &mut self.areas[i];
@@ -1060,10 +1089,10 @@ impl Tracked {
         }
         let own = intersect(&present, &copied);
         let mut same = intersect(&present, &same);
-        if !area.from_parent.is_empty() {
+        if !parents.is_empty() {
             // Pages read from the parent's pool file and not written are the parent's, unless
             // an event says the range changed: those are read now.
-            let mapped = subtract_ranges(&intersect(&area.from_parent, &piece), &own);
+            let mapped = subtract_ranges(&parents, &own);
             let doubtful = intersect(&mapped, &self.lost);
             copy(&doubtful);
             let own_now = merge_ranges(
@@ -1226,7 +1255,7 @@ mod tests {
     }
 
     /// The areas of a running process as listed while it remaps some: one area twice, as it
-    /// was and as it is.
+    /// was and as it is (the later listing is tracked).
     #[test]
     fn an_area_listed_twice_is_tracked_once() {
         let page = PAGE_SIZE as usize;
@@ -1270,7 +1299,7 @@ mod tests {
         drop(tracked);
         // SAFETY: unmapping the area mapped above.
         unsafe { libc::munmap(at, 8 * page) };
-        assert_eq!(bounds, vec![(start, start + 6 * PAGE_SIZE)]);
+        assert_eq!(bounds, vec![(start, start + 8 * PAGE_SIZE)]);
     }
 
     #[test]
