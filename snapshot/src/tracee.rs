@@ -803,14 +803,7 @@ impl Remote<'_> {
     /// waits for its end, and has the tracee reap it (`ns_pid`: its PID as the tracee sees
     /// it, if known).
     fn discard(&mut self, child: Pid, ns_pid: Option<i32>) {
-        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-        loop {
-            match waitpid(child, Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
-                Err(Errno::EINTR) | Ok(_) => continue,
-                Err(_) => break,
-            }
-        }
+        let _ = kill_traced(child);
         if let Some(ns_pid) = ns_pid {
             let flags = (libc::__WALL | libc::WNOHANG) as u64;
             let _ = self.raw(libc::SYS_wait4, &[ns_pid as u64, 0, flags, 0]);
