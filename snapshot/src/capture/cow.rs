@@ -135,12 +135,12 @@ pub struct Held {
     vdso: Option<u64>,
     /// When its process started (see [`Held::set_parent_start_time`]; 0: unknown).
     parent_start_time: u64,
-    copy: Option<Copy>,
+    copy: Option<CopyState>,
 }
 
 /// The copy, before and after dolly took it over.
 #[derive(Debug)]
-enum Copy {
+enum CopyState {
     /// Made in a batch of calls, not yet waited for: it sits in the stop it starts in (see
     /// [`Held::hold`]).
     Made(Pid),
@@ -148,19 +148,19 @@ enum Copy {
     Held(Tracee),
 }
 
-impl Copy {
+impl CopyState {
     fn pid(&self) -> Pid {
         match self {
-            Copy::Made(pid) => *pid,
-            Copy::Held(tracee) => tracee.pid(),
+            CopyState::Made(pid) => *pid,
+            CopyState::Held(tracee) => tracee.pid(),
         }
     }
 
     /// Kills it and waits for its end (its parent then reaps it).
     fn kill(self) -> Result<()> {
         match self {
-            Copy::Made(pid) => crate::tracee::kill_traced(pid),
-            Copy::Held(tracee) => tracee.kill_and_wait(),
+            CopyState::Made(pid) => crate::tracee::kill_traced(pid),
+            CopyState::Held(tracee) => tracee.kill_and_wait(),
         }
     }
 }
@@ -177,7 +177,7 @@ pub fn fork_inside(
     meanwhile: impl FnOnce(),
 ) -> Result<Held> {
     let (copy, ns_pid) = remote.fork_held(meanwhile)?;
-    Ok(Held::new(parent, vdso, Copy::Held(copy), ns_pid))
+    Ok(Held::new(parent, vdso, CopyState::Held(copy), ns_pid))
 }
 
 /// [`fork_inside`] when the `clone` ([`crate::tracee::FORK_HELD_ARGS`]) ran among a batch of
@@ -190,7 +190,7 @@ pub fn hold_inside(
     made: i64,
 ) -> Result<Held> {
     let child = remote.fork_made(made)?;
-    Ok(Held::new(parent, vdso, Copy::Made(child), made as i32))
+    Ok(Held::new(parent, vdso, CopyState::Made(child), made as i32))
 }
 
 /// Runs `call` inside stopped thread `thread` through its vDSO (at `vdso`, where known),
@@ -269,7 +269,7 @@ pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
 impl Held {
     /// The fork `copy` (seen as `ns_pid` by its parent) of process `parent`, whose vDSO is
     /// at `vdso`.
-    fn new(parent: Pid, vdso: Option<u64>, copy: Copy, ns_pid: i32) -> Held {
+    fn new(parent: Pid, vdso: Option<u64>, copy: CopyState, ns_pid: i32) -> Held {
         crate::checkpoint::mark(&format!("cow: {parent} forked as {}", copy.pid()));
         Held {
             parent,
@@ -301,12 +301,12 @@ impl Held {
     /// [`crate::tracee::take_fork`]). Should that fail, the fork was killed: its process
     /// reaps it (through a stop of one of its threads), and the capture fails.
     pub fn hold(&mut self) -> Result<()> {
-        let Some(Copy::Made(child)) = self.copy else {
+        let Some(CopyState::Made(child)) = self.copy else {
             return Ok(());
         };
         match crate::tracee::take_fork(child) {
             Ok(tracee) => {
-                self.copy = Some(Copy::Held(tracee));
+                self.copy = Some(CopyState::Held(tracee));
                 Ok(())
             }
             Err(e) => {
@@ -396,7 +396,7 @@ impl Held {
 
     /// The copy's PID.
     pub fn pid(&self) -> Pid {
-        self.copy.as_ref().map_or(self.parent, Copy::pid)
+        self.copy.as_ref().map_or(self.parent, CopyState::pid)
     }
 
     /// Ends the copy: kills it, then has its parent reap it (a `wait4` run inside one of
