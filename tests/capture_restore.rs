@@ -490,3 +490,76 @@ fn interrupted_read_on_a_pipe_restarts_after_restore() {
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.contains("read 1 0 x"), "{text}");
 }
+
+/// Whether process `pid`'s status line `key` (`SigCgt`, `SigIgn`) has `sig` set.
+fn signal_bit(pid: i32, key: &str, sig: i32) -> bool {
+    let mask = u64::from_str_radix(&proc_status(pid, key).unwrap(), 16).unwrap();
+    mask & (1 << (sig - 1)) != 0
+}
+
+/// A process's own SIGTRAP disposition (a handler, or ignored) is the one thing dolly's
+/// traps could change: they are SIGTRAPs, and the kernel resets the action of a trap
+/// signal the thread blocks or ignores. Captured (copied at the freeze, and forked) and
+/// restored, the process keeps it, in the original and in the restored process alike.
+#[test]
+fn sigtrap_handlers_and_ignored_sigtrap_survive_capture_and_restore() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let trap = libc::SIGTRAP;
+    for ignored in [false, true] {
+        let out = dir.path().join(format!("out-{ignored}"));
+        let setup = if ignored {
+            "signal.signal(signal.SIGTRAP, signal.SIG_IGN)"
+        } else {
+            "signal.signal(signal.SIGTRAP, lambda *a: print('trapped', flush=True))"
+        };
+        let script = format!(
+            "import signal, time\n{setup}\nbuf = bytearray(32 << 20)\n\
+             print('ready', flush=True)\ni = 0\n\
+             while True:\n    buf[(i * 4096) % len(buf)] = 1\n    i += 1\n    \
+             if i % 100000 == 0: print('tick', i, flush=True)\n"
+        );
+        let mut py = python_ready(&script, &out);
+        let pid = py.pid();
+        let key = if ignored { "SigIgn" } else { "SigCgt" };
+        assert!(signal_bit(pid, key, trap), "set up: {key}");
+        // Copied at the freeze, then forked at it (the fork reaped through one more stop).
+        dolly.capture_with(pid, &["--fork", "never"]);
+        let record = dolly.capture_with(pid, &["--fork", "always"]);
+        assert!(record["forked_bytes"].as_u64().unwrap_or(0) > 0, "{record}");
+        let id = record["id"].as_str().unwrap().to_string();
+        assert!(
+            signal_bit(pid, key, trap),
+            "{key} of the original after the captures"
+        );
+        // A SIGTRAP sent to it now still does what its program set up.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTRAP,
+        )
+        .unwrap();
+        if !ignored {
+            wait_until("the original's handler", Duration::from_secs(10), || {
+                read(&out).contains("trapped")
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(proc_status(pid, "State").is_some_and(|s| !s.starts_with('Z')));
+        py.kill_and_reap();
+        std::fs::write(&out, "").unwrap();
+        let restored = dolly.restore(&id);
+        let rpid = restored.pid().as_raw();
+        assert!(signal_bit(rpid, key, trap), "{key} of the restored process");
+        nix::sys::signal::kill(restored.pid(), nix::sys::signal::Signal::SIGTRAP).unwrap();
+        wait_until(
+            "the restored process to go on",
+            Duration::from_secs(10),
+            || {
+                let text = read(&out);
+                text.contains("tick") && (ignored || text.contains("trapped"))
+            },
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(proc_status(rpid, "State").is_some_and(|s| !s.starts_with('Z')));
+    }
+}

@@ -90,7 +90,8 @@ pub fn regs_from_image(r: &Registers) -> RawRegs {
 pub struct Tracee {
     pid: Pid,
     mem: File,
-    /// Stop signals that arrived while dolly held the tracee; sent again on detach.
+    /// Signals that arrived while dolly held the tracee (stop signals, a SIGTRAP another
+    /// process sent); sent again on detach.
     deferred: Vec<Signal>,
     /// Attached with PTRACE_SEIZE (so PTRACE_INTERRUPT works).
     seized: bool,
@@ -105,6 +106,8 @@ pub struct Tracee {
     on_drop: OnDrop,
     /// The child its last remote call made, when clones are reported ([`Remote::fork_held`]).
     new_child: Option<Pid>,
+    /// Its process ignores SIGTRAP (see [`Tracee::set_trap_ignored`]).
+    trap_ignored: bool,
 }
 
 /// What happens to a tracee dolly lets go of without [`Tracee::detach`] (an error path).
@@ -325,7 +328,22 @@ impl Tracee {
             interrupted_at: None,
             on_drop,
             new_child: None,
+            trap_ignored: false,
         }
+    }
+
+    /// Says whether its process ignores SIGTRAP (`SigIgn` of its status). Dolly's calls end
+    /// in SIGTRAPs the kernel forces, which set an ignored SIGTRAP back to its default
+    /// action: [`Tracee::run_inside`] then ignores it again (see
+    /// [`Remote::ignore_trap_again`]).
+    pub fn set_trap_ignored(&mut self, ignored: bool) {
+        self.trap_ignored = ignored;
+    }
+
+    /// Whether its process ignored SIGTRAP when it was stopped (see
+    /// [`Tracee::set_trap_ignored`]).
+    pub fn trap_ignored(&self) -> bool {
+        self.trap_ignored
     }
 
     /// When dolly asked the thread to stop (seizing it), if it did: it ran on until then.
@@ -474,9 +492,7 @@ impl Tracee {
                     return Ok(());
                 }
                 WaitStatus::Stopped(_, sig) => {
-                    if is_stop_signal(sig) {
-                        self.deferred.push(sig);
-                    }
+                    self.defer(sig);
                     ptrace::cont(pid, None).with_context(|| format!("resuming process {pid}"))?;
                 }
                 WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(_) => {
@@ -500,8 +516,9 @@ impl Tracee {
     }
 
     /// Runs `call` inside the tracee through the `syscall` instruction at `ip`, every signal
-    /// blocked, then puts back registers `regs` and signal mask `mask` whatever happened
-    /// (and, if `park`, starts moving it out of the trap the calls leave it in: see
+    /// but SIGTRAP blocked ([`CALLS_MASK`]), then puts back an ignored SIGTRAP (see
+    /// [`Tracee::set_trap_ignored`]), registers `regs` and signal mask `mask` whatever
+    /// happened (and, if `park`, starts moving it out of the trap the calls leave it in: see
     /// [`Tracee::park_start`]; the next request that needs it stopped waits for that, see
     /// [`Tracee::settle`]).
     pub fn run_inside<T>(
@@ -512,11 +529,15 @@ impl Tracee {
         call: impl FnOnce(&mut Remote<'_>) -> Result<T>,
     ) -> Result<T> {
         self.settle()?;
-        self.set_sigmask(ALL_SIGNALS)?;
+        self.set_sigmask(CALLS_MASK)?;
         // (The calls start from the registers given: no need to read them again.)
         let done = call(&mut self.remote_with(ip, *regs));
-        let put_back = self
-            .set_regs(regs)
+        let ignored_again = match self.trap_ignored {
+            true => self.remote_with(ip, *regs).ignore_trap_again(regs.rsp),
+            false => Ok(()),
+        };
+        let put_back = ignored_again
+            .and_then(|()| self.set_regs(regs))
             .and_then(|_| self.set_sigmask(mask))
             .and_then(|_| {
                 if park {
@@ -576,36 +597,59 @@ impl Tracee {
     /// Single-steps the tracee until its next trap, doing `meanwhile` once it runs (before
     /// waiting for its stop).
     fn step_until_trap_while(&mut self, meanwhile: impl FnOnce()) -> Result<RawRegs> {
+        let step = |pid| ptrace::step(pid, None);
         let pid = self.pid;
-        ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
+        step(pid).with_context(|| format!("single-stepping {pid}"))?;
         meanwhile();
+        self.wait_own_trap(step, |status| gone(pid, &status))?;
+        self.regs()
+    }
+
+    /// Keeps signal `sig`, which arrived while dolly held the tracee, for the detach (once:
+    /// the kernel merges a signal sent again while it is pending).
+    fn defer(&mut self, sig: Signal) {
+        if !self.deferred.contains(&sig) {
+            self.deferred.push(sig);
+        }
+    }
+
+    /// Waits for the next SIGTRAP stop dolly's own doing caused (a trap, a single step, a
+    /// system call stop), resuming the tracee with `resume` past any other stop: a signal
+    /// (only those dolly does not block: a stop signal, a SIGTRAP another process sent) is
+    /// kept for the detach; the child of a reported clone is noted. Any other status (the
+    /// tracee ended) is an error, as `unexpected` says.
+    fn wait_own_trap(
+        &mut self,
+        resume: impl Fn(Pid) -> nix::Result<()>,
+        unexpected: impl FnOnce(WaitStatus) -> Error,
+    ) -> Result<()> {
+        let pid = self.pid;
         loop {
-            let status = wait_blocking(pid)?;
-            match status {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => {
+            match wait_blocking(pid)? {
+                WaitStatus::Stopped(_, Signal::SIGTRAP) if own_trap(pid) => {
                     self.in_trap = true;
-                    return self.regs();
+                    return Ok(());
                 }
-                WaitStatus::Stopped(_, sig) => {
-                    // Only unblockable signals get here (dolly blocks the rest): keep stop
-                    // signals for after the detach, then step again.
-                    if is_stop_signal(sig) {
-                        self.deferred.push(sig);
-                    }
-                    ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
-                }
+                WaitStatus::Stopped(_, sig) => self.defer(sig),
                 WaitStatus::PtraceEvent(_, _, event) => {
                     if event == libc::PTRACE_EVENT_CLONE {
                         if let Ok(child) = ptrace::getevent(pid) {
                             self.new_child = Some(Pid::from_raw(child as i32));
                         }
                     }
-                    ptrace::step(pid, None).with_context(|| format!("single-stepping {pid}"))?;
                 }
-                other => return Err(gone(pid, &other)),
+                other => return Err(unexpected(other)),
             }
+            resume(pid).with_context(|| format!("resuming {pid}"))?;
         }
     }
+}
+
+/// Whether the SIGTRAP stop tracee `pid` is in comes from dolly's own doing (a trap
+/// instruction, a single step or a system call stop: the kernel's, `si_code` above 0), not
+/// from a process that sent it SIGTRAP.
+fn own_trap(pid: Pid) -> bool {
+    ptrace::getsiginfo(pid).map_or(true, |info| info.si_code > 0)
 }
 
 /// The arguments of the `clone` that makes a fork held by dolly ([`Remote::fork_held`]):
@@ -700,6 +744,68 @@ impl Remote<'_> {
     /// [`Remote::raw`], doing `meanwhile` while the call runs (it is not done if the call
     /// could not be started).
     pub fn raw_while(&mut self, nr: i64, args: &[u64], meanwhile: impl FnOnce()) -> Result<i64> {
+        self.tracee.set_regs(&self.call_regs(nr, args))?;
+        let after = self.tracee.step_until_trap_while(meanwhile)?;
+        self.result_of(nr, &after)
+    }
+
+    /// [`Remote::raw`] through system call stops (`PTRACE_SYSCALL`) rather than a single
+    /// step: it makes no trap signal (see [`Tracee::set_trap_ignored`]), but stops twice.
+    pub fn raw_without_trap(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
+        let pid = self.tracee.pid;
+        self.tracee.set_regs(&self.call_regs(nr, args))?;
+        let syscall = |pid| ptrace::syscall(pid, None);
+        // (Into the call, then out of it.)
+        for _ in 0..2 {
+            syscall(pid).with_context(|| format!("resuming {pid}"))?;
+            self.tracee
+                .wait_own_trap(syscall, |status| gone(pid, &status))?;
+        }
+        let after = self.tracee.regs()?;
+        self.result_of(nr, &after)
+    }
+
+    /// After a process's calls, where it ignores SIGTRAP: ignores it again (the traps that
+    /// end dolly's calls are SIGTRAPs the kernel forces, and forcing a signal a process
+    /// ignores sets it back to its default action, keeping its flags and mask). Only
+    /// through system call stops (see [`Remote::raw_without_trap`]); the action goes
+    /// through 32 bytes of the stack under `sp` (below its red zone), put back after. An
+    /// action not at its default (the process set one meanwhile) is left as it is.
+    pub fn ignore_trap_again(&mut self, sp: u64) -> Result<()> {
+        const ACTION_LEN: usize = 32;
+        let at = (sp - 128 - ACTION_LEN as u64) & !15;
+        let mut kept = [0u8; ACTION_LEN];
+        self.read_mem(at, &mut kept)?;
+        let sigtrap = libc::SIGTRAP as u64;
+        let mut action = [0u8; ACTION_LEN];
+        let step = |remote: &mut Self, new: u64, old: u64| -> Result<()> {
+            let rc = remote.raw_without_trap(libc::SYS_rt_sigaction, &[sigtrap, new, old, 8])?;
+            if rc < 0 {
+                return Err(Error::sys(
+                    "ignoring SIGTRAP again",
+                    Errno::from_raw(-rc as i32),
+                ));
+            }
+            Ok(())
+        };
+        let set = step(self, 0, at)
+            .and_then(|()| self.read_mem(at, &mut action))
+            .and_then(|()| {
+                // (The handler comes first: SIG_DFL is 0, SIG_IGN 1.)
+                if action[..8] != 0u64.to_ne_bytes() {
+                    return Ok(());
+                }
+                action[..8].copy_from_slice(&1u64.to_ne_bytes());
+                self.write_mem(at, &action)?;
+                step(self, at, 0)
+            });
+        let put_back = self.write_mem(at, &kept);
+        set.and(put_back)
+    }
+
+    /// The registers that make the tracee run syscall `nr` with `args`, from the `syscall`
+    /// instruction at [`Remote`]'s `ip`.
+    fn call_regs(&self, nr: i64, args: &[u64]) -> RawRegs {
         let mut regs = self.base;
         regs.rip = self.ip;
         regs.rax = nr as u64;
@@ -715,8 +821,12 @@ impl Remote<'_> {
         regs.r9 = a[5];
         // Clear the trap flag so the program's own single-stepping does not interfere.
         regs.eflags &= !0x100;
-        self.tracee.set_regs(&regs)?;
-        let after = self.tracee.step_until_trap_while(meanwhile)?;
+        regs
+    }
+
+    /// The result of syscall `nr`, from the registers `after` it; an error unless the
+    /// tracee stopped right after the `syscall` instruction.
+    fn result_of(&self, nr: i64, after: &RawRegs) -> Result<i64> {
         if after.rip != self.ip + 2 {
             return Err(Error::new(
                 ErrorKind::System,
@@ -733,9 +843,9 @@ impl Remote<'_> {
     /// stopped under dolly's ptrace before it runs a single instruction; returns it and its
     /// PID as the tracee sees it. The copy shares the process's file descriptor table and
     /// filesystem context (so it holds no file open on its own) and sends no signal when it
-    /// ends; it dies with dolly (`PTRACE_O_EXITKILL`). Every signal must be blocked in the
-    /// tracee. Dolly does `meanwhile` while the `clone` runs (a fork takes a millisecond at
-    /// 64 MiB; not if the call could not be started).
+    /// ends; it dies with dolly (`PTRACE_O_EXITKILL`). The tracee must block every signal
+    /// but SIGTRAP ([`CALLS_MASK`]). Dolly does `meanwhile` while the `clone` runs (a fork
+    /// takes a millisecond at 64 MiB; not if the call could not be started).
     /// The tracee must be in dolly's PID namespace (a capture refuses others): the PID the
     /// `clone` returns is then the child's for dolly too. (Its clone is reported too, so
     /// that a child made by a call that then failed is not left behind.)
@@ -839,7 +949,7 @@ impl Remote<'_> {
     /// Runs every call of `calls` inside the tracee with a single stop, through the code
     /// page `runner` ([`Remote::map_call_runner`]) and a table at `table` (writable, at
     /// least [`Calls::table_len`] bytes). Returns each call's raw result (negative errno on
-    /// failure). Every signal must be blocked in the tracee.
+    /// failure). The tracee must block every signal but SIGTRAP ([`CALLS_MASK`]).
     pub fn run(&mut self, calls: &Calls, runner: u64, table: u64) -> Result<Vec<i64>> {
         self.start_run(calls, runner, table)?;
         self.finish_run(calls.list.len(), runner, table)
@@ -886,34 +996,21 @@ impl Remote<'_> {
     pub fn finish_run(&mut self, count: usize, runner: u64, table: u64) -> Result<Vec<i64>> {
         let pid = self.tracee.pid;
         let done = runner + RUN_CALLS.len() as u64;
-        loop {
-            let status = wait_blocking(pid)?;
-            match status {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) => {
-                    self.tracee.in_trap = true;
-                    let at = self.tracee.regs()?.rip;
-                    if at != done {
-                        return Err(Error::new(
-                            ErrorKind::System,
-                            format!("dolly's system calls in {pid} stopped at {at:#x}, not at {done:#x}"),
-                        ));
-                    }
-                    break;
-                }
-                WaitStatus::Stopped(_, sig) if is_stop_signal(sig) => {
-                    self.tracee.deferred.push(sig);
-                    ptrace::cont(pid, None).with_context(|| format!("resuming {pid}"))?;
-                }
-                WaitStatus::PtraceEvent(..) => {
-                    ptrace::cont(pid, None).with_context(|| format!("resuming {pid}"))?;
-                }
-                other => {
-                    return Err(Error::new(
-                        ErrorKind::System,
-                        format!("dolly's system calls in {pid} were interrupted: {other:?}"),
-                    ))
-                }
-            }
+        self.tracee.wait_own_trap(
+            |pid| ptrace::cont(pid, None),
+            |other| {
+                Error::new(
+                    ErrorKind::System,
+                    format!("dolly's system calls in {pid} were interrupted: {other:?}"),
+                )
+            },
+        )?;
+        let at = self.tracee.regs()?.rip;
+        if at != done {
+            return Err(Error::new(
+                ErrorKind::System,
+                format!("dolly's system calls in {pid} stopped at {at:#x}, not at {done:#x}"),
+            ));
         }
         let mut out = vec![0u8; count * 64];
         self.read_mem(table, &mut out)?;
@@ -1052,15 +1149,16 @@ pub fn own_vdso() -> Result<(u64, Vec<u8>)> {
     Ok((vdso.start, bytes))
 }
 
-/// The blocked-signal mask with every signal blocked (bits 0..63).
-pub const ALL_SIGNALS: u64 = !0;
+/// The blocked-signal mask dolly's calls run with (bits 0..63): every signal but SIGTRAP.
+/// The traps that end the calls are SIGTRAPs the kernel forces, and forcing a signal the
+/// thread blocks sets its action back to the default (a process's own SIGTRAP handler
+/// would be lost); unblocked, the trap stops for dolly and is never delivered.
+pub const CALLS_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
 
-/// Whether `sig` stops a process (job control) rather than ending or interrupting it.
-pub fn is_stop_signal(sig: Signal) -> bool {
-    matches!(
-        sig,
-        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU
-    )
+/// Whether signal set `ignored` (`SigIgn` of a process's status, or its `stat`) has
+/// SIGTRAP.
+pub fn ignores_trap(ignored: u64) -> bool {
+    ignored & (1 << (libc::SIGTRAP - 1)) != 0
 }
 
 #[cfg(test)]

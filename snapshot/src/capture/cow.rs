@@ -167,8 +167,8 @@ impl CopyState {
 
 /// Forks frozen, pre-copied process `parent` (surveyed, see [`worth_forking`]; its vDSO at
 /// `vdso`) from inside, with a `clone` run by `remote` in one of its stopped threads (every
-/// signal blocked: see [`crate::tracee::Remote::fork_held`]), in the stop that read its
-/// state, doing `meanwhile` while the `clone` runs.
+/// signal but SIGTRAP blocked: see [`crate::tracee::Remote::fork_held`]), in the stop that
+/// read its state, doing `meanwhile` while the `clone` runs.
 /// After the thaw, [`Held::take_over`] has its tracking read the fork.
 pub fn fork_inside(
     remote: &mut crate::tracee::Remote<'_>,
@@ -435,13 +435,16 @@ fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
     let Some(tid) = proc.tasks().ok().and_then(|t| t.into_iter().find(live)) else {
         return Ok(0.0);
     };
-    let job_stopped = proc.stat().is_ok_and(|s| s.state == 'T');
+    let stat = proc.stat().ok();
+    let job_stopped = stat.as_ref().is_some_and(|s| s.state == 'T');
     let asking = Instant::now();
     let mut thread = match Tracee::seize(tid) {
         Ok(t) => t,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0.0),
         Err(e) => return Err(e),
     };
+    // (As read a moment before the stop.)
+    thread.set_trap_ignored(stat.is_some_and(|s| crate::tracee::ignores_trap(s.sig_ignored)));
     // (Stopped from the interrupt on, which the seizing makes.)
     let since = thread.interrupted_at().unwrap_or(asking);
     let reaped = run_inside(&mut thread, vdso, job_stopped, |remote| {

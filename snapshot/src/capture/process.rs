@@ -285,14 +285,17 @@ fn query_hidden(
         remote.read_mem(out, &mut raw)?;
         let at = |addr: u64| (addr - out) as usize;
         let word = |addr: u64| u64::from_ne_bytes(raw[at(addr)..at(addr) + 8].try_into().unwrap());
+        // (An ignored SIGTRAP reads as at its default by now: see `Tracee::set_trap_ignored`.)
+        let trap_ignored = remote.tracee().trap_ignored();
         let actions = signals
             .iter()
             .enumerate()
             .map(|(i, &signal)| {
                 let a = out + 32 * i as u64;
+                let ignored = signal == libc::SIGTRAP && trap_ignored;
                 crate::image::SignalAction {
                     signal,
-                    handler: word(a),
+                    handler: if ignored { 1 } else { word(a) },
                     flags: word(a + 8),
                     restorer: word(a + 16),
                     mask: word(a + 24),
@@ -550,6 +553,9 @@ pub fn inspect(
     let pid = member.proc.pid();
     let status = member.proc.status()?;
     checks::check_before_calls(pid, &status)?;
+    for thread in &mut member.threads {
+        thread.set_trap_ignored(tracee::ignores_trap(status.sig_ignored));
+    }
     let tracee = &mut member.threads[0];
     let mut regs = tracee.regs()?;
     thread::abort_rseq_section(tracee, &mut regs)?;
@@ -657,8 +663,9 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     let tracee = &mut tracees[0];
     let pid = tracee.pid();
     // State only the process itself can tell: run system calls inside it, with every
-    // signal blocked, then put its registers and mask back whatever happened. The fork, if
-    // any, is the last call of the batch (or comes once dolly's scratch memory is unmapped).
+    // signal but SIGTRAP blocked, then put its registers and mask back whatever happened.
+    // The fork, if any, is the last call of the batch (or comes once dolly's scratch memory
+    // is unmapped).
     let ip = syscall_ip(tracee, reads.known_maps.and_then(known_vdso), &regs)?;
     let vdso = |reads: &ProcReads<'_, F>| reads.vdso();
     // (What needs the leader stopped is read before it is put back: it then moves out of
@@ -816,14 +823,14 @@ fn capture_group(
         });
     }
     let slot = |i: usize| scratch.area + i as u64 * THREAD_SLOT;
-    // Every thread started (every signal blocked), then every started one waited for, and
-    // put back as it was, whatever happened to the others.
+    // Every thread started (every signal but SIGTRAP blocked), then every started one
+    // waited for, and put back as it was, whatever happened to the others.
     let mut started = 0;
     let mut first_error = None;
     // (The one that failed to start, if one did: it is not running.)
     let mut unstarted = None;
     for (i, (tracee, b)) in group.iter_mut().zip(&before).enumerate() {
-        let start = tracee.set_sigmask(tracee::ALL_SIGNALS).and_then(|()| {
+        let start = tracee.set_sigmask(tracee::CALLS_MASK).and_then(|()| {
             tracee.remote_with(b.ip, b.regs).start_run(
                 &thread_calls(slot(i)),
                 scratch.runner,

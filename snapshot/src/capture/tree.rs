@@ -130,7 +130,7 @@ fn freeze_member(pid: Pid, root: bool) -> Result<Option<Member>> {
         return Ok(None); // a zombie
     }
     checks::check_member(&proc, &status)?;
-    let threads = match freeze_threads(&proc) {
+    let mut threads = match freeze_threads(&proc) {
         Ok(t) => t,
         Err(e) if e.kind() == ErrorKind::NotFound && !root => return Ok(None),
         // A process that is exiting cannot be seized (EPERM): it is not one to capture but
@@ -146,6 +146,10 @@ fn freeze_member(pid: Pid, root: bool) -> Result<Option<Member>> {
         }
         Err(e) => return Err(e),
     };
+    // (As read a moment before the stop; a capture reads it again, stopped.)
+    for t in &mut threads {
+        t.set_trap_ignored(crate::tracee::ignores_trap(status.sig_ignored));
+    }
     Ok(Some(Member {
         proc,
         threads,

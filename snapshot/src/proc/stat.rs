@@ -51,6 +51,8 @@ pub struct Stat {
     pub start_time: u64,
     /// The signal its parent gets when it ends (0: none, a "clone" child).
     pub exit_signal: i32,
+    /// The signals it ignores (bit `n - 1` for signal `n`).
+    pub sig_ignored: u64,
 }
 
 /// Parses `/proc/PID/stat`. The command name may hold spaces and parentheses, so it is
@@ -97,6 +99,7 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
         exit_code: int(49)?,
         start_time: num(19)?,
         exit_signal: int(35)?,
+        sig_ignored: num(30)?,
     })
 }
 
@@ -107,7 +110,7 @@ mod tests {
     #[test]
     fn parses_comm_with_parens_and_spaces() {
         let line = "4242 (we (ird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
-                    123 4096 10 18446744073709551615 94000 95000 140000 0 0 0 0 0 0 0 0 0 17 1 \
+                    123 4096 10 18446744073709551615 94000 95000 140000 0 0 0 0 4096 0 0 0 0 17 1 \
                     0 0 0 0 0 96000 97000 98000 141000 141100 141100 141200 0";
         let s = parse_stat(line).unwrap();
         assert_eq!(s.pid, 4242);
@@ -116,6 +119,7 @@ mod tests {
         assert_eq!((s.ppid, s.pgid, s.sid), (1, 4242, 4242));
         assert_eq!(s.num_threads, 1);
         assert_eq!((s.start_time, s.exit_signal), (123, 17));
+        assert_eq!(s.sig_ignored, 4096);
         assert_eq!(
             (s.start_code, s.end_code, s.start_stack),
             (94000, 95000, 140000)

@@ -160,6 +160,16 @@ pub fn rebuild(
         libc::SYS_munmap,
         &[scratch, scratch_len + PAGE_SIZE],
     )?;
+    // (Set by the stub, an ignored SIGTRAP was set back to its default by the traps of the
+    // calls since: see `Tracee::set_trap_ignored`.)
+    let trap_ignored = proc
+        .signals
+        .actions
+        .iter()
+        .any(|a| a.signal == libc::SIGTRAP && a.handler == 1);
+    if trap_ignored {
+        remote.ignore_trap_again(thread::final_regs(thread).rsp)?;
+    }
     Ok(others)
 }
 

@@ -145,7 +145,12 @@ pub fn run(plan: &Plan, me: usize) -> ! {
             sysproc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as u64, 0, 0, 0).map(drop),
         );
     }
-    step("blocking signals", sysproc::block_all_signals());
+    // (Not SIGTRAP: dolly's calls end in SIGTRAPs the kernel forces, which would set the
+    // process's own SIGTRAP action back to the default: see `tracee::CALLS_MASK`.)
+    step(
+        "blocking signals",
+        sysproc::block_signals(crate::tracee::CALLS_MASK),
+    );
     if node.setsid {
         step("setsid", sysproc::new_session());
     }

@@ -204,15 +204,15 @@ pub fn set_sigaction(signo: i32, action: &KernelSigaction) -> Result<(), Errno> 
     .map(drop)
 }
 
-/// Blocks every signal of the calling process (no allocation; usable in a forked child).
-pub fn block_all_signals() -> Result<(), Errno> {
-    let all: u64 = !0;
+/// Sets the calling thread's blocked-signal mask to `mask` (no allocation; usable in a
+/// forked child).
+pub fn block_signals(mask: u64) -> Result<(), Errno> {
     // SAFETY: the kernel reads 8 bytes of mask; the old-mask pointer is null.
     check(unsafe {
         libc::syscall(
             libc::SYS_rt_sigprocmask,
             libc::SIG_SETMASK as libc::c_long,
-            &all as *const u64,
+            &mask as *const u64,
             std::ptr::null_mut::<u64>(),
             8 as libc::c_long,
         )
