@@ -605,6 +605,21 @@ impl Tracee {
         self.regs()
     }
 
+    /// Lets the tracee run to its next system call stop (`PTRACE_SYSCALL`: into or out of
+    /// a call), not waiting for it ([`Tracee::wait_syscall_stop`] does).
+    pub fn to_syscall_stop(&mut self) -> Result<()> {
+        let pid = self.pid;
+        ptrace::syscall(pid, None).with_context(|| format!("resuming {pid}"))
+    }
+
+    /// Waits for the system call stop [`Tracee::to_syscall_stop`] let the tracee run to;
+    /// returns its registers.
+    pub fn wait_syscall_stop(&mut self) -> Result<RawRegs> {
+        let pid = self.pid;
+        self.wait_own_trap(|pid| ptrace::syscall(pid, None), |s| gone(pid, &s))?;
+        self.regs()
+    }
+
     /// Keeps signal `sig`, which arrived while dolly held the tracee, for the detach (once:
     /// the kernel merges a signal sent again while it is pending).
     fn defer(&mut self, sig: Signal) {
@@ -752,17 +767,19 @@ impl Remote<'_> {
     /// [`Remote::raw`] through system call stops (`PTRACE_SYSCALL`) rather than a single
     /// step: it makes no trap signal (see [`Tracee::set_trap_ignored`]), but stops twice.
     pub fn raw_without_trap(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
-        let pid = self.tracee.pid;
-        self.tracee.set_regs(&self.call_regs(nr, args))?;
-        let syscall = |pid| ptrace::syscall(pid, None);
-        // (Into the call, then out of it.)
-        for _ in 0..2 {
-            syscall(pid).with_context(|| format!("resuming {pid}"))?;
-            self.tracee
-                .wait_own_trap(syscall, |status| gone(pid, &status))?;
-        }
-        let after = self.tracee.regs()?;
+        self.enter(nr, args)?;
+        self.tracee.to_syscall_stop()?;
+        let after = self.tracee.wait_syscall_stop()?;
         self.result_of(nr, &after)
+    }
+
+    /// The first half of [`Remote::raw_without_trap`]: has the tracee enter syscall `nr`
+    /// and waits in its entry stop (the call runs on the next [`Tracee::to_syscall_stop`],
+    /// its result in the registers of the stop after).
+    pub fn enter(&mut self, nr: i64, args: &[u64]) -> Result<()> {
+        self.tracee.set_regs(&self.call_regs(nr, args))?;
+        self.tracee.to_syscall_stop()?;
+        self.tracee.wait_syscall_stop().map(drop)
     }
 
     /// After a process's calls, where it ignores SIGTRAP: ignores it again (the traps that
@@ -1080,6 +1097,27 @@ pub fn take_fork(child: Pid) -> Result<Tracee> {
         let _ = kill_traced(child);
     }
     held
+}
+
+/// Takes over `tid`, a thread a seized tracee made with `CLONE_PTRACE` (it stops before
+/// its first instruction): waits for that stop. Let go (dropped, or should dolly end) it
+/// runs on from its registers, which must then end it (it is a thread of the tracee's
+/// process: killed, it would take the whole process with it).
+pub fn take_thread(tid: Pid) -> Result<Tracee> {
+    let first = loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            other => break other.with_context(|| format!("waiting for thread {tid}"))?,
+        }
+    };
+    match first {
+        WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
+        | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
+        other => return Err(gone(tid, &other)),
+    }
+    let mut thread = Tracee::open(tid, OnDrop::Detach)?;
+    thread.seized = true;
+    Ok(thread)
 }
 
 /// Kills `pid`, a process dolly traces, and waits for its end (which its parent then reaps).

@@ -297,16 +297,22 @@ pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// Every PID of the tree under `root`, parents first.
+/// Every PID of the tree under `root`, parents first (the children of each of a process's
+/// threads).
 pub fn tree(root: i32) -> Vec<i32> {
     let mut out = vec![root];
     let mut i = 0;
     while i < out.len() {
-        let kids = read(Path::new(&format!("/proc/{0}/task/{0}/children", out[i])));
-        out.extend(
-            kids.split_whitespace()
-                .filter_map(|k| k.parse::<i32>().ok()),
-        );
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", out[i]))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for task in tasks {
+            let kids = read(&task.join("children"));
+            out.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
         i += 1;
     }
     out
@@ -357,6 +363,18 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// What a capture adds to a process while it runs and must take away: its thread count
+/// (dolly's helper thread) and its writable and executable areas (dolly's scratch memory).
+pub fn helper_traces(pid: i32) -> (Option<String>, Vec<String>) {
+    let rwx = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("rwxp"))
+        .map(str::to_string)
+        .collect();
+    (proc_status(pid, "Threads"), rwx)
 }
 
 /// A line of /proc/PID/status, e.g. `State` or `TracerPid`.
