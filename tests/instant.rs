@@ -162,16 +162,16 @@ while True:
     let pid = prog.pid();
     let before = tree(pid);
     assert_eq!(before.len(), 2, "python and its child");
-    let traces: Vec<_> = before.iter().map(|&p| helper_traces(p)).collect();
+    let traces: Vec<_> = before.iter().map(|&p| capture_traces(p)).collect();
     let state = ask(pid, &out, "state");
     let cap = dolly.capture_with(pid, &["--fork", "always"]);
     assert_eq!(cap["forked"], 2, "{cap}");
     assert_eq!(cap["processes"], 2, "{cap}");
     // No SIGCHLD, the same digest, and no other child (nor zombie) than the one it made;
-    // dolly's helper threads and scratch memory gone.
+    // no thread or memory of dolly's left.
     assert_eq!(ask(pid, &out, "state"), state);
     assert_eq!(tree(pid), before);
-    let after: Vec<_> = before.iter().map(|&p| helper_traces(p)).collect();
+    let after: Vec<_> = before.iter().map(|&p| capture_traces(p)).collect();
     assert_eq!(after, traces);
 
     dolly.end_originals(cap["id"].as_str().unwrap());
@@ -227,7 +227,7 @@ while True:
     let pid = prog.pid();
     let before = tree(pid);
     assert_eq!(before.len(), 2, "python and its child");
-    let traces: Vec<_> = before.iter().map(|&p| helper_traces(p)).collect();
+    let traces: Vec<_> = before.iter().map(|&p| capture_traces(p)).collect();
     let state = ask(pid, &out, "state");
     let pid_arg = pid.to_string();
     let run = dolly
@@ -254,10 +254,10 @@ while True:
         assert!(state.starts_with('S') || state.starts_with('R'), "{state}");
     }
     // No SIGCHLD, the same memory, and no other child (nor zombie) than the one it made;
-    // no helper thread nor scratch memory of dolly's left.
+    // no thread or memory of dolly's left.
     assert_eq!(ask(pid, &out, "state"), state);
     assert_eq!(tree(pid), before);
-    let after: Vec<_> = before.iter().map(|&p| helper_traces(p)).collect();
+    let after: Vec<_> = before.iter().map(|&p| capture_traces(p)).collect();
     assert_eq!(after, traces);
     assert!(dolly.list().is_empty(), "{:?}", dolly.list());
 }

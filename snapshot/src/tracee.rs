@@ -605,21 +605,6 @@ impl Tracee {
         self.regs()
     }
 
-    /// Lets the tracee run to its next system call stop (`PTRACE_SYSCALL`: into or out of
-    /// a call), not waiting for it ([`Tracee::wait_syscall_stop`] does).
-    pub fn to_syscall_stop(&mut self) -> Result<()> {
-        let pid = self.pid;
-        ptrace::syscall(pid, None).with_context(|| format!("resuming {pid}"))
-    }
-
-    /// Waits for the system call stop [`Tracee::to_syscall_stop`] let the tracee run to;
-    /// returns its registers.
-    pub fn wait_syscall_stop(&mut self) -> Result<RawRegs> {
-        let pid = self.pid;
-        self.wait_own_trap(|pid| ptrace::syscall(pid, None), |s| gone(pid, &s))?;
-        self.regs()
-    }
-
     /// Keeps signal `sig`, which arrived while dolly held the tracee, for the detach (once:
     /// the kernel merges a signal sent again while it is pending).
     fn defer(&mut self, sig: Signal) {
@@ -641,8 +626,12 @@ impl Tracee {
         let pid = self.pid;
         loop {
             match wait_blocking(pid)? {
-                WaitStatus::Stopped(_, Signal::SIGTRAP) if own_trap(pid) => {
+                WaitStatus::Stopped(_, sig) if by_kernel(pid) => {
                     self.in_trap = true;
+                    // (A fault of dolly's calls: not the process's signal, never delivered.)
+                    if sig != Signal::SIGTRAP {
+                        return Err(unexpected(WaitStatus::Stopped(pid, sig)));
+                    }
                     return Ok(());
                 }
                 WaitStatus::Stopped(_, sig) => self.defer(sig),
@@ -660,10 +649,10 @@ impl Tracee {
     }
 }
 
-/// Whether the SIGTRAP stop tracee `pid` is in comes from dolly's own doing (a trap
-/// instruction, a single step or a system call stop: the kernel's, `si_code` above 0), not
-/// from a process that sent it SIGTRAP.
-fn own_trap(pid: Pid) -> bool {
+/// Whether the signal tracee `pid` stopped with comes from what its thread just did (for
+/// dolly's calls: a trap instruction, a single step, a system call stop, or a fault; the
+/// kernel's, `si_code` above 0), not from a process that sent it.
+fn by_kernel(pid: Pid) -> bool {
     ptrace::getsiginfo(pid).map_or(true, |info| info.si_code > 0)
 }
 
@@ -713,11 +702,13 @@ impl Calls {
 
 /// Machine code that runs a table of system calls: for each 64-byte entry at `rbx`
 /// (`nr, a1..a6, result`) until `nr` is -1, loads the registers, `syscall`, stores `rax`
-/// in `result`; then `int3`.
-const RUN_CALLS: [u8; 46] = [
+/// in `result`; then `int3` (at [`RUN_CALLS_TRAP`]). The child of a `clone` in the table
+/// (a fork: `rax` 0 after a `clone`) goes to `exit(0)` instead: should dolly end before
+/// it took the child over, the child ends itself.
+const RUN_CALLS: [u8; 66] = [
     0x48, 0x8b, 0x03, // mov rax, [rbx]
     0x48, 0x83, 0xf8, 0xff, // cmp rax, -1
-    0x74, 0x24, // je done
+    0x74, 0x2f, // je done
     0x48, 0x8b, 0x7b, 0x08, // mov rdi, [rbx+8]
     0x48, 0x8b, 0x73, 0x10, // mov rsi, [rbx+16]
     0x48, 0x8b, 0x53, 0x18, // mov rdx, [rbx+24]
@@ -725,11 +716,21 @@ const RUN_CALLS: [u8; 46] = [
     0x4c, 0x8b, 0x43, 0x28, // mov r8, [rbx+40]
     0x4c, 0x8b, 0x4b, 0x30, // mov r9, [rbx+48]
     0x0f, 0x05, // syscall
-    0x48, 0x89, 0x43, 0x38, // mov [rbx+56], rax
+    0x48, 0x85, 0xc0, // test rax, rax
+    0x75, 0x06, // jnz store
+    0x48, 0x83, 0x3b, 0x38, // cmp qword [rbx], 56 (clone)
+    0x74, 0x0b, // je child
+    0x48, 0x89, 0x43, 0x38, // store: mov [rbx+56], rax
     0x48, 0x83, 0xc3, 0x40, // add rbx, 64
-    0xeb, 0xd3, // jmp back to the first instruction
+    0xeb, 0xc8, // jmp back to the first instruction
     0xcc, // done: int3
+    0xb8, 0x3c, 0x00, 0x00, 0x00, // child: mov eax, 60 (exit)
+    0x31, 0xff, // xor edi, edi
+    0x0f, 0x05, // syscall
 ];
+
+/// Where [`RUN_CALLS`] stops, done: right after its `int3`.
+const RUN_CALLS_TRAP: u64 = 57;
 
 /// Runs system calls inside a stopped tracee.
 #[derive(Debug)]
@@ -767,19 +768,17 @@ impl Remote<'_> {
     /// [`Remote::raw`] through system call stops (`PTRACE_SYSCALL`) rather than a single
     /// step: it makes no trap signal (see [`Tracee::set_trap_ignored`]), but stops twice.
     pub fn raw_without_trap(&mut self, nr: i64, args: &[u64]) -> Result<i64> {
-        self.enter(nr, args)?;
-        self.tracee.to_syscall_stop()?;
-        let after = self.tracee.wait_syscall_stop()?;
-        self.result_of(nr, &after)
-    }
-
-    /// The first half of [`Remote::raw_without_trap`]: has the tracee enter syscall `nr`
-    /// and waits in its entry stop (the call runs on the next [`Tracee::to_syscall_stop`],
-    /// its result in the registers of the stop after).
-    pub fn enter(&mut self, nr: i64, args: &[u64]) -> Result<()> {
+        let pid = self.tracee.pid;
         self.tracee.set_regs(&self.call_regs(nr, args))?;
-        self.tracee.to_syscall_stop()?;
-        self.tracee.wait_syscall_stop().map(drop)
+        let syscall = |pid| ptrace::syscall(pid, None);
+        // (Into the call, then out of it.)
+        for _ in 0..2 {
+            syscall(pid).with_context(|| format!("resuming {pid}"))?;
+            self.tracee
+                .wait_own_trap(syscall, |status| gone(pid, &status))?;
+        }
+        let after = self.tracee.regs()?;
+        self.result_of(nr, &after)
     }
 
     /// After a process's calls, where it ignores SIGTRAP: ignores it again (the traps that
@@ -860,7 +859,9 @@ impl Remote<'_> {
     /// stopped under dolly's ptrace before it runs a single instruction; returns it and its
     /// PID as the tracee sees it. The copy shares the process's file descriptor table and
     /// filesystem context (so it holds no file open on its own) and sends no signal when it
-    /// ends; it dies with dolly (`PTRACE_O_EXITKILL`). The tracee must block every signal
+    /// ends; it dies with dolly (`PTRACE_O_EXITKILL`) once held, right after the `clone`
+    /// (not the tracee during the call: dying with dolly, it would take its whole process
+    /// with it). The tracee must block every signal
     /// but SIGTRAP ([`CALLS_MASK`]). Dolly does `meanwhile` while the `clone` runs (a fork
     /// takes a millisecond at 64 MiB; not if the call could not be started).
     /// The tracee must be in dolly's PID namespace (a capture refuses others): the PID the
@@ -868,8 +869,7 @@ impl Remote<'_> {
     /// that a child made by a call that then failed is not left behind.)
     pub fn fork_held(&mut self, meanwhile: impl FnOnce()) -> Result<(Tracee, i32)> {
         use ptrace::Options;
-        self.tracee
-            .set_options(Options::PTRACE_O_TRACECLONE | Options::PTRACE_O_EXITKILL)?;
+        self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
         self.tracee.new_child = None;
         let made = self.raw_while(libc::SYS_clone, &FORK_HELD_ARGS, meanwhile);
         let child = self.tracee.new_child.take();
@@ -883,19 +883,6 @@ impl Remote<'_> {
             }
             (Err(e), None) => Err(e),
         }
-    }
-
-    /// Has the children the tracee's calls make die with dolly (`on`: they inherit the option,
-    /// as they start traced), or no longer. For a batch of calls that ends with a `clone` of
-    /// [`FORK_HELD_ARGS`]: from its birth, the fork cannot outlive dolly (let go, it would run
-    /// into memory it lacks and dump core). (The tracee itself would not outlive dolly in
-    /// the middle of the batch either: it would run on into the batch's breakpoint.)
-    pub fn children_die_with_dolly(&mut self, on: bool) -> Result<()> {
-        self.tracee.set_options(if on {
-            ptrace::Options::PTRACE_O_EXITKILL
-        } else {
-            ptrace::Options::empty()
-        })
     }
 
     /// After a `clone` with [`FORK_HELD_ARGS`] run inside the tracee (by
@@ -1012,7 +999,7 @@ impl Remote<'_> {
     /// done, and returns their raw results.
     pub fn finish_run(&mut self, count: usize, runner: u64, table: u64) -> Result<Vec<i64>> {
         let pid = self.tracee.pid;
-        let done = runner + RUN_CALLS.len() as u64;
+        let done = runner + RUN_CALLS_TRAP;
         self.tracee.wait_own_trap(
             |pid| ptrace::cont(pid, None),
             |other| {
@@ -1073,8 +1060,8 @@ impl Remote<'_> {
 
 /// Takes over `child`, the fork a tracee made with [`FORK_HELD_ARGS`] ([`Remote::fork_made`]):
 /// waits for its first stop (it never runs an instruction before it) and has it killed should
-/// dolly end (it has been since its birth if its parent's calls had
-/// [`Remote::children_die_with_dolly`]). If that fails, the child is killed and its end
+/// dolly end (until then, let go, a fork made by a batch of calls ends itself: see
+/// [`RUN_CALLS`]). If that fails, the child is killed and its end
 /// waited for; its parent must still reap it.
 pub fn take_fork(child: Pid) -> Result<Tracee> {
     let first = loop {
@@ -1097,27 +1084,6 @@ pub fn take_fork(child: Pid) -> Result<Tracee> {
         let _ = kill_traced(child);
     }
     held
-}
-
-/// Takes over `tid`, a thread a seized tracee made with `CLONE_PTRACE` (it stops before
-/// its first instruction): waits for that stop. Let go (dropped, or should dolly end) it
-/// runs on from its registers, which must then end it (it is a thread of the tracee's
-/// process: killed, it would take the whole process with it).
-pub fn take_thread(tid: Pid) -> Result<Tracee> {
-    let first = loop {
-        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
-            Err(Errno::EINTR) => continue,
-            other => break other.with_context(|| format!("waiting for thread {tid}"))?,
-        }
-    };
-    match first {
-        WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP)
-        | WaitStatus::Stopped(_, Signal::SIGSTOP) => {}
-        other => return Err(gone(tid, &other)),
-    }
-    let mut thread = Tracee::open(tid, OnDrop::Detach)?;
-    thread.seized = true;
-    Ok(thread)
 }
 
 /// Kills `pid`, a process dolly traces, and waits for its end (which its parent then reaps).
@@ -1187,16 +1153,28 @@ pub fn own_vdso() -> Result<(u64, Vec<u8>)> {
     Ok((vdso.start, bytes))
 }
 
-/// The blocked-signal mask dolly's calls run with (bits 0..63): every signal but SIGTRAP.
-/// The traps that end the calls are SIGTRAPs the kernel forces, and forcing a signal the
-/// thread blocks sets its action back to the default (a process's own SIGTRAP handler
-/// would be lost); unblocked, the trap stops for dolly and is never delivered.
-pub const CALLS_MASK: u64 = !(1 << (libc::SIGTRAP - 1));
+/// The blocked-signal mask dolly's calls run with (bits 0..63): every signal but SIGTRAP
+/// and those a fault raises (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS). The traps that end
+/// the calls are SIGTRAPs the kernel forces, as is the signal of a call that faults (or
+/// that a seccomp filter traps), and forcing a signal the thread blocks sets its action
+/// back to the default (a process's own handler would be lost); unblocked, the signal
+/// stops the thread for dolly and is never delivered.
+pub const CALLS_MASK: u64 = !(bit(libc::SIGTRAP)
+    | bit(libc::SIGSEGV)
+    | bit(libc::SIGBUS)
+    | bit(libc::SIGILL)
+    | bit(libc::SIGFPE)
+    | bit(libc::SIGSYS));
+
+/// Signal `sig`'s bit in a signal mask.
+const fn bit(sig: i32) -> u64 {
+    1 << (sig - 1)
+}
 
 /// Whether signal set `ignored` (`SigIgn` of a process's status, or its `stat`) has
 /// SIGTRAP.
 pub fn ignores_trap(ignored: u64) -> bool {
-    ignored & (1 << (libc::SIGTRAP - 1)) != 0
+    ignored & bit(libc::SIGTRAP) != 0
 }
 
 #[cfg(test)]

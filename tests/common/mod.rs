@@ -365,9 +365,9 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// What a capture adds to a process while it runs and must take away: its thread count
-/// (dolly's helper thread) and its writable and executable areas (dolly's scratch memory).
-pub fn helper_traces(pid: i32) -> (Option<String>, Vec<String>) {
+/// What a capture must not leave in a process: threads (its thread count) or writable and
+/// executable areas (dolly's scratch memory is one) of its own.
+pub fn capture_traces(pid: i32) -> (Option<String>, Vec<String>) {
     let rwx = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .unwrap_or_default()
         .lines()

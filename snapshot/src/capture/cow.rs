@@ -14,7 +14,6 @@ use std::time::Instant;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::helper::Helper;
 use super::tree::Member;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Area;
@@ -137,9 +136,6 @@ pub struct Held {
     /// When its process started (see [`Held::set_parent_start_time`]; 0: unknown).
     parent_start_time: u64,
     copy: Option<CopyState>,
-    /// The helper thread that made it (see `helper`): its parent, which reaps it, with no
-    /// stop of the process. `None`: the process made it, and reaps it.
-    helper: Option<Helper>,
 }
 
 /// The copy, before and after dolly took it over.
@@ -281,14 +277,7 @@ impl Held {
             vdso,
             parent_start_time: 0,
             copy: Some(copy),
-            helper: None,
         }
-    }
-
-    /// Has the fork reaped by `helper`, the helper thread that made it (its parent).
-    pub fn made_by(mut self, helper: Helper) -> Held {
-        self.helper = Some(helper);
-        self
     }
 
     /// What to note of it beside the snapshot while it lives (see [`reap_leftovers`]).
@@ -324,10 +313,7 @@ impl Held {
                 // (Killed and waited for already: not to be killed again, its PID may be
                 // free once its process reaps it.)
                 self.copy = None;
-                let _ = match self.helper.take() {
-                    Some(helper) => reaped_by(helper, self.ns_pid),
-                    None => reap(self.parent, self.ns_pid, self.vdso),
-                };
+                let _ = reap(self.parent, self.ns_pid, self.vdso);
                 Err(Error::new(
                     ErrorKind::System,
                     format!(
@@ -402,9 +388,6 @@ impl Held {
         // (Reaped whatever the wait for its end said: at worst there is nothing to reap.)
         let killed = copy.kill();
         let ns_pid = self.ns_pid;
-        if let Some(helper) = self.helper.take() {
-            return killed.and(reaped_by(helper, ns_pid).map(drop));
-        }
         let reaped = run_inside(&mut member.threads[0], self.vdso, true, |remote| {
             wait_for(remote, ns_pid)
         });
@@ -427,20 +410,9 @@ impl Held {
             return Ok(0.0);
         };
         let killed = copy.kill();
-        let reaped = match self.helper.take() {
-            Some(helper) => reaped_by(helper, self.ns_pid),
-            None => reap(self.parent, self.ns_pid, self.vdso),
-        };
+        let reaped = reap(self.parent, self.ns_pid, self.vdso);
         killed.and(reaped)
     }
-}
-
-/// Has `helper` reap its ended child `ns_pid`, then ends the helper. The process is not
-/// stopped for it: returns 0 ms.
-fn reaped_by(mut helper: Helper, ns_pid: i32) -> Result<f64> {
-    let reaped = helper.reap(ns_pid);
-    let ended = helper.finish();
-    reaped.and(ended).map(|()| 0.0)
 }
 
 impl Drop for Held {

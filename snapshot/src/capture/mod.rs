@@ -4,7 +4,6 @@
 
 mod checks;
 mod cow;
-mod helper;
 pub use cow::ForkPolicy;
 mod parent;
 pub use parent::{auto_parent, restored_from};
@@ -83,9 +82,6 @@ struct TreeImage {
     forked: u32,
     /// The bytes read from their forks.
     forked_bytes: u64,
-    /// The helper threads (see `helper`) of processes not forked: ended once the tree runs
-    /// on (it need not wait for that).
-    spare_helpers: Vec<helper::Helper>,
 }
 
 /// Captures process `opts.pid` and its descendants into a new snapshot of `store`. The tree
@@ -127,8 +123,7 @@ pub fn capture_observed(
     let mut reported = false;
     let frozen: Result<(TreeImage, f64)> = (|| {
         checkpoints.reach("capture:locked")?;
-        let helpers_note = draft.dir().join(helper::HELPERS_FILE);
-        let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref(), &helpers_note)?;
+        let mut precopy = precopy::run(root, &draft.pool_dir(), parent.as_ref())?;
         checkpoints.reach("capture:precopied")?;
         let mut setup = ForkSetup {
             rooms: match opts.fork {
@@ -142,10 +137,7 @@ pub fn capture_observed(
         for pid in precopy.pids() {
             process::rehearse(pid);
         }
-        if opts.fork != ForkPolicy::Never {
-            precopy.arm_helpers();
-        }
-        let mut tree = tree::freeze(root, &precopy.helper_tids())?;
+        let mut tree = tree::freeze(root)?;
         crate::checkpoint::mark("capture: frozen");
         let order: Vec<i32> = tree.members.iter().map(|m| m.proc.pid().as_raw()).collect();
         let image = capture_frozen(
@@ -174,9 +166,6 @@ pub fn capture_observed(
                 held.take_over(tracked)?;
             }
         }
-        for helper in std::mem::take(&mut image.spare_helpers) {
-            let _ = helper.finish();
-        }
         thawed?;
         on_frozen(&draft.note_frozen(frozen_ms)?);
         reported = true;
@@ -198,7 +187,6 @@ pub fn capture_observed(
         Ok((image, frozen_ms + reap_ms))
     })();
     let _ = std::fs::remove_file(draft.dir().join(FORKS_FILE));
-    let _ = std::fs::remove_file(draft.dir().join(helper::HELPERS_FILE));
     let (image, frozen_ms) = match frozen {
         Ok(v) => v,
         Err(e) => {
@@ -270,13 +258,11 @@ fn capture_frozen(
     // `cow`); should one be refused, the forks made go at once.
     let mut inspected = Vec::with_capacity(tree.members.len());
     let mut forks = Vec::with_capacity(tree.members.len());
-    let mut spare_helpers = Vec::new();
     let inspection = (|| {
         for member in &mut tree.members {
             let pid = member.proc.pid();
             let known_maps = precopy.known_maps(pid);
             let room = setup.rooms.get(&pid).copied().flatten();
-            let mut helper = precopy.take_helper(pid);
             let (process, fork) = process::inspect(
                 member,
                 &mut shared,
@@ -288,12 +274,10 @@ fn capture_frozen(
                 known_maps.as_deref(),
                 checkpoints,
                 |memory| worth_forking(precopy, pid, memory, opts.fork, room),
-                &mut helper,
             )?;
-            // (Not forked: ended once the tree runs on.)
-            spare_helpers.extend(helper);
             // At once (still frozen: a copy into memory): should the capture be killed from
-            // now on, the forks die with it and the note has their processes reap them.
+            // now on, the forks end with it (killed once taken over, else ending themselves)
+            // and the note has their processes reap them.
             if let (Some(held), Some(note)) = (&fork, &mut setup.note) {
                 let _ = note.add(held);
             }
@@ -348,7 +332,6 @@ fn capture_frozen(
         left,
         forked: 0,
         forked_bytes: 0,
-        spare_helpers,
     })
 }
 
@@ -527,14 +510,6 @@ impl ForksNote {
 /// the processes it forked reap those forks, left as zombies (the note stays until they
 /// are: see [`cow::reap_leftovers`]).
 pub fn reap_leftover_forks(dir: &std::path::Path) {
-    // (And the helpers' scratch memory: see `helper`.)
-    let helpers = dir.join(helper::HELPERS_FILE);
-    if let Ok(text) = std::fs::read(&helpers) {
-        let notes: Vec<helper::ScratchNote> = serde_json::from_slice(&text).unwrap_or_default();
-        if helper::remove_leftovers(&notes) {
-            let _ = std::fs::remove_file(&helpers);
-        }
-    }
     let path = dir.join(FORKS_FILE);
     let Ok(text) = std::fs::read(&path) else {
         return;

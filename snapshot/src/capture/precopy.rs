@@ -9,7 +9,6 @@ use std::path::Path;
 
 use nix::unistd::Pid;
 
-use super::helper::{self, Helper};
 use super::parent::Parent;
 use super::tree::{self, Member};
 use crate::error::{Error, Result};
@@ -36,8 +35,6 @@ pub struct Precopy {
     /// Reads the userfaultfds' events; declared first, so it stops before they close.
     lost_pages: Option<LostPages>,
     tracked: HashMap<i32, Tracked>,
-    /// Each tracked process's helper thread, if it got one (see [`helper`]).
-    helpers: HashMap<i32, Helper>,
     used: Vec<i32>,
     /// How long the tracking's setup stopped a process of the tree (each is stopped on its
     /// own: the longest of those stops).
@@ -77,22 +74,6 @@ impl Precopy {
         }
     }
 
-    /// Takes process `pid`'s helper thread, if it has one.
-    pub fn take_helper(&mut self, pid: Pid) -> Option<Helper> {
-        self.helpers.remove(&pid.as_raw())
-    }
-
-    /// Has each helper thread start into the `clone` of its process's fork, should the
-    /// final freeze fork it (see [`Helper::arm`]). A helper that cannot is ended.
-    pub fn arm_helpers(&mut self) {
-        self.helpers.retain(|_, h| h.arm().is_ok());
-    }
-
-    /// The helper threads (which the final freeze leaves alone: they are dolly's).
-    pub fn helper_tids(&self) -> std::collections::HashSet<Pid> {
-        self.helpers.values().map(Helper::tid).collect()
-    }
-
     /// The processes pre-copied.
     pub fn pids(&self) -> impl Iterator<Item = Pid> + '_ {
         self.tracked.keys().map(|&p| Pid::from_raw(p))
@@ -124,51 +105,19 @@ fn make_uffd(
     let leader = &mut member.threads[0];
     let ip = leader.vdso_syscall_ip(vdso)?;
     leader.run_inside_as_is(ip, park, |remote| {
-        let fd = remote.call("making a userfaultfd", libc::SYS_userfaultfd, &[UFFD_FLAGS])? as i32;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
+        let fd = remote.call("making a userfaultfd", libc::SYS_userfaultfd, &[flags])? as i32;
         let ours = borrow_fd(pid, fd).map_err(|e| Error::sys("taking the userfaultfd", e));
         remote.call("closing the userfaultfd", libc::SYS_close, &[fd as u64])?;
         ours
     })
 }
 
-/// The flags of the userfaultfds that track writes.
-const UFFD_FLAGS: u64 = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | uffd::USER_MODE_ONLY;
-
-/// How a process's write tracking is set up in its brief stop.
-enum Setup {
-    /// Its helper thread made (see [`helper`]): it makes the userfaultfd once the process
-    /// runs on. With the process's vDSO `syscall` instruction.
-    Helper(helper::Spawned, u64),
-    /// The userfaultfd made by the process itself (a process denied writable and
-    /// executable memory, or threads).
-    Uffd(std::os::fd::OwnedFd),
-}
-
-/// In stopped process `member`'s brief stop (its vDSO at `vdso`, if known): makes its
-/// helper thread, else its userfaultfd (see [`make_uffd`]). `detached_next`: as for
-/// [`make_uffd`].
-fn set_up(member: &mut Member, vdso: Option<u64>, detached_next: bool) -> Result<Setup> {
-    let park = !detached_next || member.stopped;
-    let pid = member.proc.pid();
-    let leader = &mut member.threads[0];
-    let ip = leader.vdso_syscall_ip(vdso)?;
-    let spawned = leader.run_inside_as_is(ip, park, |remote| helper::spawn(remote, pid));
-    match spawned {
-        Ok(spawned) => Ok(Setup::Helper(spawned, ip)),
-        Err(_) => make_uffd(member, vdso, detached_next).map(Setup::Uffd),
-    }
-}
-
 /// Sets up write tracking on the tree under `root` (a brief freeze) and copies its private
 /// memory into `pool_dir` while it runs, in rounds, until what changes between two rounds
 /// is small. A process whose tracking cannot be set up is simply copied at the freeze.
 /// With a `parent`, pages equal to its pages are shared rather than copied.
-pub fn run(
-    root: Pid,
-    pool_dir: &Path,
-    parent: Option<&Parent>,
-    helpers_note: &Path,
-) -> Result<Precopy> {
+pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precopy> {
     // Found before the freeze (it is dolly's own vDSO: the same for every process), and
     // the reading of a process's areas warmed up: the freeze is short.
     tracee::vdso_syscall_offset()?;
@@ -204,57 +153,33 @@ pub fn run(
         frozen += 1;
         crate::checkpoint::mark("precopy: frozen");
         let known = root_vdso.filter(|_| pid == root);
-        let made = set_up(&mut one.members[0], known, true);
+        let made = make_uffd(&mut one.members[0], known, true);
         let (frozen_for, thawed) = one.thaw();
         pre.frozen_ms = pre.frozen_ms.max(frozen_for.as_secs_f64() * 1e3);
         thawed?;
-        match made {
-            Ok(Setup::Uffd(fd)) => fds.push((index, pid, fd)),
-            Ok(Setup::Helper(spawned, ip)) => {
-                if let Ok((helper, fd)) = Helper::start(spawned, ip, UFFD_FLAGS) {
-                    pre.helpers.insert(pid.as_raw(), helper);
-                    fds.push((index, pid, fd));
-                }
-            }
-            Err(_) => {}
+        if let Ok(fd) = made {
+            fds.push((index, pid, fd));
         }
     }
     crate::checkpoint::mark("precopy: tracking set up");
-    // (Should the capture be killed from now on, its helpers end themselves; their scratch
-    // memory is then unmapped by whoever finds the capture interrupted.)
-    if !pre.helpers.is_empty() {
-        let notes: Vec<helper::ScratchNote> = pre.helpers.values().map(Helper::note).collect();
-        let text = serde_json::to_vec(&notes).expect("notes serialize");
-        if std::fs::write(helpers_note, text).is_err() {
-            pre.helpers.clear();
-        }
-    }
     for (index, pid, fd) in fds {
         let base = match parent {
             Some(p) => p.pages_of(pid.as_raw(), index)?,
             None => None,
         };
-        let mut maps = match crate::proc::ProcDir::new(pid).maps_without_flags() {
+        let maps = match crate::proc::ProcDir::new(pid).maps_without_flags() {
             Ok(m) => m,
             Err(_) => continue, // gone
         };
-        let scratch = pre.helpers.get(&pid.as_raw()).map(Helper::scratch);
-        if let Some((start, end)) = scratch {
-            maps.retain(|m| m.end <= start || end <= m.start);
-        }
         let path = pool_dir.join(format!("{pid}{POOL_FILE_SUFFIX}"));
         match Tracked::start(pid, fd, &maps, &path, base) {
-            Ok(mut t) => {
-                if let Some(scratch) = scratch {
-                    t.exclude(scratch);
-                }
+            Ok(t) => {
                 pre.tracked.insert(pid.as_raw(), t);
             }
             // Without tracking (an older kernel, a full pool...) the freeze copies it all,
             // and says why if it cannot either.
             Err(_) => {
                 let _ = std::fs::remove_file(&path);
-                pre.helpers.remove(&pid.as_raw());
             }
         }
     }

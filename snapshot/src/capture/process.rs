@@ -13,7 +13,6 @@ use crate::resource::{creds, files, memory, process, signals, thread};
 use crate::tracee::{self, RawRegs, Tracee};
 use nix::unistd::Pid;
 
-use super::helper::Helper;
 use super::tree::Member;
 use super::{checks, cow};
 
@@ -118,16 +117,11 @@ struct Scratch {
     runner: u64,
     /// The code page, when it could not be mapped with the scratch area.
     runner_page: Option<u64>,
-    /// The helper thread's (see `helper`): it stays, the helper unmaps it.
-    helpers: bool,
 }
 
 impl Scratch {
-    /// Unmaps it, from inside a stopped thread of the process (unless it is the helper's).
+    /// Unmaps it, from inside a stopped thread of the process.
     fn unmap(&self, remote: &mut tracee::Remote) -> Result<()> {
-        if self.helpers {
-            return Ok(());
-        }
         let page = crate::sys::PAGE_SIZE;
         let runner = match self.runner_page {
             Some(at) => remote
@@ -160,9 +154,10 @@ trait Beside {
 /// mapped and while the batch runs. With `keep`, the scratch area stays mapped for the
 /// queries of the process's other threads ([`capture_threads`]) and is returned; the caller
 /// unmaps it. If `beside` says so (and not `keep`), the batch ends with the `clone` of a
-/// fork held by dolly ([`tracee::FORK_HELD_ARGS`]), dolly's memory first marked not to be
-/// copied into it (`MADV_DONTFORK`), when that memory is one mapping (not for a process
-/// denied writable and executable memory): the `clone`'s result goes into `made`, whatever
+/// fork held by dolly ([`tracee::FORK_HELD_ARGS`]), when dolly's memory is one mapping
+/// (not for a process denied writable and executable memory; the fork gets a copy of it,
+/// left out of the image, whose code ends the fork should it ever run): the `clone`'s
+/// result goes into `made`, whatever
 /// else happened once the calls ran (for the caller to take the fork over, or to fork
 /// after, if it is `None`).
 fn query_hidden(
@@ -171,31 +166,8 @@ fn query_hidden(
     keep: bool,
     beside: &mut dyn Beside,
     made: &mut Option<i64>,
-    helper: Option<&mut Helper>,
 ) -> Result<(Hidden, Option<Scratch>)> {
     let page = crate::sys::PAGE_SIZE;
-    // The helper thread's scratch memory, if it is still there: nothing to map (nor to
-    // unmap), and the fork is the helper's, made while the calls run.
-    if let Some(helper) = helper {
-        let (start, end) = helper.scratch();
-        let fork = beside.fork((start, end));
-        let scratch = Scratch {
-            area: start,
-            len: end - start,
-            runner: helper.runner(),
-            runner_page: None,
-            helpers: true,
-        };
-        // (The fork runs while the calls do: the two took longer one after the other.)
-        let mut forking = fork;
-        let hidden = run_queries(remote, checkpoints, beside, &scratch, None, || {
-            forking = forking && helper.fork_start().is_ok();
-        })?;
-        if forking {
-            *made = helper.fork_finish().ok();
-        }
-        return Ok((hidden, keep.then_some(scratch)));
-    }
     let mut map = |remote: &mut tracee::Remote, len: u64, prot: i32| {
         remote.call_while(
             "mapping a scratch page",
@@ -237,15 +209,114 @@ fn query_hidden(
         Ok(runner) => Ok(*runner),
     }
     .and_then(|runner| {
-        let scratch = Scratch {
-            area: scratch,
-            len,
-            runner,
-            runner_page: None,
-            helpers: false,
+        checkpoints.reach("capture:injected")?;
+        let out = scratch + OUT;
+        let mut calls = tracee::Calls::default();
+        // Each signal's action: 32 bytes each.
+        let signals: Vec<i32> = (1..=signals::MAX_SIGNAL)
+            .filter(|&s| signals::settable(s))
+            .collect();
+        for (i, &signo) in signals.iter().enumerate() {
+            calls.add(
+                libc::SYS_rt_sigaction,
+                &[signo as u64, 0, out + 32 * i as u64, 8],
+            );
+        }
+        let after_actions = out + 32 * signals.len() as u64;
+        let (altstack, timers) = (after_actions, after_actions + THREAD_STATE_LEN);
+        add_thread_queries(&mut calls, altstack);
+        for (i, which) in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF]
+            .iter()
+            .enumerate()
+        {
+            calls.add(
+                libc::SYS_getitimer,
+                &[*which as u64, timers + 32 * i as u64],
+            );
+        }
+        let ints = timers + 96;
+        let brk = calls.add(libc::SYS_brk, &[0]);
+        calls.add(libc::SYS_prctl, &[libc::PR_GET_PDEATHSIG as u64, ints]);
+        calls.add(
+            libc::SYS_prctl,
+            &[libc::PR_GET_CHILD_SUBREAPER as u64, ints + 8],
+        );
+        let dumpable = calls.add(libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64]);
+        let thp = calls.add(libc::SYS_prctl, &[libc::PR_GET_THP_DISABLE as u64]);
+        let slack = calls.add(libc::SYS_prctl, &[libc::PR_GET_TIMERSLACK as u64]);
+        let securebits = calls.add(libc::SYS_prctl, &[libc::PR_GET_SECUREBITS as u64]);
+        let queries = calls.len();
+        // (The fork gets a copy of dolly's memory, whose code ends it should it ever run:
+        // see `tracee::RUN_CALLS`.)
+        let clone = (fork && together && !keep)
+            .then(|| calls.add(libc::SYS_clone, &tracee::FORK_HELD_ARGS));
+        let end = ints + 16;
+        remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
+        remote.start_run(&calls, runner, scratch)?;
+        beside.running();
+        let finished = remote.finish_run(calls.len(), runner, scratch);
+        *made = match (&finished, clone) {
+            (Ok(results), Some(i)) => Some(results[i]),
+            // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
+            (Err(_), Some(i)) => remote.run_result(scratch, i).filter(|&rc| rc > 0),
+            _ => None,
         };
-        let clone_into = (fork && together && !keep).then_some(&mut *made);
-        run_queries(remote, checkpoints, beside, &scratch, clone_into, || {})
+        let results = finished?;
+        crate::checkpoint::mark("inspect: state read");
+        if let Some((i, rc)) = results[..queries]
+            .iter()
+            .enumerate()
+            .find(|(_, &rc)| (-4095..0).contains(&rc))
+        {
+            return Err(Error::sys(
+                format!("reading the process's state from inside it (call {i})"),
+                nix::errno::Errno::from_raw(-*rc as i32),
+            ));
+        }
+        let mut raw = vec![0u8; (end - out) as usize];
+        remote.read_mem(out, &mut raw)?;
+        let at = |addr: u64| (addr - out) as usize;
+        let word = |addr: u64| u64::from_ne_bytes(raw[at(addr)..at(addr) + 8].try_into().unwrap());
+        // (An ignored SIGTRAP reads as at its default by now: see `Tracee::set_trap_ignored`.)
+        let trap_ignored = remote.tracee().trap_ignored();
+        let actions = signals
+            .iter()
+            .enumerate()
+            .map(|(i, &signal)| {
+                let a = out + 32 * i as u64;
+                let ignored = signal == libc::SIGTRAP && trap_ignored;
+                crate::image::SignalAction {
+                    signal,
+                    handler: if ignored { 1 } else { word(a) },
+                    flags: word(a + 8),
+                    restorer: word(a + 16),
+                    mask: word(a + 24),
+                }
+            })
+            .filter(|a| a.handler != 0 || a.flags != 0 || a.mask != 0)
+            .collect();
+        let timer = |i: u64| {
+            process::read_timeval_pair(&raw[at(timers + 32 * i)..at(timers + 32 * i) + 32])
+        };
+        Ok(Hidden {
+            actions,
+            thread: thread_state(&raw[at(altstack)..at(altstack) + THREAD_STATE_LEN as usize]),
+            itimers: crate::image::ITimers {
+                real: timer(0),
+                virtual_: timer(1),
+                prof: timer(2),
+            },
+            brk: results[brk] as u64,
+            flags: crate::image::ProcessFlags {
+                dumpable: results[dumpable] as u32,
+                timerslack_ns: results[slack] as u64,
+                thp_disable: results[thp] != 0,
+                child_subreaper: word(ints + 8) as i32 != 0,
+                pdeathsig: word(ints) as i32,
+                coredump_filter: 0,
+            },
+            securebits: results[securebits] as u32,
+        })
     });
     // (`result` is an error whenever the code page could not be mapped.)
     let runner = runner.ok();
@@ -254,7 +325,6 @@ fn query_hidden(
         len,
         runner: runner.unwrap_or_default(),
         runner_page: runner.filter(|_| !together),
-        helpers: false,
     };
     match result {
         Ok(hidden) if keep => Ok((hidden, Some(kept))),
@@ -265,142 +335,6 @@ fn query_hidden(
             Ok((hidden, None))
         }
     }
-}
-
-/// Runs the batch of calls that reads what only the process can tell, through `scratch`
-/// (its code page and table), doing `beside`'s reads while the calls run; `while_running`
-/// first, once they started. With `clone_into` (the process's own scratch memory: not for
-/// the queries of other threads, nor the helper's), the batch ends with the `clone` of a
-/// fork held by dolly ([`tracee::FORK_HELD_ARGS`]), dolly's memory first marked not to be
-/// copied into it (`MADV_DONTFORK`): its result goes there, whatever else happened.
-fn run_queries(
-    remote: &mut tracee::Remote,
-    checkpoints: &Checkpoints,
-    beside: &mut dyn Beside,
-    scratch: &Scratch,
-    clone_into: Option<&mut Option<i64>>,
-    while_running: impl FnOnce(),
-) -> Result<Hidden> {
-    let (runner, page) = (scratch.runner, crate::sys::PAGE_SIZE);
-    let scratch = scratch.area;
-    checkpoints.reach("capture:injected")?;
-    let out = scratch + OUT;
-    let mut calls = tracee::Calls::default();
-    // Each signal's action: 32 bytes each.
-    let signals: Vec<i32> = (1..=signals::MAX_SIGNAL)
-        .filter(|&s| signals::settable(s))
-        .collect();
-    for (i, &signo) in signals.iter().enumerate() {
-        calls.add(
-            libc::SYS_rt_sigaction,
-            &[signo as u64, 0, out + 32 * i as u64, 8],
-        );
-    }
-    let after_actions = out + 32 * signals.len() as u64;
-    let (altstack, timers) = (after_actions, after_actions + THREAD_STATE_LEN);
-    add_thread_queries(&mut calls, altstack);
-    for (i, which) in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF]
-        .iter()
-        .enumerate()
-    {
-        calls.add(
-            libc::SYS_getitimer,
-            &[*which as u64, timers + 32 * i as u64],
-        );
-    }
-    let ints = timers + 96;
-    let brk = calls.add(libc::SYS_brk, &[0]);
-    calls.add(libc::SYS_prctl, &[libc::PR_GET_PDEATHSIG as u64, ints]);
-    calls.add(
-        libc::SYS_prctl,
-        &[libc::PR_GET_CHILD_SUBREAPER as u64, ints + 8],
-    );
-    let dumpable = calls.add(libc::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64]);
-    let thp = calls.add(libc::SYS_prctl, &[libc::PR_GET_THP_DISABLE as u64]);
-    let slack = calls.add(libc::SYS_prctl, &[libc::PR_GET_TIMERSLACK as u64]);
-    let securebits = calls.add(libc::SYS_prctl, &[libc::PR_GET_SECUREBITS as u64]);
-    let queries = calls.len();
-    let clone = clone_into.as_ref().map(|_| {
-        calls.add(
-            libc::SYS_madvise,
-            &[scratch, SCRATCH_LEN + page, libc::MADV_DONTFORK as u64],
-        );
-        calls.add(libc::SYS_clone, &tracee::FORK_HELD_ARGS)
-    });
-    let end = ints + 16;
-    remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
-    if clone.is_some() {
-        remote.children_die_with_dolly(true)?;
-    }
-    remote.start_run(&calls, runner, scratch)?;
-    while_running();
-    beside.running();
-    let finished = remote.finish_run(calls.len(), runner, scratch);
-    // (Not for the clones the process makes once it runs again.)
-    let unset = clone.map(|_| remote.children_die_with_dolly(false));
-    if let (Some(made), Some(i)) = (clone_into, clone) {
-        *made = match &finished {
-            Ok(results) => Some(results[i]),
-            // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
-            Err(_) => remote.run_result(scratch, i).filter(|&rc| rc > 0),
-        };
-    }
-    let results = finished?;
-    unset.transpose()?;
-    crate::checkpoint::mark("inspect: state read");
-    if let Some((i, rc)) = results[..queries]
-        .iter()
-        .enumerate()
-        .find(|(_, &rc)| (-4095..0).contains(&rc))
-    {
-        return Err(Error::sys(
-            format!("reading the process's state from inside it (call {i})"),
-            nix::errno::Errno::from_raw(-*rc as i32),
-        ));
-    }
-    let mut raw = vec![0u8; (end - out) as usize];
-    remote.read_mem(out, &mut raw)?;
-    let at = |addr: u64| (addr - out) as usize;
-    let word = |addr: u64| u64::from_ne_bytes(raw[at(addr)..at(addr) + 8].try_into().unwrap());
-    // (An ignored SIGTRAP reads as at its default by now: see `Tracee::set_trap_ignored`.)
-    let trap_ignored = remote.tracee().trap_ignored();
-    let actions = signals
-        .iter()
-        .enumerate()
-        .map(|(i, &signal)| {
-            let a = out + 32 * i as u64;
-            let ignored = signal == libc::SIGTRAP && trap_ignored;
-            crate::image::SignalAction {
-                signal,
-                handler: if ignored { 1 } else { word(a) },
-                flags: word(a + 8),
-                restorer: word(a + 16),
-                mask: word(a + 24),
-            }
-        })
-        .filter(|a| a.handler != 0 || a.flags != 0 || a.mask != 0)
-        .collect();
-    let timer =
-        |i: u64| process::read_timeval_pair(&raw[at(timers + 32 * i)..at(timers + 32 * i) + 32]);
-    Ok(Hidden {
-        actions,
-        thread: thread_state(&raw[at(altstack)..at(altstack) + THREAD_STATE_LEN as usize]),
-        itimers: crate::image::ITimers {
-            real: timer(0),
-            virtual_: timer(1),
-            prof: timer(2),
-        },
-        brk: results[brk] as u64,
-        flags: crate::image::ProcessFlags {
-            dumpable: results[dumpable] as u32,
-            timerslack_ns: results[slack] as u64,
-            thp_disable: results[thp] != 0,
-            child_subreaper: word(ints + 8) as i32 != 0,
-            pdeathsig: word(ints) as i32,
-            coredump_filter: 0,
-        },
-        securebits: results[securebits] as u32,
-    })
 }
 
 /// What [`inspect`] reads from the `/proc` directory of a frozen process, but its areas
@@ -599,10 +533,7 @@ pub fn rehearse(pid: Pid) {
 
 /// Reads everything of a frozen process but its pages; refuses what cannot be restored.
 /// Forks it from inside (see [`cow`]) if `fork_if` says so of its memory, at the end of the
-/// calls that read its state; returns the fork too. With its `helper` thread (see
-/// [`super::helper`]; armed for the fork), the calls use the helper's scratch memory and
-/// the helper makes the fork while they run (the fork then holds the helper, which reaps
-/// it).
+/// calls that read its state; returns the fork too.
 pub fn inspect(
     member: &mut Member,
     shared: &mut Shared,
@@ -610,7 +541,6 @@ pub fn inspect(
     known_maps: Option<&[crate::proc::MapsEntry]>,
     checkpoints: &Checkpoints,
     fork_if: impl FnOnce(&MemoryPlan) -> bool,
-    helper: &mut Option<Helper>,
 ) -> Result<(Inspected, Option<cow::Held>)> {
     let pid = member.proc.pid();
     let status = member.proc.status()?;
@@ -643,7 +573,6 @@ pub fn inspect(
         &mut reads,
         checkpoints,
         &mut held,
-        helper,
     );
     let (plan, rest) = reads.take();
     // (A refusal first: it tells the user what to do.)
@@ -720,14 +649,11 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     reads: &mut ProcReads<'_, F>,
     checkpoints: &Checkpoints,
     held: &mut Option<cow::Held>,
-    helper: &mut Option<Helper>,
 ) -> Result<ReadInside> {
     // The other threads' queries use the leader's scratch area (one mapping, not one each).
     let others = tracees.len() > 1;
     let tracee = &mut tracees[0];
     let pid = tracee.pid();
-    // (The helper's scratch memory, if still there; the fork is then the helper's.)
-    let by_helper = helper.as_ref().is_some_and(|h| h.intact(tracee));
     // State only the process itself can tell: run system calls inside it, with every
     // signal but SIGTRAP blocked, then put its registers and mask back whatever happened.
     // The fork, if any, is the last call of the batch (or comes once dolly's scratch memory
@@ -739,19 +665,14 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     let (hidden, scratch, leader, pending) =
         tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
             let mut made = None;
-            let usable = helper.as_mut().filter(|_| by_helper);
-            let queried = query_hidden(remote, checkpoints, others, &mut *reads, &mut made, usable);
+            let queried = query_hidden(remote, checkpoints, others, &mut *reads, &mut made);
             if let Some(made) = made {
-                let fork = cow::hold_inside(remote, pid, vdso(reads), made).ok();
-                *held = match (fork, helper.take().filter(|_| by_helper)) {
-                    (Some(fork), Some(helper)) => Some(fork.made_by(helper)),
-                    (fork, _) => fork,
-                };
+                *held = cow::hold_inside(remote, pid, vdso(reads), made).ok();
             }
             let (hidden, scratch) = queried?;
             // (Not in the batch: a process denied writable-executable memory. A fork that
             // fails is no error: the freeze then copies the pages.)
-            if reads.worth && made.is_none() && scratch.is_none() && !by_helper {
+            if reads.worth && made.is_none() && scratch.is_none() {
                 *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
             }
             let leader = thread::capture(
@@ -773,7 +694,7 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
         let worth = reads.worth;
         tracees[0].run_inside_as_is(ip, true, |remote| {
             scratch.unmap(remote)?;
-            if worth && captured.is_ok() && !by_helper {
+            if worth && captured.is_ok() {
                 *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
             }
             Ok(())

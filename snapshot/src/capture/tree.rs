@@ -87,14 +87,12 @@ fn tree_order(root: Pid, frozen: &[Member]) -> Vec<Pid> {
     order
 }
 
-/// Freezes every thread of a process but dolly's own (`ours`: see `helper`), again and
-/// again until no new one appears (a thread not yet frozen may start another). The leader
-/// comes first.
-fn freeze_threads(proc: &ProcDir, ours: &HashSet<Pid>) -> Result<Vec<Tracee>> {
+/// Freezes every thread of a process, again and again until no new one appears (a thread
+/// not yet frozen may start another). The leader comes first.
+fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
     let leader = proc.pid();
     let mut threads = vec![Tracee::seize(leader)?];
     let mut frozen: HashSet<Pid> = HashSet::from([leader]);
-    frozen.extend(ours);
     loop {
         // All asked to stop, then all waited for: they stop together, not one by one.
         let mut asked = Vec::new();
@@ -123,7 +121,7 @@ fn freeze_threads(proc: &ProcDir, ours: &HashSet<Pid>) -> Result<Vec<Tracee>> {
 /// Freezes the threads of process `pid` (refusing what [`checks::check_member`] refuses);
 /// `None` if it is gone, a zombie, or exiting (the `root` asked for: an error if it is
 /// exiting).
-fn freeze_member(pid: Pid, root: bool, ours: &HashSet<Pid>) -> Result<Option<Member>> {
+fn freeze_member(pid: Pid, root: bool) -> Result<Option<Member>> {
     let proc = ProcDir::new(pid);
     let (Ok(stat), Ok(status)) = (proc.stat(), proc.status()) else {
         return Ok(None); // gone (exited and reaped) meanwhile
@@ -132,7 +130,7 @@ fn freeze_member(pid: Pid, root: bool, ours: &HashSet<Pid>) -> Result<Option<Mem
         return Ok(None); // a zombie
     }
     checks::check_member(&proc, &status)?;
-    let mut threads = match freeze_threads(&proc, ours) {
+    let mut threads = match freeze_threads(&proc) {
         Ok(t) => t,
         Err(e) if e.kind() == ErrorKind::NotFound && !root => return Ok(None),
         // A process that is exiting cannot be seized (EPERM): it is not one to capture but
@@ -197,18 +195,15 @@ pub fn still_under(pid: Pid, parent: Option<Pid>) -> bool {
 /// Freezes process `pid` alone (its threads): a tree of one, for a stop that needs no other
 /// process frozen with it. `None` if it is gone meanwhile (see [`freeze_member`]).
 pub fn freeze_process(pid: Pid, root: bool) -> Result<Option<Frozen>> {
-    Ok(
-        freeze_member(pid, root, &HashSet::new())?.map(|member| Frozen {
-            since: member.frozen_since(),
-            members: vec![member],
-            zombies: Vec::new(),
-        }),
-    )
+    Ok(freeze_member(pid, root)?.map(|member| Frozen {
+        since: member.frozen_since(),
+        members: vec![member],
+        zombies: Vec::new(),
+    }))
 }
 
-/// Freezes `root` and all its descendants, but the threads of `ours` (dolly's helper
-/// threads: see `helper`).
-pub fn freeze(root: Pid, ours: &HashSet<Pid>) -> Result<Frozen> {
+/// Freezes `root` and all its descendants.
+pub fn freeze(root: Pid) -> Result<Frozen> {
     let mut members: Vec<Member> = Vec::new();
     let mut frozen: HashSet<Pid> = HashSet::new();
     let mut since = None;
@@ -219,7 +214,7 @@ pub fn freeze(root: Pid, ours: &HashSet<Pid>) -> Result<Frozen> {
             if frozen.contains(&pid) {
                 continue;
             }
-            let Some(member) = freeze_member(pid, pid == root, ours)? else {
+            let Some(member) = freeze_member(pid, pid == root)? else {
                 continue;
             };
             since.get_or_insert(member.frozen_since());

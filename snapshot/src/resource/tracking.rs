@@ -195,8 +195,6 @@ pub struct Tracked {
     /// Some area is registered with a userfaultfd of the program's own (a fork inside the
     /// process could then wait on that userfaultfd's reader).
     pub foreign_uffd: bool,
-    /// Memory of dolly's own in the process, never tracked (see [`Tracked::exclude`]).
-    excluded: Option<(u64, u64)>,
 }
 
 /// An area of a tracked process as it was just before the freeze.
@@ -368,14 +366,7 @@ impl Tracked {
             unmapped_since_flags: Vec::new(),
             freeze_copied: 0,
             foreign_uffd,
-            excluded: None,
         })
-    }
-
-    /// Has later rounds leave `[start, end)` alone (dolly's own memory in the process, left
-    /// out of the maps given to [`Tracked::start`]).
-    pub fn exclude(&mut self, (start, end): (u64, u64)) {
-        self.excluded = Some((start, end));
     }
 
     /// The userfaultfd, for reading its events, if it reports them.
@@ -430,9 +421,7 @@ impl Tracked {
         let Ok(maps) = ProcDir::new(self.pid).maps_without_flags() else {
             return Ok(());
         };
-        let excluded = self.excluded;
-        let ours = |m: &&MapsEntry| excluded.is_some_and(|(s, e)| s < m.end && m.start < e);
-        for m in maps.iter().filter(|m| trackable(m) && !ours(m)) {
+        for m in maps.iter().filter(|m| trackable(m)) {
             if self
                 .areas
                 .iter()

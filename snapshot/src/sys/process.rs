@@ -304,20 +304,9 @@ pub fn pid_exists(pid: i32) -> bool {
 
 /// `pidfd_open(2)`: a file descriptor that refers to process `pid`.
 pub fn pidfd_open(pid: Pid) -> Result<std::os::fd::OwnedFd, Errno> {
-    pidfd_open_with(pid, 0)
-}
-
-/// A pidfd for thread `tid` itself (`PIDFD_THREAD`), not its process: what
-/// `pidfd_getfd` then reads is that thread's file table.
-pub fn pidfd_open_thread(tid: Pid) -> Result<std::os::fd::OwnedFd, Errno> {
-    // (PIDFD_THREAD is O_EXCL.)
-    pidfd_open_with(tid, libc::O_EXCL as u32)
-}
-
-fn pidfd_open_with(pid: Pid, flags: u32) -> Result<std::os::fd::OwnedFd, Errno> {
     use std::os::fd::FromRawFd;
     // SAFETY: pidfd_open takes integers and returns a new fd we then own.
-    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), flags) })?;
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })?;
     // SAFETY: the kernel just gave us this fd.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -402,18 +391,6 @@ pub fn move_to_this_cpu(pid: nix::unistd::Pid) -> Result<(), Errno> {
     let mut set = nix::sched::CpuSet::new();
     set.set(cpu)?;
     nix::sched::sched_setaffinity(pid, &set)
-}
-
-/// Keeps thread `tid` off the CPU the caller runs on, where it may run elsewhere (so that
-/// both run at once).
-pub fn move_off_this_cpu(tid: nix::unistd::Pid) -> Result<(), Errno> {
-    let cpu = nix::sched::sched_getcpu()?;
-    let mut set = nix::sched::sched_getaffinity(tid)?;
-    set.unset(cpu)?;
-    if (0..nix::sched::CpuSet::count()).any(|c| set.is_set(c).unwrap_or(false)) {
-        nix::sched::sched_setaffinity(tid, &set)?;
-    }
-    Ok(())
 }
 
 /// Sets the calling process's CPU affinity (no allocation).

@@ -10,15 +10,7 @@ use super::check;
 /// A copy, in dolly, of fd `fd` of process `pid` (`pidfd_getfd`): the same open file
 /// description, so the same socket.
 pub fn borrow_fd(pid: Pid, fd: i32) -> Result<OwnedFd, Errno> {
-    get_fd(super::process::pidfd_open(pid)?, fd)
-}
-
-/// [`borrow_fd`] from the file table of thread `tid` (one of its own, not its process's).
-pub fn borrow_thread_fd(tid: Pid, fd: i32) -> Result<OwnedFd, Errno> {
-    get_fd(super::process::pidfd_open_thread(tid)?, fd)
-}
-
-fn get_fd(pidfd: OwnedFd, fd: i32) -> Result<OwnedFd, Errno> {
+    let pidfd = super::process::pidfd_open(pid)?;
     // SAFETY: pidfd_getfd takes integers and returns a new fd we then own.
     let got = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
     // SAFETY: the kernel just gave us this fd.
