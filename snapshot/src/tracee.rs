@@ -90,8 +90,8 @@ pub fn regs_from_image(r: &Registers) -> RawRegs {
 pub struct Tracee {
     pid: Pid,
     mem: File,
-    /// Signals that arrived while dolly held the tracee (stop signals, a SIGTRAP another
-    /// process sent); sent again on detach.
+    /// Signals other processes sent while dolly held the tracee (those its calls do not
+    /// block: see [`CALLS_MASK`]); sent again on detach.
     deferred: Vec<Signal>,
     /// Attached with PTRACE_SEIZE (so PTRACE_INTERRUPT works).
     seized: bool,
@@ -516,7 +516,8 @@ impl Tracee {
     }
 
     /// Runs `call` inside the tracee through the `syscall` instruction at `ip`, every signal
-    /// but SIGTRAP blocked ([`CALLS_MASK`]), then puts back an ignored SIGTRAP (see
+    /// but SIGTRAP and those of faults blocked ([`CALLS_MASK`]), then puts back an ignored
+    /// SIGTRAP (see
     /// [`Tracee::set_trap_ignored`]), registers `regs` and signal mask `mask` whatever
     /// happened (and, if `park`, starts moving it out of the trap the calls leave it in: see
     /// [`Tracee::park_start`]; the next request that needs it stopped waits for that, see
@@ -615,9 +616,10 @@ impl Tracee {
 
     /// Waits for the next SIGTRAP stop dolly's own doing caused (a trap, a single step, a
     /// system call stop), resuming the tracee with `resume` past any other stop: a signal
-    /// (only those dolly does not block: a stop signal, a SIGTRAP another process sent) is
-    /// kept for the detach; the child of a reported clone is noted. Any other status (the
-    /// tracee ended) is an error, as `unexpected` says.
+    /// another process sent (only those dolly does not block: a stop signal, SIGTRAP, a
+    /// fault's signal) is kept for the detach; the child of a reported clone is noted. A
+    /// fault of the calls themselves (a SIGSEGV the kernel raised...), or any other status
+    /// (the tracee ended), is an error, as `unexpected` says.
     fn wait_own_trap(
         &mut self,
         resume: impl Fn(Pid) -> nix::Result<()>,
@@ -861,9 +863,9 @@ impl Remote<'_> {
     /// filesystem context (so it holds no file open on its own) and sends no signal when it
     /// ends; it dies with dolly (`PTRACE_O_EXITKILL`) once held, right after the `clone`
     /// (not the tracee during the call: dying with dolly, it would take its whole process
-    /// with it). The tracee must block every signal
-    /// but SIGTRAP ([`CALLS_MASK`]). Dolly does `meanwhile` while the `clone` runs (a fork
-    /// takes a millisecond at 64 MiB; not if the call could not be started).
+    /// with it). The tracee must block every signal but SIGTRAP and those of faults
+    /// ([`CALLS_MASK`]). Dolly does `meanwhile` while the `clone` runs (a fork takes a
+    /// millisecond at 64 MiB; not if the call could not be started).
     /// The tracee must be in dolly's PID namespace (a capture refuses others): the PID the
     /// `clone` returns is then the child's for dolly too. (Its clone is reported too, so
     /// that a child made by a call that then failed is not left behind.)
@@ -953,7 +955,7 @@ impl Remote<'_> {
     /// Runs every call of `calls` inside the tracee with a single stop, through the code
     /// page `runner` ([`Remote::map_call_runner`]) and a table at `table` (writable, at
     /// least [`Calls::table_len`] bytes). Returns each call's raw result (negative errno on
-    /// failure). The tracee must block every signal but SIGTRAP ([`CALLS_MASK`]).
+    /// failure). The tracee must block the signals [`CALLS_MASK`] blocks.
     pub fn run(&mut self, calls: &Calls, runner: u64, table: u64) -> Result<Vec<i64>> {
         self.start_run(calls, runner, table)?;
         self.finish_run(calls.list.len(), runner, table)

@@ -167,8 +167,9 @@ impl CopyState {
 
 /// Forks frozen, pre-copied process `parent` (surveyed, see [`worth_forking`]; its vDSO at
 /// `vdso`) from inside, with a `clone` run by `remote` in one of its stopped threads (every
-/// signal but SIGTRAP blocked: see [`crate::tracee::Remote::fork_held`]), in the stop that
-/// read its state, doing `meanwhile` while the `clone` runs.
+/// signal blocked but SIGTRAP and those of faults: see
+/// [`crate::tracee::Remote::fork_held`]), in the stop that read its state, doing
+/// `meanwhile` while the `clone` runs.
 /// After the thaw, [`Held::take_over`] has its tracking read the fork.
 pub fn fork_inside(
     remote: &mut crate::tracee::Remote<'_>,

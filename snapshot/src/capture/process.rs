@@ -655,9 +655,9 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     let tracee = &mut tracees[0];
     let pid = tracee.pid();
     // State only the process itself can tell: run system calls inside it, with every
-    // signal but SIGTRAP blocked, then put its registers and mask back whatever happened.
-    // The fork, if any, is the last call of the batch (or comes once dolly's scratch memory
-    // is unmapped).
+    // signal blocked but SIGTRAP and those of faults, then put its registers and mask back
+    // whatever happened. The fork, if any, is the last call of the batch (or comes once
+    // dolly's scratch memory is unmapped).
     let ip = syscall_ip(tracee, reads.known_maps.and_then(known_vdso), &regs)?;
     let vdso = |reads: &ProcReads<'_, F>| reads.vdso();
     // (What needs the leader stopped is read before it is put back: it then moves out of
@@ -815,8 +815,8 @@ fn capture_group(
         });
     }
     let slot = |i: usize| scratch.area + i as u64 * THREAD_SLOT;
-    // Every thread started (every signal but SIGTRAP blocked), then every started one
-    // waited for, and put back as it was, whatever happened to the others.
+    // Every thread started (the signals of `tracee::CALLS_MASK` blocked), then every
+    // started one waited for, and put back as it was, whatever happened to the others.
     let mut started = 0;
     let mut first_error = None;
     // (The one that failed to start, if one did: it is not running.)
