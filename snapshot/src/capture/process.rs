@@ -157,9 +157,8 @@ trait Beside {
 /// fork held by dolly ([`tracee::FORK_HELD_ARGS`]), when dolly's memory is one mapping
 /// (not for a process denied writable and executable memory; the fork gets a copy of it,
 /// left out of the image, whose code ends the fork should it ever run): the `clone`'s
-/// result goes into `made`, whatever
-/// else happened once the calls ran (for the caller to take the fork over, or to fork
-/// after, if it is `None`).
+/// result goes into `made`, whatever else happened once the calls ran (for the caller to
+/// take the fork over, or to fork after, if it is `None`).
 fn query_hidden(
     remote: &mut tracee::Remote,
     checkpoints: &Checkpoints,
