@@ -118,10 +118,40 @@ fn ask_ms(pid: Pid, signal: Signal, log: &Path, prefix: &str) -> f64 {
     answers().last().unwrap() / 1e3
 }
 
+/// The fork() of an example program timed by itself, in ms: see `examples/common/fork_time.rs`.
+#[derive(Clone, Copy, Default)]
+struct OwnFork {
+    /// One fork as it runs: what the process pays for a fork, and what a freeze that forks
+    /// it finds.
+    first: f64,
+    /// The median of 3 forks made right after it, in a row (about half as long here).
+    in_a_row: f64,
+}
+
+impl OwnFork {
+    /// The median of each.
+    fn median(all: &[OwnFork]) -> OwnFork {
+        OwnFork {
+            first: median(all.iter().map(|f| f.first).collect()),
+            in_a_row: median(all.iter().map(|f| f.in_a_row).collect()),
+        }
+    }
+}
+
 /// The fork() of example program `pid` timed by itself (asked with SIGWINCH; it writes
-/// `fork us=U` into `log`), in ms.
-fn own_fork_ms(pid: Pid, log: &Path) -> f64 {
-    ask_ms(pid, Signal::SIGWINCH, log, "fork us=")
+/// `fork us=U in_a_row_us=R` into `log`).
+fn own_fork(pid: Pid, log: &Path) -> OwnFork {
+    let first = ask_ms(pid, Signal::SIGWINCH, log, "fork us=");
+    let in_a_row = std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once(" in_a_row_us=")?.1.parse::<f64>().ok())
+        .expect("in_a_row_us= after fork us=");
+    OwnFork {
+        first,
+        in_a_row: in_a_row / 1e3,
+    }
 }
 
 /// Starts memhog and returns its PID; `end` kills and reaps it (by PID, since its restored
@@ -230,7 +260,7 @@ struct Row {
     mib: usize,
     fork: f64,
     /// The fork() of the process captured (memhog), timed by itself before its capture.
-    own_fork: f64,
+    own_fork: OwnFork,
     memcpy: f64,
     full: Capture,
     incremental: Capture,
@@ -257,9 +287,9 @@ struct Scribbled {
     stall_ms: f64,
     /// Bytes read from its fork after the thaw.
     forked_bytes: f64,
-    /// Its own fork() (each time the median of 3, each with its pages just written, asked
-    /// before each capture; the median of those), in ms.
-    own_fork_ms: f64,
+    /// Its own fork() (asked before each capture, each fork with its pages just written;
+    /// the median of those).
+    own_fork: OwnFork,
 }
 
 /// CPU time the hypervisor has taken from this machine so far (`steal` in /proc/stat), ms.
@@ -326,7 +356,7 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     let mut own_forks = vec![];
     for _ in 0..reps {
         let pid = start_memhog(mib, dir);
-        own_forks.push(own_fork_ms(pid, &dir.join(format!("memhog-{mib}"))));
+        own_forks.push(own_fork(pid, &dir.join(format!("memhog-{mib}"))));
         let parent = capture(store, pid, &[]);
         let parent_id = parent["id"].as_str().unwrap().to_string();
         // memhog writes a word every 10 ms: the child has a few pages of its own.
@@ -350,7 +380,7 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
     Row {
         mib,
         fork,
-        own_fork: median(own_forks),
+        own_fork: OwnFork::median(&own_forks),
         memcpy,
         full: Capture::median(&full),
         incremental: Capture::median(&incremental),
@@ -397,7 +427,7 @@ fn scribbler_captures(
         // in the same state of the machine (a fork's time varies by a third from one minute
         // to the next on this VM).
         if !quiet {
-            own_forks.push(own_fork_ms(pid, &log));
+            own_forks.push(own_fork(pid, &log));
         }
         // Settled: no writeback or persister of earlier work left running.
         nix::unistd::sync();
@@ -440,7 +470,11 @@ fn scribbler_captures(
         steal_ms: median(steal),
         stall_ms: median(stalls_seen),
         forked_bytes: median(forked),
-        own_fork_ms: if quiet { 0.0 } else { median(own_forks) },
+        own_fork: if quiet {
+            OwnFork::default()
+        } else {
+            OwnFork::median(&own_forks)
+        },
     }
 }
 
@@ -599,40 +633,44 @@ fn mib_of(bytes: f64) -> String {
 
 fn capture_table(sizes: &[usize], store: &Store, dir: &Path) {
     let rows: Vec<Row> = sizes.iter().map(|&mib| measure(mib, store, dir)).collect();
-    println!("Freeze of a process that only reads memory: how long it is stopped (full capture, and incremental against it), beside fork() of a process with as much memory, the fork() of the process captured itself (timed by it just before its capture: forks in a row, as for the first column) and a memcpy of its memory; then the longest stall a process spinning on the clock saw during a capture, and the CPU time the host took from this VM (steal) meanwhile.");
+    println!("Freeze of a process that only reads memory: how long it is stopped (full capture, and incremental against it), beside fork() of a process with as much memory (forks in a row), the fork() of the process captured itself (timed by it just before its capture: one fork as it runs, and forks in a row right after) and a memcpy of its memory; then the longest stall a process spinning on the clock saw during a capture, and the CPU time the host took from this VM (steal) meanwhile.");
     println!();
-    println!("| touched memory | fork() | its own fork() | memcpy | frozen: full | frozen: incremental | full / fork | full / its fork | incremental / its fork | longest stall seen | host steal during it |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| touched memory | fork() | its fork() | its forks in a row | memcpy | frozen: full | frozen: incremental | full / fork | full / its fork | full / its forks in a row | incremental / its fork | longest stall seen | host steal during it |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms |",
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms |",
             size_label(r.mib),
             r.fork,
-            r.own_fork,
+            r.own_fork.first,
+            r.own_fork.in_a_row,
             r.memcpy,
             r.full.frozen,
             r.incremental.frozen,
             r.full.frozen / r.fork,
-            r.full.frozen / r.own_fork,
-            r.incremental.frozen / r.own_fork,
+            r.full.frozen / r.own_fork.first,
+            r.full.frozen / r.own_fork.in_a_row,
+            r.incremental.frozen / r.own_fork.first,
             r.quiet.ms,
             r.quiet.steal_ms,
         );
     }
     println!();
-    println!("Freeze of a process rewriting pages all over its memory at full speed (faster than pre-copy copies): forked at the freeze and read from its fork after the thaw (`--fork auto`, the default), beside fork() of a process with as much memory (forks in a row: from the second on, its pages are already write-protected) and the fork() of the writer itself (timed by it, each with its pages just written, as they are when it is captured); the longest stall the writer itself saw between two of its turns during the capture (it reads the clock every turn: the freeze seen from outside, with whatever else stopped it meanwhile); and without the fork (`--fork never`: the freeze copies what it wrote since the last round).");
+    println!("Freeze of a process rewriting pages all over its memory at full speed (faster than pre-copy copies): forked at the freeze and read from its fork after the thaw (`--fork auto`, the default), beside fork() of a process with as much memory (forks in a row) and the fork() of the writer itself (timed by it with its pages just written, as they are when it is captured: one fork as it runs, and forks in a row right after, each after writing every page again); the longest stall the writer itself saw between two of its turns during the capture (it reads the clock every turn: the freeze seen from outside, with whatever else stopped it meanwhile); and without the fork (`--fork never`: the freeze copies what it wrote since the last round).");
     println!();
-    println!("| touched memory | fork() | its own fork() | frozen (forked) | forked / fork | forked / its fork | longest stall it saw | host steal during it | read from the fork | frozen, --fork never | never / fork |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| touched memory | fork() | its fork() | its forks in a row | frozen (forked) | forked / fork | forked / its fork | forked / its forks in a row | longest stall it saw | host steal during it | read from the fork | frozen, --fork never | never / fork |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms | {:.0} MiB | {:.2} ms | {:.2}× |",
+            "| {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2}× | {:.2} ms | {:.0} ms | {:.0} MiB | {:.2} ms | {:.2}× |",
             size_label(r.mib),
             r.fork,
-            r.rewriting.own_fork_ms,
+            r.rewriting.own_fork.first,
+            r.rewriting.own_fork.in_a_row,
             r.rewriting.ms,
             r.rewriting.ms / r.fork,
-            r.rewriting.ms / r.rewriting.own_fork_ms,
+            r.rewriting.ms / r.rewriting.own_fork.first,
+            r.rewriting.ms / r.rewriting.own_fork.in_a_row,
             r.rewriting.stall_ms,
             r.rewriting.steal_ms,
             r.rewriting.forked_bytes / (1 << 20) as f64,

@@ -1,7 +1,7 @@
 //! A process with a given amount of touched memory, for the benchmark: it fills N MiB of
 //! private anonymous memory with non-zero data, says "ready", then idles. On SIGWINCH it
-//! times its own fork(): the median of 3 made in a row (as the quiet process it is has its
-//! pages: from the second on, already write-protected), and says `fork us=U`.
+//! times its own fork(): one as it runs, then the median of 3 made in a row, and says
+//! `fork us=U in_a_row_us=R`.
 //!
 //! ```text
 //! memhog --mib N
@@ -39,7 +39,8 @@ fn main() {
     let mut i = 0usize;
     loop {
         if FORK_TIME.swap(false, Ordering::SeqCst) {
-            println!("fork us={}", fork_time::median3(fork_time::fork_us));
+            let (first, in_a_row) = fork_time::first_then_in_a_row(|| ());
+            println!("fork us={first} in_a_row_us={in_a_row}");
             std::io::stdout().flush().unwrap();
         }
         // Touch a little now and then, like a live service.
