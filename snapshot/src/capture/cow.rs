@@ -135,6 +135,8 @@ pub struct Held {
     vdso: Option<u64>,
     /// When its process started (see [`Held::set_parent_start_time`]; 0: unknown).
     parent_start_time: u64,
+    /// When dolly saw it made (clock ticks after boot): it started at most then.
+    made_at: u64,
     copy: Option<CopyState>,
 }
 
@@ -230,9 +232,10 @@ pub struct ForkNote {
     pub pid: i32,
     /// The fork's PID as the process sees it.
     pub ns_pid: i32,
-    /// When the fork started (clock ticks after boot): tells it from a later process with
-    /// its PID.
-    pub start_time: u64,
+    /// When the fork started, at the earliest and at the latest (clock ticks after boot):
+    /// tells it from a later process with its PID. (Known without reading the fork's
+    /// `stat` in the freeze: a second before dolly saw it made, and then.)
+    pub started: [u64; 2],
     /// When the process forked started: tells it from another process with its PID (a later
     /// one, or one of another PID namespace, as a clone's restored process). 0: unknown.
     #[serde(default)]
@@ -258,7 +261,7 @@ pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
             s.state == 'Z'
                 && s.ppid == note.parent
                 && s.exit_signal == 0
-                && s.start_time == note.start_time
+                && (note.started[0]..=note.started[1]).contains(&s.start_time)
         });
         if ours && reap(Pid::from_raw(note.parent), note.ns_pid, None).is_err() {
             settled = false;
@@ -277,6 +280,7 @@ impl Held {
             ns_pid,
             vdso,
             parent_start_time: 0,
+            made_at: crate::proc::boot_ticks_now(),
             copy: Some(copy),
         }
     }
@@ -288,7 +292,10 @@ impl Held {
             parent: self.parent.as_raw(),
             pid: pid.as_raw(),
             ns_pid: self.ns_pid,
-            start_time: ProcDir::new(pid).stat().map_or(0, |s| s.start_time),
+            started: [
+                self.made_at.saturating_sub(crate::proc::ticks_per_second()),
+                self.made_at,
+            ],
             parent_start_time: self.parent_start_time,
         }
     }

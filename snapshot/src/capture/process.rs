@@ -409,8 +409,9 @@ struct ReadInside {
 
 /// What [`inspect`] reads from a frozen process's `/proc` directory beside the calls it runs
 /// inside it ([`Beside`]): while dolly's scratch memory is mapped, its areas and whether to
-/// fork it (`fork_if`); while the calls run (they hold no lock these reads need), its
-/// `stat`, the rest of its checks and the rest of what [`ProcRead`] holds.
+/// fork it (`fork_if`); while the calls run (they hold no lock these reads need), the files
+/// its areas map, its `stat`, the rest of its checks and the rest of what [`ProcRead`]
+/// holds.
 struct ProcReads<'a, F> {
     proc: &'a ProcDir,
     shared: &'a mut Shared,
@@ -430,16 +431,20 @@ struct ProcReads<'a, F> {
 type RestRead = Result<(crate::proc::Stat, ProcRead)>;
 
 impl<F: FnOnce(&MemoryPlan) -> bool> ProcReads<'_, F> {
+    /// The areas, but for the files they map (see [`ProcReads::look_at_files`]).
     fn read_plan(&mut self) -> Result<MemoryPlan> {
-        let shared = &mut *self.shared;
-        let plan = memory::inspect(
-            self.proc,
-            &mut shared.files,
-            &mut shared.shmem,
-            self.known_maps,
-        );
+        let plan = memory::inspect_areas(self.proc, &mut self.shared.shmem, self.known_maps);
         crate::checkpoint::mark("inspect: memory areas");
         plan
+    }
+
+    /// The files the plan's areas map, looked at once the fork is decided.
+    fn look_at_files(&mut self) {
+        if let Some(Ok(plan)) = &mut self.plan {
+            if let Err(e) = plan.look_at_files(self.proc, &mut self.shared.files) {
+                self.plan = Some(Err(e));
+            }
+        }
     }
 
     fn read_rest(&mut self) -> RestRead {
@@ -455,7 +460,10 @@ impl<F: FnOnce(&MemoryPlan) -> bool> ProcReads<'_, F> {
     fn take(&mut self) -> (Result<MemoryPlan>, RestRead) {
         self.running();
         let plan = match self.plan.take().expect("read by mapping()") {
-            Ok(_) if self.reread => self.read_plan(),
+            Ok(_) if self.reread => self.read_plan().and_then(|mut plan| {
+                plan.look_at_files(self.proc, &mut self.shared.files)?;
+                Ok(plan)
+            }),
             plan => plan,
         };
         (plan, self.rest.take().expect("read by running()"))
@@ -497,6 +505,7 @@ impl<F: FnOnce(&MemoryPlan) -> bool> Beside for ProcReads<'_, F> {
     fn running(&mut self) {
         self.mapping();
         if self.rest.is_none() {
+            self.look_at_files();
             self.rest = Some(self.read_rest());
         }
     }

@@ -103,6 +103,24 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
     })
 }
 
+/// Clock ticks per second, as [`Stat`] counts times.
+pub fn ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64
+}
+
+/// Clock ticks since boot now, as [`Stat::start_time`] counts them (0 if the clock cannot be
+/// read).
+pub fn boot_ticks_now() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    let per_second = ticks_per_second();
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        t.tv_sec() as u64 * per_second + t.tv_nsec() as u64 * per_second / 1_000_000_000
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

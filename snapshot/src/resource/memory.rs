@@ -53,6 +53,8 @@ pub struct MemoryPlan {
     unknown_flags: Vec<Range>,
     /// Some area is hugetlb memory.
     pub hugetlb: bool,
+    /// The areas mapping files not yet looked at (see [`MemoryPlan::look_at_files`]).
+    files_unseen: Vec<MapsEntry>,
 }
 
 /// An address range, `[start, end)`.
@@ -111,6 +113,8 @@ impl MemoryPlan {
     /// areas were read). False if an area only overlaps it (the kernel merged dolly's
     /// mapping with one of the process's): the plan is then not the process's own.
     pub fn exclude(&mut self, (start, end): Range) -> bool {
+        self.files_unseen
+            .retain(|m| (m.start, m.end) != (start, end));
         let overlapping = |a: &Area| a.start < end && start < a.end;
         match self.areas.iter().position(overlapping) {
             None => true,
@@ -122,6 +126,24 @@ impl MemoryPlan {
             }
             Some(_) => false,
         }
+    }
+
+    /// After [`inspect_areas`]: looks at the files the areas map (what they are, that dolly
+    /// reaches them by their path) and notes them in `files`. (Apart, so that a freeze can
+    /// do it while the process runs dolly's calls: a few µs per file.)
+    pub fn look_at_files(&mut self, proc: &ProcDir, files: &mut FileTable) -> Result<()> {
+        for m in std::mem::take(&mut self.files_unseen) {
+            let id = files.intern_mapping(proc, &m)?;
+            let area = self.areas.iter_mut().find(|a| a.start == m.start);
+            if let Some(Area {
+                kind: AreaKind::File { file, .. },
+                ..
+            }) = area
+            {
+                *file = id;
+            }
+        }
+        Ok(())
     }
 
     /// After the thaw, with `maps` the areas of a fork of the process made at its freeze:
@@ -364,10 +386,11 @@ fn has_locked_memory(proc: &ProcDir) -> Result<bool> {
 }
 
 /// Reads the areas of a stopped process and decides what to store of each: `known`, the
-/// areas with their flags as read shortly before, spares reading them again.
-pub fn inspect(
+/// areas with their flags as read shortly before, spares reading them again. The files the
+/// areas map are left to [`MemoryPlan::look_at_files`] (its file areas name no file until
+/// then).
+pub fn inspect_areas(
     proc: &ProcDir,
-    files: &mut FileTable,
     shmem: &mut ShmemTable,
     known: Option<&[MapsEntry]>,
 ) -> Result<MemoryPlan> {
@@ -381,6 +404,7 @@ pub fn inspect(
         sources: Vec::new(),
         unknown_flags,
         hugetlb: false,
+        files_unseen: Vec::new(),
     };
     for m in &maps {
         if m.path == "[vsyscall]" {
@@ -442,10 +466,10 @@ pub fn inspect(
                         },
                     )
                 } else {
-                    let file = files.intern_mapping(proc, m)?;
+                    plan.files_unseen.push(m.clone());
                     (
                         AreaKind::File {
-                            file,
+                            file: u32::MAX,
                             offset: m.offset,
                         },
                         if m.shared {
