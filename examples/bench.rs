@@ -121,10 +121,10 @@ fn ask_ms(pid: Pid, signal: Signal, log: &Path, prefix: &str) -> f64 {
 /// The fork() of an example program timed by itself, in ms: see `examples/common/fork_time.rs`.
 #[derive(Clone, Copy, Default)]
 struct OwnFork {
-    /// One fork as it runs: what the process pays for a fork, and what a freeze that forks
-    /// it finds.
+    /// One fork as it runs: what the process pays for a fork.
     first: f64,
-    /// The median of 3 forks made right after it, in a row (about half as long here).
+    /// The median of 3 forks made right after it, in a row (a third to a half as long at
+    /// 64 MiB here).
     in_a_row: f64,
 }
 
@@ -141,16 +141,22 @@ impl OwnFork {
 /// The fork() of example program `pid` timed by itself (asked with SIGWINCH; it writes
 /// `fork us=U in_a_row_us=R` into `log`).
 fn own_fork(pid: Pid, log: &Path) -> OwnFork {
-    let first = ask_ms(pid, Signal::SIGWINCH, log, "fork us=");
-    let in_a_row = std::fs::read_to_string(log)
+    ask_ms(pid, Signal::SIGWINCH, log, "fork us=");
+    let last = std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .rev()
-        .find_map(|l| l.split_once(" in_a_row_us=")?.1.parse::<f64>().ok())
-        .expect("in_a_row_us= after fork us=");
+        .find(|l| l.starts_with("fork us="))
+        .map(str::to_string)
+        .expect("the answer just read");
+    let field = |name: &str| -> f64 {
+        let at = last.find(name).expect("a field of the answer") + name.len();
+        let number = last[at..].split_whitespace().next().unwrap_or_default();
+        number.parse::<f64>().expect("a number of µs") / 1e3
+    };
     OwnFork {
-        first,
-        in_a_row: in_a_row / 1e3,
+        first: field("fork us="),
+        in_a_row: field(" in_a_row_us="),
     }
 }
 

@@ -57,8 +57,8 @@ extern "C" fn on_winch(_: libc::c_int) {
 /// The time of one fork() of this process as it runs, in µs (the parent's side), then the
 /// median of 3 more made in a row, each with every page of `buf` just written again
 /// (rewritten with what it holds): a fork right after another finds the kernel's
-/// bookkeeping of every page still in this CPU's cache and takes about half as long (see
-/// `fork_time::first_then_in_a_row`).
+/// bookkeeping of every page still in this CPU's cache and takes a third to a half as long
+/// at 64 MiB (see `fork_time::first_then_in_a_row`).
 fn fork_us(buf: &mut [u64]) -> (u128, u128) {
     fork_time::first_then_in_a_row(|| {
         for page in buf.chunks_mut(PAGE / 8) {

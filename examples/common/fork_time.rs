@@ -19,12 +19,12 @@ pub fn fork_us() -> u128 {
     took
 }
 
-/// One fork() as the process runs (what a process that forks now and then pays, and what
-/// a snapshot's fork of it finds), then the median of 3 made in a row, each after
-/// `prepare`; in µs. The forks in a row take about half as long on this VM at 64 MiB: a
-/// fork updates the kernel's record of every page (its reference and map counts), and right
-/// after another fork those records are still in this CPU's cache; as a process runs, they
-/// are wherever the last one to touch them left them.
+/// One fork() as the process runs (what a process that forks now and then pays), then the
+/// median of 3 made in a row, each after `prepare`; in µs. The forks in a row take a third
+/// to a half as long on this VM at 64 MiB: a fork updates the kernel's record of every page
+/// (its reference and map counts), and right after another fork those records are still in
+/// this CPU's cache; as a process runs, they are wherever the last one to touch them left
+/// them.
 pub fn first_then_in_a_row(mut prepare: impl FnMut()) -> (u128, u128) {
     prepare();
     let first = fork_us();

@@ -232,10 +232,12 @@ pub struct ForkNote {
     pub pid: i32,
     /// The fork's PID as the process sees it.
     pub ns_pid: i32,
-    /// When the fork started, at the earliest and at the latest (clock ticks after boot):
-    /// tells it from a later process with its PID. (Known without reading the fork's
-    /// `stat` in the freeze: a second before dolly saw it made, and then.)
-    pub started: [u64; 2],
+    /// When the fork had started by (clock ticks after boot: when dolly saw it made, known
+    /// without reading its `stat` in the freeze): tells it from a later process with its
+    /// PID. (Not from an earlier one: none can hold its PID while it is not reaped.) An
+    /// older note's exact `start_time` reads as that.
+    #[serde(alias = "start_time")]
+    pub started_by: u64,
     /// When the process forked started: tells it from another process with its PID (a later
     /// one, or one of another PID namespace, as a clone's restored process). 0: unknown.
     #[serde(default)]
@@ -261,7 +263,7 @@ pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
             s.state == 'Z'
                 && s.ppid == note.parent
                 && s.exit_signal == 0
-                && (note.started[0]..=note.started[1]).contains(&s.start_time)
+                && s.start_time <= note.started_by
         });
         if ours && reap(Pid::from_raw(note.parent), note.ns_pid, None).is_err() {
             settled = false;
@@ -292,10 +294,7 @@ impl Held {
             parent: self.parent.as_raw(),
             pid: pid.as_raw(),
             ns_pid: self.ns_pid,
-            started: [
-                self.made_at.saturating_sub(crate::proc::ticks_per_second()),
-                self.made_at,
-            ],
+            started_by: self.made_at,
             parent_start_time: self.parent_start_time,
         }
     }

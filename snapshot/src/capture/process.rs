@@ -409,9 +409,10 @@ struct ReadInside {
 
 /// What [`inspect`] reads from a frozen process's `/proc` directory beside the calls it runs
 /// inside it ([`Beside`]): while dolly's scratch memory is mapped, its areas and whether to
-/// fork it (`fork_if`); while the calls run (they hold no lock these reads need), the files
-/// its areas map, its `stat`, the rest of its checks and the rest of what [`ProcRead`]
-/// holds.
+/// fork it (`fork_if`); while the calls run, its `stat`, the rest of its checks, the rest of
+/// what [`ProcRead`] holds and the files its areas map (none of which needs a lock the
+/// calls hold, but the lookup of a mapped file dolly does not reach by its path: see
+/// [`MemoryPlan::look_at_files`]).
 struct ProcReads<'a, F> {
     proc: &'a ProcDir,
     shared: &'a mut Shared,
@@ -438,11 +439,13 @@ impl<F: FnOnce(&MemoryPlan) -> bool> ProcReads<'_, F> {
         plan
     }
 
-    /// The files the plan's areas map, looked at once the fork is decided.
+    /// The files the plan's areas map, looked at once the fork is decided (a refusal then
+    /// undoes the decision, for the forks made after the batch).
     fn look_at_files(&mut self) {
         if let Some(Ok(plan)) = &mut self.plan {
             if let Err(e) = plan.look_at_files(self.proc, &mut self.shared.files) {
                 self.plan = Some(Err(e));
+                self.worth = false;
             }
         }
     }
@@ -505,8 +508,8 @@ impl<F: FnOnce(&MemoryPlan) -> bool> Beside for ProcReads<'_, F> {
     fn running(&mut self) {
         self.mapping();
         if self.rest.is_none() {
-            self.look_at_files();
             self.rest = Some(self.read_rest());
+            self.look_at_files();
         }
     }
 }

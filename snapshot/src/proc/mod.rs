@@ -7,7 +7,7 @@ mod status;
 
 pub use cgroup::memory_headroom;
 pub use maps::{parse_maps, MapsEntry, VmFlags};
-pub use stat::{boot_ticks_now, parse_stat, ticks_per_second, Stat};
+pub use stat::{boot_ticks_now, parse_stat, Stat};
 pub use status::{parse_status, Status};
 
 use std::path::PathBuf;

@@ -103,8 +103,8 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
     })
 }
 
-/// Clock ticks per second, as [`Stat`] counts times.
-pub fn ticks_per_second() -> u64 {
+/// Clock ticks per second, as [`Stat`] counts times (`USER_HZ`).
+fn ticks_per_second() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -155,5 +155,24 @@ mod tests {
     #[test]
     fn rejects_truncated_line() {
         assert!(parse_stat("1 (init) S 0").is_err());
+    }
+
+    #[test]
+    fn boot_ticks_count_as_a_process_start_time_does() {
+        let before = boot_ticks_now();
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let after = boot_ticks_now();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let started = crate::proc::ProcDir::new(pid).stat().map(|s| s.start_time);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let started = started.unwrap();
+        assert!(
+            before <= started && started <= after,
+            "started at {started}, not within [{before}, {after}]"
+        );
     }
 }

@@ -152,11 +152,27 @@ impl FileTable {
 
     fn look_at_mapping(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
         let link = proc.path(&format!("map_files/{}", m.map_files_name()));
-        let meta = std::fs::metadata(&link)
-            .with_context(|| format!("reading the file mapped at {:#x} ({})", m.start, m.path))?;
-        if !m.deleted {
-            check_reachable(proc.pid(), &m.path, &meta)?;
-        }
+        // The file at its path, if it is the one mapped (the device and inode the process's
+        // maps give): that is the check, and its metadata are the mapped file's. Else (a
+        // deleted file or a memfd, another mount namespace, a file system whose device in
+        // maps is not the one stat gives) through map_files, whose lookup takes the
+        // process's mmap lock: it waits for a fork the process is making.
+        let at_path = (!m.deleted)
+            .then(|| std::fs::metadata(&m.path).ok())
+            .flatten()
+            .filter(|meta| (meta.dev(), meta.ino()) == (m.dev, m.inode));
+        let meta = match at_path {
+            Some(meta) => meta,
+            None => {
+                let meta = std::fs::metadata(&link).with_context(|| {
+                    format!("reading the file mapped at {:#x} ({})", m.start, m.path)
+                })?;
+                if !m.deleted {
+                    check_reachable(proc.pid(), &m.path, &meta)?;
+                }
+                meta
+            }
+        };
         let memfd = m.path.starts_with("/memfd:");
         let kind = if memfd {
             FileKind::Memfd {

@@ -113,8 +113,6 @@ impl MemoryPlan {
     /// areas were read). False if an area only overlaps it (the kernel merged dolly's
     /// mapping with one of the process's): the plan is then not the process's own.
     pub fn exclude(&mut self, (start, end): Range) -> bool {
-        self.files_unseen
-            .retain(|m| (m.start, m.end) != (start, end));
         let overlapping = |a: &Area| a.start < end && start < a.end;
         match self.areas.iter().position(overlapping) {
             None => true,
@@ -130,17 +128,17 @@ impl MemoryPlan {
 
     /// After [`inspect_areas`]: looks at the files the areas map (what they are, that dolly
     /// reaches them by their path) and notes them in `files`. (Apart, so that a freeze can
-    /// do it while the process runs dolly's calls: a few µs per file.)
+    /// do it while the process runs dolly's calls, which may end with a fork: a few µs per
+    /// file, and no lock the fork holds for a file dolly reaches by its path.)
     pub fn look_at_files(&mut self, proc: &ProcDir, files: &mut FileTable) -> Result<()> {
         for m in std::mem::take(&mut self.files_unseen) {
             let id = files.intern_mapping(proc, &m)?;
-            let area = self.areas.iter_mut().find(|a| a.start == m.start);
-            if let Some(Area {
-                kind: AreaKind::File { file, .. },
-                ..
-            }) = area
-            {
-                *file = id;
+            // (The areas are in address order.)
+            let at = self.areas.binary_search_by_key(&m.start, |a| a.start);
+            if let Ok(i) = at {
+                if let AreaKind::File { file, .. } = &mut self.areas[i].kind {
+                    *file = id;
+                }
             }
         }
         Ok(())
