@@ -184,6 +184,52 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
     );
 }
 
+/// A mount over a file, made after a process mapped it.
+struct MountedOver(std::path::PathBuf);
+
+impl Drop for MountedOver {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount(&self.0);
+    }
+}
+
+/// A process that maps a file which dolly no longer reaches by its path (another file
+/// mounted over it since) is refused, the file named; nothing of dolly's is left in it.
+#[test]
+fn refuses_a_mapped_file_another_is_mounted_over() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.bin");
+    std::fs::write(&path, vec![7u8; 8192]).unwrap();
+    // (Mapped with libc's mmap: Python's mmap module keeps an fd of the file open.)
+    let code = format!(
+        "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\n\
+         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n\
+         fd = os.open('{}', os.O_RDONLY)\nassert libc.mmap(None, 8192, 1, 1, fd, 0) != 2**64 - 1\nos.close(fd)",
+        path.display()
+    );
+    let p = python_with(&code, &dir.path().join("out"));
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, b"another file").unwrap();
+    nix::mount::mount(
+        Some(&other),
+        &path,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let _mounted = MountedOver(path.clone());
+    let err = dolly.refused(&["snapshot", "capture", "--pid", &p.pid().to_string()]);
+    assert!(
+        err.contains("data.bin") && err.contains("cannot reach by that path"),
+        "{err}"
+    );
+    assert_eq!(proc_status(p.pid(), "TracerPid").as_deref(), Some("0"));
+    assert!(capture_traces(p.pid()).1.is_empty(), "dolly's memory left");
+    assert!(dolly.list().is_empty(), "{:?}", dolly.list());
+}
+
 #[test]
 fn restore_refuses_while_the_original_holds_the_pid() {
     let dolly = Dolly::new();
