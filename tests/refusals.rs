@@ -4,6 +4,7 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -184,6 +185,22 @@ fn refuses_what_it_cannot_restore_yet_naming_fd_and_kind() {
     );
 }
 
+/// Python code that maps 8 KiB of the file at `path` shared (read only, or writable) and
+/// keeps no fd of it: libc's mmap, as Python's mmap module keeps an fd open.
+fn python_maps(path: &Path, writable: bool) -> String {
+    let (mode, prot) = if writable {
+        ("O_RDWR", 3)
+    } else {
+        ("O_RDONLY", 1)
+    };
+    format!(
+        "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\n\
+         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n\
+         fd = os.open('{}', os.{mode})\nassert libc.mmap(None, 8192, {prot}, 1, fd, 0) != 2**64 - 1\nos.close(fd)",
+        path.display()
+    )
+}
+
 /// A mount over a file, made after a process mapped it.
 struct MountedOver(std::path::PathBuf);
 
@@ -201,13 +218,7 @@ fn refuses_a_mapped_file_another_is_mounted_over() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("data.bin");
     std::fs::write(&path, vec![7u8; 8192]).unwrap();
-    // (Mapped with libc's mmap: Python's mmap module keeps an fd of the file open.)
-    let code = format!(
-        "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\n\
-         libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n\
-         fd = os.open('{}', os.O_RDONLY)\nassert libc.mmap(None, 8192, 1, 1, fd, 0) != 2**64 - 1\nos.close(fd)",
-        path.display()
-    );
+    let code = python_maps(&path, false);
     let p = python_with(&code, &dir.path().join("out"));
     let other = dir.path().join("other.bin");
     std::fs::write(&other, b"another file").unwrap();
@@ -228,6 +239,68 @@ fn refuses_a_mapped_file_another_is_mounted_over() {
     assert_eq!(proc_status(p.pid(), "TracerPid").as_deref(), Some("0"));
     assert!(capture_traces(p.pid()).1.is_empty(), "dolly's memory left");
     assert!(dolly.list().is_empty(), "{:?}", dolly.list());
+}
+
+/// A file shown deleted that another name still holds (a file renamed over its path, a
+/// hard link kept elsewhere) is refused when the process writes to it, mapped shared or
+/// through an fd: a restore would give it a copy, cut off from that file. Read only, or
+/// with no name left, it is captured as a deleted file.
+#[test]
+fn refuses_writing_to_a_replaced_file_that_another_name_keeps() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            python_maps(Path::new("PATH"), true),
+            "mapped shared and writable",
+        ),
+        (
+            "fd = os.open('PATH', os.O_WRONLY)\nos.dup2(fd, 7)\nos.close(fd)".to_string(),
+            "fd 7 open for writing on",
+        ),
+    ];
+    for (i, (code, expect)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("data{i}.bin"));
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        std::fs::hard_link(&path, dir.path().join(format!("kept{i}.bin"))).unwrap();
+        let code = code.replace("PATH", path.to_str().unwrap());
+        let p = python_with(&code, &dir.path().join(format!("out{i}")));
+        let fresh = dir.path().join("fresh.bin");
+        std::fs::write(&fresh, b"another file").unwrap();
+        std::fs::rename(&fresh, &path).unwrap();
+        let err = dolly.refused(&["snapshot", "capture", "--pid", &p.pid().to_string()]);
+        assert!(
+            err.contains(expect)
+                && err.contains(&format!("data{i}.bin"))
+                && err.contains("still exists under another name"),
+            "{err}"
+        );
+        assert_eq!(proc_status(p.pid(), "TracerPid").as_deref(), Some("0"));
+        assert!(capture_traces(p.pid()).1.is_empty(), "dolly's memory left");
+    }
+    assert!(dolly.list().is_empty(), "{:?}", dolly.list());
+    // Read only, the same file is captured (as a deleted one, its content kept).
+    let path = dir.path().join("read.bin");
+    std::fs::write(&path, vec![7u8; 8192]).unwrap();
+    std::fs::hard_link(&path, dir.path().join("kept-read.bin")).unwrap();
+    let code = format!(
+        "fd = os.open('{}', os.O_RDONLY)\nos.dup2(fd, 7)\nos.close(fd)",
+        path.display()
+    );
+    let p = python_with(&code, &dir.path().join("out-read"));
+    std::fs::write(dir.path().join("fresh.bin"), b"another file").unwrap();
+    std::fs::rename(dir.path().join("fresh.bin"), &path).unwrap();
+    dolly.capture(p.pid());
+    // Written to but deleted for good (no name left), it is captured too.
+    let path = dir.path().join("gone.bin");
+    std::fs::write(&path, vec![7u8; 8192]).unwrap();
+    let code = format!(
+        "fd = os.open('{}', os.O_RDWR)\nos.dup2(fd, 7)\nos.close(fd)",
+        path.display()
+    );
+    let p = python_with(&code, &dir.path().join("out-gone"));
+    std::fs::remove_file(&path).unwrap();
+    dolly.capture(p.pid());
 }
 
 #[test]

@@ -174,6 +174,9 @@ impl FileTable {
             }
         };
         let memfd = m.path.starts_with("/memfd:");
+        if m.deleted && !memfd && m.shared && (m.write || m.flags.may_write) {
+            check_gone(proc.pid(), "mapped shared and writable", &m.path, &meta)?;
+        }
         let kind = if memfd {
             FileKind::Memfd {
                 seals: memfd_seals(&link)?,
@@ -279,6 +282,19 @@ fn check_reachable(pid: Pid, path: &str, meta: &std::fs::Metadata) -> Result<()>
             "capture processes that share dolly's mount namespace",
         )),
     }
+}
+
+/// Refuses a file shown deleted that still has a name: another file took its path (renamed
+/// over it) while a hard link kept it. A restore gives the process a copy of a deleted
+/// file, so what it writes (`how` it uses it) would no longer reach that file.
+fn check_gone(pid: Pid, how: &str, path: &str, meta: &std::fs::Metadata) -> Result<()> {
+    if meta.nlink() == 0 {
+        return Ok(());
+    }
+    Err(Error::refused(
+        format!("process {pid} has {how} {path}, which was replaced at that path but still exists under another name (a hard link): a restore would give it a copy, and its writes would no longer reach that file"),
+        "capture it before the file is replaced, or have the process open the file again",
+    ))
 }
 
 /// The bytes buffered in a pipe, read without taking them (`tee` into a private pipe), and
@@ -759,6 +775,9 @@ pub fn capture_fds(
             check_reachable(pid, &path, &meta)?;
         }
         let memfd = matches!(kind, FileKind::Memfd { .. });
+        if deleted && kind == FileKind::Regular && flags & libc::O_ACCMODE as u32 != 0 {
+            check_gone(pid, &format!("fd {fd} open for writing on"), &path, &meta)?;
+        }
         let file = File {
             path,
             kind,
