@@ -206,7 +206,7 @@ struct MountedOver(std::path::PathBuf);
 
 impl Drop for MountedOver {
     fn drop(&mut self) {
-        let _ = nix::mount::umount(&self.0);
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -242,9 +242,10 @@ fn refuses_a_mapped_file_another_is_mounted_over() {
 }
 
 /// A file shown deleted that another name still holds (a file renamed over its path, a
-/// hard link kept elsewhere) is refused when the process writes to it, mapped shared or
-/// through an fd: a restore would give it a copy, cut off from that file. Read only, or
-/// with no name left, it is captured as a deleted file.
+/// hard link kept elsewhere) is refused when the process writes to it, mapped shared (also
+/// where an area that only reads it comes first) or through an fd: a restore would give it
+/// a copy, cut off from that file. Read only, or with no name left, it is captured as a
+/// deleted file; linked at its path again, as the file there.
 #[test]
 fn refuses_writing_to_a_replaced_file_that_another_name_keeps() {
     let dolly = Dolly::new();
@@ -252,7 +253,17 @@ fn refuses_writing_to_a_replaced_file_that_another_name_keeps() {
     let cases = [
         (
             python_maps(Path::new("PATH"), true),
-            "mapped shared and writable",
+            "mapped shared (writable)",
+        ),
+        (
+            // (mmap places the second mapping below the first: the area that only reads
+            // the file is met first.)
+            format!(
+                "{}\n{}",
+                python_maps(Path::new("PATH"), true),
+                python_maps(Path::new("PATH"), false)
+            ),
+            "mapped shared (writable)",
         ),
         (
             "fd = os.open('PATH', os.O_WRONLY)\nos.dup2(fd, 7)\nos.close(fd)".to_string(),
@@ -272,7 +283,7 @@ fn refuses_writing_to_a_replaced_file_that_another_name_keeps() {
         assert!(
             err.contains(expect)
                 && err.contains(&format!("data{i}.bin"))
-                && err.contains("still exists under another name"),
+                && err.contains("still has another name"),
             "{err}"
         );
         assert_eq!(proc_status(p.pid(), "TracerPid").as_deref(), Some("0"));
@@ -290,6 +301,20 @@ fn refuses_writing_to_a_replaced_file_that_another_name_keeps() {
     let p = python_with(&code, &dir.path().join("out-read"));
     std::fs::write(dir.path().join("fresh.bin"), b"another file").unwrap();
     std::fs::rename(dir.path().join("fresh.bin"), &path).unwrap();
+    dolly.capture(p.pid());
+    // Written to, removed from its path and linked there again, it is captured (the file at
+    // its path).
+    let path = dir.path().join("back.bin");
+    std::fs::write(&path, vec![7u8; 8192]).unwrap();
+    let kept = dir.path().join("kept-back.bin");
+    std::fs::hard_link(&path, &kept).unwrap();
+    let code = format!(
+        "fd = os.open('{}', os.O_RDWR)\nos.dup2(fd, 7)\nos.close(fd)",
+        path.display()
+    );
+    let p = python_with(&code, &dir.path().join("out-back"));
+    std::fs::remove_file(&path).unwrap();
+    std::fs::hard_link(&kept, &path).unwrap();
     dolly.capture(p.pid());
     // Written to but deleted for good (no name left), it is captured too.
     let path = dir.path().join("gone.bin");

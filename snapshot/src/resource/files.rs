@@ -141,6 +141,15 @@ impl FileTable {
 
     /// Adds the file a memory area maps.
     pub fn intern_mapping(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
+        // (Each area that writes to a file shown deleted, not only the first that maps it.)
+        if m.deleted && !m.path.starts_with("/memfd:") && m.shared && (m.write || m.flags.may_write)
+        {
+            let link = proc.path(&format!("map_files/{}", m.map_files_name()));
+            let meta = std::fs::metadata(&link).with_context(|| {
+                format!("reading the file mapped at {:#x} ({})", m.start, m.path)
+            })?;
+            check_gone(proc.pid(), "mapped shared (writable)", &m.path, &meta)?;
+        }
         let key = (m.dev, m.inode, m.path.clone());
         if let Some(&id) = self.by_mapping.get(&key) {
             return Ok(id);
@@ -174,9 +183,6 @@ impl FileTable {
             }
         };
         let memfd = m.path.starts_with("/memfd:");
-        if m.deleted && !memfd && m.shared && (m.write || m.flags.may_write) {
-            check_gone(proc.pid(), "mapped shared and writable", &m.path, &meta)?;
-        }
         let kind = if memfd {
             FileKind::Memfd {
                 seals: memfd_seals(&link)?,
@@ -194,7 +200,7 @@ impl FileTable {
             mode: meta.mode() & 0o7777,
             uid: meta.uid(),
             gid: meta.gid(),
-            deleted: m.deleted && !memfd,
+            deleted: m.deleted && !memfd && !still_at(&m.path, &meta),
             content: None,
         };
         self.add(file, || {
@@ -284,16 +290,23 @@ fn check_reachable(pid: Pid, path: &str, meta: &std::fs::Metadata) -> Result<()>
     }
 }
 
-/// Refuses a file shown deleted that still has a name: another file took its path (renamed
-/// over it) while a hard link kept it. A restore gives the process a copy of a deleted
-/// file, so what it writes (`how` it uses it) would no longer reach that file.
+/// Whether the file at `path` is the one `meta` describes (a file shown deleted may have
+/// been linked at its path again).
+fn still_at(path: &str, meta: &std::fs::Metadata) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
+}
+
+/// Refuses a file shown deleted that still has a name elsewhere (one of its hard links
+/// removed, or another file renamed over its path while a hard link kept it), which the
+/// process writes to (`how` it uses it): a restore gives a process a copy of a deleted file,
+/// so its writes would no longer reach that file.
 fn check_gone(pid: Pid, how: &str, path: &str, meta: &std::fs::Metadata) -> Result<()> {
-    if meta.nlink() == 0 {
+    if meta.nlink() == 0 || still_at(path, meta) {
         return Ok(());
     }
     Err(Error::refused(
-        format!("process {pid} has {how} {path}, which was replaced at that path but still exists under another name (a hard link): a restore would give it a copy, and its writes would no longer reach that file"),
-        "capture it before the file is replaced, or have the process open the file again",
+        format!("process {pid} has {how} {path}, which is no longer at that path but still has another name (a hard link): a restore would give it a copy of the file, and its writes would no longer reach the file"),
+        "capture it before the file loses that path, or have the process open the file again",
     ))
 }
 
@@ -771,6 +784,8 @@ pub fn capture_fds(
             }
             _ => return Err(refuse(describe_fd(&link), "close it before capturing")),
         };
+        // (Shown deleted but linked again at its path: opened by it again.)
+        let deleted = deleted && !still_at(&path, &meta);
         if !deleted && matches!(kind, FileKind::Regular | FileKind::Directory) {
             check_reachable(pid, &path, &meta)?;
         }
