@@ -536,7 +536,7 @@ pub fn rehearse(pid: Pid) {
     let mut seen = std::collections::HashSet::new();
     for m in maps.iter().filter(|m| m.path.starts_with('/')) {
         if seen.insert((m.dev, m.inode)) {
-            let _ = std::fs::metadata(proc.path(&format!("map_files/{}", m.map_files_name())));
+            let _ = std::fs::metadata(proc.map_file(m));
             let _ = std::fs::metadata(&m.path);
         }
     }

@@ -42,6 +42,11 @@ impl ProcDir {
         self.dir.join(name)
     }
 
+    /// The `map_files` link to the file area `m` maps.
+    pub fn map_file(&self, m: &MapsEntry) -> PathBuf {
+        self.path(&format!("map_files/{}", m.map_files_name()))
+    }
+
     /// Reads a file of this directory as text.
     pub fn read(&self, name: &str) -> Result<String> {
         let bytes = self.read_bytes(name)?;

@@ -144,10 +144,7 @@ impl FileTable {
         // (Each area that writes to a file shown deleted, not only the first that maps it.)
         if m.deleted && !m.path.starts_with("/memfd:") && m.shared && (m.write || m.flags.may_write)
         {
-            let link = proc.path(&format!("map_files/{}", m.map_files_name()));
-            let meta = std::fs::metadata(&link).with_context(|| {
-                format!("reading the file mapped at {:#x} ({})", m.start, m.path)
-            })?;
+            let (_, meta) = mapped_file(proc, m)?;
             check_gone(proc.pid(), "mapped shared (writable)", &m.path, &meta)?;
         }
         let key = (m.dev, m.inode, m.path.clone());
@@ -160,7 +157,6 @@ impl FileTable {
     }
 
     fn look_at_mapping(&mut self, proc: &ProcDir, m: &MapsEntry) -> Result<u32> {
-        let link = proc.path(&format!("map_files/{}", m.map_files_name()));
         // The file at its path, if it is the one mapped (the device and inode the process's
         // maps give): that is the check, and its metadata are the mapped file's. Else (a
         // deleted file or a memfd, another mount namespace, a file system whose device in
@@ -170,16 +166,14 @@ impl FileTable {
             .then(|| std::fs::metadata(&m.path).ok())
             .flatten()
             .filter(|meta| (meta.dev(), meta.ino()) == (m.dev, m.inode));
-        let meta = match at_path {
-            Some(meta) => meta,
+        let (link, meta) = match at_path {
+            Some(meta) => (proc.map_file(m), meta),
             None => {
-                let meta = std::fs::metadata(&link).with_context(|| {
-                    format!("reading the file mapped at {:#x} ({})", m.start, m.path)
-                })?;
+                let (link, meta) = mapped_file(proc, m)?;
                 if !m.deleted {
                     check_reachable(proc.pid(), &m.path, &meta)?;
                 }
-                meta
+                (link, meta)
             }
         };
         let memfd = m.path.starts_with("/memfd:");
@@ -288,6 +282,15 @@ fn check_reachable(pid: Pid, path: &str, meta: &std::fs::Metadata) -> Result<()>
             "capture processes that share dolly's mount namespace",
         )),
     }
+}
+
+/// The file area `m` of a process maps, through its `map_files` link (whose lookup takes
+/// the process's mmap lock): the link and the file's metadata.
+fn mapped_file(proc: &ProcDir, m: &MapsEntry) -> Result<(PathBuf, std::fs::Metadata)> {
+    let link = proc.map_file(m);
+    let meta = std::fs::metadata(&link)
+        .with_context(|| format!("reading the file mapped at {:#x} ({})", m.start, m.path))?;
+    Ok((link, meta))
 }
 
 /// Whether the file at `path` is the one `meta` describes (a file shown deleted may have

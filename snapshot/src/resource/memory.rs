@@ -222,14 +222,13 @@ impl ShmemTable {
         if let Some(&o) = self.by_inode.get(&(sysv, m.inode)) {
             return Ok(o);
         }
-        let file = File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
-            .with_context(|| {
-                format!(
-                    "opening shared memory of process {} at {:#x}",
-                    proc.pid(),
-                    m.start
-                )
-            })?;
+        let file = File::open(proc.map_file(m)).with_context(|| {
+            format!(
+                "opening shared memory of process {} at {:#x}",
+                proc.pid(),
+                m.start
+            )
+        })?;
         let size = file.metadata().context("reading shared memory size")?.len();
         let o = self.objects.len() as u32;
         let sysv = if sysv {
@@ -370,7 +369,7 @@ fn plain_file(proc: &ProcDir, m: &MapsEntry) -> bool {
         .any(|p| m.path.starts_with(p));
     m.path.starts_with('/')
         && !kernel
-        && std::fs::metadata(proc.path(&format!("map_files/{}", m.map_files_name())))
+        && std::fs::metadata(proc.map_file(m))
             .is_ok_and(|f| !f.file_type().is_char_device() && !f.file_type().is_block_device())
 }
 
@@ -452,10 +451,9 @@ pub fn inspect_areas(
             }
             p if p.starts_with('/') => {
                 if p.ends_with(POOL_FILE_SUFFIX) && !m.shared {
-                    let file = File::open(proc.path(&format!("map_files/{}", m.map_files_name())))
-                        .with_context(|| {
-                            format!("opening pool mapping of process {pid} at {:#x}", m.start)
-                        })?;
+                    let file = File::open(proc.map_file(m)).with_context(|| {
+                        format!("opening pool mapping of process {pid} at {:#x}", m.start)
+                    })?;
                     (
                         AreaKind::Anonymous { name: None },
                         Source::Pool {
