@@ -155,6 +155,134 @@ fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
     }
 }
 
+/// The capture worker killed while a process runs dolly's calls (its registers dolly's),
+/// or sits in the trap that ends them: the process goes back by itself to its own
+/// registers, signal mask, extended state and SIGTRAP action (dolly's safety net, see
+/// `tracee::Net`) and runs on, its own checks all true; the listing that finds the capture
+/// interrupted has it unmap dolly's memory: nothing is left.
+#[test]
+fn kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running() {
+    let dolly = Dolly::new();
+    let w = Workload::start(2);
+    let pid = w.pid();
+    let before = own_state(pid);
+    let (cli, worker) = start_paused(
+        &dolly,
+        &["snapshot", "capture", "--pid", &pid.to_string()],
+        "capture:calls",
+    );
+    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    let _ = cli.wait_with_output().unwrap();
+    // Its registers, mask, dispositions, alternate stack, vector registers: its own.
+    assert_runs_as_before(&w);
+    let list = dolly.list();
+    assert_eq!(list[0]["status"], "failed", "{list:?}");
+    assert_eq!(
+        own_state(pid),
+        before,
+        "dolly's memory or SIGTRAP action left"
+    );
+    w.wait_ticks(2);
+    assert_report_ok(&w.report(pid));
+}
+
+/// What dolly's calls could leave in process `pid`: writable and executable memory, its
+/// threads, the signals it catches and blocks, its children.
+fn own_state(pid: i32) -> (Vec<String>, Vec<Option<String>>, Vec<i32>) {
+    let (threads, rwx) = capture_traces(pid);
+    let status = ["SigCgt", "SigBlk"].map(|key| proc_status(pid, key));
+    (rwx, [vec![threads], status.to_vec()].concat(), tree(pid))
+}
+
+/// [`kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running`] when
+/// the calls end with the `clone` of the fork the freeze makes: the listing also has the
+/// process reap that fork.
+#[test]
+fn kill_9_of_the_capture_worker_while_its_calls_fork_leaves_no_child() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let prog = python_ready(COUNTER, &out);
+    let pid = prog.pid();
+    let before = own_state(pid);
+    let pid_arg = pid.to_string();
+    let args = [&["snapshot", "capture", "--pid", &pid_arg][..], &FORKED].concat();
+    let (cli, worker) = start_paused(&dolly, &args, "capture:calls");
+    wait_until("the calls' fork", Duration::from_secs(5), || {
+        tree(pid).len() == 2
+    });
+    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    let _ = cli.wait_with_output().unwrap();
+    assert_counts_on(pid, &out);
+    let list = dolly.list();
+    assert_eq!(list[0]["status"], "failed", "{list:?}");
+    assert_eq!(
+        own_state(pid),
+        before,
+        "dolly's memory, action or fork left"
+    );
+    assert_counts_on(pid, &out);
+}
+
+/// [`kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running`] for a
+/// threaded process, killed in its leader's batch or in its other threads' (which run at
+/// the same time, each under a net of its own), or once they are back: every thread goes
+/// on with its state.
+#[test]
+fn kill_9_while_the_threads_run_dolly_s_calls_leaves_every_thread_running() {
+    // (Then: the threads back in their own state, the process's SIGTRAP action not yet: the
+    // listing puts it back. Last: the leader's batch that forks the process, after the
+    // other threads': the listing has it reap the fork.)
+    for at in [
+        "capture:calls",
+        "capture:thread calls",
+        "capture:threads back",
+        "capture:fork calls",
+    ] {
+        let dolly = Dolly::new();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let mut cmd = std::process::Command::new(example_bin("threads"));
+        cmd.args(["--dir", dir.path().to_str().unwrap(), "--workers", "4"]);
+        let prog = Spawned(spawn_detached(&mut cmd, &dir.path().join("out")));
+        let pid = prog.pid();
+        let lines = || read(&log).lines().count();
+        wait_until("the threads", Duration::from_secs(10), || lines() > 20);
+        let before = own_state(pid);
+        let pid_arg = pid.to_string();
+        let args = [&["snapshot", "capture", "--pid", &pid_arg][..], &FORKED].concat();
+        let (cli, worker) = start_paused(&dolly, &args, at);
+        if at == "capture:fork calls" {
+            wait_until("the calls' fork", Duration::from_secs(5), || {
+                tree(pid).len() == 2
+            });
+        }
+        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+        let _ = cli.wait_with_output().unwrap();
+        dolly.list();
+        assert_eq!(
+            own_state(pid),
+            before,
+            "{at}: dolly's memory or action left"
+        );
+        let seen = lines();
+        wait_until("the threads to go on", Duration::from_secs(10), || {
+            lines() > seen + 30
+        });
+        let text = read(&log);
+        let after: Vec<&str> = text.lines().skip(seen).collect();
+        assert!(
+            after.iter().any(|l| l.starts_with("pingpong=")),
+            "{at}: the ping-pong goes on"
+        );
+        assert!(
+            !after.iter().any(|l| l.contains("ok=false")),
+            "{at}: every worker's chain, TLS and alternate stack hold:\n{}",
+            after.join("\n")
+        );
+    }
+}
+
 /// Killed while rebuilding the process: nothing is left at the PID, and the snapshot
 /// restores fine afterwards.
 #[test]

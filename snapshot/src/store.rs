@@ -455,7 +455,7 @@ impl Store {
                 )?;
                 if free.is_some() {
                     // Forks it held died with it: their processes reap them.
-                    crate::capture::reap_leftover_forks(&dir);
+                    crate::capture::leftovers::clear(&dir);
                     record.status = Status::Failed;
                     record.reason = Some("the capture was interrupted (dolly was killed)".into());
                     // Nobody captures it any more: its pages are garbage.

@@ -537,18 +537,22 @@ impl Tracee {
             true => self.remote_with(ip, *regs).ignore_trap_again(regs.rsp),
             false => Ok(()),
         };
-        let put_back = ignored_again
-            .and_then(|()| self.set_regs(regs))
-            .and_then(|_| self.set_sigmask(mask))
-            .and_then(|_| {
-                if park {
-                    self.parking = self.park_start()?;
-                }
-                Ok(())
-            });
+        let put_back = ignored_again.and_then(|()| self.put_back(regs, mask, park));
         let done = done?;
         put_back?;
         Ok(done)
+    }
+
+    /// Gives the tracee registers `regs` and signal mask `mask` (its own, after dolly's
+    /// calls) and, if `park`, at once starts moving it out of the trap the calls left it in
+    /// (see [`Tracee::park_start`]; [`Tracee::settle`] waits for that).
+    pub fn put_back(&mut self, regs: &RawRegs, mask: u64, park: bool) -> Result<()> {
+        self.set_regs(regs)?;
+        self.set_sigmask(mask)?;
+        if park {
+            self.parking = self.park_start()?;
+        }
+        Ok(())
     }
 
     /// The `syscall` instruction of the tracee's vDSO: at `known` (where the vDSO was a
@@ -706,8 +710,9 @@ impl Calls {
 /// (`nr, a1..a6, result`) until `nr` is -1, loads the registers, `syscall`, stores `rax`
 /// in `result`; then `int3` (at [`RUN_CALLS_TRAP`]). The child of a `clone` in the table
 /// (a fork: `rax` 0 after a `clone`) goes to `exit(0)` instead: should dolly end before
-/// it took the child over, the child ends itself.
-const RUN_CALLS: [u8; 66] = [
+/// it took the child over, the child ends itself. Then, at [`RUN_CALLS_NET`], the handler
+/// of a [`Net`].
+const RUN_CALLS: [u8; 124] = [
     0x48, 0x8b, 0x03, // mov rax, [rbx]
     0x48, 0x83, 0xf8, 0xff, // cmp rax, -1
     0x74, 0x2f, // je done
@@ -729,10 +734,130 @@ const RUN_CALLS: [u8; 66] = [
     0xb8, 0x3c, 0x00, 0x00, 0x00, // child: mov eax, 60 (exit)
     0x31, 0xff, // xor edi, edi
     0x0f, 0x05, // syscall
+    // The net's SIGTRAP handler (rdx: the ucontext of the trap; its rsp, the batch's, is
+    // the net's frame + 8):
+    0x48, 0x8b, 0xa2, 0xa0, 0x00, 0x00, 0x00, // mov rsp, [rdx + 160] (uc_mcontext.rsp)
+    0x48, 0x8b, 0x84, 0x24, 0x70, 0x01, 0x00,
+    0x00, // mov rax, [rsp + 368] (the count's address)
+    0xf0, 0x48, 0xff, 0x08, // lock dec qword [rax]
+    0x75, 0x1c, // jnz back (another thread's handler is still to run)
+    0xb8, 0x0d, 0x00, 0x00, 0x00, // mov eax, 13 (rt_sigaction)
+    0xbf, 0x05, 0x00, 0x00, 0x00, // mov edi, 5 (SIGTRAP)
+    0x48, 0x8d, 0xb4, 0x24, 0x30, 0x01, 0x00, 0x00, // lea rsi, [rsp + 304] (the saved action)
+    0x31, 0xd2, // xor edx, edx
+    0x41, 0xba, 0x08, 0x00, 0x00, 0x00, // mov r10d, 8
+    0x0f, 0x05, // syscall
+    0xb8, 0x0f, 0x00, 0x00, 0x00, // back: mov eax, 15 (rt_sigreturn)
+    0x0f, 0x05, // syscall
+    0x0f, 0x0b, // ud2 (a frame rt_sigreturn refused)
 ];
+
+/// Bytes of dolly's code that runs calls ([`Remote::write_call_runner`]).
+pub fn call_runner_len() -> usize {
+    RUN_CALLS.len()
+}
+
+/// Whether `code` is dolly's code that runs calls: memory dolly left in a process.
+pub fn is_call_runner(code: &[u8]) -> bool {
+    code == RUN_CALLS
+}
+
+/// The fork the table of calls `table` (as [`Remote::start_run`] wrote it and the calls
+/// filled it in) made, if it made one: the PID a `clone` with [`FORK_HELD_ARGS`] returned.
+pub fn fork_in_table(table: &[u8]) -> Option<i32> {
+    let word =
+        |entry: &[u8], i: usize| u64::from_ne_bytes(entry[i * 8..i * 8 + 8].try_into().unwrap());
+    table
+        .chunks_exact(64)
+        .take_while(|entry| word(entry, 0) != u64::MAX)
+        .find(|entry| {
+            word(entry, 0) == libc::SYS_clone as u64
+                && (0..5).all(|i| word(entry, i + 1) == FORK_HELD_ARGS[i])
+        })
+        .map(|entry| word(entry, 7) as i64)
+        .filter(|&made| made > 0 && made <= i32::MAX as i64)
+        .map(|made| made as i32)
+}
 
 /// Where [`RUN_CALLS`] stops, done: right after its `int3`.
 const RUN_CALLS_TRAP: u64 = 57;
+
+/// Where the handler of a [`Net`] starts in [`RUN_CALLS`].
+const RUN_CALLS_NET: u64 = 66;
+
+/// `struct sigaction` as `rt_sigaction` reads and writes it: handler, flags, restorer, mask.
+pub const SIGACTION_LEN: u64 = 32;
+
+/// A safety net under a batch of calls (see [`Remote::start_run`]), for a thread whose
+/// registers are dolly's while the batch runs: should dolly end then (or while the thread
+/// sits in the trap that ends the batch), the SIGTRAP of that trap, no longer stopping the
+/// thread for dolly, runs a handler (in dolly's code) that returns the thread with
+/// `rt_sigreturn` to its own registers, signal mask and extended state, from a frame dolly
+/// wrote beforehand (see [`sys::sigframe`]). The handler of the last of the threads under
+/// nets (a count in the tracee's memory tells) first puts the process's own SIGTRAP action
+/// back. The process runs on, as if dolly had let it go (dolly's memory stays mapped in
+/// it).
+///
+/// It takes [`Net::LEN`] bytes of the tracee's writable memory: room for the frame the
+/// kernel builds to run the handler, then dolly's frame (whose `siginfo` part holds the
+/// saved SIGTRAP action, then the handler's, then the count's address).
+#[derive(Debug, Clone, Copy)]
+pub struct Net {
+    /// Where dolly's frame starts.
+    frame: u64,
+}
+
+impl Net {
+    /// Bytes a net takes.
+    pub const LEN: u64 = 24 * 1024;
+
+    /// The net spread at `at` (see [`Remote::spread_net`]).
+    pub fn at(at: u64) -> Net {
+        Net {
+            frame: at + Net::FRAME_AT,
+        }
+    }
+
+    /// The handler of the nets of dolly's code at `runner`: the SIGTRAP action they install.
+    pub fn handler(runner: u64) -> u64 {
+        runner + RUN_CALLS_NET
+    }
+
+    /// Where dolly's frame starts in a net: what is below is left for the kernel's frame
+    /// (with the largest extended state, 11 KiB, and the red zone).
+    const FRAME_AT: u64 = 16 * 1024;
+
+    /// Where the process's own SIGTRAP action is kept.
+    pub fn saved_action(&self) -> u64 {
+        self.frame + sys::sigframe::INFO_AT
+    }
+
+    /// Where the handler's SIGTRAP action is.
+    fn action(&self) -> u64 {
+        self.saved_action() + SIGACTION_LEN
+    }
+
+    /// Where the address of the count of threads under nets is.
+    fn count_address(&self) -> u64 {
+        self.action() + SIGACTION_LEN
+    }
+
+    /// The stack pointer of a batch under it.
+    fn rsp(&self) -> u64 {
+        self.frame + 8
+    }
+
+    /// Adds the call that spreads it (installs its handler as the SIGTRAP action) to
+    /// `calls`, first among them; with `save`, the call saves the action it replaces in the
+    /// net (the action then known: no other thread's batch runs).
+    pub fn add_install(&self, calls: &mut Calls, save: bool) -> usize {
+        let saved = if save { self.saved_action() } else { 0 };
+        calls.add(
+            libc::SYS_rt_sigaction,
+            &[libc::SIGTRAP as u64, self.action(), saved, 8],
+        )
+    }
+}
 
 /// Runs system calls inside a stopped tracee.
 #[derive(Debug)]
@@ -952,19 +1077,89 @@ impl Remote<'_> {
         self.write_mem(at, &RUN_CALLS)
     }
 
+    /// Spreads a [`Net`] at `at` ([`Net::LEN`] bytes of the tracee's writable memory) for a
+    /// batch this thread runs through the code at `runner`: writes the frame that returns
+    /// it to `state` (its own registers, mask and extended state) and the handler's action.
+    /// `saved`: the process's own SIGTRAP action, if known (else the batch saves it: see
+    /// [`Net::add_install`]). `count`: where the count of the threads under nets is (8
+    /// bytes of the tracee's writable memory), which the caller sets (see
+    /// [`Remote::count_nets`]) before any of their batches starts.
+    pub fn spread_net(
+        &self,
+        at: u64,
+        runner: u64,
+        state: sys::sigframe::ThreadState<'_>,
+        saved: Option<&[u8; SIGACTION_LEN as usize]>,
+        count: u64,
+    ) -> Result<Net> {
+        let net = Net::at(at);
+        let mut frame = sys::sigframe::rt_sigframe(net.frame, state);
+        let handler = Net::handler(runner);
+        let action = [
+            handler,
+            (libc::SA_SIGINFO | SA_RESTORER) as u64,
+            // (Never returned to: the handler ends in `rt_sigreturn`.)
+            runner + RUN_CALLS.len() as u64 - 2,
+            u64::MAX,
+        ];
+        let mut put = |at: u64, bytes: &[u8]| {
+            let at = (at - net.frame) as usize;
+            frame[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        let not_saved = [u64::MAX.to_ne_bytes(), [0; 8], [0; 8], [0; 8]].concat();
+        put(net.saved_action(), saved.map_or(&not_saved[..], |s| &s[..]));
+        put(net.action(), &action.map(u64::to_ne_bytes).concat());
+        put(net.count_address(), &count.to_ne_bytes());
+        self.write_mem(net.frame, &frame)?;
+        Ok(net)
+    }
+
+    /// Sets the count at `count` of the threads whose batches are about to run under nets
+    /// (see [`Remote::spread_net`]) to `threads`: should dolly end, the handler of the last
+    /// of them to run puts the process's SIGTRAP action back. (One counted whose handler
+    /// never runs leaves the action to a later dolly: see `capture::leftovers`.)
+    pub fn count_nets(&self, count: u64, threads: u64) -> Result<()> {
+        self.write_mem(count, &threads.to_ne_bytes())
+    }
+
+    /// Takes a [`Net`] in once the batch under it is over (this thread stopped at its end):
+    /// puts the process's own SIGTRAP action back, with a call run through the `syscall`
+    /// instruction (if the batch saved none, it did not install the net's). Until it is
+    /// back, a SIGTRAP would run the net's handler.
+    pub fn take_net_in(&mut self, net: &Net) -> Result<()> {
+        let mut handler = [0u8; 8];
+        self.read_mem(net.saved_action(), &mut handler)?;
+        if u64::from_ne_bytes(handler) == u64::MAX {
+            return Ok(());
+        }
+        self.call(
+            "putting the process's SIGTRAP action back",
+            libc::SYS_rt_sigaction,
+            &[libc::SIGTRAP as u64, net.saved_action(), 0, 8],
+        )
+        .map(drop)
+    }
+
     /// Runs every call of `calls` inside the tracee with a single stop, through the code
     /// page `runner` ([`Remote::map_call_runner`]) and a table at `table` (writable, at
     /// least [`Calls::table_len`] bytes). Returns each call's raw result (negative errno on
     /// failure). The tracee must block the signals [`CALLS_MASK`] blocks.
     pub fn run(&mut self, calls: &Calls, runner: u64, table: u64) -> Result<Vec<i64>> {
-        self.start_run(calls, runner, table)?;
+        self.start_run(calls, runner, table, None)?;
         self.finish_run(calls.list.len(), runner, table)
     }
 
     /// The first half of [`Remote::run`]: writes the table and lets the tracee run the
     /// calls, without waiting for them ([`Remote::finish_run`] does). The threads of a
-    /// process can so run theirs at the same time.
-    pub fn start_run(&mut self, calls: &Calls, runner: u64, table: u64) -> Result<()> {
+    /// process can so run theirs at the same time. Under `net` (spread for this thread,
+    /// its install among the calls), the calls run on the net's stack.
+    pub fn start_run(
+        &mut self,
+        calls: &Calls,
+        runner: u64,
+        table: u64,
+        net: Option<&Net>,
+    ) -> Result<()> {
         let mut raw = Vec::with_capacity(calls.table_len() as usize);
         for (nr, args) in &calls.list {
             raw.extend_from_slice(&nr.to_ne_bytes());
@@ -979,6 +1174,9 @@ impl Remote<'_> {
         let mut regs = self.base;
         regs.rip = runner;
         regs.rbx = table;
+        if let Some(net) = net {
+            regs.rsp = net.rsp();
+        }
         regs.orig_rax = u64::MAX;
         regs.eflags &= !0x100;
         self.tracee.set_regs(&regs)?;
@@ -1167,6 +1365,9 @@ pub const CALLS_MASK: u64 = !(bit(libc::SIGTRAP)
     | bit(libc::SIGILL)
     | bit(libc::SIGFPE)
     | bit(libc::SIGSYS));
+
+/// `SA_RESTORER`: the action gives the code a handler returns to (required on x86-64).
+const SA_RESTORER: libc::c_int = 0x0400_0000;
 
 /// Signal `sig`'s bit in a signal mask.
 const fn bit(sig: i32) -> u64 {

@@ -12,8 +12,8 @@
 use std::time::Instant;
 
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 
+use super::leftovers::ForkNote;
 use super::tree::Member;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Area;
@@ -210,7 +210,7 @@ fn run_inside<T>(
 
 /// Reaps ended child `ns_pid` from inside its parent (`wait4`). A child already reaped (the
 /// process waited for it itself, with `__WALL`) is no error.
-fn wait_for(remote: &mut crate::tracee::Remote<'_>, ns_pid: i32) -> Result<()> {
+pub(super) fn wait_for(remote: &mut crate::tracee::Remote<'_>, ns_pid: i32) -> Result<()> {
     // (Already a zombie: no need to block, which a PID reused meanwhile could make last.)
     let flags = (libc::__WALL | libc::WNOHANG) as u64;
     let rc = remote.raw(libc::SYS_wait4, &[ns_pid as u64, 0, flags, 0])?;
@@ -221,55 +221,6 @@ fn wait_for(remote: &mut crate::tracee::Remote<'_>, ns_pid: i32) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// A fork as recorded beside its snapshot while it lives, for [`reap_leftovers`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ForkNote {
-    /// The process forked.
-    pub parent: i32,
-    /// The fork's PID.
-    pub pid: i32,
-    /// The fork's PID as the process sees it.
-    pub ns_pid: i32,
-    /// When the fork had started by (clock ticks after boot: when dolly saw it made, known
-    /// without reading its `stat` in the freeze): tells it from a later process with its
-    /// PID. (Not from an earlier one: none can hold its PID while it is not reaped.) An
-    /// older note's exact `start_time` reads as that.
-    #[serde(alias = "start_time")]
-    pub started_by: u64,
-    /// When the process forked started: tells it from another process with its PID (a later
-    /// one, or one of another PID namespace, as a clone's restored process). 0: unknown.
-    #[serde(default)]
-    pub parent_start_time: u64,
-}
-
-/// After a capture worker was killed while it held forks (which then died with it): has
-/// each process noted in `notes` reap its fork, if it is still a zombie there. Returns
-/// whether every note is settled: its process seen (as itself, from this PID namespace)
-/// and its fork reaped or gone. (Seen from another PID namespace, as inside a clone, the
-/// notes are left for a dolly that sees the processes.)
-pub fn reap_leftovers(notes: &[ForkNote]) -> bool {
-    let mut settled = true;
-    for note in notes {
-        let parent_seen = ProcDir::new(Pid::from_raw(note.parent))
-            .stat()
-            .is_ok_and(|s| note.parent_start_time == 0 || s.start_time == note.parent_start_time);
-        if !parent_seen {
-            settled = false;
-            continue;
-        }
-        let ours = ProcDir::new(Pid::from_raw(note.pid)).stat().is_ok_and(|s| {
-            s.state == 'Z'
-                && s.ppid == note.parent
-                && s.exit_signal == 0
-                && s.start_time <= note.started_by
-        });
-        if ours && reap(Pid::from_raw(note.parent), note.ns_pid, None).is_err() {
-            settled = false;
-        }
-    }
-    settled
 }
 
 impl Held {
@@ -287,7 +238,7 @@ impl Held {
         }
     }
 
-    /// What to note of it beside the snapshot while it lives (see [`reap_leftovers`]).
+    /// What to note of it beside the snapshot while it lives (see [`super::leftovers`]).
     pub fn note(&self) -> ForkNote {
         let pid = self.pid();
         ForkNote {
@@ -431,9 +382,24 @@ impl Drop for Held {
 /// Has process `parent` reap its ended child `ns_pid` (a PID as it sees it). Returns how long
 /// the thread that did was stopped, in ms (0 if the process is gone: its children then go
 /// to a reaper that reaps them).
-fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
+pub(super) fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
+    let stopped_ms = run_in(parent, vdso, |remote| wait_for(remote, ns_pid))?;
+    crate::checkpoint::mark(&format!(
+        "cow: {parent} reaped its fork ({stopped_ms:.3} ms)"
+    ));
+    Ok(stopped_ms)
+}
+
+/// Runs `call` inside process `parent` (through its vDSO, at `vdso` if known), in one of
+/// its threads stopped for that (the leader, unless it has ended before the others), its
+/// registers and signal mask put back after, then lets it go. Returns how long that thread
+/// was stopped, in ms (0 if the process is gone).
+pub(super) fn run_in(
+    parent: Pid,
+    vdso: Option<u64>,
+    call: impl FnOnce(&mut crate::tracee::Remote<'_>) -> Result<()>,
+) -> Result<f64> {
     let proc = ProcDir::new(parent);
-    // A thread that can run the call: the leader, unless it has ended before the others.
     let live = |tid: &Pid| {
         ProcDir::new(*tid)
             .stat()
@@ -454,16 +420,11 @@ fn reap(parent: Pid, ns_pid: i32, vdso: Option<u64>) -> Result<f64> {
     thread.set_trap_ignored(stat.is_some_and(|s| crate::tracee::ignores_trap(s.sig_ignored)));
     // (Stopped from the interrupt on, which the seizing makes.)
     let since = thread.interrupted_at().unwrap_or(asking);
-    let reaped = run_inside(&mut thread, vdso, job_stopped, |remote| {
-        wait_for(remote, ns_pid)
-    });
+    let ran = run_inside(&mut thread, vdso, job_stopped, call);
     // (Until it is let go: see `Frozen::thaw`.)
     let detached = thread.detach();
     let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
-    reaped?;
+    ran?;
     detached?;
-    crate::checkpoint::mark(&format!(
-        "cow: {parent} reaped its fork ({stopped_ms:.3} ms)"
-    ));
     Ok(stopped_ms)
 }

@@ -5,6 +5,7 @@
 mod checks;
 mod cow;
 pub use cow::ForkPolicy;
+pub mod leftovers;
 mod parent;
 pub use parent::{auto_parent, restored_from};
 mod precopy;
@@ -58,13 +59,16 @@ pub struct CaptureReport {
     pub record: Record,
 }
 
-/// What the forks of the freeze need, made ready before it (see [`cow`]).
+/// What the forks of the freeze (see [`cow`]) and the notes of what the capture leaves in
+/// its processes (see [`leftovers`]) need, made ready before it.
 struct ForkSetup {
     /// The memory each pre-copied process could still be given, for
     /// [`cow::worth_forking`] (`--fork auto`).
     rooms: HashMap<Pid, Option<u64>>,
-    /// [`FORKS_FILE`], made and mapped before the freeze (none with `--fork never`).
-    note: Option<ForksNote>,
+    /// When each pre-copied process started (clock ticks after boot).
+    starts: HashMap<Pid, u64>,
+    /// [`leftovers::NOTE_FILE`], made and mapped before the freeze.
+    note: Option<leftovers::Note>,
 }
 
 /// The image of a tree, but the header.
@@ -130,9 +134,14 @@ pub fn capture_observed(
                 ForkPolicy::Auto => precopy.pids().map(|p| (p, cow::room(p))).collect(),
                 _ => HashMap::new(),
             },
-            note: (opts.fork != ForkPolicy::Never)
-                .then(|| ForksNote::create(&draft.dir().join(FORKS_FILE), precopy.pids().count()))
-                .flatten(),
+            starts: precopy
+                .pids()
+                .filter_map(|p| Some((p, ProcDir::new(p).stat().ok()?.start_time)))
+                .collect(),
+            note: leftovers::Note::create(
+                &draft.dir().join(leftovers::NOTE_FILE),
+                precopy.pids().count(),
+            ),
         };
         for pid in precopy.pids() {
             process::rehearse(pid);
@@ -186,7 +195,7 @@ pub fn capture_observed(
         precopy.finish(&draft.pool_dir());
         Ok((image, frozen_ms + reap_ms))
     })();
-    let _ = std::fs::remove_file(draft.dir().join(FORKS_FILE));
+    let _ = std::fs::remove_file(draft.dir().join(leftovers::NOTE_FILE));
     let (image, frozen_ms) = match frozen {
         Ok(v) => v,
         Err(e) => {
@@ -263,6 +272,21 @@ fn capture_frozen(
             let pid = member.proc.pid();
             let known_maps = precopy.known_maps(pid);
             let room = setup.rooms.get(&pid).copied().flatten();
+            let parent_start_time = setup.starts.get(&pid).copied().unwrap_or(0);
+            let note = &mut setup.note;
+            // (Noted before the calls run: should the capture be killed while they do, a
+            // safety net sends the process back to its own state, dolly's memory left in it.)
+            let mut note_calls = |area, len, runner| {
+                if let Some(note) = note.as_mut() {
+                    let _ = note.add(leftovers::Leftover::Calls(leftovers::CallsNote {
+                        parent: pid.as_raw(),
+                        parent_start_time,
+                        area,
+                        len,
+                        runner,
+                    }));
+                }
+            };
             let (process, fork) = process::inspect(
                 member,
                 &mut shared,
@@ -274,12 +298,13 @@ fn capture_frozen(
                 known_maps.as_deref(),
                 checkpoints,
                 |memory| worth_forking(precopy, pid, memory, opts.fork, room),
+                &mut note_calls,
             )?;
             // At once (still frozen: a copy into memory): should the capture be killed from
             // now on, the forks end with it (killed once taken over, else ending themselves)
             // and the note has their processes reap them.
             if let (Some(held), Some(note)) = (&fork, &mut setup.note) {
-                let _ = note.add(held);
+                let _ = note.add(leftovers::Leftover::Fork(held.note()));
             }
             inspected.push(process);
             forks.push(fork);
@@ -442,88 +467,6 @@ fn dump_forked(
 /// How much lower the priority of the work done beside running processes is (pre-copy, the
 /// reading of their forks after the thaw): it yields the CPU to them.
 const YIELD_NICE: i32 = 10;
-
-/// The file beside a snapshot's record that lists the forks its capture holds (see [`cow`]),
-/// while it holds them.
-const FORKS_FILE: &str = "forks.json";
-
-/// Room for the note of one fork in [`ForksNote`]'s mapping (a note takes about 120 bytes).
-const NOTE_BYTES: usize = 256;
-
-/// [`FORKS_FILE`] beside a snapshot, made before the freeze (creating a file takes tenths
-/// of a millisecond) and mapped, its pages written once: noting the forks at the freeze is
-/// then a copy into memory, not a write to the file system (tens of µs). Should the capture
-/// be killed, the forks die with it, and [`reap_leftover_forks`] has their processes reap
-/// them. The JSON list is followed by zero bytes up to the end of the file.
-struct ForksNote {
-    file: std::fs::File,
-    map: Option<memmap2::MmapMut>,
-    notes: Vec<cow::ForkNote>,
-}
-
-impl ForksNote {
-    /// Makes the note, empty, with room for the forks of `processes` processes.
-    fn create(path: &std::path::Path, processes: usize) -> Option<ForksNote> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .ok()?;
-        use std::os::unix::fs::FileExt;
-        let page = crate::sys::PAGE_SIZE as usize;
-        let len = (processes.max(1) * NOTE_BYTES).next_multiple_of(page);
-        // (Zeros written, not faulted in through the mapping: a full file system fails the
-        // write, where a store into the mapping would get SIGBUS.)
-        let map = file.write_all_at(&vec![0; len], 0).ok().and_then(|()| {
-            // SAFETY: the file was just made by dolly, in its own snapshot's directory;
-            // nothing else maps or shortens it while the capture runs.
-            unsafe { memmap2::MmapMut::map_mut(&file) }.ok()
-        });
-        Some(ForksNote {
-            file,
-            map,
-            notes: Vec::new(),
-        })
-    }
-
-    /// Notes fork `held` too.
-    fn add(&mut self, held: &cow::Held) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.notes.push(held.note());
-        let text = serde_json::to_vec(&self.notes).expect("notes serialize");
-        match &mut self.map {
-            Some(map) if text.len() < map.len() => {
-                map[..text.len()].copy_from_slice(&text);
-                Ok(())
-            }
-            _ => self
-                .file
-                .write_all_at(&text, 0)
-                .context("noting the forks beside the snapshot"),
-        }
-    }
-}
-
-/// For a capture found interrupted (its worker killed) in snapshot directory `dir`: has
-/// the processes it forked reap those forks, left as zombies (the note stays until they
-/// are: see [`cow::reap_leftovers`]).
-pub fn reap_leftover_forks(dir: &std::path::Path) {
-    let path = dir.join(FORKS_FILE);
-    let Ok(text) = std::fs::read(&path) else {
-        return;
-    };
-    // (The list, then zeros: see `ForksNote`.)
-    let end = text.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    let settled = match serde_json::from_slice::<Vec<cow::ForkNote>>(&text[..end]) {
-        Ok(notes) => cow::reap_leftovers(&notes),
-        Err(_) => true, // empty: made before the freeze, no fork noted yet
-    };
-    if settled {
-        let _ = std::fs::remove_file(path);
-    }
-}
 
 /// BLAKE3 of this kernel's vDSO image.
 pub fn host_vdso_hash() -> Result<String> {

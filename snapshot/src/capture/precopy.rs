@@ -123,6 +123,7 @@ pub fn run(root: Pid, pool_dir: &Path, parent: Option<&Parent>) -> Result<Precop
     tracee::vdso_syscall_offset()?;
     crate::sys::process::populate_own_code();
     crate::resource::tracking::warm_up();
+    crate::sys::sigframe::warm_up();
     let root_vdso = crate::proc::ProcDir::new(root)
         .maps_without_flags()?
         .iter()

@@ -10,14 +10,33 @@ use crate::proc::ProcDir;
 use crate::resource::files::{FileTable, OpenFiles};
 use crate::resource::memory::{MemoryPlan, ShmemTable};
 use crate::resource::{creds, files, memory, process, signals, thread};
+use crate::sys::sigframe::ThreadState;
 use crate::tracee::{self, RawRegs, Tracee};
 use nix::unistd::Pid;
 
 use super::tree::Member;
 use super::{checks, cow};
 
-/// Bytes of scratch memory mapped inside the target while reading hidden state.
-const SCRATCH_LEN: u64 = 8 * crate::sys::PAGE_SIZE;
+/// Bytes of scratch memory mapped inside the target while reading hidden state: the tables
+/// of calls and their outputs, then [`NETS`] safety nets (see [`tracee::Net`]).
+const SCRATCH_LEN: u64 = TABLES_LEN + NETS * tracee::Net::LEN;
+
+/// The part of the scratch memory for tables of calls and their outputs.
+const TABLES_LEN: u64 = 8 * crate::sys::PAGE_SIZE;
+
+/// Safety nets in the scratch memory: as many threads of a process run their calls at the
+/// same time (see [`capture_threads`]).
+const NETS: u64 = 16;
+
+/// Where the count of threads under safety nets is in the scratch memory (see
+/// [`tracee::Remote::count_nets`]): at the end of the first page of the leader's outputs
+/// (a page written anyway; the other threads' slots stay below it).
+const COUNT_AT: u64 = OUT + crate::sys::PAGE_SIZE - 8;
+
+/// Where safety net `i` is in the scratch memory at `area`.
+pub(super) fn net_at(area: u64, i: u64) -> u64 {
+    area + TABLES_LEN + i * tracee::Net::LEN
+}
 
 /// The tables a tree's processes share: each file, open file description and shared memory
 /// object once, however many processes hold it.
@@ -104,7 +123,7 @@ fn plan_vdso(memory: &MemoryPlan) -> Option<u64> {
 
 /// Where the batched queries of [`query_hidden`] write, in the scratch area: the call table
 /// first, the outputs from here.
-const OUT: u64 = 8 * crate::sys::PAGE_SIZE / 2;
+const OUT: u64 = TABLES_LEN / 2;
 
 /// Dolly's scratch area and code page inside a process, kept mapped after the leader's
 /// queries for those of its other threads (they share its memory): see [`Scratch::unmap`].
@@ -117,6 +136,9 @@ struct Scratch {
     runner: u64,
     /// The code page, when it could not be mapped with the scratch area.
     runner_page: Option<u64>,
+    /// The process's own SIGTRAP action (`struct sigaction`), as the leader's batch saved
+    /// it: for the safety nets of its other threads' batches.
+    trap_action: [u8; tracee::SIGACTION_LEN as usize],
 }
 
 impl Scratch {
@@ -145,6 +167,9 @@ trait Beside {
     fn mapping(&mut self);
     /// Once that memory is mapped at `[start, end)`: whether the batch is to end with a fork.
     fn fork(&mut self, scratch: (u64, u64)) -> bool;
+    /// Before the batch runs, dolly's memory mapped at `area` (`len` bytes, its code at
+    /// `runner`): to note what a killed capture would leave in the process.
+    fn calls_at(&mut self, area: u64, len: u64, runner: u64);
     /// While the batch of calls (and the fork) runs.
     fn running(&mut self);
 }
@@ -161,6 +186,7 @@ trait Beside {
 /// take the fork over, or to fork after, if it is `None`).
 fn query_hidden(
     remote: &mut tracee::Remote,
+    leader: ThreadState<'_>,
     checkpoints: &Checkpoints,
     keep: bool,
     beside: &mut dyn Beside,
@@ -203,6 +229,8 @@ fn query_hidden(
         SCRATCH_LEN
     };
     let fork = beside.fork((scratch, scratch + len));
+    // (The process's own SIGTRAP action, as the batch saved it.)
+    let mut trap_action = [0u8; tracee::SIGACTION_LEN as usize];
     let result = match &runner {
         Err(e) => Err(Error::new(e.kind(), e.message())),
         Ok(runner) => Ok(*runner),
@@ -210,12 +238,23 @@ fn query_hidden(
     .and_then(|runner| {
         checkpoints.reach("capture:injected")?;
         let out = scratch + OUT;
+        // (Under a safety net: should dolly end now, the process goes back to its state.)
+        beside.calls_at(scratch, len, runner);
+        // (The count, of this thread alone, is written with the outputs' zeros below.)
+        let count = scratch + COUNT_AT;
+        let spread = remote.spread_net(net_at(scratch, 0), runner, leader, None, count)?;
         let mut calls = tracee::Calls::default();
+        spread.add_install(&mut calls, true);
         // Each signal's action: 32 bytes each.
         let signals: Vec<i32> = (1..=signals::MAX_SIGNAL)
             .filter(|&s| signals::settable(s))
             .collect();
-        for (i, &signo) in signals.iter().enumerate() {
+        // (SIGTRAP's is the one the net's install saves: see below.)
+        for (i, &signo) in signals
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| s != libc::SIGTRAP)
+        {
             calls.add(
                 libc::SYS_rt_sigaction,
                 &[signo as u64, 0, out + 32 * i as u64, 8],
@@ -250,8 +289,13 @@ fn query_hidden(
         let clone = (fork && together && !keep)
             .then(|| calls.add(libc::SYS_clone, &tracee::FORK_HELD_ARGS));
         let end = ints + 16;
-        remote.write_mem(out, &vec![0u8; (end - out) as usize])?;
-        remote.start_run(&calls, runner, scratch)?;
+        debug_assert!(end <= count, "the outputs end before the count");
+        let mut zeros = vec![0u8; (count + 8 - out) as usize];
+        zeros[(count - out) as usize..].copy_from_slice(&1u64.to_ne_bytes());
+        remote.write_mem(out, &zeros)?;
+        remote.start_run(&calls, runner, scratch, Some(&spread))?;
+        // (Not to leave the calls running: an abort is acted on once they are over.)
+        let paused = checkpoints.reach("capture:calls");
         beside.running();
         let finished = remote.finish_run(calls.len(), runner, scratch);
         *made = match (&finished, clone) {
@@ -260,7 +304,11 @@ fn query_hidden(
             (Err(_), Some(i)) => remote.run_result(scratch, i).filter(|&rc| rc > 0),
             _ => None,
         };
+        // (Whatever happened: the batch may have installed the net's handler.)
+        let taken_in = remote.take_net_in(&spread);
         let results = finished?;
+        taken_in?;
+        paused?;
         crate::checkpoint::mark("inspect: state read");
         if let Some((i, rc)) = results[..queries]
             .iter()
@@ -275,6 +323,11 @@ fn query_hidden(
         let mut raw = vec![0u8; (end - out) as usize];
         remote.read_mem(out, &mut raw)?;
         let at = |addr: u64| (addr - out) as usize;
+        remote.read_mem(spread.saved_action(), &mut trap_action)?;
+        if let Some(i) = signals.iter().position(|&s| s == libc::SIGTRAP) {
+            let a = at(out + 32 * i as u64);
+            raw[a..a + trap_action.len()].copy_from_slice(&trap_action);
+        }
         let word = |addr: u64| u64::from_ne_bytes(raw[at(addr)..at(addr) + 8].try_into().unwrap());
         // (An ignored SIGTRAP reads as at its default by now: see `Tracee::set_trap_ignored`.)
         let trap_ignored = remote.tracee().trap_ignored();
@@ -324,6 +377,7 @@ fn query_hidden(
         len,
         runner: runner.unwrap_or_default(),
         runner_page: runner.filter(|_| !together),
+        trap_action,
     };
     match result {
         Ok(hidden) if keep => Ok((hidden, Some(kept))),
@@ -419,6 +473,8 @@ struct ProcReads<'a, F> {
     policy: files::FdPolicy,
     known_maps: Option<&'a [crate::proc::MapsEntry]>,
     fork_if: Option<F>,
+    /// Notes dolly's memory in the process (area, length, code) before calls run there.
+    note_calls: &'a mut dyn FnMut(u64, u64, u64),
     plan: Option<Result<MemoryPlan>>,
     /// What `fork_if` said.
     worth: bool,
@@ -505,6 +561,10 @@ impl<F: FnOnce(&MemoryPlan) -> bool> Beside for ProcReads<'_, F> {
         self.worth
     }
 
+    fn calls_at(&mut self, area: u64, len: u64, runner: u64) {
+        (self.note_calls)(area, len, runner);
+    }
+
     fn running(&mut self) {
         self.mapping();
         if self.rest.is_none() {
@@ -552,6 +612,7 @@ pub fn inspect(
     known_maps: Option<&[crate::proc::MapsEntry]>,
     checkpoints: &Checkpoints,
     fork_if: impl FnOnce(&MemoryPlan) -> bool,
+    note_calls: &mut dyn FnMut(u64, u64, u64),
 ) -> Result<(Inspected, Option<cow::Held>)> {
     let pid = member.proc.pid();
     let status = member.proc.status()?;
@@ -572,6 +633,7 @@ pub fn inspect(
         policy,
         known_maps,
         fork_if: Some(fork_if),
+        note_calls,
         plan: None,
         worth: false,
         reread: false,
@@ -671,12 +733,19 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     // dolly's scratch memory is unmapped).
     let ip = syscall_ip(tracee, reads.known_maps.and_then(known_vdso), &regs)?;
     let vdso = |reads: &ProcReads<'_, F>| reads.vdso();
+    // (For the safety net of the fork's batch, after the other threads' calls.)
+    let kept_xstate = others.then(|| xstate.clone());
     // (What needs the leader stopped is read before it is put back: it then moves out of
     // the trap stop while dolly goes on.)
     let (hidden, scratch, leader, pending) =
         tracee.run_inside(ip, (&regs, sigmask), true, |remote| {
             let mut made = None;
-            let queried = query_hidden(remote, checkpoints, others, &mut *reads, &mut made);
+            let state = ThreadState {
+                regs: &regs,
+                mask: sigmask,
+                xstate: &xstate,
+            };
+            let queried = query_hidden(remote, state, checkpoints, others, &mut *reads, &mut made);
             if let Some(made) = made {
                 *held = cow::hold_inside(remote, pid, vdso(reads), made).ok();
             }
@@ -699,16 +768,36 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
         })?;
     let mut threads = vec![leader];
     if let Some(scratch) = &scratch {
-        let captured =
-            capture_threads(&mut tracees[1..], vdso(reads), scratch).map(|t| threads.extend(t));
-        // Whatever happened: the process is left as it was.
-        let worth = reads.worth;
-        tracees[0].run_inside_as_is(ip, true, |remote| {
+        let captured = capture_threads(&mut tracees[1..], vdso(reads), scratch, checkpoints)
+            .map(|t| threads.extend(t));
+        // Whatever happened: the process is left as it was. The fork, if any, in a batch of
+        // its own under a safety net, dolly's memory still mapped (the fork gets a copy of
+        // it, left out of the image), else once it is unmapped.
+        let worth = reads.worth && captured.is_ok();
+        let state = ThreadState {
+            regs: &regs,
+            mask: sigmask,
+            xstate: kept_xstate.as_deref().unwrap_or_default(),
+        };
+        tracees[0].run_inside(ip, (&regs, sigmask), true, |remote| {
+            let mut forked = Ok(());
+            if worth && scratch.runner_page.is_none() {
+                // (An abort is acted on once the batch is over.)
+                let mut paused = Ok(());
+                let (made, ran) = fork_in_batch(remote, scratch, state, || {
+                    paused = checkpoints.reach("capture:fork calls");
+                    reads.running();
+                });
+                if let Some(made) = made {
+                    *held = cow::hold_inside(remote, pid, vdso(reads), made).ok();
+                }
+                forked = ran.and(paused);
+            }
             scratch.unmap(remote)?;
-            if worth && captured.is_ok() {
+            if worth && scratch.runner_page.is_some() {
                 *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
             }
-            Ok(())
+            forked
         })?;
         captured?;
     }
@@ -719,12 +808,54 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     })
 }
 
-/// Room for one thread's calls and their output in the scratch area (see
-/// [`capture_threads`]): the table of two calls, then [`THREAD_STATE_LEN`] bytes of output.
-const THREAD_SLOT: u64 = 256;
+/// Forks the process from inside its stopped leader (in state `leader`), with a batch of one
+/// `clone` ([`tracee::FORK_HELD_ARGS`]) under a safety net, through dolly's memory
+/// `scratch` (kept by the leader's queries; its code mapped with it), doing `meanwhile`
+/// while it runs. Returns what the `clone` returned, if it ran (a fork to take over, or to
+/// end, whatever else happened), and how the batch went.
+fn fork_in_batch(
+    remote: &mut tracee::Remote,
+    scratch: &Scratch,
+    leader: ThreadState<'_>,
+    meanwhile: impl FnOnce(),
+) -> (Option<i64>, Result<()>) {
+    let count = scratch.area + COUNT_AT;
+    let saved = Some(&scratch.trap_action);
+    let at = net_at(scratch.area, 0);
+    let net = match remote
+        .count_nets(count, 1)
+        .and_then(|()| remote.spread_net(at, scratch.runner, leader, saved, count))
+    {
+        Ok(net) => net,
+        Err(e) => return (None, Err(e)),
+    };
+    let mut calls = tracee::Calls::default();
+    net.add_install(&mut calls, false);
+    let clone = calls.add(libc::SYS_clone, &tracee::FORK_HELD_ARGS);
+    if let Err(e) = remote.start_run(&calls, scratch.runner, scratch.area, Some(&net)) {
+        return (None, Err(e));
+    }
+    meanwhile();
+    let finished = remote.finish_run(calls.len(), scratch.runner, scratch.area);
+    let made = match &finished {
+        Ok(results) => Some(results[clone]),
+        // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
+        Err(_) => remote.run_result(scratch.area, clone),
+    };
+    // (Whatever happened: the batch may have installed the net's handler.)
+    let taken_in = remote.take_net_in(&net);
+    let made = made.filter(|&rc| rc > 0 || finished.is_ok());
+    (made, finished.and(taken_in).map(drop))
+}
 
-/// Where in its slot a thread's calls write: after the table of two calls and its end mark.
-const THREAD_OUT: u64 = 3 * 64;
+/// Room for one thread's calls and their output in the scratch area (see
+/// [`capture_threads`]): the table of three calls, then [`THREAD_STATE_LEN`] bytes of
+/// output.
+const THREAD_SLOT: u64 = 512;
+
+/// Where in its slot a thread's calls write: after the table of three calls (its net's
+/// install and two queries) and its end mark.
+const THREAD_OUT: u64 = 4 * 64;
 
 /// Bytes [`add_thread_queries`] writes: the alternate signal stack (24), then the tid
 /// address at 32.
@@ -753,9 +884,10 @@ fn thread_state(raw: &[u8]) -> thread::HiddenState {
     }
 }
 
-/// The calls of one thread, in its slot of the scratch area at `slot`.
-fn thread_calls(slot: u64) -> tracee::Calls {
+/// The calls of one thread, in its slot of the scratch area at `slot`, under `net`.
+fn thread_calls(slot: u64, net: &tracee::Net) -> tracee::Calls {
     let mut calls = tracee::Calls::default();
+    net.add_install(&mut calls, false);
     add_thread_queries(&mut calls, slot + THREAD_OUT);
     calls
 }
@@ -792,11 +924,12 @@ fn capture_threads(
     tracees: &mut [Tracee],
     vdso: Option<u64>,
     scratch: &Scratch,
+    checkpoints: &Checkpoints,
 ) -> Result<Vec<Thread>> {
-    let slots = (SCRATCH_LEN / THREAD_SLOT) as usize;
+    let slots = (TABLES_LEN / THREAD_SLOT).min(NETS) as usize;
     let mut threads = Vec::with_capacity(tracees.len());
     for group in tracees.chunks_mut(slots) {
-        threads.extend(capture_group(group, vdso, scratch)?);
+        threads.extend(capture_group(group, vdso, scratch, checkpoints)?);
     }
     Ok(threads)
 }
@@ -806,8 +939,10 @@ fn capture_group(
     group: &mut [Tracee],
     vdso: Option<u64>,
     scratch: &Scratch,
+    checkpoints: &Checkpoints,
 ) -> Result<Vec<Thread>> {
     let mut before = Vec::with_capacity(group.len());
+    let mut nets = Vec::with_capacity(group.len());
     for tracee in group.iter_mut() {
         let task = ProcDir::new(tracee.pid());
         let ns_pid = task.status()?.ns_pid;
@@ -826,39 +961,71 @@ fn capture_group(
         });
     }
     let slot = |i: usize| scratch.area + i as u64 * THREAD_SLOT;
-    // Every thread started (the signals of `tracee::CALLS_MASK` blocked), then every
-    // started one waited for, and put back as it was, whatever happened to the others.
+    // Every thread started (the signals of `tracee::CALLS_MASK` blocked, under a safety
+    // net), then every started one waited for; then the process's SIGTRAP action put back
+    // (once: it is the process's), and each put back as it was, whatever happened to the
+    // others.
     let mut started = 0;
     let mut first_error = None;
     // (The one that failed to start, if one did: it is not running.)
     let mut unstarted = None;
+    let count = scratch.area + COUNT_AT;
+    // (All counted, whatever starts: see `Remote::count_nets`.)
+    let threads = group.len() as u64;
+    if let Some(first) = group.first_mut() {
+        first
+            .remote_with(before[0].ip, before[0].regs)
+            .count_nets(count, threads)?;
+    }
     for (i, (tracee, b)) in group.iter_mut().zip(&before).enumerate() {
+        let state = ThreadState {
+            regs: &b.regs,
+            mask: b.sigmask,
+            xstate: &b.xstate,
+        };
         let start = tracee.set_sigmask(tracee::CALLS_MASK).and_then(|()| {
-            tracee.remote_with(b.ip, b.regs).start_run(
-                &thread_calls(slot(i)),
+            let mut remote = tracee.remote_with(b.ip, b.regs);
+            let at = net_at(scratch.area, i as u64);
+            let saved = Some(&scratch.trap_action);
+            let net = remote.spread_net(at, scratch.runner, state, saved, count)?;
+            remote.start_run(
+                &thread_calls(slot(i), &net),
                 scratch.runner,
                 slot(i),
-            )
+                Some(&net),
+            )?;
+            Ok(net)
         });
         started += 1;
-        if let Err(e) = start {
-            first_error = Some(e);
-            unstarted = Some(i);
-            break;
+        match start {
+            Ok(net) => nets.push(net),
+            Err(e) => {
+                first_error = Some(e);
+                unstarted = Some(i);
+                break;
+            }
         }
     }
-    let mut hidden = Vec::with_capacity(started);
+    // (An abort is acted on once the calls are over.)
+    if let Err(e) = checkpoints.reach("capture:thread calls") {
+        first_error.get_or_insert(e);
+    }
+    let mut ran = Vec::with_capacity(started);
     for (i, (tracee, b)) in group.iter_mut().zip(&before).enumerate().take(started) {
-        let ran = match unstarted {
+        ran.push(match unstarted {
             Some(at) if at == i => Err(Error::new(crate::error::ErrorKind::System, "not started")),
             _ => tracee
                 .remote_with(b.ip, b.regs)
-                .finish_run(2, scratch.runner, slot(i)),
-        };
-        let read = ran.and_then(|results| thread_hidden(tracee, slot(i), &results));
-        let put_back = tracee
-            .set_regs(&b.regs)
-            .and_then(|()| tracee.set_sigmask(b.sigmask));
+                .finish_run(3, scratch.runner, slot(i))
+                .and_then(|results| thread_hidden(tracee, slot(i), &results)),
+        });
+    }
+    // Each put back and moved out of its trap at once (with its own registers it must not
+    // take the SIGTRAP of that trap, which a dolly that ends would leave it), then all
+    // waited for.
+    let mut hidden = Vec::with_capacity(started);
+    for ((tracee, b), read) in group.iter_mut().zip(&before).zip(ran) {
+        let put_back = tracee.put_back(&b.regs, b.sigmask, true);
         match read.and_then(|h| put_back.map(|()| h)) {
             Ok(h) => hidden.push(h),
             Err(e) => {
@@ -866,11 +1033,35 @@ fn capture_group(
             }
         }
     }
-    let parked = Tracee::park_all(group);
+    let mut parked = Ok(());
+    for tracee in group.iter_mut() {
+        let settled = tracee.settle();
+        if parked.is_ok() {
+            parked = settled;
+        }
+    }
+    // Then the process's own SIGTRAP action back, from inside one of them (the first that
+    // can run a call; should dolly end before, a later dolly puts it back).
+    if let Err(e) = checkpoints.reach("capture:threads back") {
+        first_error.get_or_insert(e);
+    }
+    let mut taken_in = Ok(());
+    for (i, net) in nets.iter().enumerate() {
+        let b = &before[i];
+        taken_in = group[i]
+            .run_inside(b.ip, (&b.regs, b.sigmask), true, |remote| {
+                remote.take_net_in(net)
+            })
+            .and_then(|()| group[i].settle());
+        if taken_in.is_ok() {
+            break;
+        }
+    }
     if let Some(e) = first_error {
         return Err(e);
     }
     parked?;
+    taken_in?;
     group
         .iter()
         .zip(before)

@@ -9,6 +9,7 @@ pub mod inotify;
 pub mod pagemap;
 pub mod process;
 pub mod ptrace;
+pub mod sigframe;
 pub mod socket;
 pub mod sysv;
 pub mod tty;
