@@ -156,15 +156,58 @@ fn kill_9_of_the_capture_worker_holding_a_fork_leaves_no_zombie() {
 }
 
 /// The capture worker killed while a process runs dolly's calls (its registers dolly's),
-/// or sits in the trap that ends them: the process goes back by itself to its own
-/// registers, signal mask, extended state and SIGTRAP action (dolly's safety net, see
-/// `tracee::Net`) and runs on, its own checks all true; the listing that finds the capture
-/// interrupted has it unmap dolly's memory: nothing is left.
+/// or sits in the trap that ends them, before or after dolly saw it stop there: the
+/// process goes back by itself to its own registers, signal mask, extended state and
+/// SIGTRAP action (dolly's safety net, see `tracee::Net`) and runs on, its own checks all
+/// true; the listing that finds the capture interrupted has it unmap dolly's memory:
+/// nothing is left.
 #[test]
 fn kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running() {
+    for at in ["capture:calls", "capture:calls done"] {
+        let dolly = Dolly::new();
+        let w = Workload::start(2);
+        let pid = w.pid();
+        let before = own_state(pid);
+        let (cli, worker) = start_paused(
+            &dolly,
+            &["snapshot", "capture", "--pid", &pid.to_string()],
+            at,
+        );
+        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+        let _ = cli.wait_with_output().unwrap();
+        // Its registers, mask, dispositions, alternate stack, vector registers: its own.
+        assert_runs_as_before(&w);
+        let list = dolly.list();
+        assert_eq!(list[0]["status"], "failed", "{at}: {list:?}");
+        assert_eq!(
+            own_state(pid),
+            before,
+            "{at}: dolly's memory or action left"
+        );
+        w.wait_ticks(2);
+        assert_report_ok(&w.report(pid));
+    }
+}
+
+/// What dolly's calls could leave in process `pid`: writable and executable memory, its
+/// threads, the signals it catches, ignores and blocks, its children.
+fn own_state(pid: i32) -> (Vec<String>, Vec<Option<String>>, Vec<i32>) {
+    let (threads, rwx) = capture_traces(pid);
+    let status = ["SigCgt", "SigIgn", "SigBlk"].map(|key| proc_status(pid, key));
+    (rwx, [vec![threads], status.to_vec()].concat(), tree(pid))
+}
+
+/// [`kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running`] for a
+/// process that ignores SIGTRAP (which dolly's first calls, single steps, set back to its
+/// default): it ignores it still, and a SIGTRAP sent to it does nothing.
+#[test]
+fn kill_9_in_the_calls_of_a_process_ignoring_sigtrap_leaves_it_ignored() {
     let dolly = Dolly::new();
-    let w = Workload::start(2);
-    let pid = w.pid();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = format!("import signal\nsignal.signal(signal.SIGTRAP, signal.SIG_IGN)\n{COUNTER}");
+    let prog = python_ready(&script, &out);
+    let pid = prog.pid();
     let before = own_state(pid);
     let (cli, worker) = start_paused(
         &dolly,
@@ -173,25 +216,11 @@ fn kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running()
     );
     kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
     let _ = cli.wait_with_output().unwrap();
-    // Its registers, mask, dispositions, alternate stack, vector registers: its own.
-    assert_runs_as_before(&w);
-    let list = dolly.list();
-    assert_eq!(list[0]["status"], "failed", "{list:?}");
-    assert_eq!(
-        own_state(pid),
-        before,
-        "dolly's memory or SIGTRAP action left"
-    );
-    w.wait_ticks(2);
-    assert_report_ok(&w.report(pid));
-}
-
-/// What dolly's calls could leave in process `pid`: writable and executable memory, its
-/// threads, the signals it catches and blocks, its children.
-fn own_state(pid: i32) -> (Vec<String>, Vec<Option<String>>, Vec<i32>) {
-    let (threads, rwx) = capture_traces(pid);
-    let status = ["SigCgt", "SigBlk"].map(|key| proc_status(pid, key));
-    (rwx, [vec![threads], status.to_vec()].concat(), tree(pid))
+    assert_counts_on(pid, &out);
+    dolly.list();
+    assert_eq!(own_state(pid), before, "SIGTRAP ignored, as before");
+    kill(Pid::from_raw(pid), Signal::SIGTRAP).unwrap();
+    assert_counts_on(pid, &out);
 }
 
 /// [`kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running`] when
@@ -236,6 +265,7 @@ fn kill_9_while_the_threads_run_dolly_s_calls_leaves_every_thread_running() {
     for at in [
         "capture:calls",
         "capture:thread calls",
+        "capture:thread calls done",
         "capture:threads back",
         "capture:fork calls",
     ] {
@@ -259,6 +289,21 @@ fn kill_9_while_the_threads_run_dolly_s_calls_leaves_every_thread_running() {
         }
         kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
         let _ = cli.wait_with_output().unwrap();
+        if at == "capture:threads back" {
+            // The nets' handler is still the process's SIGTRAP action: a SIGTRAP of the
+            // process's own finds no net of dolly's to go back to; the handler puts the
+            // process's action back and lets that one signal go.
+            wait_until("the tracer to let go", Duration::from_secs(5), || {
+                proc_status(pid, "TracerPid").as_deref() == Some("0")
+            });
+            kill(Pid::from_raw(pid), Signal::SIGTRAP).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(
+                own_state(pid).1,
+                before.1,
+                "{at}: its own SIGTRAP action back"
+            );
+        }
         dolly.list();
         assert_eq!(
             own_state(pid),

@@ -708,11 +708,12 @@ impl Calls {
 
 /// Machine code that runs a table of system calls: for each 64-byte entry at `rbx`
 /// (`nr, a1..a6, result`) until `nr` is -1, loads the registers, `syscall`, stores `rax`
-/// in `result`; then `int3` (at [`RUN_CALLS_TRAP`]). The child of a `clone` in the table
-/// (a fork: `rax` 0 after a `clone`) goes to `exit(0)` instead: should dolly end before
-/// it took the child over, the child ends itself. Then, at [`RUN_CALLS_NET`], the handler
-/// of a [`Net`].
-const RUN_CALLS: [u8; 124] = [
+/// in `result`; then `int3` (at [`RUN_CALLS_TRAP`]), and back to it should the thread go
+/// on (its trap's SIGTRAP cancelled: dolly waited for the stop, then ended). The child of
+/// a `clone` in the table (a fork: `rax` 0 after a `clone`) goes to `exit(0)` instead:
+/// should dolly end before it took the child over, the child ends itself. Then, at
+/// [`RUN_CALLS_NET`], the handler of a [`Net`].
+const RUN_CALLS: [u8; 180] = [
     0x48, 0x8b, 0x03, // mov rax, [rbx]
     0x48, 0x83, 0xf8, 0xff, // cmp rax, -1
     0x74, 0x2f, // je done
@@ -726,16 +727,20 @@ const RUN_CALLS: [u8; 124] = [
     0x48, 0x85, 0xc0, // test rax, rax
     0x75, 0x06, // jnz store
     0x48, 0x83, 0x3b, 0x38, // cmp qword [rbx], 56 (clone)
-    0x74, 0x0b, // je child
+    0x74, 0x0d, // je child
     0x48, 0x89, 0x43, 0x38, // store: mov [rbx+56], rax
     0x48, 0x83, 0xc3, 0x40, // add rbx, 64
     0xeb, 0xc8, // jmp back to the first instruction
     0xcc, // done: int3
+    0xeb, 0xfd, // jmp done
     0xb8, 0x3c, 0x00, 0x00, 0x00, // child: mov eax, 60 (exit)
     0x31, 0xff, // xor edi, edi
     0x0f, 0x05, // syscall
-    // The net's SIGTRAP handler (rdx: the ucontext of the trap; its rsp, the batch's, is
-    // the net's frame + 8):
+    // The net's SIGTRAP handler (rdx: the ucontext of the trap). A trap of the batch (its
+    // rip right after the `int3`; its rsp, the batch's, the net's frame + 8):
+    0x48, 0x8d, 0x05, 0xee, 0xff, 0xff, 0xff, // lea rax, [rip - 18] (the trap's rip)
+    0x48, 0x3b, 0x82, 0xa8, 0x00, 0x00, 0x00, // cmp rax, [rdx + 168] (uc_mcontext.rip)
+    0x75, 0x38, // jne foreign
     0x48, 0x8b, 0xa2, 0xa0, 0x00, 0x00, 0x00, // mov rsp, [rdx + 160] (uc_mcontext.rsp)
     0x48, 0x8b, 0x84, 0x24, 0x70, 0x01, 0x00,
     0x00, // mov rax, [rsp + 368] (the count's address)
@@ -749,8 +754,29 @@ const RUN_CALLS: [u8; 124] = [
     0x0f, 0x05, // syscall
     0xb8, 0x0f, 0x00, 0x00, 0x00, // back: mov eax, 15 (rt_sigreturn)
     0x0f, 0x05, // syscall
+    // A SIGTRAP of the process's own (the handler left as its action: dolly ended once its
+    // threads were back): its own action back, and this one signal returned from.
+    0xb8, 0x0d, 0x00, 0x00, 0x00, // foreign: mov eax, 13 (rt_sigaction)
+    0xbf, 0x05, 0x00, 0x00, 0x00, // mov edi, 5 (SIGTRAP)
+    0x48, 0x8d, 0x35, 0x23, 0x00, 0x00, 0x00, // lea rsi, [rip + 35] (the kept action)
+    0x31, 0xd2, // xor edx, edx
+    0x41, 0xba, 0x08, 0x00, 0x00, 0x00, // mov r10d, 8
+    0x0f, 0x05, // syscall
+    0x48, 0x83, 0xc4, 0x08, // add rsp, 8 (the kernel's frame, past its return address)
+    0xb8, 0x0f, 0x00, 0x00, 0x00, // mov eax, 15 (rt_sigreturn)
+    0x0f, 0x05, // syscall
     0x0f, 0x0b, // ud2 (a frame rt_sigreturn refused)
 ];
+
+/// Where, after [`RUN_CALLS`], a copy of the process's own SIGTRAP action is kept for its
+/// handler (see [`Remote::keep_trap_action`]).
+const RUN_CALLS_KEPT_ACTION: u64 = 192;
+
+/// Where the copy of the process's own SIGTRAP action kept beside dolly's code at `runner`
+/// is (see [`Remote::keep_trap_action`]).
+fn kept_trap_action(runner: u64) -> u64 {
+    runner + RUN_CALLS_KEPT_ACTION
+}
 
 /// Bytes of dolly's code that runs calls ([`Remote::write_call_runner`]).
 pub fn call_runner_len() -> usize {
@@ -783,20 +809,30 @@ pub fn fork_in_table(table: &[u8]) -> Option<i32> {
 const RUN_CALLS_TRAP: u64 = 57;
 
 /// Where the handler of a [`Net`] starts in [`RUN_CALLS`].
-const RUN_CALLS_NET: u64 = 66;
+const RUN_CALLS_NET: u64 = 68;
 
 /// `struct sigaction` as `rt_sigaction` reads and writes it: handler, flags, restorer, mask.
 pub const SIGACTION_LEN: u64 = 32;
 
+/// An action that ignores its signal (`SIG_IGN`), as `rt_sigaction` reads it.
+pub const IGNORED_ACTION: [u8; SIGACTION_LEN as usize] = {
+    let mut action = [0; SIGACTION_LEN as usize];
+    action[0] = 1;
+    action
+};
+
 /// A safety net under a batch of calls (see [`Remote::start_run`]), for a thread whose
-/// registers are dolly's while the batch runs: should dolly end then (or while the thread
-/// sits in the trap that ends the batch), the SIGTRAP of that trap, no longer stopping the
-/// thread for dolly, runs a handler (in dolly's code) that returns the thread with
-/// `rt_sigreturn` to its own registers, signal mask and extended state, from a frame dolly
-/// wrote beforehand (see [`sys::sigframe`]). The handler of the last of the threads under
-/// nets (a count in the tracee's memory tells) first puts the process's own SIGTRAP action
-/// back. The process runs on, as if dolly had let it go (dolly's memory stays mapped in
-/// it).
+/// registers are dolly's while the batch runs: should dolly end then, or while the thread
+/// sits in the trap that ends the batch (before or after dolly's wait saw it: the thread
+/// then traps again), the SIGTRAP of that trap, no longer stopping the thread for dolly,
+/// runs a handler (in dolly's code) that returns the thread with `rt_sigreturn` to its own
+/// registers, signal mask and extended state, from a frame dolly wrote beforehand (see
+/// [`sys::sigframe`]). The handler of the last of the threads under nets (a count in the
+/// tracee's memory tells) first puts the process's own SIGTRAP action back. The process
+/// runs on, as if dolly had let it go (dolly's memory stays mapped in it). A SIGTRAP the
+/// handler finds outside dolly's code (the process's own, the handler left as its action)
+/// has it put back the copy of the process's action kept beside dolly's code (see
+/// [`Remote::keep_trap_action`]) and return from that signal.
 ///
 /// It takes [`Net::LEN`] bytes of the tracee's writable memory: room for the frame the
 /// kernel builds to run the handler, then dolly's frame (whose `siginfo` part holds the
@@ -832,8 +868,8 @@ impl Net {
         self.frame + sys::sigframe::INFO_AT
     }
 
-    /// Where the handler's SIGTRAP action is.
-    fn action(&self) -> u64 {
+    /// Where the handler's SIGTRAP action is (its first word: [`Net::handler`]).
+    pub fn action(&self) -> u64 {
         self.saved_action() + SIGACTION_LEN
     }
 
@@ -1112,6 +1148,13 @@ impl Remote<'_> {
         put(net.count_address(), &count.to_ne_bytes());
         self.write_mem(net.frame, &frame)?;
         Ok(net)
+    }
+
+    /// Keeps a copy of the process's own SIGTRAP action `action` beside dolly's code at
+    /// `runner`, for the nets' handler to put back should it run on a SIGTRAP of the
+    /// process's own (see [`RUN_CALLS`]).
+    pub fn keep_trap_action(&self, runner: u64, action: &[u8]) -> Result<()> {
+        self.write_mem(kept_trap_action(runner), action)
     }
 
     /// Sets the count at `count` of the threads whose batches are about to run under nets

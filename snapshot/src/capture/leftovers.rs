@@ -189,69 +189,86 @@ fn reap_fork(note: &ForkNote) -> bool {
         || cow::reap(Pid::from_raw(note.parent), note.ns_pid, None).is_ok()
 }
 
-/// [`settle`] for dolly's memory in a process: if it is still there (mapped where noted,
-/// with dolly's code in it), reaps the fork its table of calls says the calls made, if it
-/// is a zombie, puts the process's own SIGTRAP action back if it is still the one of
-/// dolly's safety nets (their threads not all sent back by them), and unmaps it, from
-/// inside the process (one brief stop).
+/// [`settle`] for dolly's memory in a process: what of it is still there (mapped where
+/// noted, perhaps merged with a neighbouring mapping; the area known by the nets' handler
+/// action in its first net, the code by its bytes), from inside the process (one brief
+/// stop): reaps the fork the area's table of calls says the calls made, if it is a zombie,
+/// puts the process's own SIGTRAP action back if it is still the one of dolly's nets (their
+/// threads not all sent back by them; from the copy in the area, else beside the code), and
+/// unmaps it.
 fn sweep(note: &CallsNote) -> bool {
     if !seen(note.parent, note.parent_start_time) {
         return false;
     }
     let pid = Pid::from_raw(note.parent);
     let proc = ProcDir::new(pid);
-    let Ok(maps) = proc.maps_without_flags() else {
+    let (Ok(maps), Ok(mem)) = (
+        proc.maps_without_flags(),
+        std::fs::File::open(proc.path("mem")),
+    ) else {
         return false;
     };
+    let mapped = |start: u64, len: u64| {
+        maps.iter()
+            .any(|m| m.start <= start && start + len <= m.end)
+    };
+    let bytes = |at: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        mem.read_exact_at(&mut buf, at).ok().map(|()| buf)
+    };
+    let code_len = crate::tracee::call_runner_len();
+    let code = mapped(note.runner, code_len as u64)
+        && bytes(note.runner, code_len).is_some_and(|c| crate::tracee::is_call_runner(&c));
+    let handler = Net::handler(note.runner);
+    let first_net = Net::at(super::process::net_at(note.area, 0));
     let end = note.area + note.len;
-    let mapped = maps.iter().any(|m| m.start == note.area && m.end == end);
-    let Ok(mem) = std::fs::File::open(proc.path("mem")) else {
-        return false;
-    };
-    let mut code = vec![0u8; crate::tracee::call_runner_len()];
-    let ours = mapped
-        && mem.read_exact_at(&mut code, note.runner).is_ok()
-        && crate::tracee::is_call_runner(&code);
-    if !ours {
+    let code_inside = (note.area..end).contains(&note.runner);
+    let area = mapped(note.area, note.len)
+        && ((code && code_inside)
+            || bytes(first_net.action(), 8).is_some_and(|w| w == handler.to_ne_bytes()));
+    if !code && !area {
         return true;
-    }
-    let mut table = vec![0u8; TABLE_BYTES.min(note.len as usize)];
-    if mem.read_exact_at(&mut table, note.area).is_err() {
-        return false;
     }
     // (The process sees its fork's PID as dolly does: a capture refuses other PID
     // namespaces.)
-    let fork = crate::tracee::fork_in_table(&table)
+    let fork = area
+        .then(|| bytes(note.area, TABLE_BYTES.min(note.len as usize)))
+        .flatten()
+        .and_then(|table| crate::tracee::fork_in_table(&table))
         .filter(|&child| dollys_zombie(child, note.parent, None));
+    // (Only the nets' handler needs putting back, and only while the area holds its
+    // copy of the process's own action: its code page alone is left once it was put back.)
+    let kept = area.then(|| first_net.saved_action());
     let page = crate::sys::PAGE_SIZE;
-    let runner_page =
-        (!(note.area..end).contains(&note.runner)).then(|| crate::sys::page_floor(note.runner));
+    let code_page = (code && !code_inside).then(|| crate::sys::page_floor(note.runner));
     cow::run_in(pid, None, |remote| {
         if let Some(child) = fork {
             cow::wait_for(remote, child)?;
         }
-        // (The action read into the table's first bytes, read already.)
-        let trap = libc::SIGTRAP as u64;
-        let sigaction = libc::SYS_rt_sigaction;
-        remote.call(
-            "reading the SIGTRAP action",
-            sigaction,
-            &[trap, 0, note.area, 8],
-        )?;
-        let mut handler = [0u8; 8];
-        remote.read_mem(note.area, &mut handler)?;
-        if u64::from_ne_bytes(handler) == Net::handler(note.runner) {
-            // (The leader's net holds the action its batch replaced.)
-            let saved = Net::at(super::process::net_at(note.area, 0)).saved_action();
+        if let Some(kept) = kept {
+            // (The action read into the end of the page of the kept copy, past that.)
+            let read_at = crate::sys::page_floor(kept) + page - crate::tracee::SIGACTION_LEN;
+            let (trap, sigaction) = (libc::SIGTRAP as u64, libc::SYS_rt_sigaction);
             remote.call(
-                "putting the SIGTRAP action back",
+                "reading the SIGTRAP action",
                 sigaction,
-                &[trap, saved, 0, 8],
+                &[trap, 0, read_at, 8],
             )?;
+            let mut now = [0u8; 8];
+            remote.read_mem(read_at, &mut now)?;
+            if u64::from_ne_bytes(now) == handler {
+                remote.call(
+                    "putting the SIGTRAP action back",
+                    sigaction,
+                    &[trap, kept, 0, 8],
+                )?;
+            }
         }
         let munmap = libc::SYS_munmap;
-        remote.call("unmapping dolly's memory", munmap, &[note.area, note.len])?;
-        if let Some(at) = runner_page {
+        if area {
+            remote.call("unmapping dolly's memory", munmap, &[note.area, note.len])?;
+        }
+        if let Some(at) = code_page {
             remote.call("unmapping dolly's code page", munmap, &[at, page])?;
         }
         Ok(())

@@ -139,11 +139,20 @@ struct Scratch {
     /// The process's own SIGTRAP action (`struct sigaction`), as the leader's batch saved
     /// it: for the safety nets of its other threads' batches.
     trap_action: [u8; tracee::SIGACTION_LEN as usize],
+    /// A net's handler may still be the process's SIGTRAP action (putting the process's own
+    /// back failed): it is tried again before the unmapping.
+    net_out: std::cell::Cell<bool>,
 }
 
 impl Scratch {
-    /// Unmaps it, from inside a stopped thread of the process.
+    /// Unmaps it, from inside a stopped thread of the process (the process's own SIGTRAP
+    /// action put back first, if a net may still be out: else the action would be code
+    /// unmapped).
     fn unmap(&self, remote: &mut tracee::Remote) -> Result<()> {
+        if self.net_out.get() {
+            remote.take_net_in(&tracee::Net::at(net_at(self.area, 0)))?;
+            self.net_out.set(false);
+        }
         let page = crate::sys::PAGE_SIZE;
         let runner = match self.runner_page {
             Some(at) => remote
@@ -229,8 +238,10 @@ fn query_hidden(
         SCRATCH_LEN
     };
     let fork = beside.fork((scratch, scratch + len));
-    // (The process's own SIGTRAP action, as the batch saved it.)
+    // (The process's own SIGTRAP action, as the batch saved it; whether the batch's net
+    // may still be out: its handler the process's SIGTRAP action.)
     let mut trap_action = [0u8; tracee::SIGACTION_LEN as usize];
+    let net_out = std::cell::Cell::new(false);
     let result = match &runner {
         Err(e) => Err(Error::new(e.kind(), e.message())),
         Ok(runner) => Ok(*runner),
@@ -240,11 +251,15 @@ fn query_hidden(
         let out = scratch + OUT;
         // (Under a safety net: should dolly end now, the process goes back to its state.)
         beside.calls_at(scratch, len, runner);
-        // (The count, of this thread alone, is written with the outputs' zeros below.)
+        // (The count, of this thread alone, is written with the outputs' zeros below.) The
+        // batch saves the action it replaces, but an ignored one: dolly's calls so far
+        // set it back to its default (see `Tracee::set_trap_ignored`).
         let count = scratch + COUNT_AT;
-        let spread = remote.spread_net(net_at(scratch, 0), runner, leader, None, count)?;
+        let ignored = remote.tracee().trap_ignored();
+        let saved = ignored.then_some(&tracee::IGNORED_ACTION);
+        let spread = remote.spread_net(net_at(scratch, 0), runner, leader, saved, count)?;
         let mut calls = tracee::Calls::default();
-        spread.add_install(&mut calls, true);
+        spread.add_install(&mut calls, !ignored);
         // Each signal's action: 32 bytes each.
         let signals: Vec<i32> = (1..=signals::MAX_SIGNAL)
             .filter(|&s| signals::settable(s))
@@ -298,6 +313,7 @@ fn query_hidden(
         let paused = checkpoints.reach("capture:calls");
         beside.running();
         let finished = remote.finish_run(calls.len(), runner, scratch);
+        let paused = paused.and_then(|()| checkpoints.reach("capture:calls done"));
         *made = match (&finished, clone) {
             (Ok(results), Some(i)) => Some(results[i]),
             // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
@@ -306,6 +322,7 @@ fn query_hidden(
         };
         // (Whatever happened: the batch may have installed the net's handler.)
         let taken_in = remote.take_net_in(&spread);
+        net_out.set(taken_in.is_err());
         let results = finished?;
         taken_in?;
         paused?;
@@ -324,6 +341,10 @@ fn query_hidden(
         remote.read_mem(out, &mut raw)?;
         let at = |addr: u64| (addr - out) as usize;
         remote.read_mem(spread.saved_action(), &mut trap_action)?;
+        // (Kept for the handler of the other threads' nets: see `tracee::RUN_CALLS`.)
+        if keep {
+            remote.keep_trap_action(runner, &trap_action)?;
+        }
         if let Some(i) = signals.iter().position(|&s| s == libc::SIGTRAP) {
             let a = at(out + 32 * i as u64);
             raw[a..a + trap_action.len()].copy_from_slice(&trap_action);
@@ -378,6 +399,7 @@ fn query_hidden(
         runner: runner.unwrap_or_default(),
         runner_page: runner.filter(|_| !together),
         trap_action,
+        net_out,
     };
     match result {
         Ok(hidden) if keep => Ok((hidden, Some(kept))),
@@ -755,6 +777,11 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
             if reads.worth && made.is_none() && scratch.is_none() {
                 *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
             }
+            // Its own registers and mask back at once, for what only reads it: should dolly
+            // end now, it leaves the stop it is in (waited for, so without its SIGTRAP) as
+            // itself.
+            remote.tracee().set_regs(&regs)?;
+            remote.tracee().set_sigmask(sigmask)?;
             let leader = thread::capture(
                 remote.tracee(),
                 &regs,
@@ -844,6 +871,7 @@ fn fork_in_batch(
     };
     // (Whatever happened: the batch may have installed the net's handler.)
     let taken_in = remote.take_net_in(&net);
+    scratch.net_out.set(taken_in.is_err());
     let made = made.filter(|&rc| rc > 0 || finished.is_ok());
     (made, finished.and(taken_in).map(drop))
 }
@@ -983,11 +1011,14 @@ fn capture_group(
             mask: b.sigmask,
             xstate: &b.xstate,
         };
-        let start = tracee.set_sigmask(tracee::CALLS_MASK).and_then(|()| {
-            let mut remote = tracee.remote_with(b.ip, b.regs);
-            let at = net_at(scratch.area, i as u64);
-            let saved = Some(&scratch.trap_action);
+        // (The net first: the mask of dolly's calls is the thread's once set.)
+        let at = net_at(scratch.area, i as u64);
+        let saved = Some(&scratch.trap_action);
+        let start = (|| {
+            let remote = tracee.remote_with(b.ip, b.regs);
             let net = remote.spread_net(at, scratch.runner, state, saved, count)?;
+            tracee.set_sigmask(tracee::CALLS_MASK)?;
+            let mut remote = tracee.remote_with(b.ip, b.regs);
             remote.start_run(
                 &thread_calls(slot(i), &net),
                 scratch.runner,
@@ -995,7 +1026,7 @@ fn capture_group(
                 Some(&net),
             )?;
             Ok(net)
-        });
+        })();
         started += 1;
         match start {
             Ok(net) => nets.push(net),
@@ -1019,6 +1050,9 @@ fn capture_group(
                 .finish_run(3, scratch.runner, slot(i))
                 .and_then(|results| thread_hidden(tracee, slot(i), &results)),
         });
+    }
+    if let Err(e) = checkpoints.reach("capture:thread calls done") {
+        first_error.get_or_insert(e);
     }
     // Each put back and moved out of its trap at once (with its own registers it must not
     // take the SIGTRAP of that trap, which a dolly that ends would leave it), then all
@@ -1056,6 +1090,9 @@ fn capture_group(
         if taken_in.is_ok() {
             break;
         }
+    }
+    if taken_in.is_err() {
+        scratch.net_out.set(true);
     }
     if let Some(e) = first_error {
         return Err(e);
