@@ -1033,9 +1033,9 @@ while True:
 }
 
 /// A process denied writable and executable memory (`PR_SET_MDWE`) is forked at the freeze
-/// all the same (dolly's code page is then a mapping of its own, and the fork is made once
-/// dolly's memory is gone), and the restored process finds the memory of a single instant:
-/// what it wrote all over its pages agrees with its own record of it.
+/// all the same (dolly's code page is then a mapping of its own, left out of the image with
+/// the rest of dolly's memory), and the restored process finds the memory of a single
+/// instant: what it wrote all over its pages agrees with its own record of it.
 #[test]
 fn a_process_denied_writable_executable_memory_is_forked_too() {
     let dolly = Dolly::new();
@@ -1069,12 +1069,27 @@ while True:
     let py = python_ready(script, &out);
     let pid = py.pid();
     assert!(!read(&out).contains("rwx allowed"), "{}", read(&out));
+    // (Executable memory: where dolly's code page would be seen, in the process as in the
+    // image, where it would be a mapping of the snapshot's pages.)
+    let code_pages = |pid: i32| {
+        read(Path::new(&format!("/proc/{pid}/maps")))
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+            .count()
+    };
+    let before = code_pages(pid);
     let cap = dolly.capture_with(pid, &["--fork", "always"]);
     assert_eq!(cap["forked"], 1, "{cap}");
+    assert_eq!(
+        code_pages(pid),
+        before,
+        "dolly's code page left in the process"
+    );
     drop(py);
     reap_until_gone(pid);
     let _restored = dolly.restore(cap["id"].as_str().unwrap());
     assert_eq!(ask(pid, &out, "check"), "check ok");
+    assert_eq!(code_pages(pid), before, "dolly's code page in the image");
 }
 
 /// A process that called `unshare(CLONE_NEWPID)` and has not forked since is not forked at

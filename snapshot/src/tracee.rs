@@ -104,8 +104,6 @@ pub struct Tracee {
     interrupted_at: Option<Instant>,
     /// What dropping the tracee without `detach` does.
     on_drop: OnDrop,
-    /// The child its last remote call made, when clones are reported ([`Remote::fork_held`]).
-    new_child: Option<Pid>,
     /// Its process ignores SIGTRAP (see [`Tracee::set_trap_ignored`]).
     trap_ignored: bool,
 }
@@ -327,7 +325,6 @@ impl Tracee {
             parking: false,
             interrupted_at: None,
             on_drop,
-            new_child: None,
             trap_ignored: false,
         }
     }
@@ -435,8 +432,8 @@ impl Tracee {
         settled.and(detached)
     }
 
-    /// Kills a tracee and waits for its end (for a process dolly made: a copy held by
-    /// [`Remote::fork_held`], which its parent then reaps).
+    /// Kills a tracee and waits for its end (for a process dolly made: a fork made by a
+    /// `clone` with [`FORK_HELD_ARGS`], which its parent then reaps).
     pub fn kill_and_wait(mut self) -> Result<()> {
         self.on_drop = OnDrop::Nothing;
         kill_traced(self.pid)
@@ -641,13 +638,7 @@ impl Tracee {
                     return Ok(());
                 }
                 WaitStatus::Stopped(_, sig) => self.defer(sig),
-                WaitStatus::PtraceEvent(_, _, event) => {
-                    if event == libc::PTRACE_EVENT_CLONE {
-                        if let Ok(child) = ptrace::getevent(pid) {
-                            self.new_child = Some(Pid::from_raw(child as i32));
-                        }
-                    }
-                }
+                WaitStatus::PtraceEvent(..) => {}
                 other => return Err(unexpected(other)),
             }
             resume(pid).with_context(|| format!("resuming {pid}"))?;
@@ -662,8 +653,8 @@ fn by_kernel(pid: Pid) -> bool {
     ptrace::getsiginfo(pid).map_or(true, |info| info.si_code > 0)
 }
 
-/// The arguments of the `clone` that makes a fork held by dolly ([`Remote::fork_held`]):
-/// traced from its start (`CLONE_PTRACE`: the tracee is seized, so the child stops before its
+/// The arguments of the `clone` that makes a fork held by dolly (the last call of a batch,
+/// see `capture::cow`): traced from its start (`CLONE_PTRACE`: the tracee is seized, so the child stops before its
 /// first instruction), without a stop of the tracee to report it; sharing the tracee's fd
 /// table and filesystem context; no signal at its end. (EXITKILL goes on the fork alone, once
 /// held: set on the process, dolly dying would kill it.)
@@ -1018,38 +1009,8 @@ impl Remote<'_> {
         Ok(after.rax as i64)
     }
 
-    /// Makes a copy-on-write copy of the tracee's process with a `clone` run inside it, held
-    /// stopped under dolly's ptrace before it runs a single instruction; returns it and its
-    /// PID as the tracee sees it. The copy shares the process's file descriptor table and
-    /// filesystem context (so it holds no file open on its own) and sends no signal when it
-    /// ends; it dies with dolly (`PTRACE_O_EXITKILL`) once held, right after the `clone`
-    /// (not the tracee during the call: dying with dolly, it would take its whole process
-    /// with it). The tracee must block every signal but SIGTRAP and those of faults
-    /// ([`CALLS_MASK`]). Dolly does `meanwhile` while the `clone` runs (a fork takes a
-    /// millisecond at 64 MiB; not if the call could not be started).
-    /// The tracee must be in dolly's PID namespace (a capture refuses others): the PID the
-    /// `clone` returns is then the child's for dolly too. (Its clone is reported too, so
-    /// that a child made by a call that then failed is not left behind.)
-    pub fn fork_held(&mut self, meanwhile: impl FnOnce()) -> Result<(Tracee, i32)> {
-        use ptrace::Options;
-        self.tracee.set_options(Options::PTRACE_O_TRACECLONE)?;
-        self.tracee.new_child = None;
-        let made = self.raw_while(libc::SYS_clone, &FORK_HELD_ARGS, meanwhile);
-        let child = self.tracee.new_child.take();
-        // (Left set, it would report the clones the process makes until the detach.)
-        let _ = self.tracee.set_options(Options::empty());
-        match (made, child) {
-            (Ok(made), _) => self.hold_fork(made),
-            (Err(e), Some(child)) => {
-                self.discard(child, None);
-                Err(e)
-            }
-            (Err(e), None) => Err(e),
-        }
-    }
-
-    /// After a `clone` with [`FORK_HELD_ARGS`] run inside the tracee (by
-    /// [`Remote::fork_held`], or among a batch of calls) returned `made`: the child's PID
+    /// After a `clone` with [`FORK_HELD_ARGS`] run inside the tracee among a batch of calls
+    /// returned `made`: the child's PID
     /// (a failed `clone` is an error naming it). The child starts stopped (a child of a
     /// seized tracee) and is dolly's to take over ([`take_fork`]), at once or after the
     /// thaw.
@@ -1061,30 +1022,6 @@ impl Remote<'_> {
             ));
         }
         Ok(Pid::from_raw(made as i32))
-    }
-
-    /// [`Remote::fork_made`], then takes the child over ([`take_fork`]) while the tracee is
-    /// still stopped, as [`Remote::fork_held`] returns it.
-    pub fn hold_fork(&mut self, made: i64) -> Result<(Tracee, i32)> {
-        let child = self.fork_made(made)?;
-        match take_fork(child) {
-            Ok(held) => Ok((held, made as i32)),
-            Err(e) => {
-                self.discard(child, Some(made as i32));
-                Err(e)
-            }
-        }
-    }
-
-    /// Ends a child the tracee was just made to fork and that cannot be used: kills it,
-    /// waits for its end, and has the tracee reap it (`ns_pid`: its PID as the tracee sees
-    /// it, if known).
-    fn discard(&mut self, child: Pid, ns_pid: Option<i32>) {
-        let _ = kill_traced(child);
-        if let Some(ns_pid) = ns_pid {
-            let flags = (libc::__WALL | libc::WNOHANG) as u64;
-            let _ = self.raw(libc::SYS_wait4, &[ns_pid as u64, 0, flags, 0]);
-        }
     }
 
     /// Maps a page for [`Remote::run`]'s code inside the tracee (read and execute only: it

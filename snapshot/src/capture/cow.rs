@@ -167,25 +167,12 @@ impl CopyState {
     }
 }
 
-/// Forks frozen, pre-copied process `parent` (surveyed, see [`worth_forking`]; its vDSO at
-/// `vdso`) from inside, with a `clone` run by `remote` in one of its stopped threads (every
-/// signal blocked but SIGTRAP and those of faults: see
-/// [`crate::tracee::Remote::fork_held`]), in the stop that read its state, doing
-/// `meanwhile` while the `clone` runs.
-/// After the thaw, [`Held::take_over`] has its tracking read the fork.
-pub fn fork_inside(
-    remote: &mut crate::tracee::Remote<'_>,
-    parent: Pid,
-    vdso: Option<u64>,
-    meanwhile: impl FnOnce(),
-) -> Result<Held> {
-    let (copy, ns_pid) = remote.fork_held(meanwhile)?;
-    Ok(Held::new(parent, vdso, CopyState::Held(copy), ns_pid))
-}
-
-/// [`fork_inside`] when the `clone` ([`crate::tracee::FORK_HELD_ARGS`]) ran among a batch of
-/// calls inside the process, and returned `made`. The fork is taken over after the thaw
-/// (see [`Held::hold`]): waiting for its first stop is no work for the freeze.
+/// The fork of frozen, pre-copied process `parent` (surveyed, see [`worth_forking`]; its
+/// vDSO at `vdso`) that a `clone` ([`crate::tracee::FORK_HELD_ARGS`]) made from inside, the
+/// last of a batch of calls run by `remote` in one of its stopped threads, returning
+/// `made`. The fork is taken over after the thaw (see [`Held::hold`]): waiting for its
+/// first stop is no work for the freeze. After that, [`Held::take_over`] has the process's
+/// tracking read the fork.
 pub fn hold_inside(
     remote: &mut crate::tracee::Remote<'_>,
     parent: Pid,

@@ -174,8 +174,9 @@ impl Scratch {
 trait Beside {
     /// While dolly's scratch memory is mapped inside the process.
     fn mapping(&mut self);
-    /// Once that memory is mapped at `[start, end)`: whether the batch is to end with a fork.
-    fn fork(&mut self, scratch: (u64, u64)) -> bool;
+    /// Once that memory is mapped (at each `[start, end)` of `dollys`): whether the batch is
+    /// to end with a fork.
+    fn fork(&mut self, dollys: &[(u64, u64)]) -> bool;
     /// Before the batch runs, dolly's memory mapped at `area` (`len` bytes, its code at
     /// `runner`): to note what a killed capture would leave in the process.
     fn calls_at(&mut self, area: u64, len: u64, runner: u64);
@@ -188,11 +189,10 @@ trait Beside {
 /// mapped and while the batch runs. With `keep`, the scratch area stays mapped for the
 /// queries of the process's other threads ([`capture_threads`]) and is returned; the caller
 /// unmaps it. If `beside` says so (and not `keep`), the batch ends with the `clone` of a
-/// fork held by dolly ([`tracee::FORK_HELD_ARGS`]), when dolly's memory is one mapping
-/// (not for a process denied writable and executable memory; the fork gets a copy of it,
+/// fork held by dolly ([`tracee::FORK_HELD_ARGS`]; the fork gets a copy of dolly's memory,
 /// left out of the image, whose code ends the fork should it ever run): the `clone`'s
 /// result goes into `made`, whatever else happened once the calls ran (for the caller to
-/// take the fork over, or to fork after, if it is `None`).
+/// take the fork over).
 fn query_hidden(
     remote: &mut tracee::Remote,
     leader: ThreadState<'_>,
@@ -237,7 +237,11 @@ fn query_hidden(
     } else {
         SCRATCH_LEN
     };
-    let fork = beside.fork((scratch, scratch + len));
+    let mut dollys = vec![(scratch, scratch + len)];
+    if let (false, Ok(at)) = (together, &runner) {
+        dollys.push((*at, *at + page));
+    }
+    let fork = beside.fork(&dollys);
     // (The process's own SIGTRAP action, as the batch saved it; whether the batch's net
     // may still be out: its handler the process's SIGTRAP action.)
     let mut trap_action = [0u8; tracee::SIGACTION_LEN as usize];
@@ -301,8 +305,7 @@ fn query_hidden(
         let queries = calls.len();
         // (The fork gets a copy of dolly's memory, whose code ends it should it ever run:
         // see `tracee::RUN_CALLS`.)
-        let clone = (fork && together && !keep)
-            .then(|| calls.add(libc::SYS_clone, &tracee::FORK_HELD_ARGS));
+        let clone = (fork && !keep).then(|| calls.add(libc::SYS_clone, &tracee::FORK_HELD_ARGS));
         let end = ints + 16;
         debug_assert!(end <= count, "the outputs end before the count");
         let mut zeros = vec![0u8; (count + 8 - out) as usize];
@@ -572,10 +575,12 @@ impl<F: FnOnce(&MemoryPlan) -> bool> Beside for ProcReads<'_, F> {
         }
     }
 
-    fn fork(&mut self, scratch: (u64, u64)) -> bool {
+    fn fork(&mut self, dollys: &[(u64, u64)]) -> bool {
         self.mapping();
         if let Some(Ok(plan)) = &mut self.plan {
-            if !plan.exclude(scratch) {
+            // (Each left out; all must be, for the fork.)
+            let kept_in = dollys.iter().filter(|&&range| !plan.exclude(range)).count();
+            if kept_in > 0 {
                 self.reread = true;
                 self.worth = false;
             }
@@ -772,11 +777,6 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
                 *held = cow::hold_inside(remote, pid, vdso(reads), made).ok();
             }
             let (hidden, scratch) = queried?;
-            // (Not in the batch: a process denied writable-executable memory. A fork that
-            // fails is no error: the freeze then copies the pages.)
-            if reads.worth && made.is_none() && scratch.is_none() {
-                *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
-            }
             // Its own registers and mask back at once, for what only reads it: should dolly
             // end now, it leaves the stop it is in (waited for, so without its SIGTRAP) as
             // itself.
@@ -799,7 +799,8 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
             .map(|t| threads.extend(t));
         // Whatever happened: the process is left as it was. The fork, if any, in a batch of
         // its own under a safety net, dolly's memory still mapped (the fork gets a copy of
-        // it, left out of the image), else once it is unmapped.
+        // it, left out of the image). (A fork that fails is no error: the freeze then copies
+        // the pages.)
         let worth = reads.worth && captured.is_ok();
         let state = ThreadState {
             regs: &regs,
@@ -808,7 +809,7 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
         };
         tracees[0].run_inside(ip, (&regs, sigmask), true, |remote| {
             let mut forked = Ok(());
-            if worth && scratch.runner_page.is_none() {
+            if worth {
                 // (An abort is acted on once the batch is over.)
                 let mut paused = Ok(());
                 let (made, ran) = fork_in_batch(remote, scratch, state, || {
@@ -821,9 +822,6 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
                 forked = ran.and(paused);
             }
             scratch.unmap(remote)?;
-            if worth && scratch.runner_page.is_some() {
-                *held = cow::fork_inside(remote, pid, vdso(reads), || reads.running()).ok();
-            }
             forked
         })?;
         captured?;
