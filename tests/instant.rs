@@ -260,6 +260,8 @@ while True:
     let after: Vec<_> = before.iter().map(|&p| capture_traces(p)).collect();
     assert_eq!(after, traces);
     assert!(dolly.list().is_empty(), "{:?}", dolly.list());
+    // (The child too: it would outlive its parent, killed on drop.)
+    kill_tree(&before);
 }
 
 /// `snapshot info --json` of a snapshot.

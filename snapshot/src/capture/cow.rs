@@ -295,7 +295,7 @@ impl Held {
     }
 
     /// Says why reading the fork failed, if it is because the fork was killed (the kernel's
-    /// out-of-memory killer takes it first: see [`fork_inside`]); else returns `e` as it is.
+    /// out-of-memory killer takes it first: see [`Held::take_over`]); else returns `e` as it is.
     pub fn explain(&self, e: Error) -> Error {
         if self.intact() {
             return e;

@@ -104,6 +104,12 @@ impl Note {
             // nothing else maps or shortens it while the capture runs.
             unsafe { memmap2::MmapMut::map_mut(&file) }.ok()
         });
+        // (Its pages written through the mapping once, now: the first store into a page of
+        // a shared file mapping faults, about 10 µs, which would be in the freeze.)
+        let map = map.map(|mut map| {
+            map.fill(0);
+            map
+        });
         Some(Note {
             file,
             map,
