@@ -25,8 +25,8 @@ const SCRATCH_LEN: u64 = TABLES_LEN + NETS * tracee::Net::LEN;
 const TABLES_LEN: u64 = 8 * crate::sys::PAGE_SIZE;
 
 /// Safety nets in the scratch memory: as many threads of a process run their calls at the
-/// same time (see [`capture_threads`]).
-const NETS: u64 = 16;
+/// same time (see [`capture_threads`]; their slots then fill the tables' first half).
+const NETS: u64 = 32;
 
 /// Where the count of threads under safety nets is in the scratch memory (see
 /// [`tracee::Remote::count_nets`]): at the end of the first page of the leader's outputs
@@ -139,8 +139,8 @@ struct Scratch {
     /// The process's own SIGTRAP action (`struct sigaction`), as the leader's batch saved
     /// it: for the safety nets of its other threads' batches.
     trap_action: [u8; tracee::SIGACTION_LEN as usize],
-    /// A net's handler may still be the process's SIGTRAP action (putting the process's own
-    /// back failed): it is tried again before the unmapping.
+    /// A net's handler may still be the process's SIGTRAP action (the other threads' nets,
+    /// or putting the process's own back failed): it is put back before the unmapping.
     net_out: std::cell::Cell<bool>,
 }
 
@@ -968,7 +968,6 @@ fn capture_group(
     checkpoints: &Checkpoints,
 ) -> Result<Vec<Thread>> {
     let mut before = Vec::with_capacity(group.len());
-    let mut nets = Vec::with_capacity(group.len());
     for tracee in group.iter_mut() {
         let task = ProcDir::new(tracee.pid());
         let ns_pid = task.status()?.ns_pid;
@@ -1022,17 +1021,13 @@ fn capture_group(
                 scratch.runner,
                 slot(i),
                 Some(&net),
-            )?;
-            Ok(net)
+            )
         })();
         started += 1;
-        match start {
-            Ok(net) => nets.push(net),
-            Err(e) => {
-                first_error = Some(e);
-                unstarted = Some(i);
-                break;
-            }
+        if let Err(e) = start {
+            first_error = Some(e);
+            unstarted = Some(i);
+            break;
         }
     }
     // (An abort is acted on once the calls are over.)
@@ -1072,31 +1067,19 @@ fn capture_group(
             parked = settled;
         }
     }
-    // Then the process's own SIGTRAP action back, from inside one of them (the first that
-    // can run a call; should dolly end before, a later dolly puts it back).
+    // The process's own SIGTRAP action is put back once, by the leader, before dolly's
+    // memory is unmapped (see `Scratch::unmap`; should dolly end before, a later dolly puts
+    // it back).
+    if started > 0 {
+        scratch.net_out.set(true);
+    }
     if let Err(e) = checkpoints.reach("capture:threads back") {
         first_error.get_or_insert(e);
-    }
-    let mut taken_in = Ok(());
-    for (i, net) in nets.iter().enumerate() {
-        let b = &before[i];
-        taken_in = group[i]
-            .run_inside(b.ip, (&b.regs, b.sigmask), true, |remote| {
-                remote.take_net_in(net)
-            })
-            .and_then(|()| group[i].settle());
-        if taken_in.is_ok() {
-            break;
-        }
-    }
-    if taken_in.is_err() {
-        scratch.net_out.set(true);
     }
     if let Some(e) = first_error {
         return Err(e);
     }
     parked?;
-    taken_in?;
     group
         .iter()
         .zip(before)
