@@ -711,7 +711,12 @@ fn capture_returns_when_the_freeze_is_over() {
     let pid = prog.pid();
     std::thread::sleep(Duration::from_millis(300));
     let pid_arg = pid.to_string();
-    let out = dolly.ok(&["--json", "snapshot", "capture", "--pid", &pid_arg]);
+    // (Forked whatever the writer managed to write meanwhile: under the load of the other
+    // tests, `--fork auto` may find copying at the freeze cheaper.)
+    let args = [
+        "--json", "snapshot", "capture", "--pid", &pid_arg, "--fork", "always",
+    ];
+    let out = dolly.ok(&args);
     let cap: serde_json::Value = serde_json::from_str(&out).unwrap();
     let id = cap["id"].as_str().unwrap().to_string();
     assert_eq!(cap["status"], "capturing", "{cap}");
