@@ -175,8 +175,10 @@ trait Beside {
     /// While dolly's scratch memory is mapped inside the process.
     fn mapping(&mut self);
     /// Once that memory is mapped (at each `[start, end)` of `dollys`): whether the batch is
-    /// to end with a fork.
-    fn fork(&mut self, dollys: &[(u64, u64)]) -> bool;
+    /// to end with a fork. With `reread`, the areas are read again first (dolly's memory was
+    /// mapped in more than one call, after the areas were read: merged into one of the
+    /// process's areas, it would be missed).
+    fn fork(&mut self, dollys: &[(u64, u64)], reread: bool) -> bool;
     /// Before the batch runs, dolly's memory mapped at `area` (`len` bytes, its code at
     /// `runner`): to note what a killed capture would leave in the process.
     fn calls_at(&mut self, area: u64, len: u64, runner: u64);
@@ -241,7 +243,7 @@ fn query_hidden(
     if let (false, Ok(at)) = (together, &runner) {
         dollys.push((*at, *at + page));
     }
-    let fork = beside.fork(&dollys);
+    let fork = beside.fork(&dollys, !together);
     // (The process's own SIGTRAP action, as the batch saved it; whether the batch's net
     // may still be out: its handler the process's SIGTRAP action.)
     let mut trap_action = [0u8; tracee::SIGACTION_LEN as usize];
@@ -575,8 +577,11 @@ impl<F: FnOnce(&MemoryPlan) -> bool> Beside for ProcReads<'_, F> {
         }
     }
 
-    fn fork(&mut self, dollys: &[(u64, u64)]) -> bool {
+    fn fork(&mut self, dollys: &[(u64, u64)], reread: bool) -> bool {
         self.mapping();
+        if reread && self.worth {
+            self.plan = Some(self.read_plan());
+        }
         if let Some(Ok(plan)) = &mut self.plan {
             // (Each left out; all must be, for the fork.)
             let kept_in = dollys.iter().filter(|&&range| !plan.exclude(range)).count();
@@ -756,8 +761,8 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
     let pid = tracee.pid();
     // State only the process itself can tell: run system calls inside it, with every
     // signal blocked but SIGTRAP and those of faults, then put its registers and mask back
-    // whatever happened. The fork, if any, is the last call of the batch (or comes once
-    // dolly's scratch memory is unmapped).
+    // whatever happened. The fork, if any, is the last call of the batch (or, for a
+    // threaded process, of a batch of its own once the other threads' calls are over).
     let ip = syscall_ip(tracee, reads.known_maps.and_then(known_vdso), &regs)?;
     let vdso = |reads: &ProcReads<'_, F>| reads.vdso();
     // (For the safety net of the fork's batch, after the other threads' calls.)
@@ -835,7 +840,7 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
 
 /// Forks the process from inside its stopped leader (in state `leader`), with a batch of one
 /// `clone` ([`tracee::FORK_HELD_ARGS`]) under a safety net, through dolly's memory
-/// `scratch` (kept by the leader's queries; its code mapped with it), doing `meanwhile`
+/// `scratch` (kept by the leader's queries), doing `meanwhile`
 /// while it runs. Returns what the `clone` returned, if it ran (a fork to take over, or to
 /// end, whatever else happened), and how the batch went.
 fn fork_in_batch(
@@ -987,9 +992,9 @@ fn capture_group(
     }
     let slot = |i: usize| scratch.area + i as u64 * THREAD_SLOT;
     // Every thread started (the signals of `tracee::CALLS_MASK` blocked, under a safety
-    // net), then every started one waited for; then the process's SIGTRAP action put back
-    // (once: it is the process's), and each put back as it was, whatever happened to the
-    // others.
+    // net), then every started one waited for, and each put back as it was, whatever
+    // happened to the others (the process's SIGTRAP action is put back later, once: see
+    // `Scratch::net_out`).
     let mut started = 0;
     let mut first_error = None;
     // (The one that failed to start, if one did: it is not running.)
