@@ -785,18 +785,30 @@ fn read_inside<F: FnOnce(&MemoryPlan) -> bool>(
             // Its own registers and mask back at once, for what only reads it: should dolly
             // end now, it leaves the stop it is in (waited for, so without its SIGTRAP) as
             // itself.
-            remote.tracee().set_regs(&regs)?;
-            remote.tracee().set_sigmask(sigmask)?;
-            let leader = thread::capture(
-                remote.tracee(),
-                &regs,
-                xstate,
-                sigmask,
-                hidden.thread,
-                ns_pid,
-                String::new(),
-            )?;
-            Ok((hidden, scratch, leader, signals::pending(pid, true)?))
+            let read = (|| {
+                remote.tracee().set_regs(&regs)?;
+                remote.tracee().set_sigmask(sigmask)?;
+                let leader = thread::capture(
+                    remote.tracee(),
+                    &regs,
+                    xstate,
+                    sigmask,
+                    hidden.thread,
+                    ns_pid,
+                    String::new(),
+                )?;
+                Ok((leader, signals::pending(pid, true)?))
+            })();
+            match read {
+                Ok((leader, pending)) => Ok((hidden, scratch, leader, pending)),
+                // (Dolly's memory, kept for the other threads, goes with the failure.)
+                Err(e) => {
+                    if let Some(scratch) = &scratch {
+                        let _ = scratch.unmap(remote);
+                    }
+                    Err(e)
+                }
+            }
         })?;
     let mut threads = vec![leader];
     if let Some(scratch) = &scratch {
