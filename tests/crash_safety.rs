@@ -10,10 +10,29 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
-fn assert_runs_as_before(w: &Workload) {
+/// Waits until process `pid` is traced no more.
+fn wait_untraced(pid: i32) {
     wait_until("the tracer to let go", Duration::from_secs(5), || {
-        proc_status(w.pid(), "TracerPid").as_deref() == Some("0")
+        proc_status(pid, "TracerPid").as_deref() == Some("0")
     });
+}
+
+/// Kills the capture worker `worker` (`kill -9`) and waits for the command `cli` that
+/// started it; returns how the command ended.
+fn kill_worker(cli: std::process::Child, worker: i32) -> std::process::Output {
+    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
+    cli.wait_with_output().unwrap()
+}
+
+/// Waits until process `pid` has the fork dolly's calls made (its one child).
+fn wait_for_calls_fork(pid: i32) {
+    wait_until("the calls' fork", Duration::from_secs(5), || {
+        tree(pid).len() == 2
+    });
+}
+
+fn assert_runs_as_before(w: &Workload) {
+    wait_untraced(w.pid());
     let state = proc_status(w.pid(), "State").unwrap();
     assert!(
         !state.starts_with('T') && !state.starts_with('t'),
@@ -66,8 +85,7 @@ fn kill_9_of_the_capture_worker_leaves_a_failed_snapshot() {
             &["snapshot", "capture", "--pid", &w.pid().to_string()],
             at,
         );
-        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
-        let out = cli.wait_with_output().unwrap();
+        let out = kill_worker(cli, worker);
         assert_eq!(out.status.code(), Some(1));
         assert_runs_as_before(&w);
         let list = dolly.list();
@@ -173,8 +191,7 @@ fn kill_9_of_the_capture_worker_while_its_calls_run_leaves_the_process_running()
             &["snapshot", "capture", "--pid", &pid.to_string()],
             at,
         );
-        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
-        let _ = cli.wait_with_output().unwrap();
+        kill_worker(cli, worker);
         // Its registers, mask, dispositions, alternate stack, vector registers: its own.
         assert_runs_as_before(&w);
         let list = dolly.list();
@@ -214,8 +231,7 @@ fn kill_9_in_the_calls_of_a_process_ignoring_sigtrap_leaves_it_ignored() {
         &["snapshot", "capture", "--pid", &pid.to_string()],
         "capture:calls",
     );
-    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
-    let _ = cli.wait_with_output().unwrap();
+    kill_worker(cli, worker);
     assert_counts_on(pid, &out);
     dolly.list();
     assert_eq!(own_state(pid), before, "SIGTRAP ignored, as before");
@@ -237,11 +253,8 @@ fn kill_9_of_the_capture_worker_while_its_calls_fork_leaves_no_child() {
     let pid_arg = pid.to_string();
     let args = [&["snapshot", "capture", "--pid", &pid_arg][..], &FORKED].concat();
     let (cli, worker) = start_paused(&dolly, &args, "capture:calls");
-    wait_until("the calls' fork", Duration::from_secs(5), || {
-        tree(pid).len() == 2
-    });
-    kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
-    let _ = cli.wait_with_output().unwrap();
+    wait_for_calls_fork(pid);
+    kill_worker(cli, worker);
     assert_counts_on(pid, &out);
     let list = dolly.list();
     assert_eq!(list[0]["status"], "failed", "{list:?}");
@@ -283,19 +296,14 @@ fn kill_9_while_the_threads_run_dolly_s_calls_leaves_every_thread_running() {
         let args = [&["snapshot", "capture", "--pid", &pid_arg][..], &FORKED].concat();
         let (cli, worker) = start_paused(&dolly, &args, at);
         if at == "capture:fork calls" {
-            wait_until("the calls' fork", Duration::from_secs(5), || {
-                tree(pid).len() == 2
-            });
+            wait_for_calls_fork(pid);
         }
-        kill(Pid::from_raw(worker), Signal::SIGKILL).unwrap();
-        let _ = cli.wait_with_output().unwrap();
+        kill_worker(cli, worker);
         if at == "capture:threads back" {
             // The nets' handler is still the process's SIGTRAP action: a SIGTRAP of the
             // process's own finds no net of dolly's to go back to; the handler puts the
             // process's action back and lets that one signal go.
-            wait_until("the tracer to let go", Duration::from_secs(5), || {
-                proc_status(pid, "TracerPid").as_deref() == Some("0")
-            });
+            wait_untraced(pid);
             kill(Pid::from_raw(pid), Signal::SIGTRAP).unwrap();
             std::thread::sleep(Duration::from_millis(100));
             assert_eq!(

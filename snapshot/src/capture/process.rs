@@ -317,17 +317,16 @@ fn query_hidden(
         // (Not to leave the calls running: an abort is acted on once they are over.)
         let paused = checkpoints.reach("capture:calls");
         beside.running();
-        let finished = remote.finish_run(calls.len(), runner, scratch);
-        let paused = paused.and_then(|()| checkpoints.reach("capture:calls done"));
-        *made = match (&finished, clone) {
-            (Ok(results), Some(i)) => Some(results[i]),
-            // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
-            (Err(_), Some(i)) => remote.run_result(scratch, i).filter(|&rc| rc > 0),
-            _ => None,
-        };
-        // (Whatever happened: the batch may have installed the net's handler.)
-        let taken_in = remote.take_net_in(&spread);
-        net_out.set(taken_in.is_err());
+        let mut done = Ok(());
+        let batch = (calls.len(), runner, scratch);
+        let (finished, clone_made, taken_in) =
+            finish_netted(remote, &spread, batch, clone, &net_out, || {
+                if paused.is_ok() {
+                    done = checkpoints.reach("capture:calls done");
+                }
+            });
+        let paused = paused.and(done);
+        *made = clone_made;
         let results = finished?;
         taken_in?;
         paused?;
@@ -878,17 +877,37 @@ fn fork_in_batch(
         return (None, Err(e));
     }
     meanwhile();
-    let finished = remote.finish_run(calls.len(), scratch.runner, scratch.area);
-    let made = match &finished {
-        Ok(results) => Some(results[clone]),
-        // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
-        Err(_) => remote.run_result(scratch.area, clone),
-    };
-    // (Whatever happened: the batch may have installed the net's handler.)
-    let taken_in = remote.take_net_in(&net);
-    scratch.net_out.set(taken_in.is_err());
-    let made = made.filter(|&rc| rc > 0 || finished.is_ok());
+    let batch = (calls.len(), scratch.runner, scratch.area);
+    let (finished, made, taken_in) =
+        finish_netted(remote, &net, batch, Some(clone), &scratch.net_out, || {});
     (made, finished.and(taken_in).map(drop))
+}
+
+/// Waits until the batch of `calls` calls started under `net` (through the code at
+/// `runner`, its table at `table`) is over, does `at_end` (the thread still in the trap
+/// that ends it), then takes the net in, whatever happened (the batch may have installed
+/// the net's handler; whether it may still be out goes into `net_out`). Returns the calls'
+/// results, what the `clone` at index `clone` returned if it ran (a fork to take over, or
+/// to end), and how taking the net in went.
+fn finish_netted(
+    remote: &mut tracee::Remote,
+    net: &tracee::Net,
+    (calls, runner, table): (usize, u64, u64),
+    clone: Option<usize>,
+    net_out: &std::cell::Cell<bool>,
+    at_end: impl FnOnce(),
+) -> (Result<Vec<i64>>, Option<i64>, Result<()>) {
+    let finished = remote.finish_run(calls, runner, table);
+    at_end();
+    let made = match (&finished, clone) {
+        (Ok(results), Some(i)) => Some(results[i]),
+        // (Stopped elsewhere: the clone's result word, zero if it was not reached.)
+        (Err(_), Some(i)) => remote.run_result(table, i).filter(|&rc| rc > 0),
+        _ => None,
+    };
+    let taken_in = remote.take_net_in(net);
+    net_out.set(taken_in.is_err());
+    (finished, made, taken_in)
 }
 
 /// Room for one thread's calls and their output in the scratch area (see
