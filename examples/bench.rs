@@ -5,10 +5,10 @@
 //! rewriting its memory at full speed (forked at the freeze, and not), and restores,
 //! beside fork() of a process with the same memory and a memcpy of the same
 //! bytes, all measured in this run; then captures of a process tree and of many threads,
-//! and clones.
+//! the 64 MiB writer's freeze with another busy process beside it, and clones.
 //!
 //! ```text
-//! cargo build --release --bin dolly --examples && target/release/examples/bench [MiB ...]
+//! cargo build --release --bin dolly --examples && target/release/examples/bench [capture|busy|clone] [MiB ...]
 //! ```
 //! (scripts/bench does exactly that.) Run as root. It uses a private store it removes.
 
@@ -393,24 +393,29 @@ fn measure(mib: usize, store: &Store, dir: &Path) -> Row {
         restore_full: median(restore_full),
         restore_incremental: median(restore_incremental),
         of_restored: Capture::median(&of_restored),
-        quiet: scribbler_captures(mib, store, dir, true, &[]),
-        rewriting: scribbler_captures(mib, store, dir, false, &[]),
-        rewriting_unforked: scribbler_captures(mib, store, dir, false, &["--fork", "never"]),
+        quiet: scribbler_captures(mib, store, dir, true, &[], None),
+        rewriting: scribbler_captures(mib, store, dir, false, &[], None),
+        rewriting_unforked: scribbler_captures(mib, store, dir, false, &["--fork", "never"], None),
     }
 }
 
 /// Captures examples/scribbler holding `mib` of touched memory, 7 times (3 from 1 GiB up;
 /// with `extra` options): in quiet mode (it does nothing but read the clock) the median of
 /// the longest time it saw go by between two of its turns during a capture; rewriting its
-/// pages at full speed (`quiet` false), the median time it was frozen.
+/// pages at full speed (`quiet` false), the median time it was frozen. With `beside`, a
+/// busy loop runs at that nice value all the while (another process keeping a CPU busy).
 fn scribbler_captures(
     mib: usize,
     store: &Store,
     dir: &Path,
     quiet: bool,
     extra: &[&str],
+    beside: Option<i32>,
 ) -> Scribbled {
-    let at = dir.join(format!("scribbler-{mib}-{quiet}-{}", extra.len()));
+    let at = dir.join(format!(
+        "scribbler-{mib}-{quiet}-{}-{beside:?}",
+        extra.join("")
+    ));
     std::fs::create_dir_all(&at).unwrap();
     let log = at.join("log");
     let mut cmd = Command::new(bin("scribbler"));
@@ -419,6 +424,11 @@ fn scribbler_captures(
         cmd.args(["--quiet-after-ms", "0"]);
     }
     let pid = start_ready_in(&mut cmd, &at.join("out"), &log);
+    let busy = beside.map(|nice| {
+        let mut loop_cmd = Command::new("nice");
+        loop_cmd.args(["-n", &nice.to_string(), "sh", "-c", "while :; do :; done"]);
+        started(loop_cmd.spawn().unwrap().id())
+    });
     // Rewriting pages only (no dropping or mapping over them: see examples/scribbler.rs).
     std::fs::write(at.join("steady"), b"").unwrap();
     // (A new measurement starts with each report.)
@@ -471,6 +481,9 @@ fn scribbler_captures(
         store.dolly(&["snapshot", "delete", id]);
     }
     end(pid);
+    if let Some(busy) = busy {
+        end(busy);
+    }
     Scribbled {
         ms: median(seen),
         steal_ms: median(steal),
@@ -616,6 +629,32 @@ fn shapes_table(store: &Store, dir: &Path) {
             median(frozen),
             median(capture),
             median(restore)
+        );
+    }
+}
+
+/// The 64 MiB writer's freeze (forked) with another process keeping a CPU busy beside it,
+/// at two nice values, and with nothing beside it, in one series.
+fn busy_table(store: &Store, dir: &Path) {
+    println!("Freeze of the 64 MiB writer (`--fork always`) with another process keeping a CPU busy beside it (a shell loop: batch work at nice +10, or a process at the same priority), and with nothing beside it: its own fork() timed in the same state, the freeze, and the longest stall it saw itself.");
+    println!();
+    println!("| beside it | its fork() | its forks in a row | frozen (forked) | frozen / its fork | frozen / its forks in a row | longest stall it saw |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let rows = [
+        ("nothing", None),
+        ("a busy loop at nice +10", Some(10)),
+        ("a busy loop at nice 0", Some(0)),
+    ];
+    for (name, beside) in rows {
+        let r = scribbler_captures(64, store, dir, false, &["--fork", "always"], beside);
+        println!(
+            "| {name} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}× | {:.2}× | {:.2} ms |",
+            r.own_fork.first,
+            r.own_fork.in_a_row,
+            r.ms,
+            r.ms / r.own_fork.first,
+            r.ms / r.own_fork.in_a_row,
+            r.stall_ms,
         );
     }
 }
@@ -905,7 +944,7 @@ fn clone_tables(sizes: &[usize], store: &Store, dir: &Path) {
     }
 }
 
-/// `bench [capture|clone|all] [MiB ...]`
+/// `bench [capture|busy|clone|all] [MiB ...]`
 fn main() {
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     kill_started_on_panic();
@@ -935,6 +974,11 @@ fn main() {
         println!();
         shapes_table(&store, dir.path());
         println!();
+        busy_table(&store, dir.path());
+        println!();
+    }
+    if what == "busy" {
+        busy_table(&store, dir.path());
     }
     if what == "clone" || what == "all" {
         // (Clones of 4 GiB would only repeat what 2 GiB shows, at length.)

@@ -1,7 +1,7 @@
 //! A process that blocks in one system call, for the tests of interrupted calls.
 //!
 //! ```text
-//! blocker read-pipe
+//! blocker read-pipe | vfork
 //! ```
 //!
 //! `read-pipe`: makes a pipe of its own, installs a SIGUSR1 handler (SA_RESTART) that writes
@@ -9,6 +9,10 @@
 //! returns it prints "read <rc> <errno> <byte>" and exits 0. A read that a capture and
 //! restore interrupted must go on waiting and then return the byte: with SA_RESTART, the
 //! handler's return restarts it.
+//!
+//! `vfork`: prints "blocking", then `vfork`s a child that waits in `pause(2)` until it is
+//! killed: the process itself waits for it in uninterruptible sleep (state D), where no
+//! ptrace stop reaches it. Once the child is gone it prints "vfork returned" and exits 0.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -29,7 +33,39 @@ extern "C" fn on_usr1(_: libc::c_int) {
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
-    assert_eq!(mode, "read-pipe", "usage: blocker read-pipe");
+    match mode.as_str() {
+        "read-pipe" => read_pipe(),
+        "vfork" => vfork(),
+        _ => panic!("usage: blocker read-pipe | vfork"),
+    }
+}
+
+extern "C" fn vfork_child(_: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: pause(2) takes nothing.
+    unsafe { libc::pause() };
+    0
+}
+
+fn vfork() {
+    println!("blocking");
+    std::io::stdout().flush().unwrap();
+    let mut stack = vec![0u8; 64 << 10];
+    // SAFETY: the child runs `vfork_child` on a stack of its own (only this process's memory
+    // is shared, as vfork shares it), and this process waits until it has ended.
+    let child = unsafe {
+        libc::clone(
+            vfork_child,
+            stack.as_mut_ptr().add(stack.len()).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    assert!(child > 0, "clone: {}", std::io::Error::last_os_error());
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    println!("vfork returned");
+}
+
+fn read_pipe() {
     let mut fds = [0i32; 2];
     // SAFETY: pipe writes two fds; sigaction installs a handler that only calls write.
     unsafe {

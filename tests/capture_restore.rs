@@ -464,10 +464,7 @@ fn interrupted_read_on_a_pipe_restarts_after_restore() {
     let dolly = Dolly::new();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let mut blocker = Spawned(spawn_detached(
-        Command::new(example_bin("blocker")).arg("read-pipe"),
-        &out,
-    ));
+    let mut blocker = blocker("read-pipe", &out);
     wait_until("the read to block", Duration::from_secs(10), || {
         std::fs::read_to_string(&out)
             .unwrap_or_default()

@@ -16,6 +16,15 @@ fn verify(pid: i32, log: &Path) -> String {
     ask(pid, log, "verify")
 }
 
+/// Restores snapshot `id` of the scribbler at `pid` (logging into `log`) and checks that it
+/// holds one instant; the restored process is ended when the result is dropped.
+fn restore_verified(dolly: &Dolly, id: &str, pid: i32, log: &Path) -> Restored {
+    let restored = dolly.restore(id);
+    let verdict = verify(pid, log);
+    assert!(verdict.starts_with("verify ok"), "snapshot {id}: {verdict}");
+    restored
+}
+
 /// Starts the scribbler example in `dir` with `args`, once it is ready.
 fn start_scribbler(dir: &Path, args: &[&str]) -> Spawned {
     let mut cmd = Command::new(example_bin("scribbler"));
@@ -91,9 +100,7 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     reap_until_gone(pid);
 
     let unforked_id = unforked["id"].as_str().unwrap();
-    let _restored = dolly.restore(unforked_id);
-    let verdict = verify(pid, &log);
-    assert!(verdict.starts_with("verify ok"), "{verdict}");
+    let _restored = restore_verified(&dolly, unforked_id, pid, &log);
 }
 
 /// Captures in a row of a process that writes, drops and maps over its memory all the while
@@ -117,10 +124,7 @@ fn captures_in_a_row_of_a_busy_writer_each_hold_one_instant() {
         .collect();
     prog.kill_and_reap();
     for id in &ids {
-        let restored = dolly.restore(id);
-        let verdict = verify(pid, &log);
-        assert!(verdict.starts_with("verify ok"), "snapshot {id}: {verdict}");
-        drop(restored);
+        drop(restore_verified(&dolly, id, pid, &log));
         reap_until_gone(pid);
     }
 }
@@ -466,9 +470,7 @@ fn incremental_capture_of_memory_being_rewritten_is_of_one_instant() {
     prog.kill_and_reap();
     dolly.ok(&["snapshot", "delete", &parent]);
 
-    let _restored = dolly.restore(child["id"].as_str().unwrap());
-    let verdict = verify(pid, &log);
-    assert!(verdict.starts_with("verify ok"), "{verdict}");
+    let _restored = restore_verified(&dolly, child["id"].as_str().unwrap(), pid, &log);
 }
 
 /// Captures `pid` with dolly held between the pre-copy and the freeze while the process,
@@ -520,9 +522,7 @@ fn pages_dropped_between_the_precopy_and_the_freeze_are_left_out() {
     std::fs::write(dir.path().join("steady"), b"").unwrap();
     prog.kill_and_reap();
 
-    let _restored = dolly.restore(&id);
-    let verdict = verify(pid, &log);
-    assert!(verdict.starts_with("verify ok"), "{verdict}");
+    let _restored = restore_verified(&dolly, &id, pid, &log);
 }
 
 /// The same for a private file mapping: pages the process wrote (its own copies) and then
@@ -819,9 +819,7 @@ fn a_process_whose_cgroup_lacks_room_is_not_forked() {
     assert_eq!(limited["forked"], 0, "{limited}");
     drop(cgroup);
     prog.kill_and_reap();
-    let _restored = dolly.restore(limited["id"].as_str().unwrap());
-    let verdict = verify(pid, &log);
-    assert!(verdict.starts_with("verify ok"), "{verdict}");
+    let _restored = restore_verified(&dolly, limited["id"].as_str().unwrap(), pid, &log);
 }
 
 /// Memory a process maps between the pre-copy and the freeze has its kernel flags read
@@ -1130,4 +1128,106 @@ while True:
     let cap = dolly.capture_with(pid, &["--fork", "always"]);
     assert_eq!(cap["forked"], 0, "{cap}");
     assert_eq!(ask(pid, &out, "child"), "child 1");
+}
+
+/// The capture's trace (`DOLLY_TRACE`, with the worker's steps after the thaw) and record of
+/// `pid`, with `extra` arguments; fails if it takes more than a minute.
+fn capture_traced(dolly: &Dolly, pid: i32, extra: &[&str]) -> (String, std::process::Output) {
+    let pid_arg = pid.to_string();
+    let child = dolly
+        .cmd()
+        .env("DOLLY_TRACE", "1")
+        .args(["--json", "snapshot", "capture", "--pid", &pid_arg])
+        .args(["--wait", "created"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cli = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(60)) else {
+        let _ = kill(Pid::from_raw(cli), Signal::SIGKILL);
+        panic!("the capture of {pid} did not return within a minute");
+    };
+    (String::from_utf8_lossy(&out.stderr).into_owned(), out)
+}
+
+/// On a busy machine (a thread spinning on every CPU), dolly blocks in its waits for the
+/// process's stops (polling would keep from the process the CPU it needs to reach them):
+/// the freezes say so in the trace, and the snapshot, restored, holds one instant of a
+/// process that rewrote its memory all the while.
+#[test]
+fn a_capture_on_a_busy_machine_blocks_in_its_waits_and_holds_one_instant() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut prog = start_scribbler(dir.path(), &["--mib", "64"]);
+    let pid = prog.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let busy = Busy::on_every_cpu();
+    let (trace, out) = capture_traced(&dolly, pid, &["--fork", "always"]);
+    drop(busy);
+    assert!(out.status.success(), "{trace}");
+    // The freeze that sets up tracking, the final one, and the stop that reaps the fork.
+    let choices: Vec<&str> = trace
+        .lines()
+        .filter_map(|l| l.split("wait: ").nth(1))
+        .collect();
+    assert_eq!(choices, ["blocking"; 3], "{trace}");
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(record["forked"], 1, "{record}");
+    let after = verify(pid, &log);
+    assert!(after.starts_with("verify ok"), "{after}");
+    prog.kill_and_reap();
+    let _restored = restore_verified(&dolly, record["id"].as_str().unwrap(), pid, &log);
+}
+
+/// A process no stop can reach (waiting in uninterruptible sleep for its vfork child, which
+/// waits for a signal) is refused once the freeze's 5 s are over, with the cause and what
+/// to do, whether dolly polls for the stop or (on a busy machine) blocks: never an endless
+/// wait. It is left as it was (untraced once the capture's worker has ended, still
+/// waiting), no snapshot is listed, and once its child ends it goes on.
+#[test]
+fn a_process_in_uninterruptible_sleep_is_refused_in_time_and_left_as_it_was() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut blocker = blocker("vfork", &out);
+    let pid = blocker.pid();
+    wait_until("the vfork", Duration::from_secs(10), || {
+        proc_status(pid, "State").is_some_and(|s| s.starts_with('D'))
+    });
+    /// Its child, killed whatever happens.
+    struct Child(i32);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+    let child = Child(tree(pid)[1]);
+    for busy in [false, true] {
+        let _busy = busy.then(Busy::on_every_cpu);
+        let (trace, output) = capture_traced(&dolly, pid, &[]);
+        assert!(!output.status.success(), "{trace}");
+        assert!(
+            trace.contains(&format!("process {pid} did not stop within 5s"))
+                && trace.contains("uninterruptible sleep"),
+            "{trace}"
+        );
+        if busy {
+            assert!(trace.contains("wait: blocking"), "{trace}");
+        }
+        // (Let go as the worker ends: a thread that never stopped cannot be detached.)
+        wait_until("the tracer to let go", Duration::from_secs(5), || {
+            proc_status(pid, "TracerPid").as_deref() == Some("0")
+        });
+        assert!(proc_status(pid, "State").is_some_and(|s| s.starts_with('D')));
+        assert!(dolly.list().is_empty(), "{:?}", dolly.list());
+    }
+    drop(child);
+    let status = blocker.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(read(&out).contains("vfork returned"), "{}", read(&out));
 }

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -15,6 +15,10 @@ use nix::unistd::Pid;
 use crate::error::{Context, Error, ErrorKind, Result};
 use crate::image::Registers;
 use crate::sys;
+
+mod wait;
+pub use wait::Waiting;
+use wait::{wait_blocking, wait_stop, FREEZE_TIMEOUT};
 
 /// The general-purpose registers as the kernel's ptrace interface has them.
 pub type RawRegs = libc::user_regs_struct;
@@ -133,60 +137,6 @@ impl Drop for Tracee {
                 let _ = nix::sys::signal::kill(self.pid, Signal::SIGKILL);
             }
             OnDrop::Nothing => {}
-        }
-    }
-}
-
-/// How long a freeze may wait for a thread to reach a stop.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
-    // A stop usually comes within microseconds: poll without sleeping for a while (yielding
-    // the CPU to the tracee), then every 200 µs until the deadline.
-    let spin_until = Instant::now() + Duration::from_millis(2);
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Err(Error::refused(
-                        format!("process {pid} did not stop within {FREEZE_TIMEOUT:?}"),
-                        "it is probably in uninterruptible sleep (state D, e.g. on I/O or a hung mount); try again when it is not",
-                    ));
-                }
-                if now < spin_until {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-            Ok(status) => return Ok(status),
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
-        }
-    }
-}
-
-/// How long [`wait_blocking`] polls before it sleeps: longer than the `clone` of a process
-/// with 64 MiB of written memory takes (about 1 ms).
-const SPIN_LIMIT: Duration = Duration::from_millis(4);
-
-/// Waits for the next stop or end of `pid`: polled without sleeping for a while (a stop
-/// after a system call or a step comes within microseconds; being woken from a sleep can
-/// cost 0.1 ms on a virtual machine, whose idle CPU the host has to wake), then blocking.
-fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
-    let spin_until = Instant::now() + SPIN_LIMIT;
-    while Instant::now() < spin_until {
-        match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            // (Yielding: should the tracee wait for this CPU, it gets it.)
-            Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::thread::yield_now(),
-            other => return other.with_context(|| format!("waiting for {pid}")),
-        }
-    }
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Err(Errno::EINTR) => continue,
-            other => return other.with_context(|| format!("waiting for {pid}")),
         }
     }
 }

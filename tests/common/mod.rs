@@ -407,6 +407,14 @@ pub fn spawn_detached(cmd: &mut Command, out: &Path) -> Child {
     cmd.spawn().unwrap()
 }
 
+/// The blocker example (examples/blocker.rs) in `mode`, its output into `out`.
+pub fn blocker(mode: &str, out: &Path) -> Spawned {
+    Spawned(spawn_detached(
+        Command::new(example_bin("blocker")).arg(mode),
+        out,
+    ))
+}
+
 /// A spawned process, killed and reaped on drop.
 pub struct Spawned(pub Child);
 
@@ -427,6 +435,47 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A thread spinning on every CPU of the machine, until dropped: a busy machine as dolly
+/// sees it, where no CPU is free for it beside the process it captures. (Under
+/// `SCHED_IDLE`: they take no CPU from anything else, the other tests' processes included.)
+pub struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    pub fn on_every_cpu() -> Busy {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+            .ok()
+            .flatten()
+            .map_or(2, |n| n as usize);
+        let threads = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let idle = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: sets the calling thread's policy from `idle`.
+                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, threads }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

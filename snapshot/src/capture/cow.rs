@@ -397,6 +397,7 @@ pub(super) fn run_in(
     };
     let stat = proc.stat().ok();
     let job_stopped = stat.as_ref().is_some_and(|s| s.state == 'T');
+    let _waiting = crate::tracee::Waiting::choose(stat.as_ref().is_some_and(|s| s.state == 'R'));
     let asking = Instant::now();
     let mut thread = match Tracee::seize(tid) {
         Ok(t) => t,
@@ -409,8 +410,11 @@ pub(super) fn run_in(
     let since = thread.interrupted_at().unwrap_or(asking);
     let ran = run_inside(&mut thread, vdso, job_stopped, call);
     // (Until it is let go: see `Frozen::thaw`.)
-    let detached = thread.detach();
+    let settled = thread.settle();
+    let urgent = crate::sys::process::Urgent::now();
+    let detached = settled.and(thread.detach());
     let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
+    drop(urgent);
     ran?;
     detached?;
     Ok(stopped_ms)

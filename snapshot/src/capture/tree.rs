@@ -9,7 +9,7 @@ use super::checks;
 use crate::error::{ErrorKind, Result};
 use crate::image::Zombie;
 use crate::proc::ProcDir;
-use crate::tracee::Tracee;
+use crate::tracee::{Tracee, Waiting};
 
 /// One frozen process of the tree.
 #[derive(Debug)]
@@ -31,6 +31,8 @@ pub struct Frozen {
     pub zombies: Vec<Zombie>,
     /// When the first of its threads was stopped: the freeze lasts from then.
     pub since: std::time::Instant,
+    /// How dolly waits for its threads' stops until the thaw.
+    waiting: Option<Waiting>,
 }
 
 impl Frozen {
@@ -46,17 +48,24 @@ impl Frozen {
     /// Lets every process run on, children first; returns how long the tree was frozen
     /// (until its last thread was let go: not counting the time dolly itself may then wait
     /// for a CPU, which the processes it lets go can take) and the first failure.
-    pub fn thaw(self) -> (std::time::Duration, Result<()>) {
+    pub fn thaw(mut self) -> (std::time::Duration, Result<()>) {
+        let mut first = Ok(());
+        // A thread still moving out of a trap stop is waited for first (see
+        // `Tracee::settle`), before dolly's priority is raised: a thread waiting for dolly's
+        // CPU would not get it from a real-time dolly.
+        for t in self.members.iter_mut().flat_map(|m| m.threads.iter_mut()) {
+            let r = t.settle();
+            if first.is_ok() {
+                first = r;
+            }
+        }
         // Each thread let go runs at once: at dolly's priority, those of a busy process
         // would take the CPU from dolly before it lets the others go (50 threads: 1.7 ms
-        // instead of 0.4).
-        let _raised = crate::sys::process::Lowered::raised();
-        let mut first = Ok(());
+        // instead of 0.4), and the last one before dolly notes the end of the freeze.
+        let urgent = crate::sys::process::Urgent::now();
         let mut last = self.since;
         for m in self.members.into_iter().rev() {
             for t in m.threads.into_iter().rev() {
-                // (Until it is let go: a thread still moving out of a trap stop is waited
-                // for first, see `Tracee::settle`.)
                 let r = t.detach();
                 last = std::time::Instant::now();
                 if first.is_ok() {
@@ -64,6 +73,8 @@ impl Frozen {
                 }
             }
         }
+        drop(urgent);
+        drop(self.waiting);
         (last.saturating_duration_since(self.since), first)
     }
 }
@@ -120,8 +131,9 @@ fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
 
 /// Freezes the threads of process `pid` (refusing what [`checks::check_member`] refuses);
 /// `None` if it is gone, a zombie, or exiting (the `root` asked for: an error if it is
-/// exiting).
-fn freeze_member(pid: Pid, root: bool) -> Result<Option<Member>> {
+/// exiting). How dolly waits for the stops of the freeze is chosen into `waiting` as its
+/// first process is frozen.
+fn freeze_member(pid: Pid, root: bool, waiting: &mut Option<Waiting>) -> Result<Option<Member>> {
     let proc = ProcDir::new(pid);
     let (Ok(stat), Ok(status)) = (proc.stat(), proc.status()) else {
         return Ok(None); // gone (exited and reaped) meanwhile
@@ -129,6 +141,8 @@ fn freeze_member(pid: Pid, root: bool) -> Result<Option<Member>> {
     if stat.state == 'Z' {
         return Ok(None); // a zombie
     }
+    // (Chosen as the first process is frozen, for the whole freeze.)
+    waiting.get_or_insert_with(|| Waiting::choose(stat.state == 'R'));
     checks::check_member(&proc, &status)?;
     let mut threads = match freeze_threads(&proc) {
         Ok(t) => t,
@@ -195,15 +209,21 @@ pub fn still_under(pid: Pid, parent: Option<Pid>) -> bool {
 /// Freezes process `pid` alone (its threads): a tree of one, for a stop that needs no other
 /// process frozen with it. `None` if it is gone meanwhile (see [`freeze_member`]).
 pub fn freeze_process(pid: Pid, root: bool) -> Result<Option<Frozen>> {
-    Ok(freeze_member(pid, root)?.map(|member| Frozen {
-        since: member.frozen_since(),
-        members: vec![member],
-        zombies: Vec::new(),
-    }))
+    let mut waiting = None;
+    Ok(
+        freeze_member(pid, root, &mut waiting)?.map(|member| Frozen {
+            since: member.frozen_since(),
+            members: vec![member],
+            zombies: Vec::new(),
+            waiting,
+        }),
+    )
 }
 
 /// Freezes `root` and all its descendants.
 pub fn freeze(root: Pid) -> Result<Frozen> {
+    // (First: it outlives the members, which wait for their threads as they are dropped.)
+    let mut waiting = None;
     let mut members: Vec<Member> = Vec::new();
     let mut frozen: HashSet<Pid> = HashSet::new();
     let mut since = None;
@@ -214,7 +234,7 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
             if frozen.contains(&pid) {
                 continue;
             }
-            let Some(member) = freeze_member(pid, pid == root)? else {
+            let Some(member) = freeze_member(pid, pid == root, &mut waiting)? else {
                 continue;
             };
             since.get_or_insert(member.frozen_since());
@@ -256,5 +276,6 @@ pub fn freeze(root: Pid) -> Result<Frozen> {
         members,
         zombies,
         since: since.unwrap_or_else(std::time::Instant::now),
+        waiting,
     })
 }

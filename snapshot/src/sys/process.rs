@@ -393,6 +393,54 @@ pub fn move_to_this_cpu(pid: nix::unistd::Pid) -> Result<(), Errno> {
     nix::sched::sched_setaffinity(pid, &set)
 }
 
+/// Makes the calling thread run before every task of the usual scheduling class until
+/// dropped (`SCHED_FIFO`, if dolly may: with `CAP_SYS_NICE`, as root has; else nice -20):
+/// for letting the threads of a process go, each of which would otherwise take dolly's CPU
+/// the moment it is woken, before dolly lets the next go or even returns from the call
+/// that woke it (then, on this VM, for a whole time slice: 4 ms).
+#[derive(Debug)]
+pub struct Urgent {
+    /// The policy (with `SCHED_RESET_ON_FORK`) and priority to go back to, if the policy
+    /// was changed.
+    was: Option<(i32, i32)>,
+    /// The nice value to go back to, if it was raised instead.
+    _raised: Option<Lowered>,
+}
+
+impl Urgent {
+    /// Raises the calling thread's scheduling priority as said (a thread under another
+    /// policy than the usual ones, real-time or deadline, keeps it).
+    pub fn now() -> Urgent {
+        let me = Pid::from_raw(0);
+        let was = get_scheduler(me).ok().filter(|&(policy, _)| {
+            matches!(
+                policy & !libc::SCHED_RESET_ON_FORK,
+                libc::SCHED_OTHER | libc::SCHED_BATCH | libc::SCHED_IDLE
+            )
+        });
+        let Some(was) = was else {
+            return Urgent {
+                was: None,
+                _raised: None,
+            };
+        };
+        let fifo = set_scheduler(libc::SCHED_FIFO, 1).is_ok();
+        Urgent {
+            was: fifo.then_some(was),
+            _raised: (!fifo).then(|| Lowered::by(-40)),
+        }
+    }
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if let Some((policy, priority)) = self.was {
+            // (The nice value was kept meanwhile.)
+            let _ = set_scheduler(policy, priority);
+        }
+    }
+}
+
 /// Sets the calling process's CPU affinity (no allocation).
 pub fn set_affinity(mask: &[u64]) -> Result<(), Errno> {
     // SAFETY: the kernel reads `len` bytes of `mask`.
@@ -468,12 +516,6 @@ pub struct Lowered {
 }
 
 impl Lowered {
-    /// Raises the priority to nice -20 until dropped, if dolly may (with `CAP_SYS_NICE`, as
-    /// root has; else it stays as it is).
-    pub fn raised() -> Lowered {
-        Lowered::by(-40)
-    }
-
     /// Lowers the priority (raises it, `by` negative); best effort.
     pub fn by(by: i32) -> Lowered {
         // SAFETY: getpriority/setpriority read and set the calling thread's nice value.

@@ -1,0 +1,268 @@
+//! How dolly waits for the stops of the threads it holds.
+//!
+//! A stop after a step or a system call comes within microseconds. On an idle machine,
+//! dolly polls for it: blocking in `waitpid` lets its CPU go idle, and on a virtual machine
+//! the host then has to wake that CPU (about 0.1 ms a time). Polling only pays while a CPU
+//! is free for each of dolly and the process: with another task runnable, the thread dolly
+//! lets go is often woken on dolly's own CPU, and a poll that yields it gives it nothing
+//! (the scheduler picks dolly again), so every stop waits for a time slice (a 64 MiB
+//! freeze took 5–8 ms instead of 1.5 beside one busy loop). There, dolly blocks: its CPU
+//! passes straight to the thread, and back to dolly at the stop. A blocking wait for a
+//! thread asked to stop still ends at the freeze's deadline: a timer of dolly's thread
+//! interrupts it (a thread in uninterruptible sleep stops only when it wakes, which may be
+//! never).
+
+use std::cell::{Cell, RefCell};
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{SigEvent, SigHandler, SigevNotify, Signal};
+use nix::sys::time::TimeSpec;
+use nix::sys::timer::{Expiration, Timer, TimerSetTimeFlags};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::time::ClockId;
+use nix::unistd::Pid;
+
+use crate::error::{Context, Error, Result};
+
+thread_local! {
+    /// Whether this thread polls for its tracees' stops (see the module's comment).
+    static POLLING: Cell<bool> = const { Cell::new(true) };
+    /// The timer that ends this thread's blocking waits at their deadline, once made.
+    static ALARM: RefCell<Option<Timer>> = const { RefCell::new(None) };
+}
+
+/// How this thread waits for stops until dropped: chosen by [`Waiting::choose`] when a
+/// freeze begins, for the whole freeze. (It stays on the thread that chose it.)
+#[derive(Debug)]
+pub struct Waiting {
+    was: bool,
+    _this_thread: PhantomData<*const ()>,
+}
+
+impl Waiting {
+    /// Polls if the machine has a CPU free for dolly and one for the process about to be
+    /// stopped (`running`: its leader was running, so it is one of the runnable tasks
+    /// counted), else blocks.
+    pub fn choose(running: bool) -> Waiting {
+        let polling = match (runnable_tasks(), online_cpus()) {
+            (Some(runnable), Some(cpus)) => polls(runnable, cpus, running),
+            _ => true,
+        };
+        crate::checkpoint::mark(if polling {
+            "wait: polling"
+        } else {
+            "wait: blocking"
+        });
+        Waiting {
+            was: POLLING.with(|p| p.replace(polling)),
+            _this_thread: PhantomData,
+        }
+    }
+}
+
+/// Whether to poll with `runnable` tasks on the machine (dolly, reading, among them; and
+/// the process's leader if `running`) and `cpus` CPUs: if a CPU is left for each of dolly
+/// and the process once the others have theirs.
+fn polls(runnable: u64, cpus: u64, running: bool) -> bool {
+    let others = runnable.saturating_sub(1 + u64::from(running));
+    others + 2 <= cpus
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        POLLING.with(|p| p.set(self.was));
+    }
+}
+
+/// The tasks runnable on the machine now (the fourth field of `/proc/loadavg`).
+fn runnable_tasks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let field = text.split_whitespace().nth(3)?;
+    field.split('/').next()?.parse().ok()
+}
+
+fn online_cpus() -> Option<u64> {
+    let n = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN).ok()??;
+    u64::try_from(n).ok()
+}
+
+/// How long a freeze may wait for a thread to reach a stop.
+pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits for a thread asked to stop (interrupted, or moving out of a trap stop) to reach
+/// its stop; fails at `deadline` (a thread in uninterruptible sleep stops only when it
+/// wakes).
+pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
+    // A stop usually comes within microseconds: poll without sleeping for a while (yielding
+    // the CPU to the tracee), then block until the deadline if dolly is to block (and can),
+    // else poll every 200 µs until then.
+    let polling = POLLING.with(Cell::get);
+    let spin_until = Instant::now()
+        + if polling {
+            Duration::from_millis(2)
+        } else {
+            Duration::from_micros(50)
+        };
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(not_stopped(pid));
+                }
+                if now < spin_until {
+                    std::thread::yield_now();
+                    continue;
+                }
+                if !polling {
+                    if let Some(waited) = block_until(pid, deadline) {
+                        return waited;
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok(status) => return Ok(status),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
+        }
+    }
+}
+
+fn not_stopped(pid: Pid) -> Error {
+    Error::refused(
+        format!("process {pid} did not stop within {FREEZE_TIMEOUT:?}"),
+        "it is probably in uninterruptible sleep (state D, e.g. on I/O or a hung mount); try again when it is not",
+    )
+}
+
+/// Waits in `waitpid` for the next stop of `pid` until `deadline`, the wait interrupted
+/// then by this thread's alarm; `None` if the alarm cannot be set (then poll instead).
+fn block_until(pid: Pid, deadline: Instant) -> Option<Result<WaitStatus>> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Some(Err(not_stopped(pid)));
+        }
+        set_alarm(left).ok()?;
+        let waited = waitpid(pid, Some(WaitPidFlag::__WALL));
+        // (Should it ring after the wait, its signal finds nothing to interrupt.)
+        let _ = set_alarm(Duration::ZERO);
+        match waited {
+            // The alarm (or another signal): the deadline is looked at again.
+            Err(Errno::EINTR) => continue,
+            Ok(status) => return Some(Ok(status)),
+            Err(e) => {
+                return Some(Err(Error::sys(
+                    format!("waiting for process {pid} to stop"),
+                    e,
+                )))
+            }
+        }
+    }
+}
+
+/// The signal of the alarm: one nothing sends (a stack fault of the x87 coprocessor, unused
+/// on x86-64), whose action, a handler that does nothing (and without `SA_RESTART`, so that
+/// the wait it interrupts returns), is set once.
+const ALARM_SIGNAL: Signal = Signal::SIGSTKFLT;
+
+extern "C" fn on_alarm(_: libc::c_int) {}
+
+/// Sets this thread's alarm to ring in `after` (zero: not at all), making it the first
+/// time.
+fn set_alarm(after: Duration) -> nix::Result<()> {
+    static HANDLED: std::sync::OnceLock<nix::Result<()>> = std::sync::OnceLock::new();
+    (*HANDLED.get_or_init(|| {
+        let action = nix::sys::signal::SigAction::new(
+            SigHandler::Handler(on_alarm),
+            nix::sys::signal::SaFlags::empty(),
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing, so it is safe whenever it runs.
+        unsafe { nix::sys::signal::sigaction(ALARM_SIGNAL, &action) }.map(drop)
+    }))?;
+    ALARM.with(|alarm| {
+        let mut alarm = alarm.borrow_mut();
+        if alarm.is_none() {
+            let to_this_thread = SigEvent::new(SigevNotify::SigevThreadId {
+                signal: ALARM_SIGNAL,
+                thread_id: nix::unistd::gettid().as_raw(),
+                si_value: 0,
+            });
+            *alarm = Some(Timer::new(ClockId::CLOCK_MONOTONIC, to_this_thread)?);
+        }
+        let timer = alarm.as_mut().expect("made above");
+        timer.set(
+            Expiration::OneShot(TimeSpec::from_duration(after)),
+            TimerSetTimeFlags::empty(),
+        )
+    })
+}
+
+/// How long [`wait_blocking`] polls before it sleeps: longer than the `clone` of a process
+/// with 64 MiB of written memory takes (about 1 ms).
+const SPIN_LIMIT: Duration = Duration::from_millis(4);
+
+/// Waits for the next stop or end of `pid`, after a step, a system call or a batch of
+/// them: polled for a while if this thread polls, then blocking.
+pub(super) fn wait_blocking(pid: Pid) -> Result<WaitStatus> {
+    if POLLING.with(Cell::get) {
+        let spin_until = Instant::now() + SPIN_LIMIT;
+        while Instant::now() < spin_until {
+            match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => std::thread::yield_now(),
+                other => return other.with_context(|| format!("waiting for {pid}")),
+            }
+        }
+    }
+    block(pid)
+}
+
+fn block(pid: Pid) -> Result<WaitStatus> {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Err(Errno::EINTR) => continue,
+            other => return other.with_context(|| format!("waiting for {pid}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_only_with_a_cpu_left_for_dolly_and_the_process() {
+        // Dolly alone, or with the running process, on 2 CPUs: both have one.
+        assert!(polls(1, 2, false));
+        assert!(polls(2, 2, true));
+        // One other task running: on 2 CPUs, none is left; on 4, there is.
+        assert!(!polls(3, 2, true));
+        assert!(!polls(2, 2, false));
+        assert!(polls(3, 4, true));
+        // One CPU: never.
+        assert!(!polls(1, 1, false));
+    }
+
+    #[test]
+    fn a_blocking_wait_ends_at_its_deadline() {
+        // A child that stays asleep: no stop comes.
+        let child = match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                std::thread::sleep(Duration::from_secs(30));
+                unsafe { libc::_exit(0) }
+            }
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        let asked = Instant::now();
+        let waited = block_until(child, asked + Duration::from_millis(100));
+        let took = asked.elapsed();
+        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        let err = waited.expect("an alarm").expect_err("no stop");
+        assert!(err.message().contains("did not stop"), "{}", err.message());
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+    }
+}
