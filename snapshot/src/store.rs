@@ -186,6 +186,10 @@ pub fn new_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How old a snapshot directory without a record must be to be taken for the remains of a
+/// capture killed as it began (see `Store::sweep_unbegun`).
+const UNBEGUN_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn open_lock_file(path: &Path) -> Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
@@ -344,6 +348,26 @@ impl Store {
         Ok(draft)
     }
 
+    /// Removes snapshot `id`'s directory and pool directory if it has no record, no capture
+    /// holds its lock, and it is over a minute old (a capture that made it a moment ago
+    /// may not have taken its lock yet): `begin` killed before it wrote the record.
+    fn sweep_unbegun(&self, id: &str) {
+        let dir = self.snapshot_dir(id);
+        let old = std::fs::metadata(&dir)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > UNBEGUN_AGE));
+        if !old || dir.join("record.json").exists() {
+            return;
+        }
+        let Ok(Some(_lock)) = open_lock_file(&dir.join("lock"))
+            .and_then(|f| try_flock(f, FlockArg::LockExclusiveNonblock))
+        else {
+            return;
+        };
+        let _ = std::fs::remove_dir_all(self.pool_dir(id));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn ids(&self) -> Result<Vec<String>> {
         let dir = self.root.join("snapshots");
         let mut ids: Vec<String> = std::fs::read_dir(&dir)
@@ -382,12 +406,15 @@ impl Store {
             .map(|r| r.id.clone()))
     }
 
-    /// Every snapshot, with its current status, oldest first.
+    /// Every snapshot, with its current status, oldest first. (What a capture killed as it
+    /// began left, a directory without its record, is removed.)
     pub fn list(&self) -> Result<Vec<Record>> {
         let mut out = Vec::new();
         for id in self.ids()? {
-            if let Ok(record) = self.record(&id) {
-                out.push(record);
+            match self.record(&id) {
+                Ok(record) => out.push(record),
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => self.sweep_unbegun(&id),
+                Err(_) => {}
             }
         }
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
@@ -848,6 +875,36 @@ mod tests {
             store.load(&id).unwrap_err().kind(),
             crate::ErrorKind::Refused
         );
+    }
+
+    #[test]
+    fn what_a_capture_killed_as_it_began_left_is_swept_by_the_listing() {
+        let (_d, store) = store();
+        let begun = |id: &str, age_s: u64| {
+            let dir = store.snapshot_dir(id);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::create_dir_all(store.pool_dir(id)).unwrap();
+            std::fs::write(dir.join("lock"), b"").unwrap();
+            let then = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
+            File::open(&dir).unwrap().set_modified(then).unwrap();
+        };
+        // Killed as it began, long ago: both directories go.
+        begun("00000000000000aa", 120);
+        // Just made (its capture may be about to take its lock): kept.
+        begun("00000000000000bb", 0);
+        // Old, but its capture holds the lock: kept.
+        begun("00000000000000cc", 120);
+        let held = open_lock_file(&store.snapshot_dir("00000000000000cc").join("lock")).unwrap();
+        let _held = try_flock(held, FlockArg::LockExclusiveNonblock)
+            .unwrap()
+            .unwrap();
+        assert!(store.list().unwrap().is_empty());
+        assert!(!store.snapshot_dir("00000000000000aa").exists());
+        assert!(!store.pool_dir("00000000000000aa").exists());
+        for kept in ["00000000000000bb", "00000000000000cc"] {
+            assert!(store.snapshot_dir(kept).exists(), "{kept}");
+            assert!(store.pool_dir(kept).exists(), "{kept}");
+        }
     }
 
     #[test]
