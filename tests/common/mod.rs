@@ -438,47 +438,6 @@ impl Drop for Spawned {
     }
 }
 
-/// A thread spinning on every CPU of the machine, until dropped: a busy machine as dolly
-/// sees it, where no CPU is free for it beside the process it captures. (Under
-/// `SCHED_IDLE`: they take no CPU from anything else, the other tests' processes included.)
-pub struct Busy {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Busy {
-    pub fn on_every_cpu() -> Busy {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
-            .ok()
-            .flatten()
-            .map_or(2, |n| n as usize);
-        let threads = (0..cpus)
-            .map(|_| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let idle = libc::sched_param { sched_priority: 0 };
-                    // SAFETY: sets the calling thread's policy from `idle`.
-                    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::hint::spin_loop();
-                    }
-                })
-            })
-            .collect();
-        Busy { stop, threads }
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The example workload (examples/workload) in a directory of its own.
 pub struct Workload {
     pub proc: Spawned,

@@ -397,7 +397,7 @@ pub(super) fn run_in(
     };
     let stat = proc.stat().ok();
     let job_stopped = stat.as_ref().is_some_and(|s| s.state == 'T');
-    let _waiting = crate::tracee::Waiting::choose(stat.as_ref().is_some_and(|s| s.state == 'R'));
+    let _waiting = crate::tracee::Waiting::begin(stat.as_ref().is_some_and(|s| s.state == 'R'));
     let asking = Instant::now();
     let mut thread = match Tracee::seize(tid) {
         Ok(t) => t,

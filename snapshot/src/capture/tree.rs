@@ -131,8 +131,8 @@ fn freeze_threads(proc: &ProcDir) -> Result<Vec<Tracee>> {
 
 /// Freezes the threads of process `pid` (refusing what [`checks::check_member`] refuses);
 /// `None` if it is gone, a zombie, or exiting (the `root` asked for: an error if it is
-/// exiting). How dolly waits for the stops of the freeze is chosen into `waiting` as its
-/// first process is frozen.
+/// exiting). How dolly waits for the stops of the freeze (`waiting`) is begun as its first
+/// process is frozen.
 fn freeze_member(pid: Pid, root: bool, waiting: &mut Option<Waiting>) -> Result<Option<Member>> {
     let proc = ProcDir::new(pid);
     let (Ok(stat), Ok(status)) = (proc.stat(), proc.status()) else {
@@ -141,8 +141,8 @@ fn freeze_member(pid: Pid, root: bool, waiting: &mut Option<Waiting>) -> Result<
     if stat.state == 'Z' {
         return Ok(None); // a zombie
     }
-    // (Chosen as the first process is frozen, for the whole freeze.)
-    waiting.get_or_insert_with(|| Waiting::choose(stat.state == 'R'));
+    // (Begun as the first process is frozen, for the whole freeze.)
+    waiting.get_or_insert_with(|| Waiting::begin(stat.state == 'R'));
     checks::check_member(&proc, &status)?;
     let mut threads = match freeze_threads(&proc) {
         Ok(t) => t,

@@ -3,14 +3,24 @@
 //! A stop after a step or a system call comes within microseconds. On an idle machine,
 //! dolly polls for it: blocking in `waitpid` lets its CPU go idle, and on a virtual machine
 //! the host then has to wake that CPU (about 0.1 ms a time). Polling only pays while a CPU
-//! is free for each of dolly and the process: with another task runnable, the thread dolly
-//! lets go is often woken on dolly's own CPU, and a poll that yields it gives it nothing
-//! (the scheduler picks dolly again), so every stop waits for a time slice (a 64 MiB
-//! freeze took 5–8 ms instead of 1.5 beside one busy loop). There, dolly blocks: its CPU
-//! passes straight to the thread, and back to dolly at the stop. A blocking wait for a
-//! thread asked to stop still ends at the freeze's deadline: a timer of dolly's thread
-//! interrupts it (a thread in uninterruptible sleep stops only when it wakes, which may be
-//! never).
+//! is free for each of dolly and the process: on a busy machine, the thread dolly lets go
+//! is often woken on dolly's own CPU, and a poll that yields it gives it nothing (the
+//! scheduler picks dolly again), so a stop waits for a time slice (a 64 MiB freeze beside
+//! one busy loop took 16 ms instead of 2). There, dolly blocks: its CPU passes straight to
+//! the thread, and back to dolly at the stop.
+//!
+//! Which machine it is, dolly decides as each freeze (or the stop that reaps a fork)
+//! begins, from the tasks runnable (`/proc/loadavg`: it polls if a CPU is left for each of
+//! dolly and the process once the others have theirs; the fewest of three looks 0.1 ms
+//! apart, as this kernel counts a task that just went to sleep as runnable for a moment),
+//! and learns it from the process too: a thread asked to stop that has not within
+//! [`STOP_SOON`] (a thread running on a CPU of its own stops within 20–40 µs; one waiting
+//! for a CPU, only when it gets one) makes it block for the rest of that freeze.
+//! `DOLLY_WAIT=poll|block` decides instead.
+//!
+//! A blocking wait for a thread asked to stop still ends at the freeze's deadline: a timer
+//! of dolly's thread interrupts it (a thread in uninterruptible sleep stops only when it
+//! wakes, which may be never).
 
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;
@@ -33,8 +43,15 @@ thread_local! {
     static ALARM: RefCell<Option<Timer>> = const { RefCell::new(None) };
 }
 
-/// How this thread waits for stops until dropped: chosen by [`Waiting::choose`] when a
-/// freeze begins, for the whole freeze. (It stays on the thread that chose it.)
+/// The environment variable that fixes how dolly waits: `poll` or `block`.
+pub const WAIT_ENV: &str = "DOLLY_WAIT";
+
+/// How long a thread asked to stop may take before dolly takes the machine for a busy one
+/// and blocks for the rest of the freeze.
+const STOP_SOON: Duration = Duration::from_micros(100);
+
+/// How this thread waits for stops until dropped, from a freeze's start to its end (it
+/// stays on the thread that began it).
 #[derive(Debug)]
 pub struct Waiting {
     was: bool,
@@ -42,19 +59,25 @@ pub struct Waiting {
 }
 
 impl Waiting {
-    /// Polls if the machine has a CPU free for dolly and one for the process about to be
-    /// stopped (`running`: its leader was running, so it is one of the runnable tasks
-    /// counted), else blocks.
-    pub fn choose(running: bool) -> Waiting {
-        let polling = match (runnable_tasks(), online_cpus()) {
-            (Some(runnable), Some(cpus)) => polls(runnable, cpus, running),
-            _ => true,
+    /// Begins a freeze's waits, before its first thread is asked to stop (`running`: the
+    /// process's leader was running, so it is one of the tasks runnable): polling if the
+    /// machine has a CPU free for dolly and one for the process, else blocking (or as
+    /// `DOLLY_WAIT` says).
+    pub fn begin(running: bool) -> Waiting {
+        let polling = match std::env::var(WAIT_ENV).as_deref() {
+            Ok("block") => {
+                crate::checkpoint::mark("wait: blocking (DOLLY_WAIT)");
+                false
+            }
+            Ok("poll") => true,
+            _ => {
+                let idle = machine_has_room(running);
+                if !idle {
+                    crate::checkpoint::mark("wait: blocking (no CPU free)");
+                }
+                idle
+            }
         };
-        crate::checkpoint::mark(if polling {
-            "wait: polling"
-        } else {
-            "wait: blocking"
-        });
         Waiting {
             was: POLLING.with(|p| p.replace(polling)),
             _this_thread: PhantomData,
@@ -62,18 +85,42 @@ impl Waiting {
     }
 }
 
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        POLLING.with(|p| p.set(self.was));
+    }
+}
+
+/// Whether a CPU is left for each of dolly and the process once the other runnable tasks
+/// have theirs (see the module's comment); yes if that cannot be read.
+fn machine_has_room(running: bool) -> bool {
+    let runnable = (0..3)
+        .filter_map(|look| {
+            if look > 0 {
+                // (Spinning: the freeze that follows finds dolly's CPU as warm as before.)
+                let until = Instant::now() + LOOKS_APART;
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            }
+            runnable_tasks()
+        })
+        .min();
+    match (runnable, online_cpus()) {
+        (Some(runnable), Some(cpus)) => polls(runnable, cpus, running),
+        _ => true,
+    }
+}
+
+/// How far apart [`machine_has_room`] looks at the tasks runnable.
+const LOOKS_APART: Duration = Duration::from_micros(100);
+
 /// Whether to poll with `runnable` tasks on the machine (dolly, reading, among them; and
 /// the process's leader if `running`) and `cpus` CPUs: if a CPU is left for each of dolly
 /// and the process once the others have theirs.
 fn polls(runnable: u64, cpus: u64, running: bool) -> bool {
     let others = runnable.saturating_sub(1 + u64::from(running));
     others + 2 <= cpus
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        POLLING.with(|p| p.set(self.was));
-    }
 }
 
 /// The tasks runnable on the machine now (the fourth field of `/proc/loadavg`).
@@ -88,6 +135,11 @@ fn online_cpus() -> Option<u64> {
     u64::try_from(n).ok()
 }
 
+/// Whether a thread that has not stopped within [`STOP_SOON`] makes dolly block.
+fn may_switch() -> bool {
+    std::env::var(WAIT_ENV).map_or(true, |v| v != "poll")
+}
+
 /// How long a freeze may wait for a thread to reach a stop.
 pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -96,15 +148,10 @@ pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// wakes).
 pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
     // A stop usually comes within microseconds: poll without sleeping for a while (yielding
-    // the CPU to the tracee), then block until the deadline if dolly is to block (and can),
-    // else poll every 200 µs until then.
-    let polling = POLLING.with(Cell::get);
-    let spin_until = Instant::now()
-        + if polling {
-            Duration::from_millis(2)
-        } else {
-            Duration::from_micros(50)
-        };
+    // the CPU to the tracee), then block until the deadline if dolly blocks (or now starts
+    // to: see the module's comment) and can, else poll every 200 µs until then.
+    let asked = Instant::now();
+    let mut polling = POLLING.with(Cell::get);
     loop {
         match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {
@@ -112,7 +159,15 @@ pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
                 if now >= deadline {
                     return Err(not_stopped(pid));
                 }
-                if now < spin_until {
+                let waited = now - asked;
+                if polling && waited >= STOP_SOON && may_switch() {
+                    polling = false;
+                    POLLING.with(|p| p.set(false));
+                    crate::checkpoint::mark(&format!(
+                        "wait: blocking (process {pid} not stopped after {waited:?})"
+                    ));
+                }
+                if waited < if polling { SPIN_FOR_STOP } else { STOP_SOON } {
                     std::thread::yield_now();
                     continue;
                 }
@@ -129,6 +184,9 @@ pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
         }
     }
 }
+
+/// How long [`wait_stop`] polls without sleeping (with `DOLLY_WAIT=poll`).
+const SPIN_FOR_STOP: Duration = Duration::from_millis(2);
 
 fn not_stopped(pid: Pid) -> Error {
     Error::refused(
