@@ -807,13 +807,14 @@ fn a_process_whose_cgroup_lacks_room_is_not_forked() {
     std::fs::write(dir.path().join("steady"), b"").unwrap();
     let mut prog = start_scribbler(dir.path(), &["--mib", "64"]);
     let pid = prog.pid();
-    // Without a limit it is forked (at least once in three captures: while other tests
-    // load both cores, a pre-copy round may keep up with it, and then it need not be).
-    let free: Vec<serde_json::Value> = (0..3)
+    // Without a limit it is forked (at least once in eight captures: while other tests
+    // load both cores, a pre-copy round may keep up with it, and then it need not be; three
+    // were once not enough in CI).
+    let free: Vec<serde_json::Value> = (0..8)
         .map(|_| dolly.capture_with(pid, &["--parent", "none"]))
         .take_while(|c| c["forked"] != 1)
         .collect();
-    assert!(free.len() < 3, "without a limit it is forked: {free:?}");
+    assert!(free.len() < 8, "without a limit it is forked: {free:?}");
     let cgroup = LimitedCgroup::enter(pid, 16 << 20);
     let limited = dolly.capture_with(pid, &["--parent", "none"]);
     assert_eq!(limited["forked"], 0, "{limited}");

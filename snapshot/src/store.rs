@@ -310,11 +310,18 @@ impl Store {
         let id = new_id();
         let dir = self.snapshot_dir(&id);
         make_dir(&dir)?;
+        // (Taken by another only if a listing took this directory, made over a minute ago,
+        // for the remains of a capture killed as it began: see `sweep_unbegun`.)
         let lock = try_flock(
             open_lock_file(&dir.join("lock"))?,
             FlockArg::LockExclusiveNonblock,
         )?
-        .expect("a new snapshot's lock is free");
+        .ok_or_else(|| {
+            Error::busy(
+                format!("snapshot {id} was taken for abandoned as it began"),
+                "capture again",
+            )
+        })?;
         make_dir(&self.pool_dir(&id))?;
         let record = Record {
             id: id.clone(),

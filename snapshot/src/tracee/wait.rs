@@ -27,7 +27,10 @@ use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigEvent, SigHandler, SigevNotify, Signal};
+use nix::sys::signal::{
+    pthread_sigmask, sigaction, SaFlags, SigAction, SigEvent, SigHandler, SigSet, SigevNotify,
+    SigmaskHow, Signal,
+};
 use nix::sys::time::TimeSpec;
 use nix::sys::timer::{Expiration, Timer, TimerSetTimeFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -35,12 +38,13 @@ use nix::time::ClockId;
 use nix::unistd::Pid;
 
 use crate::error::{Context, Error, Result};
+use crate::proc::ProcDir;
 
 thread_local! {
     /// Whether this thread polls for its tracees' stops (see the module's comment).
     static POLLING: Cell<bool> = const { Cell::new(true) };
-    /// The timer that ends this thread's blocking waits at their deadline, once made.
-    static ALARM: RefCell<Option<Timer>> = const { RefCell::new(None) };
+    /// The timer that ends this thread's blocking waits at their deadline.
+    static THREAD_TIMER: RefCell<ThreadTimer> = RefCell::new(ThreadTimer::default());
 }
 
 /// The environment variable that fixes how dolly waits: `poll` or `block`.
@@ -135,11 +139,6 @@ fn online_cpus() -> Option<u64> {
     u64::try_from(n).ok()
 }
 
-/// Whether a thread that has not stopped within [`STOP_SOON`] makes dolly block.
-fn may_switch() -> bool {
-    std::env::var(WAIT_ENV).map_or(true, |v| v != "poll")
-}
-
 /// How long a freeze may wait for a thread to reach a stop.
 pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -147,11 +146,15 @@ pub(super) const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 /// its stop; fails at `deadline` (a thread in uninterruptible sleep stops only when it
 /// wakes).
 pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
-    // A stop usually comes within microseconds: poll without sleeping for a while (yielding
-    // the CPU to the tracee), then block until the deadline if dolly blocks (or now starts
-    // to: see the module's comment) and can, else poll every 200 µs until then.
+    // A stop usually comes within microseconds. Polling: poll without sleeping for a
+    // while (yielding the CPU to the tracee); a thread still not stopped after STOP_SOON
+    // makes dolly block, for the rest of the freeze if it waits for a CPU (see the
+    // module's comment), else for this wait. Blocking: block until the deadline at once.
+    // Should no alarm bound that, poll every 200 µs until the deadline instead.
     let asked = Instant::now();
     let mut polling = POLLING.with(Cell::get);
+    let may_switch = std::env::var(WAIT_ENV).map_or(true, |v| v != "poll");
+    let mut this_wait_blocks = !polling;
     loop {
         match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {
@@ -160,21 +163,26 @@ pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
                     return Err(not_stopped(pid));
                 }
                 let waited = now - asked;
-                if polling && waited >= STOP_SOON && may_switch() {
-                    polling = false;
-                    POLLING.with(|p| p.set(false));
-                    crate::checkpoint::mark(&format!(
-                        "wait: blocking (process {pid} not stopped after {waited:?})"
-                    ));
+                if polling && !this_wait_blocks && waited >= STOP_SOON && may_switch {
+                    this_wait_blocks = true;
+                    let state = ProcDir::new(pid).stat().map(|s| s.state);
+                    if matches!(state, Ok('R')) {
+                        polling = false;
+                        POLLING.with(|p| p.set(false));
+                        crate::checkpoint::mark(&format!(
+                            "wait: blocking (process {pid} not stopped after {waited:?})"
+                        ));
+                    }
                 }
-                if waited < if polling { SPIN_FOR_STOP } else { STOP_SOON } {
+                if !this_wait_blocks && waited < SPIN_FOR_STOP {
                     std::thread::yield_now();
                     continue;
                 }
-                if !polling {
+                if this_wait_blocks {
                     if let Some(waited) = block_until(pid, deadline) {
                         return waited;
                     }
+                    this_wait_blocks = false;
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -198,65 +206,149 @@ fn not_stopped(pid: Pid) -> Error {
 /// Waits in `waitpid` for the next stop of `pid` until `deadline`, the wait interrupted
 /// then by this thread's alarm; `None` if the alarm cannot be set (then poll instead).
 fn block_until(pid: Pid, deadline: Instant) -> Option<Result<WaitStatus>> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Some(Err(not_stopped(pid)));
+    let alarm = Alarm::set(deadline)?;
+    let waited = loop {
+        if Instant::now() >= deadline {
+            // (One last look: a stop that came just then counts.)
+            break match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => Err(not_stopped(pid)),
+                Ok(status) => Ok(status),
+                Err(e) => Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
+            };
         }
-        set_alarm(left).ok()?;
-        let waited = waitpid(pid, Some(WaitPidFlag::__WALL));
-        // (Should it ring after the wait, its signal finds nothing to interrupt.)
-        let _ = set_alarm(Duration::ZERO);
-        match waited {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
             // The alarm (or another signal): the deadline is looked at again.
             Err(Errno::EINTR) => continue,
-            Ok(status) => return Some(Ok(status)),
-            Err(e) => {
-                return Some(Err(Error::sys(
-                    format!("waiting for process {pid} to stop"),
-                    e,
-                )))
-            }
+            Ok(status) => break Ok(status),
+            Err(e) => break Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
         }
-    }
+    };
+    drop(alarm);
+    Some(waited)
 }
 
 /// The signal of the alarm: one nothing sends (a stack fault of the x87 coprocessor, unused
 /// on x86-64), whose action, a handler that does nothing (and without `SA_RESTART`, so that
-/// the wait it interrupts returns), is set once.
+/// the wait it interrupts returns), dolly sets once, unless the program dolly runs in has
+/// an action of its own for it (then there is no alarm).
 const ALARM_SIGNAL: Signal = Signal::SIGSTKFLT;
 
 extern "C" fn on_alarm(_: libc::c_int) {}
 
-/// Sets this thread's alarm to ring in `after` (zero: not at all), making it the first
-/// time.
-fn set_alarm(after: Duration) -> nix::Result<()> {
-    static HANDLED: std::sync::OnceLock<nix::Result<()>> = std::sync::OnceLock::new();
-    (*HANDLED.get_or_init(|| {
-        let action = nix::sys::signal::SigAction::new(
-            SigHandler::Handler(on_alarm),
-            nix::sys::signal::SaFlags::empty(),
-            nix::sys::signal::SigSet::empty(),
-        );
-        // SAFETY: the handler does nothing, so it is safe whenever it runs.
-        unsafe { nix::sys::signal::sigaction(ALARM_SIGNAL, &action) }.map(drop)
-    }))?;
-    ALARM.with(|alarm| {
-        let mut alarm = alarm.borrow_mut();
-        if alarm.is_none() {
+/// After this, the alarm rings again and again until it is taken down: one that rang just
+/// before `waitpid` began to wait rings once more while it waits.
+const RING_AGAIN: Duration = Duration::from_millis(10);
+
+/// This thread's alarm, ringing from a deadline on until dropped; the signal unblocked
+/// meanwhile in this thread.
+struct Alarm {
+    mask: Option<SigSet>,
+}
+
+impl Alarm {
+    /// Sets the alarm to ring at `deadline`; `None` if it cannot be.
+    fn set(deadline: Instant) -> Option<Alarm> {
+        static HANDLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let handled = *HANDLED.get_or_init(|| {
+            let ours = SigAction::new(
+                SigHandler::Handler(on_alarm),
+                SaFlags::empty(),
+                SigSet::empty(),
+            );
+            // SAFETY: the handler does nothing, so it is safe whenever it runs.
+            match unsafe { sigaction(ALARM_SIGNAL, &ours) } {
+                Ok(was) if matches!(was.handler(), SigHandler::SigDfl) => true,
+                Ok(was) => {
+                    // (Not dolly's to take: put back.)
+                    // SAFETY: the action the program had.
+                    let _ = unsafe { sigaction(ALARM_SIGNAL, &was) };
+                    false
+                }
+                Err(_) => false,
+            }
+        });
+        if !handled {
+            return None;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        THREAD_TIMER.with(|t| {
+            let mut t = t.borrow_mut();
+            let timer = t.get()?;
+            timer
+                .set(
+                    Expiration::IntervalDelayed(
+                        TimeSpec::from_duration(left.max(Duration::from_nanos(1))),
+                        TimeSpec::from_duration(RING_AGAIN),
+                    ),
+                    TimerSetTimeFlags::empty(),
+                )
+                .ok()
+        })?;
+        let mut unblock = SigSet::empty();
+        unblock.add(ALARM_SIGNAL);
+        let mut mask = SigSet::empty();
+        let was_blocked = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&unblock), Some(&mut mask))
+            .is_ok()
+            && mask.contains(ALARM_SIGNAL);
+        Some(Alarm {
+            mask: was_blocked.then_some(mask),
+        })
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        THREAD_TIMER.with(|t| {
+            if let Some(timer) = t.borrow_mut().get() {
+                let _ = timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(Duration::ZERO)),
+                    TimerSetTimeFlags::empty(),
+                );
+            }
+        });
+        if let Some(mask) = self.mask {
+            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
+        }
+    }
+}
+
+/// A thread's timer for its alarm, made on first use. A forked child inherits the thread's
+/// copy of it but not the timer (a process's timers are its own): it makes its own, and
+/// never deletes the parent's.
+#[derive(Default)]
+struct ThreadTimer {
+    made: Option<(Timer, u32)>,
+}
+
+impl ThreadTimer {
+    fn get(&mut self) -> Option<&mut Timer> {
+        let me = std::process::id();
+        if self.made.as_ref().is_some_and(|(_, by)| *by != me) {
+            if let Some((inherited, _)) = self.made.take() {
+                std::mem::forget(inherited);
+            }
+        }
+        if self.made.is_none() {
             let to_this_thread = SigEvent::new(SigevNotify::SigevThreadId {
                 signal: ALARM_SIGNAL,
                 thread_id: nix::unistd::gettid().as_raw(),
                 si_value: 0,
             });
-            *alarm = Some(Timer::new(ClockId::CLOCK_MONOTONIC, to_this_thread)?);
+            let timer = Timer::new(ClockId::CLOCK_MONOTONIC, to_this_thread).ok()?;
+            self.made = Some((timer, me));
         }
-        let timer = alarm.as_mut().expect("made above");
-        timer.set(
-            Expiration::OneShot(TimeSpec::from_duration(after)),
-            TimerSetTimeFlags::empty(),
-        )
-    })
+        self.made.as_mut().map(|(timer, _)| timer)
+    }
+}
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        if let Some((timer, by)) = self.made.take() {
+            if by != std::process::id() {
+                std::mem::forget(timer);
+            }
+        }
+    }
 }
 
 /// How long [`wait_blocking`] polls before it sleeps: longer than the `clone` of a process
