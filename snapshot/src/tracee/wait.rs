@@ -7,15 +7,17 @@
 //! is often woken on dolly's own CPU, and a poll that yields it gives it nothing (the
 //! scheduler picks dolly again), so a stop waits for a time slice (a 64 MiB freeze beside
 //! one busy loop took 16 ms instead of 2). There, dolly blocks: its CPU passes straight to
-//! the thread, and back to dolly at the stop.
+//! the thread, and back to dolly at the stop. It blocks at once: even yielding for 0.1 ms
+//! before blocking kept the CPU from the thread (4–9 ms, against 2.4–5.5 blocking at once).
 //!
 //! Which machine it is, dolly decides as each freeze (or the stop that reaps a fork)
 //! begins, from the tasks runnable (`/proc/loadavg`: it polls if a CPU is left for each of
 //! dolly and the process once the others have theirs; the fewest of three looks 0.1 ms
 //! apart, as this kernel counts a task that just went to sleep as runnable for a moment),
 //! and learns it from the process too: a thread asked to stop that has not within
-//! [`STOP_SOON`] (a thread running on a CPU of its own stops within 20–40 µs; one waiting
-//! for a CPU, only when it gets one) makes it block for the rest of that freeze.
+//! [`STOP_SOON`] and is runnable (a thread running on a CPU of its own stops within
+//! 20–40 µs; one waiting for a CPU, only when it gets one) makes it block for the rest of
+//! that freeze; one that is not (asleep, on a CPU slow to wake) for that wait only.
 //! `DOLLY_WAIT=poll|block` decides instead.
 //!
 //! A blocking wait for a thread asked to stop still ends at the freeze's deadline: a timer
@@ -50,8 +52,8 @@ thread_local! {
 /// The environment variable that fixes how dolly waits: `poll` or `block`.
 pub const WAIT_ENV: &str = "DOLLY_WAIT";
 
-/// How long a thread asked to stop may take before dolly takes the machine for a busy one
-/// and blocks for the rest of the freeze.
+/// How long a thread asked to stop may take before dolly blocks for it (and, if it waits
+/// for a CPU, takes the machine for a busy one: see the module's comment).
 const STOP_SOON: Duration = Duration::from_micros(100);
 
 /// How this thread waits for stops until dropped, from a freeze's start to its end (it
