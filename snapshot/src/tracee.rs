@@ -365,6 +365,35 @@ impl Tracee {
             .with_context(|| format!("setting ptrace options of {}", self.pid))
     }
 
+    /// Lets `tracees` run on, in their order: all settled first (see [`Tracee::settle`]), at
+    /// dolly's priority (a thread waiting for dolly's CPU would not get it from a real-time
+    /// dolly), then each let go with dolly's thread urgent (see
+    /// [`sys::process::Urgent`]): each thread let go runs at once, and at dolly's priority
+    /// those of a busy process would take the CPU from dolly before it lets the others go
+    /// (50 threads: 1.7 ms instead of 0.4), the last one before dolly notes the end of the
+    /// freeze. Returns when the last was let go (`None` if there was none) and the first
+    /// failure.
+    pub fn let_go(mut tracees: Vec<Tracee>) -> (Option<Instant>, Result<()>) {
+        let mut first = Ok(());
+        for t in &mut tracees {
+            let r = t.settle();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        let urgent = sys::process::Urgent::now();
+        let mut last = None;
+        for t in tracees {
+            let r = t.detach();
+            last = Some(Instant::now());
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        drop(urgent);
+        (last, first)
+    }
+
     /// Lets the thread run on (from its stop), sending again any stop signal that arrived
     /// while dolly held it.
     pub fn detach(mut self) -> Result<()> {

@@ -409,12 +409,9 @@ pub(super) fn run_in(
     // (Stopped from the interrupt on, which the seizing makes.)
     let since = thread.interrupted_at().unwrap_or(asking);
     let ran = run_inside(&mut thread, vdso, job_stopped, call);
-    // (Until it is let go: see `Frozen::thaw`.)
-    let settled = thread.settle();
-    let urgent = crate::sys::process::Urgent::now();
-    let detached = settled.and(thread.detach());
-    let stopped_ms = since.elapsed().as_secs_f64() * 1e3;
-    drop(urgent);
+    // (Stopped until it is let go.)
+    let (let_go, detached) = Tracee::let_go(vec![thread]);
+    let stopped_ms = let_go.map_or(0.0, |t| t.duration_since(since).as_secs_f64() * 1e3);
     ran?;
     detached?;
     Ok(stopped_ms)

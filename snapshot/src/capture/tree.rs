@@ -48,33 +48,16 @@ impl Frozen {
     /// Lets every process run on, children first; returns how long the tree was frozen
     /// (until its last thread was let go: not counting the time dolly itself may then wait
     /// for a CPU, which the processes it lets go can take) and the first failure.
-    pub fn thaw(mut self) -> (std::time::Duration, Result<()>) {
-        let mut first = Ok(());
-        // A thread still moving out of a trap stop is waited for first (see
-        // `Tracee::settle`), before dolly's priority is raised: a thread waiting for dolly's
-        // CPU would not get it from a real-time dolly.
-        for t in self.members.iter_mut().flat_map(|m| m.threads.iter_mut()) {
-            let r = t.settle();
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        // Each thread let go runs at once: at dolly's priority, those of a busy process
-        // would take the CPU from dolly before it lets the others go (50 threads: 1.7 ms
-        // instead of 0.4), and the last one before dolly notes the end of the freeze.
-        let urgent = crate::sys::process::Urgent::now();
-        let mut last = self.since;
-        for m in self.members.into_iter().rev() {
-            for t in m.threads.into_iter().rev() {
-                let r = t.detach();
-                last = std::time::Instant::now();
-                if first.is_ok() {
-                    first = r;
-                }
-            }
-        }
-        drop(urgent);
+    pub fn thaw(self) -> (std::time::Duration, Result<()>) {
+        let threads = self
+            .members
+            .into_iter()
+            .rev()
+            .flat_map(|m| m.threads.into_iter().rev())
+            .collect();
+        let (last, first) = Tracee::let_go(threads);
         drop(self.waiting);
+        let last = last.unwrap_or(self.since);
         (last.saturating_duration_since(self.since), first)
     }
 }

@@ -190,13 +190,17 @@ pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
             }
             Ok(status) => return Ok(status),
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
+            Err(e) => return Err(wait_failed(pid, e)),
         }
     }
 }
 
 /// How long [`wait_stop`] polls without sleeping (with `DOLLY_WAIT=poll`).
 const SPIN_FOR_STOP: Duration = Duration::from_millis(2);
+
+fn wait_failed(pid: Pid, e: Errno) -> Error {
+    Error::sys(format!("waiting for process {pid} to stop"), e)
+}
 
 fn not_stopped(pid: Pid) -> Error {
     Error::refused(
@@ -215,14 +219,14 @@ fn block_until(pid: Pid, deadline: Instant) -> Option<Result<WaitStatus>> {
             break match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => Err(not_stopped(pid)),
                 Ok(status) => Ok(status),
-                Err(e) => Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
+                Err(e) => Err(wait_failed(pid, e)),
             };
         }
         match waitpid(pid, Some(WaitPidFlag::__WALL)) {
             // The alarm (or another signal): the deadline is looked at again.
             Err(Errno::EINTR) => continue,
             Ok(status) => break Ok(status),
-            Err(e) => break Err(Error::sys(format!("waiting for process {pid} to stop"), e)),
+            Err(e) => break Err(wait_failed(pid, e)),
         }
     };
     drop(alarm);
