@@ -5,12 +5,16 @@
 //! rewriting its memory at full speed (forked at the freeze, and not), and restores,
 //! beside fork() of a process with the same memory and a memcpy of the same
 //! bytes, all measured in this run; then captures of a process tree and of many threads,
-//! the 64 MiB writer's freeze with another busy process beside it, and clones.
+//! the 64 MiB writer's freeze with another busy process beside it, dolly beside CRIU (see
+//! `criu`), and clones.
 //!
 //! ```text
-//! cargo build --release --bin dolly --examples && target/release/examples/bench [capture|busy|clone] [MiB ...]
+//! cargo build --release --bin dolly --examples && target/release/examples/bench [capture|busy|criu|clone] [MiB ...]
 //! ```
-//! (scripts/bench does exactly that.) Run as root. It uses a private store it removes.
+//! (scripts/bench does that, after scripts/criu.) Run as root. It uses a private store it
+//! removes.
+
+mod criu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -101,21 +105,37 @@ impl Store {
     }
 }
 
-/// Sends `signal` to example program `pid` and waits for the answer it writes into `log`:
-/// a new line starting with `prefix`, whose number it returns, divided by 1000 (µs to ms).
-fn ask_ms(pid: Pid, signal: Signal, log: &Path, prefix: &str) -> f64 {
-    let answers = || read_lines_with(log, prefix);
+/// Sends `signal` to example program `pid` and waits for its answer in `log`: a new line
+/// starting with `prefix`, which it returns.
+fn ask(pid: Pid, signal: Signal, log: &Path, prefix: &str) -> String {
+    let answers = || -> Vec<String> {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines = text.lines().filter(|l| l.starts_with(prefix));
+        lines.map(str::to_string).collect()
+    };
     let before = answers().len();
     kill(pid, signal).unwrap();
     let t = Instant::now();
-    while answers().len() == before {
+    loop {
+        if let Some(answer) = answers().into_iter().nth(before) {
+            return answer;
+        }
         assert!(
-            t.elapsed() < Duration::from_secs(20),
+            t.elapsed() < Duration::from_secs(60),
             "no {prefix:?} from {pid}"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    answers().last().unwrap() / 1e3
+}
+
+/// [`ask`], for an answer whose first field after `prefix` is a number of µs: that, in ms.
+fn ask_ms(pid: Pid, signal: Signal, log: &Path, prefix: &str) -> f64 {
+    let answer = ask(pid, signal, log, prefix);
+    let number = answer[prefix.len()..].split_whitespace().next();
+    number
+        .and_then(|n| n.parse::<f64>().ok())
+        .expect("a number")
+        / 1e3
 }
 
 /// The fork() of an example program timed by itself, in ms: see `examples/common/fork_time.rs`.
@@ -141,14 +161,7 @@ impl OwnFork {
 /// The fork() of example program `pid` timed by itself (asked with SIGWINCH; it writes
 /// `fork us=U in_a_row_us=R` into `log`).
 fn own_fork(pid: Pid, log: &Path) -> OwnFork {
-    ask_ms(pid, Signal::SIGWINCH, log, "fork us=");
-    let last = std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("fork us="))
-        .map(str::to_string)
-        .expect("the answer just read");
+    let last = ask(pid, Signal::SIGWINCH, log, "fork us=");
     let field = |name: &str| -> f64 {
         let at = last.find(name).expect("a field of the answer") + name.len();
         let number = last[at..].split_whitespace().next().unwrap_or_default();
@@ -162,35 +175,10 @@ fn own_fork(pid: Pid, log: &Path) -> OwnFork {
 
 /// Starts memhog and returns its PID; `end` kills and reaps it (by PID, since its restored
 /// copies are reaped the same way).
-#[allow(clippy::zombie_processes)]
 fn start_memhog(mib: usize, dir: &Path) -> Pid {
-    let ready = dir.join(format!("memhog-{mib}"));
-    let out = std::fs::File::create(&ready).unwrap();
     let mut cmd = Command::new(bin("memhog"));
-    cmd.args(["--mib", &mib.to_string()])
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(Stdio::null());
-    // SAFETY: setsid and close_range are async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::setsid();
-            libc::close_range(3, u32::MAX, 0);
-            Ok(())
-        });
-    }
-    // Reaped by PID (`end`), with the trees it is measured in.
-    #[allow(clippy::zombie_processes)]
-    let child = cmd.spawn().unwrap();
-    let t = Instant::now();
-    while !std::fs::read_to_string(&ready).unwrap().contains("ready") {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "memhog did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    started(child.id())
+    cmd.args(["--mib", &mib.to_string()]);
+    start_ready(&mut cmd, &dir.join(format!("memhog-{mib}")))
 }
 
 /// Every process the bench started, in its own session (restored ones keep their PIDs):
@@ -469,15 +457,7 @@ fn scribbler_captures(
         forked.push(record["forked_bytes"].as_f64().unwrap_or(0.0));
         let id = record["id"].as_str().unwrap();
         // The persister goes on in the background: wait for it before the next capture.
-        let t = Instant::now();
-        while !store
-            .dolly(&["--json", "snapshot", "info", id])
-            .0
-            .contains("\"persisted\"")
-        {
-            assert!(t.elapsed() < Duration::from_secs(300), "not persisted");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_persisted(store, id);
         store.dolly(&["snapshot", "delete", id]);
     }
     end(pid);
@@ -497,19 +477,17 @@ fn scribbler_captures(
     }
 }
 
-/// The numbers after `prefix` on the lines of file `log` that start with it.
-fn read_lines_with(log: &Path, prefix: &str) -> Vec<f64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix(prefix)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
+/// Waits until snapshot `id` is persisted (its persister ran in the background).
+fn wait_persisted(store: &Store, id: &str) {
+    let t = Instant::now();
+    while !store
+        .dolly(&["--json", "snapshot", "info", id])
+        .0
+        .contains("\"persisted\"")
+    {
+        assert!(t.elapsed() < Duration::from_secs(300), "not persisted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Starts `cmd` in its own session, stdout to `out`, and waits until `log` says `ready`.
@@ -944,7 +922,7 @@ fn clone_tables(sizes: &[usize], store: &Store, dir: &Path) {
     }
 }
 
-/// `bench [capture|busy|clone|all] [MiB ...]`
+/// `bench [capture|busy|criu|clone|all] [MiB ...]`
 fn main() {
     nix::sys::prctl::set_child_subreaper(true).unwrap();
     kill_started_on_panic();
@@ -979,6 +957,10 @@ fn main() {
     }
     if what == "busy" {
         busy_table(&store, dir.path());
+    }
+    if what == "criu" || what == "all" {
+        criu::table(&sizes, &store, dir.path());
+        println!();
     }
     if what == "clone" || what == "all" {
         // (Clones of 4 GiB would only repeat what 2 GiB shows, at length.)
