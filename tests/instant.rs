@@ -1234,6 +1234,30 @@ fn a_process_in_uninterruptible_sleep_is_refused_in_time_and_left_as_it_was() {
         assert!(proc_status(pid, "State").is_some_and(|s| s.starts_with('D')));
         assert!(dolly.list().is_empty(), "{:?}", dolly.list());
     }
+    // Through the library, in this process, which goes on: let go as the capture's own
+    // thread ends (else it would stay traced by this process, to stop in a trap with nobody
+    // to let it go once it wakes).
+    let store = snapshot::Store::open(dolly.root.path(), dolly.pool.path()).unwrap();
+    let opts = snapshot::CaptureOptions {
+        pid,
+        ..Default::default()
+    };
+    let err = snapshot::capture(&store, &opts, &snapshot::Checkpoints::none()).unwrap_err();
+    assert!(
+        err.message()
+            .contains(&format!("process {pid} did not stop within 5s"))
+            && err
+                .remedy()
+                .is_some_and(|r| r.contains("uninterruptible sleep")),
+        "{err}"
+    );
+    wait_until(
+        "the capture's thread to let go",
+        Duration::from_secs(2),
+        || proc_status(pid, "TracerPid").as_deref() == Some("0"),
+    );
+    assert!(proc_status(pid, "State").is_some_and(|s| s.starts_with('D')));
+    assert!(dolly.list().is_empty(), "{:?}", dolly.list());
     drop(child);
     let status = blocker.0.wait().unwrap();
     assert!(status.success(), "{status:?}");

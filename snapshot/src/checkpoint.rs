@@ -55,7 +55,7 @@ fn monotonic_ns() -> u128 {
 
 /// Checks for abort requests at named points.
 pub struct Checkpoints<'a> {
-    abort: Option<&'a dyn Fn() -> bool>,
+    abort: Option<&'a (dyn Fn() -> bool + Sync)>,
 }
 
 impl std::fmt::Debug for Checkpoints<'_> {
@@ -71,7 +71,7 @@ impl<'a> Checkpoints<'a> {
     }
 
     /// Checkpoints that abort once `abort()` returns true.
-    pub fn with_abort(abort: &'a dyn Fn() -> bool) -> Checkpoints<'a> {
+    pub fn with_abort(abort: &'a (dyn Fn() -> bool + Sync)) -> Checkpoints<'a> {
         Checkpoints { abort: Some(abort) }
     }
 

@@ -14,6 +14,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::unistd::{fork, getppid, pipe, ForkResult};
@@ -112,15 +113,16 @@ fn work(
     }
     let mut out = std::fs::File::from(out);
     // Once the command has what it waits for, it may end: the capture goes on without it.
-    let alone = std::cell::Cell::new(false);
-    let abort = || !alone.get() && getppid() != parent;
+    // (Shared with the capture's own thread: see `snapshot::capture_observed`.)
+    let alone = AtomicBool::new(false);
+    let abort = || !alone.load(Ordering::SeqCst) && getppid() != parent;
     let report = |out: &mut std::fs::File, step: Wait, outcome: Outcome| {
         send(out, &outcome);
-        if step >= wait && !alone.get() {
+        if step >= wait && !alone.load(Ordering::SeqCst) {
             // (The capture's trace, before stderr goes.)
             snapshot::checkpoint::flush_marks();
             go_alone();
-            alone.set(true);
+            alone.store(true, Ordering::SeqCst);
         }
     };
     let captured = {

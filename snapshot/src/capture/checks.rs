@@ -12,6 +12,10 @@ fn traced_by_us(pid: i32) -> bool {
 }
 
 fn refuse_busy_tracer(pid: Pid, tracer: i32) -> Error {
+    // (`TracerPid` is the tracing thread: named by its process.)
+    let tracer = ProcDir::new(Pid::from_raw(tracer))
+        .status()
+        .map_or(tracer, |s| s.tgid);
     let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into());

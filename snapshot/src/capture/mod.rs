@@ -18,7 +18,7 @@ use std::time::Instant;
 use nix::unistd::Pid;
 
 use crate::checkpoint::Checkpoints;
-use crate::error::{Context, ErrorKind, Result};
+use crate::error::{Context, Error, ErrorKind, Result};
 use crate::image::{Host, Manifest, PoolFile, FORMAT, VERSION};
 use crate::proc::ProcDir;
 use crate::resource::files::{FileTable, OpenFiles};
@@ -102,11 +102,41 @@ pub fn capture(
 /// [`capture`], calling `on_frozen` with the snapshot's record (`capturing`, its frozen time
 /// known) once the tree runs on again, before the pages still to store are (those of
 /// processes forked at the freeze).
+///
+/// It runs on a thread of its own, the tracer of every thread it stops, which ends with it:
+/// a thread that never reached its stop (in uninterruptible sleep past the freeze's
+/// deadline) cannot be let go through ptrace, and the kernel lets it go as its tracer thread
+/// ends, so that the caller does not keep it traced (to stop, with nobody to let it go, once
+/// it wakes).
 pub fn capture_observed(
     store: &Store,
     opts: &CaptureOptions,
     checkpoints: &Checkpoints,
-    on_frozen: &mut dyn FnMut(&Record),
+    on_frozen: &mut (dyn FnMut(&Record) + Send),
+) -> Result<CaptureReport> {
+    std::thread::scope(|scope| {
+        // (Unnamed: a process it traces names its tracer `dolly`, see `checks`.)
+        let tracer = std::thread::Builder::new()
+            .stack_size(TRACER_STACK)
+            .spawn_scoped(scope, || {
+                capture_traced(store, opts, checkpoints, on_frozen)
+            })
+            .map_err(|e| Error::io("starting dolly's capture thread", e))?;
+        tracer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The stack of the thread a capture runs on (that of a process's main thread).
+const TRACER_STACK: usize = 8 << 20;
+
+/// [`capture_observed`], on its thread.
+fn capture_traced(
+    store: &Store,
+    opts: &CaptureOptions,
+    checkpoints: &Checkpoints,
+    on_frozen: &mut (dyn FnMut(&Record) + Send),
 ) -> Result<CaptureReport> {
     let started = Instant::now();
     let root = Pid::from_raw(opts.pid);

@@ -11,8 +11,9 @@
 //! before blocking kept the CPU from the thread (4–9 ms, against 2.4–5.5 blocking at once).
 //!
 //! Which machine it is, dolly decides as each freeze (or the stop that reaps a fork)
-//! begins, from the tasks runnable (`/proc/loadavg`: it polls if a CPU is left for each of
-//! dolly and the process once the others have theirs; the fewest of three looks 0.1 ms
+//! begins, from the tasks runnable (`/proc/loadavg`: it polls if a CPU, of those dolly may
+//! run on, is left for each of dolly and the process once the others have theirs; the
+//! fewest of three looks 0.1 ms
 //! apart, as this kernel counts a task that just went to sleep as runnable for a moment),
 //! and learns it from the process too: a thread asked to stop that has not within
 //! [`STOP_SOON`] and is runnable (a thread running on a CPU of its own stops within
@@ -112,7 +113,7 @@ fn machine_has_room(running: bool) -> bool {
             runnable_tasks()
         })
         .min();
-    match (runnable, online_cpus()) {
+    match (runnable, usable_cpus()) {
         (Some(runnable), Some(cpus)) => polls(runnable, cpus, running),
         _ => true,
     }
@@ -136,9 +137,19 @@ fn runnable_tasks() -> Option<u64> {
     field.split('/').next()?.parse().ok()
 }
 
-fn online_cpus() -> Option<u64> {
-    let n = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN).ok()??;
-    u64::try_from(n).ok()
+/// The CPUs dolly may run on (its affinity: a container's cpuset, `taskset`), at most those
+/// online. (The tasks runnable are the machine's: with a cpuset, the rule errs towards
+/// blocking.)
+fn usable_cpus() -> Option<u64> {
+    let online = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN).ok()??;
+    let online = u64::try_from(online).ok()?;
+    let allowed = nix::sched::sched_getaffinity(Pid::from_raw(0))
+        .ok()
+        .map(|set| {
+            let cpus = 0..nix::sched::CpuSet::count();
+            cpus.filter(|&cpu| set.is_set(cpu).unwrap_or(false)).count() as u64
+        });
+    Some(allowed.filter(|&n| n > 0).map_or(online, |n| n.min(online)))
 }
 
 /// How long a freeze may wait for a thread to reach a stop.
@@ -167,13 +178,19 @@ pub(super) fn wait_stop(pid: Pid, deadline: Instant) -> Result<WaitStatus> {
                 let waited = now - asked;
                 if polling && !this_wait_blocks && waited >= STOP_SOON && may_switch {
                     this_wait_blocks = true;
-                    let state = ProcDir::new(pid).stat().map(|s| s.state);
-                    if matches!(state, Ok('R')) {
-                        polling = false;
-                        POLLING.with(|p| p.set(false));
-                        crate::checkpoint::mark(&format!(
-                            "wait: blocking (process {pid} not stopped after {waited:?})"
-                        ));
+                    match ProcDir::new(pid).stat().map(|s| s.state) {
+                        Ok('R') => {
+                            polling = false;
+                            POLLING.with(|p| p.set(false));
+                            crate::checkpoint::mark(&format!(
+                                "wait: blocking (process {pid} not stopped after {waited:?})"
+                            ));
+                        }
+                        state => crate::checkpoint::mark(&format!(
+                            "wait: blocking for this stop (process {pid} not stopped after \
+                             {waited:?}, state {})",
+                            state.map_or('?', |s| s)
+                        )),
                     }
                 }
                 if !this_wait_blocks && waited < SPIN_FOR_STOP {
@@ -400,6 +417,20 @@ mod tests {
         assert!(polls(3, 4, true));
         // One CPU: never.
         assert!(!polls(1, 1, false));
+    }
+
+    #[test]
+    fn counts_only_the_cpus_dolly_may_run_on() {
+        let online = usable_cpus().unwrap();
+        assert!(online >= 1);
+        // A thread of its own, held to one CPU (as a cpuset or `taskset -c 0` would).
+        let pinned = std::thread::spawn(|| {
+            let mut one = nix::sched::CpuSet::new();
+            one.set(0).unwrap();
+            nix::sched::sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+            usable_cpus()
+        });
+        assert_eq!(pinned.join().unwrap(), Some(1));
     }
 
     #[test]
