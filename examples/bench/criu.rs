@@ -54,8 +54,8 @@ fn verify(pid: Pid, log: &Path, by: &str) {
     );
 }
 
-/// One size's figures: medians of the stalls and of the times until the snapshot is whole,
-/// and one restore by each.
+/// One size's figures: medians of the stalls and of the times until the snapshot is whole
+/// (the wall time of each command), and one restore by each.
 struct Row {
     stall_criu: f64,
     stall_dolly: f64,
@@ -91,12 +91,13 @@ fn measure(criu: &Path, mib: usize, store: &Store, dir: &Path) -> Result<Row, St
         for _ in 0..captures {
             settle();
             let pid_arg = pid.to_string();
-            let (out, _) = store.dolly(&[
+            // (The wall time of the command, as CRIU's is.)
+            let (out, ms) = store.dolly(&[
                 "--json", "snapshot", "capture", "--pid", &pid_arg, "--wait", "created",
             ]);
             stall_dolly.push(report());
+            created_dolly.push(ms);
             let record: serde_json::Value = serde_json::from_str(&out).unwrap();
-            created_dolly.push(record["created_ms"].as_f64().unwrap());
             let id = record["id"].as_str().unwrap().to_string();
             wait_persisted(store, &id);
             stall_persisting.push(report());
@@ -118,6 +119,8 @@ fn measure(criu: &Path, mib: usize, store: &Store, dir: &Path) -> Result<Row, St
         let restore_criu = run_criu(criu, images.path(), "restore.log", &["restore", "-d"])?;
         verify(pid, &log, "CRIU");
         end(pid);
+        // (Its memory back before dolly's restore.)
+        let _ = std::fs::remove_dir_all(images.path());
         let id = snapshot.clone().unwrap();
         let (_, restore_dolly) = store.dolly(&["snapshot", "restore", &id]);
         verify(pid, &log, "dolly");

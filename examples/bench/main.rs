@@ -477,16 +477,18 @@ fn scribbler_captures(
     }
 }
 
-/// Waits until snapshot `id` is persisted (its persister ran in the background).
+/// Waits until snapshot `id` is persisted (its persister ran in the background), reading its
+/// record (`ROOT/snapshots/ID/record.json`, see specs/image-format.md) rather than starting
+/// a `dolly snapshot info` again and again beside what is measured.
 fn wait_persisted(store: &Store, id: &str) {
+    let record = store.root.join("snapshots").join(id).join("record.json");
     let t = Instant::now();
-    while !store
-        .dolly(&["--json", "snapshot", "info", id])
-        .0
+    while !std::fs::read_to_string(&record)
+        .unwrap_or_default()
         .contains("\"persisted\"")
     {
         assert!(t.elapsed() < Duration::from_secs(300), "not persisted");
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

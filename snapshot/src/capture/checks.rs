@@ -16,6 +16,12 @@ fn refuse_busy_tracer(pid: Pid, tracer: i32) -> Error {
     let tracer = ProcDir::new(Pid::from_raw(tracer))
         .status()
         .map_or(tracer, |s| s.tgid);
+    if tracer == nix::unistd::getpid().as_raw() {
+        return Error::busy(
+            format!("process {pid} is already being captured by another capture of this program"),
+            "wait for that capture to finish, then try again",
+        );
+    }
     let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into());

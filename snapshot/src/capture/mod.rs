@@ -114,18 +114,34 @@ pub fn capture_observed(
     checkpoints: &Checkpoints,
     on_frozen: &mut (dyn FnMut(&Record) + Send),
 ) -> Result<CaptureReport> {
-    std::thread::scope(|scope| {
+    let (tid, captured) = std::thread::scope(|scope| {
         // (Unnamed: a process it traces names its tracer `dolly`, see `checks`.)
         let tracer = std::thread::Builder::new()
             .stack_size(TRACER_STACK)
             .spawn_scoped(scope, || {
-                capture_traced(store, opts, checkpoints, on_frozen)
+                let tid = nix::unistd::gettid();
+                (tid, capture_traced(store, opts, checkpoints, on_frozen))
             })
             .map_err(|e| Error::io("starting dolly's capture thread", e))?;
-        tracer
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+        Ok::<_, Error>(
+            tracer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        )
+    })?;
+    tracer_gone(tid);
+    captured
+}
+
+/// Waits (a moment) until thread `tid` of this process is gone: a joined thread has not yet
+/// ended (the kernel wakes its joiner before it lets its tracees go), and a caller that
+/// captures again at once would find the process still traced.
+fn tracer_gone(tid: Pid) {
+    let task = format!("/proc/self/task/{tid}");
+    let until = Instant::now() + std::time::Duration::from_secs(1);
+    while std::path::Path::new(&task).exists() && Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
 }
 
 /// The stack of the thread a capture runs on (that of a process's main thread).

@@ -423,10 +423,15 @@ mod tests {
     fn counts_only_the_cpus_dolly_may_run_on() {
         let online = usable_cpus().unwrap();
         assert!(online >= 1);
-        // A thread of its own, held to one CPU (as a cpuset or `taskset -c 0` would).
+        // A thread of its own, held to one CPU it may run on (as a cpuset or `taskset`
+        // would).
         let pinned = std::thread::spawn(|| {
+            let allowed = nix::sched::sched_getaffinity(Pid::from_raw(0)).unwrap();
+            let first = (0..nix::sched::CpuSet::count())
+                .find(|&cpu| allowed.is_set(cpu).unwrap_or(false))
+                .unwrap();
             let mut one = nix::sched::CpuSet::new();
-            one.set(0).unwrap();
+            one.set(first).unwrap();
             nix::sched::sched_setaffinity(Pid::from_raw(0), &one).unwrap();
             usable_cpus()
         });
