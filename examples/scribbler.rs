@@ -3,13 +3,16 @@
 //! so a restored copy can check that every page is the one of a single instant.
 //!
 //! ```text
-//! scribbler --dir DIR --mib N [--hot-mib H] [--quiet-after-ms MS] [--gaps-ms G]
+//! scribbler --dir DIR --mib N [--hot-mib H] [--quiet-after-ms MS] [--gaps-ms G] [--huge]
 //! ```
 //!
 //! It maps N MiB and loops: each turn writes one page with a pattern of the turn number
 //! (and records it), now and then drops a run of pages (`MADV_DONTNEED`, recorded as zero)
 //! or maps a fresh 1 MiB over part of the buffer (`MAP_FIXED`, recorded as zero). It reads
 //! the clock every turn and keeps the longest gap between two turns: how long it was stopped.
+//!
+//! With `--huge`, the buffer is aligned to 2 MiB and advised `MADV_HUGEPAGE`: transparent
+//! huge pages where the kernel has them (`AnonHugePages` in its smaps).
 //!
 //! With `--hot-mib`, only the first H MiB are rewritten (a hot set; the rest keeps what it
 //! was first written with). Once DIR/drop exists it drops its last MiB (`MADV_DONTNEED`,
@@ -69,6 +72,7 @@ fn fork_us(buf: &mut [u64]) -> (u128, u128) {
 }
 
 const PAGE: usize = 4096;
+const HUGE: usize = 2 << 20;
 
 fn pattern(turn: u64, word: usize) -> u64 {
     (turn.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ word as u64
@@ -137,18 +141,27 @@ fn main() {
         (v.parse::<usize>().expect("--hot-mib H") << 20) / PAGE
     });
     let hot = hot.clamp(1, pages);
+    let huge = args.iter().any(|a| a == "--huge");
+    // (With room to align it to a huge page.)
+    let slack = if huge { HUGE } else { 0 };
     // SAFETY: a fresh private anonymous mapping, used only through `buf` below.
-    let base = unsafe {
+    let mapped = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len,
+            len + slack,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
-    assert_ne!(base, libc::MAP_FAILED);
+    assert_ne!(mapped, libc::MAP_FAILED);
+    let base = (mapped as usize).next_multiple_of(slack.max(1)) as *mut libc::c_void;
+    if huge {
+        // SAFETY: advice on the mapping just made.
+        let advised = unsafe { libc::madvise(base, len, libc::MADV_HUGEPAGE) };
+        assert_eq!(advised, 0, "MADV_HUGEPAGE");
+    }
     // SAFETY: the mapping is `len` bytes, aligned, and only this function uses it.
     let buf: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(base.cast(), len / 8) };
     let words = PAGE / 8;

@@ -103,6 +103,46 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
     let _restored = restore_verified(&dolly, unforked_id, pid, &log);
 }
 
+/// A process rewriting memory backed by transparent huge pages (`MADV_HUGEPAGE`, 2 MiB pages
+/// mapped whole): write tracking and the fork at the freeze work on them as on small pages,
+/// and each snapshot, restored, holds one instant.
+#[test]
+fn transparent_huge_pages_rewritten_during_the_capture_are_stored_as_of_one_instant() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    // (Steady from the start: a drop or a mapping over part of a huge page splits it.)
+    std::fs::write(dir.path().join("steady"), b"").unwrap();
+    let mut prog = start_scribbler(dir.path(), &["--mib", "64", "--huge"]);
+    let pid = prog.pid();
+    let huge_kib = || {
+        let rollup = read(Path::new(&format!("/proc/{pid}/smaps_rollup")));
+        let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"));
+        line.and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    };
+    assert!(
+        huge_kib().is_some_and(|k| k >= 32 << 10),
+        "the scribbler's memory is not in transparent huge pages (AnonHugePages {:?} kB): \
+         enable them (/sys/kernel/mm/transparent_hugepage/enabled: madvise or always)",
+        huge_kib()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let ids: Vec<String> = [["--fork", "always"], ["--fork", "never"]]
+        .iter()
+        .map(|fork| {
+            let record = dolly.capture_with(pid, &[fork[0], fork[1], "--parent", "none"]);
+            assert_eq!(record["forked"], u64::from(fork[1] == "always"), "{record}");
+            record["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(verify(pid, &log).starts_with("verify ok"));
+    prog.kill_and_reap();
+    for id in &ids {
+        drop(restore_verified(&dolly, id, pid, &log));
+        reap_until_gone(pid);
+    }
+}
+
 /// Captures in a row of a process that writes, drops and maps over its memory all the while
 /// (pre-copy reads its areas as they change, forks it at most freezes): each snapshot,
 /// restored, holds the memory of one instant. (Pre-copy once tracked an area the kernel listed
