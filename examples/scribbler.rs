@@ -159,8 +159,14 @@ fn main() {
     let base = (mapped as usize).next_multiple_of(slack.max(1)) as *mut libc::c_void;
     if huge {
         // SAFETY: advice on the mapping just made.
-        let advised = unsafe { libc::madvise(base, len, libc::MADV_HUGEPAGE) };
-        assert_eq!(advised, 0, "MADV_HUGEPAGE");
+        if unsafe { libc::madvise(base, len, libc::MADV_HUGEPAGE) } != 0 {
+            let err = std::io::Error::last_os_error();
+            say(
+                &mut log,
+                format!("error: MADV_HUGEPAGE: {err} (no transparent huge pages)"),
+            );
+            std::process::exit(2);
+        }
     }
     // SAFETY: the mapping is `len` bytes, aligned, and only this function uses it.
     let buf: &mut [u64] = unsafe { std::slice::from_raw_parts_mut(base.cast(), len / 8) };

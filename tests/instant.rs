@@ -31,7 +31,9 @@ fn start_scribbler(dir: &Path, args: &[&str]) -> Spawned {
     cmd.arg("--dir").arg(dir).args(args);
     let prog = Spawned(spawn_detached(&mut cmd, &dir.join("out")));
     wait_until("the scribbler", Duration::from_secs(20), || {
-        read(&dir.join("log")).contains("ready")
+        let log = read(&dir.join("log"));
+        assert!(!log.contains("error:"), "the scribbler: {log}");
+        log.contains("ready")
     });
     prog
 }
@@ -104,41 +106,40 @@ fn memory_rewritten_during_the_capture_is_stored_as_of_one_instant() {
 }
 
 /// A process rewriting memory backed by transparent huge pages (`MADV_HUGEPAGE`, 2 MiB pages
-/// mapped whole): write tracking and the fork at the freeze work on them as on small pages,
-/// and each snapshot, restored, holds one instant.
+/// mapped whole as the capture begins): write tracking protects and walks them whole, its
+/// writes split them (as a fork's copy-on-write does), and a snapshot forked at the freeze or
+/// copied by it, restored, holds one instant.
 #[test]
 fn transparent_huge_pages_rewritten_during_the_capture_are_stored_as_of_one_instant() {
     let dolly = Dolly::new();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    // (Steady from the start: a drop or a mapping over part of a huge page splits it.)
-    std::fs::write(dir.path().join("steady"), b"").unwrap();
-    let mut prog = start_scribbler(dir.path(), &["--mib", "64", "--huge"]);
-    let pid = prog.pid();
-    let huge_kib = || {
-        let rollup = read(Path::new(&format!("/proc/{pid}/smaps_rollup")));
-        let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"));
-        line.and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-    };
-    assert!(
-        huge_kib().is_some_and(|k| k >= 32 << 10),
-        "the scribbler's memory is not in transparent huge pages (AnonHugePages {:?} kB): \
-         enable them (/sys/kernel/mm/transparent_hugepage/enabled: madvise or always)",
-        huge_kib()
-    );
-    std::thread::sleep(Duration::from_millis(200));
-    let ids: Vec<String> = [["--fork", "always"], ["--fork", "never"]]
-        .iter()
-        .map(|fork| {
-            let record = dolly.capture_with(pid, &[fork[0], fork[1], "--parent", "none"]);
-            assert_eq!(record["forked"], u64::from(fork[1] == "always"), "{record}");
-            record["id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert!(verify(pid, &log).starts_with("verify ok"));
-    prog.kill_and_reap();
-    for id in &ids {
-        drop(restore_verified(&dolly, id, pid, &log));
+    for fork in ["always", "never"] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        // (Steady from the start: a drop or a mapping over part of a huge page splits it.)
+        std::fs::write(dir.path().join("steady"), b"").unwrap();
+        let mut prog = start_scribbler(dir.path(), &["--mib", "64", "--huge"]);
+        let pid = prog.pid();
+        let huge_kib = || {
+            let rollup = read(Path::new(&format!("/proc/{pid}/smaps_rollup")));
+            let line = rollup.lines().find(|l| l.starts_with("AnonHugePages:"));
+            line.and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        };
+        wait_until(
+            "its memory in transparent huge pages (AnonHugePages in its smaps_rollup; \
+             /sys/kernel/mm/transparent_hugepage/enabled must be madvise or always)",
+            Duration::from_secs(5),
+            || huge_kib().is_some_and(|k| k >= 32 << 10),
+        );
+        let record = dolly.capture_with(pid, &["--fork", fork, "--parent", "none"]);
+        assert_eq!(record["forked"], u64::from(fork == "always"), "{record}");
+        assert!(verify(pid, &log).starts_with("verify ok"));
+        prog.kill_and_reap();
+        drop(restore_verified(
+            &dolly,
+            record["id"].as_str().unwrap(),
+            pid,
+            &log,
+        ));
         reap_until_gone(pid);
     }
 }

@@ -18,8 +18,11 @@ fn refuse_busy_tracer(pid: Pid, tracer: i32) -> Error {
         .map_or(tracer, |s| s.tgid);
     if tracer == nix::unistd::getpid().as_raw() {
         return Error::busy(
-            format!("process {pid} is already being captured by another capture of this program"),
-            "wait for that capture to finish, then try again",
+            format!(
+                "process {pid} is already being captured or restored by this program (another \
+                 capture or restore of it runs)"
+            ),
+            "wait for that to finish, then try again",
         );
     }
     let comm = std::fs::read_to_string(format!("/proc/{tracer}/comm"))

@@ -13,6 +13,7 @@ mod process;
 mod tree;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use nix::unistd::Pid;
@@ -114,23 +115,21 @@ pub fn capture_observed(
     checkpoints: &Checkpoints,
     on_frozen: &mut (dyn FnMut(&Record) + Send),
 ) -> Result<CaptureReport> {
-    let (tid, captured) = std::thread::scope(|scope| {
+    let tid = AtomicI32::new(0);
+    let joined = std::thread::scope(|scope| {
         // (Unnamed: a process it traces names its tracer `dolly`, see `checks`.)
         let tracer = std::thread::Builder::new()
             .stack_size(TRACER_STACK)
             .spawn_scoped(scope, || {
-                let tid = nix::unistd::gettid();
-                (tid, capture_traced(store, opts, checkpoints, on_frozen))
+                tid.store(nix::unistd::gettid().as_raw(), Ordering::SeqCst);
+                capture_traced(store, opts, checkpoints, on_frozen)
             })
             .map_err(|e| Error::io("starting dolly's capture thread", e))?;
-        Ok::<_, Error>(
-            tracer
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-        )
+        Ok::<_, Error>(tracer.join())
     })?;
-    tracer_gone(tid);
-    captured
+    // (A panic too, once the thread is gone.)
+    tracer_gone(Pid::from_raw(tid.load(Ordering::SeqCst)));
+    joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Waits (a moment) until thread `tid` of this process is gone: a joined thread has not yet
