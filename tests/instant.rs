@@ -144,6 +144,76 @@ fn transparent_huge_pages_rewritten_during_the_capture_are_stored_as_of_one_inst
     }
 }
 
+/// python3 churning its heap while it is captured (objects of up to 4 KiB made and freed at
+/// full speed: CPython's allocator and glibc's malloc reusing and returning memory): forked
+/// at the freeze and not, each snapshot, restored, holds the interpreter of one instant. The
+/// restored process replays its run from the start up to the step it was captured at and
+/// finds every object as that replay makes it, then goes on.
+#[test]
+fn python_churning_its_heap_is_restored_as_of_one_instant() {
+    let dolly = Dolly::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // (Checked at the top of the loop, where the state is whole: the handler only asks.)
+    let script = r#"import random, signal
+def run(steps=None, state=None):
+    rng, items, total, step = state or (random.Random(7), {}, 0, 0)
+    while steps is None or step < steps:
+        if steps is None and asked:
+            asked.clear()
+            again, again_total, _ = run(step)
+            mine = {k: len(v) for k, v in items.items()}
+            ok = mine == again and total == again_total == sum(mine.values())
+            print('check', 'ok' if ok else 'BAD', 'step', step, flush=True)
+        k = rng.randrange(20000)
+        old = items.get(k)
+        if old is not None:
+            total -= len(old)
+        if rng.random() < 0.3:
+            items.pop(k, None)
+        else:
+            v = bytes(rng.randrange(1, 4096))
+            items[k] = v
+            total += len(v)
+        step += 1
+    return {k: len(v) for k, v in items.items()}, total, step
+asked = []
+signal.signal(signal.SIGUSR1, lambda *_: asked.append(1))
+print('ready', flush=True)
+run()
+"#;
+    let mut py = python_ready(script, &out);
+    let pid = py.pid();
+    std::thread::sleep(Duration::from_millis(300)); // well into its churning
+    let check = |what: &str| {
+        let line = ask(pid, &out, "check");
+        assert!(line.starts_with("check ok"), "{what}: {line}");
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap()
+    };
+    check("before the captures");
+    let ids: Vec<String> = ["always", "never"]
+        .iter()
+        .map(|fork| {
+            let record = dolly.capture_with(pid, &["--fork", fork, "--parent", "none"]);
+            assert_eq!(record["forked"], u64::from(*fork == "always"), "{record}");
+            record["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let ran_to = check("after the captures");
+    py.kill_and_reap();
+    for id in &ids {
+        let restored = dolly.restore(id);
+        let at = check(&format!("snapshot {id}"));
+        assert!(
+            at < ran_to,
+            "snapshot {id}: step {at}, the original ran to {ran_to}"
+        );
+        assert!(check(&format!("snapshot {id}, later")) > at, "it goes on");
+        drop(restored);
+        reap_until_gone(pid);
+    }
+}
+
 /// Captures in a row of a process that writes, drops and maps over its memory all the while
 /// (pre-copy reads its areas as they change, forks it at most freezes): each snapshot,
 /// restored, holds the memory of one instant. (Pre-copy once tracked an area the kernel listed
