@@ -409,6 +409,62 @@ fn capture_held(dolly: &Dolly, pid: i32) -> (String, i32) {
     }
 }
 
+/// Waiting for a status later, and a snapshot its persister left `created`: `info --wait
+/// persisted` waits for the capture that returned at the freeze; for the snapshot whose
+/// persister was killed it says at once that nothing makes it durable, naming `snapshot
+/// persist`, which makes it durable; with the memory tier wiped, it then restores from the
+/// durable tier.
+#[test]
+fn a_snapshot_waited_for_later_and_one_left_created_made_durable_on_demand() {
+    let dolly = Dolly::new();
+    let mut w = Workload::start(16);
+    let pid = w.pid();
+    let out = run_ok(
+        dolly
+            .cmd()
+            .args(["snapshot", "capture", "--pid", &pid.to_string()]),
+    );
+    let id = out.lines().last().unwrap().to_string();
+    let waited: serde_json::Value = serde_json::from_str(&dolly.ok(&[
+        "--json",
+        "snapshot",
+        "info",
+        &id,
+        "--wait",
+        "persisted",
+    ]))
+    .unwrap();
+    assert_eq!(waited["status"], "persisted", "{waited}");
+
+    let (left, persister) = capture_held(&dolly, pid);
+    kill(Pid::from_raw(persister), Signal::SIGKILL).unwrap();
+    wait_until("the persister to be gone", Duration::from_secs(5), || {
+        info(&dolly, &left)["persisting"] == false
+    });
+    let err = dolly.refused(&["snapshot", "info", &left, "--wait", "persisted"]);
+    assert!(
+        err.contains("nothing is making it durable")
+            && err.contains(&format!("dolly snapshot persist {left}")),
+        "{err}"
+    );
+    // (`created` counts as reached for `--wait created`.)
+    let created: serde_json::Value = serde_json::from_str(
+        &dolly.ok(&["--json", "snapshot", "info", &left, "--wait", "created"]),
+    )
+    .unwrap();
+    assert_eq!(created["status"], "created", "{created}");
+
+    let persisted: serde_json::Value =
+        serde_json::from_str(&dolly.ok(&["--json", "snapshot", "persist", &left])).unwrap();
+    assert_eq!(persisted["status"], "persisted", "{persisted}");
+    assert_eq!(info(&dolly, &left)["status"], "persisted");
+    std::fs::remove_dir_all(dolly.pool_dir(&left)).unwrap();
+    assert_eq!(info(&dolly, &left)["status"], "persisted");
+    w.proc.kill_and_reap();
+    let _restored = dolly.restore(&left);
+    assert_report_ok(&w.report(pid));
+}
+
 /// Statuses: a capture returns `created` at once, its pages are made durable in the
 /// background (`--wait persisted` waits for it) and `snapshot info` tells the frozen time,
 /// the times to created and to persisted, and the bytes. A snapshot is restorable while

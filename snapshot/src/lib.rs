@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod awaited;
 pub mod capture;
 pub mod checkpoint;
 pub mod error;

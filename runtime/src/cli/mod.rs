@@ -190,6 +190,20 @@ pub enum SnapshotCommand {
     Info {
         /// Snapshot id, id prefix or name.
         id: String,
+        /// First wait until it is `created` (restorable) or `persisted` (durable); fails at
+        /// once, naming why, if it never will be (failed, incomplete, or left created with
+        /// nobody making it durable).
+        #[arg(long, value_enum)]
+        wait: Option<Reached>,
+        /// How long --wait may wait, in seconds.
+        #[arg(long, default_value_t = 300, requires = "wait")]
+        timeout: u64,
+    },
+    /// Make a `created` snapshot durable now (its persister ended before it was done), and
+    /// wait for it; a snapshot still being captured is waited for first.
+    Persist {
+        /// Snapshot id, id prefix or name.
+        id: String,
     },
     /// Start the process again from the snapshot, with its PID, detached from dolly.
     Restore {
@@ -205,6 +219,25 @@ pub enum SnapshotCommand {
         /// Snapshot id, id prefix or name.
         id: String,
     },
+}
+
+/// A status `snapshot info --wait` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Reached {
+    /// Restorable (or persisted already).
+    Created,
+    /// Durable.
+    Persisted,
+}
+
+impl Reached {
+    /// The status it stands for.
+    pub fn status(self) -> snapshot::Status {
+        match self {
+            Reached::Created => snapshot::Status::Created,
+            Reached::Persisted => snapshot::Status::Persisted,
+        }
+    }
 }
 
 /// Exit status for any failure or refusal (clap uses 2 for usage errors).

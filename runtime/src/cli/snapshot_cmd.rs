@@ -1,7 +1,11 @@
 //! `dolly snapshot capture|list|info|restore|delete`.
 
 use serde_json::json;
-use snapshot::{CaptureOptions, Checkpoints, Error, RestoreOptions, Store};
+use std::time::Duration;
+
+use snapshot::{
+    awaited, CaptureOptions, Checkpoints, Error, ErrorKind, RestoreOptions, Status, Store,
+};
 
 use super::output::{self, human_bytes};
 use super::{worker, Cli, SnapshotCommand};
@@ -70,9 +74,14 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             }
             Ok(0)
         }
-        SnapshotCommand::Info { id } => {
+        SnapshotCommand::Info { id, wait, timeout } => {
             let id = store.resolve(id)?;
-            let r = store.record(&id)?;
+            let r = match wait {
+                Some(wanted) => {
+                    awaited::wait_for(store, &id, wanted.status(), Duration::from_secs(*timeout))?
+                }
+                None => store.record(&id)?,
+            };
             if cli.json {
                 output::print_json(&output::record_json(&r));
             } else {
@@ -100,6 +109,16 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
             }
             Ok(0)
         }
+        SnapshotCommand::Persist { id } => {
+            let id = store.resolve(id)?;
+            let r = persist_now(store, &id)?;
+            if cli.json {
+                output::print_json(&output::record_json(&r));
+            } else {
+                println!("snapshot {id} is persisted");
+            }
+            Ok(0)
+        }
         SnapshotCommand::Delete { id } => {
             let id = store.resolve(id)?;
             store.delete(&id)?;
@@ -114,6 +133,21 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
 }
 
 /// Waits for a foreground (shell-job) process and returns the status to exit with.
+/// How long `snapshot persist` waits for a capture, or a persister, still at work.
+const PERSIST_WAIT: Duration = Duration::from_secs(600);
+
+/// Makes snapshot `id` durable and returns its record: waits for the capture and its
+/// persister if they are at work, and persists it here if it was left `created` with nobody
+/// making it durable (see `awaited::UNPERSISTED_AFTER`).
+fn persist_now(store: &Store, id: &str) -> Result<snapshot::Record, Error> {
+    match awaited::wait_for(store, id, Status::Persisted, PERSIST_WAIT) {
+        Err(e) if e.kind() == ErrorKind::Refused && store.record(id)?.status == Status::Created => {
+            snapshot::persist(store, id, &Checkpoints::none(), |_, _| {})
+        }
+        waited => waited,
+    }
+}
+
 fn wait_foreground(pid: nix::unistd::Pid) -> i32 {
     use nix::sys::wait::{waitpid, WaitStatus};
     loop {
