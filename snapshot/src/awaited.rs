@@ -7,9 +7,9 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::{Record, Status, Store};
 
-/// How long a `created` snapshot may go with nobody making it durable before it counts as
-/// left so: the persister starts within milliseconds of the commit that makes a snapshot
-/// `created`, and writes its progress to the record as it goes.
+/// How long a `created` snapshot may be seen with nobody making it durable, its record
+/// unchanged, before it counts as left so: the persister takes its lock within milliseconds
+/// of the commit that makes a snapshot `created`, and holds it until it is done.
 pub const UNPERSISTED_AFTER: Duration = Duration::from_secs(5);
 
 /// How often the record is read again.
@@ -17,10 +17,21 @@ const LOOK_EVERY: Duration = Duration::from_millis(20);
 
 /// Waits until snapshot `id` is `wanted` (`Created`: restorable, or already persisted;
 /// `Persisted`: durable) and returns its record. Fails at once, naming why, once it can
-/// never get there (failed, incomplete, or created with nobody making it durable: see
-/// [`UNPERSISTED_AFTER`]), and after `timeout`.
-pub fn wait_for(store: &Store, id: &str, wanted: Status, timeout: Duration) -> Result<Record> {
+/// never get there: failed, incomplete, or created with nobody making it durable (seen so,
+/// its record unchanged, for [`UNPERSISTED_AFTER`]: measured on this clock, not against the
+/// record's time, which another machine's clock may have set). After `timeout`, fails with
+/// `remedy`.
+pub fn wait_for(
+    store: &Store,
+    id: &str,
+    wanted: Status,
+    timeout: Duration,
+    remedy: &str,
+) -> Result<Record> {
     let deadline = Instant::now() + timeout;
+    // Since when the snapshot has been seen created with nobody persisting it, and its
+    // record's modification time then.
+    let mut left_since: Option<(Instant, Option<SystemTime>)> = None;
     loop {
         let record = store.record(id)?;
         let reason = || {
@@ -45,18 +56,24 @@ pub fn wait_for(store: &Store, id: &str, wanted: Status, timeout: Duration) -> R
                 )
                 .with_remedy("capture again"))
             }
-            Status::Created
-                if !record.persisting && untouched_for(store, id) > UNPERSISTED_AFTER =>
-            {
-                return Err(Error::refused(
-                    format!(
-                        "snapshot {id} is created, but nothing is making it durable (its \
-                         persister ended before it was done)"
-                    ),
-                    format!("run `dolly snapshot persist {id}`"),
-                ))
+            Status::Created if !record.persisting => {
+                let written = written_at(store, id);
+                match left_since {
+                    Some((since, was)) if was == written => {
+                        if since.elapsed() >= UNPERSISTED_AFTER {
+                            return Err(Error::refused(
+                                format!(
+                                    "snapshot {id} is created, but nothing is making it durable \
+                                     (its persister ended before it was done)"
+                                ),
+                                format!("run `dolly snapshot persist {id}`"),
+                            ));
+                        }
+                    }
+                    _ => left_since = Some((Instant::now(), written)),
+                }
             }
-            _ => {}
+            _ => left_since = None,
         }
         if Instant::now() >= deadline {
             return Err(Error::busy(
@@ -64,19 +81,15 @@ pub fn wait_for(store: &Store, id: &str, wanted: Status, timeout: Duration) -> R
                     "snapshot {id} is still {} after {timeout:?}",
                     record.status.as_str()
                 ),
-                "wait longer (--timeout)",
+                remedy,
             ));
         }
         std::thread::sleep(LOOK_EVERY);
     }
 }
 
-/// How long snapshot `id`'s record has gone unwritten.
-fn untouched_for(store: &Store, id: &str) -> Duration {
+/// When snapshot `id`'s record was last written, if that can be read.
+fn written_at(store: &Store, id: &str) -> Option<SystemTime> {
     let record = store.snapshot_dir(id).join("record.json");
-    std::fs::metadata(record)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .unwrap_or_default()
+    std::fs::metadata(record).and_then(|m| m.modified()).ok()
 }

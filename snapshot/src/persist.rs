@@ -107,6 +107,18 @@ pub fn persist(
 ) -> Result<Record> {
     let started = Instant::now();
     let _guard = store.persisting(id)?;
+    // (Under the guard: another persister may have made it durable meanwhile.)
+    let record = store.record(id)?;
+    match record.status {
+        Status::Persisted => return Ok(record),
+        Status::Created => {}
+        other => {
+            return Err(Error::refused(
+                format!("snapshot {id} is {}: nothing to persist", other.as_str()),
+                "capture again",
+            ))
+        }
+    }
     let pool = store.pool_dir(id);
     let mut names: Vec<String> = std::fs::read_dir(&pool)
         .with_context(|| format!("reading {}", pool.display()))?

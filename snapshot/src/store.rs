@@ -543,16 +543,24 @@ impl Store {
                 "nothing to persist",
             )
         })?;
-        let mine = try_flock(
-            open_lock_file(&dir.join("persist.lock"))?,
-            FlockArg::LockExclusiveNonblock,
-        )?
-        .ok_or_else(|| {
-            Error::busy(
-                format!("snapshot {id} is being persisted already"),
-                "wait for it",
-            )
-        })?;
+        // (A listing takes the lock for a moment to see whether a persister holds it: that
+        // is not one, and is waited out.)
+        let until = std::time::Instant::now() + PERSIST_LOCK_PATIENCE;
+        let mine = loop {
+            let file = open_lock_file(&dir.join("persist.lock"))?;
+            match try_flock(file, FlockArg::LockExclusiveNonblock)? {
+                Some(mine) => break mine,
+                None if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                None => {
+                    return Err(Error::busy(
+                        format!("snapshot {id} is being persisted already"),
+                        format!("wait for it: `dolly snapshot info {id} --wait persisted`"),
+                    ))
+                }
+            }
+        };
         {
             use std::os::unix::fs::FileExt;
             let f: &File = &mine;
@@ -721,6 +729,10 @@ impl Store {
         std::fs::remove_dir_all(&doomed).with_context(|| format!("removing {}", doomed.display()))
     }
 }
+
+/// How long [`Store::persisting`] tries for the persister's lock: longer than a listing
+/// holds it to look (microseconds), far shorter than a persister holds it.
+const PERSIST_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Holds a snapshot while it is made durable (see [`Store::persisting`]).
 #[derive(Debug)]

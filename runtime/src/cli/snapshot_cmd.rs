@@ -1,4 +1,4 @@
-//! `dolly snapshot capture|list|info|restore|delete`.
+//! `dolly snapshot capture|list|info|persist|restore|delete`.
 
 use serde_json::json;
 use std::time::Duration;
@@ -77,9 +77,13 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
         SnapshotCommand::Info { id, wait, timeout } => {
             let id = store.resolve(id)?;
             let r = match wait {
-                Some(wanted) => {
-                    awaited::wait_for(store, &id, wanted.status(), Duration::from_secs(*timeout))?
-                }
+                Some(wanted) => awaited::wait_for(
+                    store,
+                    &id,
+                    wanted.status(),
+                    Duration::from_secs(*timeout),
+                    "wait longer (--timeout SECONDS)",
+                )?,
                 None => store.record(&id)?,
             };
             if cli.json {
@@ -132,22 +136,37 @@ pub fn run(cli: &Cli, cmd: &SnapshotCommand, store: &Store) -> Result<i32, Error
     }
 }
 
-/// Waits for a foreground (shell-job) process and returns the status to exit with.
 /// How long `snapshot persist` waits for a capture, or a persister, still at work.
 const PERSIST_WAIT: Duration = Duration::from_secs(600);
 
 /// Makes snapshot `id` durable and returns its record: waits for the capture and its
 /// persister if they are at work, and persists it here if it was left `created` with nobody
-/// making it durable (see `awaited::UNPERSISTED_AFTER`).
+/// making it durable (see `awaited::UNPERSISTED_AFTER`); should another persister take it
+/// first, waits for that one.
 fn persist_now(store: &Store, id: &str) -> Result<snapshot::Record, Error> {
-    match awaited::wait_for(store, id, Status::Persisted, PERSIST_WAIT) {
-        Err(e) if e.kind() == ErrorKind::Refused && store.record(id)?.status == Status::Created => {
-            snapshot::persist(store, id, &Checkpoints::none(), |_, _| {})
+    let remedy = format!("wait longer: `dolly snapshot info {id} --wait persisted --timeout S`");
+    let deadline = std::time::Instant::now() + PERSIST_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match awaited::wait_for(store, id, Status::Persisted, left, &remedy) {
+            Err(e)
+                if e.kind() == ErrorKind::Refused
+                    && store.record(id)?.status == Status::Created =>
+            {
+                let progress = |done, _total| {
+                    let _ = store.set_persist_progress(id, done);
+                };
+                match snapshot::persist(store, id, &Checkpoints::none(), progress) {
+                    Err(e) if e.kind() == ErrorKind::Busy => continue,
+                    persisted => return persisted,
+                }
+            }
+            waited => return waited,
         }
-        waited => waited,
     }
 }
 
+/// Waits for a foreground (shell-job) process and returns the status to exit with.
 fn wait_foreground(pid: nix::unistd::Pid) -> i32 {
     use nix::sys::wait::{waitpid, WaitStatus};
     loop {

@@ -156,6 +156,17 @@ fn work(
                 let _ = store.set_persist_progress(&id, done);
             }
         });
+        // (Another persister took it first, `snapshot persist`: that one's outcome.)
+        let persisted = match persisted {
+            Err(e) if e.kind() == ErrorKind::Busy => snapshot::awaited::wait_for(
+                store,
+                &id,
+                snapshot::Status::Persisted,
+                std::time::Duration::from_secs(600),
+                "see `dolly snapshot info`",
+            ),
+            persisted => persisted,
+        };
         report(&mut out, Wait::Persisted, Outcome::of(persisted));
     }
     std::process::exit(0)
