@@ -143,6 +143,21 @@ pub fn persist(
     store.set_persisted(id, started.elapsed().as_secs_f64() * 1e3)
 }
 
+/// [`persist`], noting its progress in the snapshot's record (`persist_done`, as `list`
+/// shows it) every [`NOTE_EVERY`] bytes.
+pub fn persist_noted(store: &Store, id: &str, checkpoints: &Checkpoints) -> Result<Record> {
+    let mut last = 0;
+    persist(store, id, checkpoints, |done, _total| {
+        if done - last >= NOTE_EVERY {
+            last = done;
+            let _ = store.set_persist_progress(id, done);
+        }
+    })
+}
+
+/// How often [`persist_noted`] notes its progress, in bytes.
+pub const NOTE_EVERY: u64 = 64 << 20;
+
 fn copy_to_durable(
     store: &Store,
     id: &str,

@@ -153,10 +153,7 @@ fn persist_now(store: &Store, id: &str) -> Result<snapshot::Record, Error> {
                 if e.kind() == ErrorKind::Refused
                     && store.record(id)?.status == Status::Created =>
             {
-                let progress = |done, _total| {
-                    let _ = store.set_persist_progress(id, done);
-                };
-                match snapshot::persist(store, id, &Checkpoints::none(), progress) {
+                match snapshot::persist::persist_noted(store, id, &Checkpoints::none()) {
                     Err(e) if e.kind() == ErrorKind::Busy => continue,
                     persisted => return persisted,
                 }

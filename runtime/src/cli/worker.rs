@@ -149,13 +149,7 @@ fn work(
     if let Some(id) = id {
         // Making it durable yields the CPU to the processes just captured.
         let _lowered = snapshot::sys::process::Lowered::by(10);
-        let mut last = 0;
-        let persisted = snapshot::persist(store, &id, &Checkpoints::none(), |done, _total| {
-            if done - last >= 64 << 20 {
-                last = done;
-                let _ = store.set_persist_progress(&id, done);
-            }
-        });
+        let persisted = snapshot::persist::persist_noted(store, &id, &Checkpoints::none());
         // (Another persister took it first, `snapshot persist`: that one's outcome.)
         let persisted = match persisted {
             Err(e) if e.kind() == ErrorKind::Busy => snapshot::awaited::wait_for(
