@@ -8,8 +8,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::store::{Record, Status, Store};
 
 /// How long a `created` snapshot may be seen with nobody making it durable, its record
-/// unchanged, before it counts as left so: the persister takes its lock within milliseconds
-/// of the commit that makes a snapshot `created`, and holds it until it is done.
+/// unchanged, before it counts as left so: a capture's worker claims the making durable
+/// before the snapshot is `created` and holds it until it is done (see
+/// [`Store::claim_persisting`]), so this only spans a listing's brief look at the lock.
 pub const UNPERSISTED_AFTER: Duration = Duration::from_secs(5);
 
 /// How often the record is read again.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoints;
 use crate::error::{Context, Error, Result};
-use crate::store::{Record, Status, Store};
+use crate::store::{PersistClaim, Record, Status, Store};
 
 /// The durable copy of one pool file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,10 +103,27 @@ pub fn persist(
     store: &Store,
     id: &str,
     checkpoints: &Checkpoints,
+    progress: impl FnMut(u64, u64),
+) -> Result<Record> {
+    persist_claimed(
+        store,
+        id,
+        store.claim_persisting(id)?,
+        checkpoints,
+        progress,
+    )
+}
+
+/// [`persist`] with its claim taken already (see [`Store::claim_persisting`]).
+pub fn persist_claimed(
+    store: &Store,
+    id: &str,
+    claim: PersistClaim,
+    checkpoints: &Checkpoints,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<Record> {
     let started = Instant::now();
-    let _guard = store.persisting(id)?;
+    let _guard = store.persisting_claimed(id, claim)?;
     // (Under the guard: another persister may have made it durable meanwhile.)
     let record = store.record(id)?;
     match record.status {
@@ -143,11 +160,20 @@ pub fn persist(
     store.set_persisted(id, started.elapsed().as_secs_f64() * 1e3)
 }
 
-/// [`persist`], noting its progress in the snapshot's record (`persist_done`, as `list`
-/// shows it) every [`NOTE_EVERY`] bytes.
-pub fn persist_noted(store: &Store, id: &str, checkpoints: &Checkpoints) -> Result<Record> {
+/// [`persist`] (with `claim` if it is taken already), noting its progress in the snapshot's
+/// record (`persist_done`, as `list` shows it) every [`NOTE_EVERY`] bytes.
+pub fn persist_noted(
+    store: &Store,
+    id: &str,
+    claim: Option<PersistClaim>,
+    checkpoints: &Checkpoints,
+) -> Result<Record> {
+    let claim = match claim {
+        Some(claim) => claim,
+        None => store.claim_persisting(id)?,
+    };
     let mut last = 0;
-    persist(store, id, checkpoints, |done, _total| {
+    persist_claimed(store, id, claim, checkpoints, |done, _total| {
         if done - last >= NOTE_EVERY {
             last = done;
             let _ = store.set_persist_progress(id, done);

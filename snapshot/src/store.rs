@@ -532,23 +532,19 @@ impl Store {
     /// Holds snapshot `id` while it is made durable: against deletion (which then waits for
     /// the persister to notice and stop), and visibly (`persisting` in listings).
     pub fn persisting(&self, id: &str) -> Result<PersistGuard> {
-        let dir = self.snapshot_dir(id);
-        let shared = try_flock(
-            open_lock_file(&dir.join("lock"))?,
-            FlockArg::LockSharedNonblock,
-        )?
-        .ok_or_else(|| {
-            Error::busy(
-                format!("snapshot {id} is being deleted"),
-                "nothing to persist",
-            )
-        })?;
+        self.persisting_claimed(id, self.claim_persisting(id)?)
+    }
+
+    /// Claims the making durable of snapshot `id` (its `persist.lock`, with this process's
+    /// PID in it), as [`Store::persisting`] begins; a capture's worker claims it as the
+    /// freeze ends, so that the snapshot is never `created` without its persister.
+    pub fn claim_persisting(&self, id: &str) -> Result<PersistClaim> {
+        let path = self.snapshot_dir(id).join("persist.lock");
         // (A listing takes the lock for a moment to see whether a persister holds it: that
         // is not one, and is waited out.)
         let until = std::time::Instant::now() + PERSIST_LOCK_PATIENCE;
         let mine = loop {
-            let file = open_lock_file(&dir.join("persist.lock"))?;
-            match try_flock(file, FlockArg::LockExclusiveNonblock)? {
+            match try_flock(open_lock_file(&path)?, FlockArg::LockExclusiveNonblock)? {
                 Some(mine) => break mine,
                 None if std::time::Instant::now() < until => {
                     std::thread::sleep(std::time::Duration::from_millis(1));
@@ -567,9 +563,24 @@ impl Store {
             let _ = f.set_len(0);
             let _ = f.write_all_at(std::process::id().to_string().as_bytes(), 0);
         }
+        Ok(PersistClaim { _mine: mine })
+    }
+
+    /// [`Store::persisting`] with the claim taken already.
+    pub fn persisting_claimed(&self, id: &str, claim: PersistClaim) -> Result<PersistGuard> {
+        let shared = try_flock(
+            open_lock_file(&self.snapshot_dir(id).join("lock"))?,
+            FlockArg::LockSharedNonblock,
+        )?
+        .ok_or_else(|| {
+            Error::busy(
+                format!("snapshot {id} is being deleted"),
+                "nothing to persist",
+            )
+        })?;
         Ok(PersistGuard {
             _shared: shared,
-            _mine: mine,
+            _claim: claim,
         })
     }
 
@@ -738,6 +749,12 @@ const PERSIST_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_sec
 #[derive(Debug)]
 pub struct PersistGuard {
     _shared: Flock<File>,
+    _claim: PersistClaim,
+}
+
+/// The claim on making a snapshot durable (see [`Store::claim_persisting`]).
+#[derive(Debug)]
+pub struct PersistClaim {
     _mine: Flock<File>,
 }
 

@@ -125,8 +125,12 @@ fn work(
             alone.store(true, Ordering::SeqCst);
         }
     };
+    // (Claimed as the freeze ends, before the snapshot can be `created`: it never is
+    // without its persister, see `awaited`.)
+    let mut claim = None;
     let captured = {
         let mut on_frozen = |record: &Record| {
+            claim = store.claim_persisting(&record.id).ok();
             report(
                 &mut out,
                 Wait::Frozen,
@@ -149,7 +153,7 @@ fn work(
     if let Some(id) = id {
         // Making it durable yields the CPU to the processes just captured.
         let _lowered = snapshot::sys::process::Lowered::by(10);
-        let persisted = snapshot::persist::persist_noted(store, &id, &Checkpoints::none());
+        let persisted = snapshot::persist::persist_noted(store, &id, claim, &Checkpoints::none());
         // (Another persister took it first, `snapshot persist`: that one's outcome.)
         let persisted = match persisted {
             Err(e) if e.kind() == ErrorKind::Busy => snapshot::awaited::wait_for(
