@@ -199,8 +199,9 @@ pub enum SnapshotCommand {
         #[arg(long, default_value_t = 300, requires = "wait")]
         timeout: u64,
     },
-    /// Make a `created` snapshot durable now (its persister ended before it was done), and
-    /// wait for it; a snapshot still being captured is waited for first.
+    /// Make a snapshot durable now, one whose persister ended before it was done.
+    ///
+    /// A snapshot still being captured, or made durable by its capture, is waited for.
     Persist {
         /// Snapshot id, id prefix or name.
         id: String,
