@@ -96,34 +96,23 @@ fn data_extents(file: &File, size: u64) -> Result<Vec<[u64; 2]>> {
     Ok(out)
 }
 
-/// Makes snapshot `id` durable and marks it `persisted`. `progress(done, total)` is called
-/// between chunks; `checkpoints` may stop it (then the snapshot stays `created`, still
-/// restorable from the pool). Stops early if the snapshot is deleted meanwhile.
+/// Makes snapshot `id` durable and marks it `persisted`, noting its progress in its record
+/// (`persist_done`, as `list` shows it) every [`NOTE_EVERY`] bytes; with `claim` if it is
+/// taken already (see [`Store::claim_persisting`]), else claiming it. `checkpoints` may stop
+/// it (then the snapshot stays `created`, still restorable from the pool). Stops early if
+/// the snapshot is deleted meanwhile; leaves one another persister made durable as it is.
 pub fn persist(
     store: &Store,
     id: &str,
+    claim: Option<PersistClaim>,
     checkpoints: &Checkpoints,
-    progress: impl FnMut(u64, u64),
 ) -> Result<Record> {
-    persist_claimed(
-        store,
-        id,
-        store.claim_persisting(id)?,
-        checkpoints,
-        progress,
-    )
-}
-
-/// [`persist`] with its claim taken already (see [`Store::claim_persisting`]).
-pub fn persist_claimed(
-    store: &Store,
-    id: &str,
-    claim: PersistClaim,
-    checkpoints: &Checkpoints,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<Record> {
+    let claim = match claim {
+        Some(claim) => claim,
+        None => store.claim_persisting(id)?,
+    };
     let started = Instant::now();
-    let _guard = store.persisting_claimed(id, claim)?;
+    let _guard = store.persisting(id, claim)?;
     // (Under the guard: another persister may have made it durable meanwhile.)
     let record = store.record(id)?;
     match record.status {
@@ -155,33 +144,18 @@ pub fn persist_claimed(
             .and_then(|d| d.sync_all())
             .with_context(|| format!("syncing {}", pool.display()))?;
     } else {
-        copy_to_durable(store, id, &names, checkpoints, &mut progress)?;
+        let mut last = 0;
+        copy_to_durable(store, id, &names, checkpoints, &mut |done, _total| {
+            if done - last >= NOTE_EVERY {
+                last = done;
+                let _ = store.set_persist_progress(id, done);
+            }
+        })?;
     }
     store.set_persisted(id, started.elapsed().as_secs_f64() * 1e3)
 }
 
-/// [`persist`] (with `claim` if it is taken already), noting its progress in the snapshot's
-/// record (`persist_done`, as `list` shows it) every [`NOTE_EVERY`] bytes.
-pub fn persist_noted(
-    store: &Store,
-    id: &str,
-    claim: Option<PersistClaim>,
-    checkpoints: &Checkpoints,
-) -> Result<Record> {
-    let claim = match claim {
-        Some(claim) => claim,
-        None => store.claim_persisting(id)?,
-    };
-    let mut last = 0;
-    persist_claimed(store, id, claim, checkpoints, |done, _total| {
-        if done - last >= NOTE_EVERY {
-            last = done;
-            let _ = store.set_persist_progress(id, done);
-        }
-    })
-}
-
-/// How often [`persist_noted`] notes its progress, in bytes.
+/// How often [`persist`] notes its progress, in bytes.
 pub const NOTE_EVERY: u64 = 64 << 20;
 
 fn copy_to_durable(

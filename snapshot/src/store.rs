@@ -529,15 +529,9 @@ impl Store {
         write_atomic(&path, &text)
     }
 
-    /// Holds snapshot `id` while it is made durable: against deletion (which then waits for
-    /// the persister to notice and stop), and visibly (`persisting` in listings).
-    pub fn persisting(&self, id: &str) -> Result<PersistGuard> {
-        self.persisting_claimed(id, self.claim_persisting(id)?)
-    }
-
     /// Claims the making durable of snapshot `id` (its `persist.lock`, with this process's
-    /// PID in it), as [`Store::persisting`] begins; a capture's worker claims it as the
-    /// freeze ends, so that the snapshot is never `created` without its persister.
+    /// PID in it), for [`Store::persisting`]; a capture's worker claims it as the freeze
+    /// ends, so that the snapshot is never `created` without its persister.
     pub fn claim_persisting(&self, id: &str) -> Result<PersistClaim> {
         let path = self.snapshot_dir(id).join("persist.lock");
         // (A listing takes the lock for a moment to see whether a persister holds it: that
@@ -566,8 +560,10 @@ impl Store {
         Ok(PersistClaim { _mine: mine })
     }
 
-    /// [`Store::persisting`] with the claim taken already.
-    pub fn persisting_claimed(&self, id: &str, claim: PersistClaim) -> Result<PersistGuard> {
+    /// Holds snapshot `id`, its making durable claimed (`claim`), while it is made durable:
+    /// against deletion (which then waits for the persister to notice and stop), and
+    /// visibly (`persisting` in listings).
+    pub fn persisting(&self, id: &str, claim: PersistClaim) -> Result<PersistGuard> {
         let shared = try_flock(
             open_lock_file(&self.snapshot_dir(id).join("lock"))?,
             FlockArg::LockSharedNonblock,
@@ -741,7 +737,7 @@ impl Store {
     }
 }
 
-/// How long [`Store::persisting`] tries for the persister's lock: longer than a listing
+/// How long [`Store::claim_persisting`] tries for the persister's lock: longer than a listing
 /// holds it to look (microseconds), far shorter than a persister holds it.
 const PERSIST_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -949,7 +945,9 @@ mod tests {
         let draft = store.begin(None, 7, "sleep").unwrap();
         let id = draft.id().to_string();
         draft.commit(&manifest(&id), TIMES).unwrap();
-        let guard = store.persisting(&id).unwrap();
+        let guard = store
+            .persisting(&id, store.claim_persisting(&id).unwrap())
+            .unwrap();
         store.set_persisted(&id, 1.0).unwrap();
         let done = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(100));

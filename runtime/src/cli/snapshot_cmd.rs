@@ -153,7 +153,7 @@ fn persist_now(store: &Store, id: &str) -> Result<snapshot::Record, Error> {
                 if e.kind() == ErrorKind::Refused
                     && store.record(id)?.status == Status::Created =>
             {
-                match snapshot::persist::persist_noted(store, id, None, &Checkpoints::none()) {
+                match snapshot::persist(store, id, None, &Checkpoints::none()) {
                     Err(e) if e.kind() == ErrorKind::Busy => continue,
                     persisted => return persisted,
                 }

@@ -153,7 +153,7 @@ fn work(
     if let Some(id) = id {
         // Making it durable yields the CPU to the processes just captured.
         let _lowered = snapshot::sys::process::Lowered::by(10);
-        let persisted = snapshot::persist::persist_noted(store, &id, claim, &Checkpoints::none());
+        let persisted = snapshot::persist(store, &id, claim, &Checkpoints::none());
         // (Another persister took it first, `snapshot persist`: that one's outcome.)
         let persisted = match persisted {
             Err(e) if e.kind() == ErrorKind::Busy => snapshot::awaited::wait_for(
